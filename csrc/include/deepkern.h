@@ -1,0 +1,89 @@
+/*
+ * deepkern C ABI: the only header the Rust side (and any C caller) sees.
+ *
+ * Rules:
+ *   - Plain C99: no CUDA headers, no C++ types. Streams are passed as `dk_stream_t`, which is
+ *     ABI-identical to both `CUstream` (driver API) and `cudaStream_t` (runtime API).
+ *   - One params struct per launcher, passed by const pointer and read before the call returns.
+ *     Pointer fields carry their shape in a comment; sizes and strides are in elements.
+ *   - Every entry point returns a `dk_status_t`. Nothing throws, exits or aborts across this
+ *     boundary. Launchers re-check only what would otherwise be undefined behaviour on the device;
+ *     all user-facing validation happens in the safe Rust wrappers before any call.
+ *   - Launches are asynchronous on the given stream. The current CUDA context of the calling thread
+ *     must be the primary context of the device that owns the stream and every pointer.
+ */
+#ifndef DEEPKERN_H
+#define DEEPKERN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever a struct layout or a signature in this header changes. */
+#define DK_ABI_VERSION 1
+
+/* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
+#define DK_QUANT_GROUP 128
+
+typedef struct CUstream_st* dk_stream_t;
+
+typedef enum dk_status {
+    DK_STATUS_OK = 0,
+    /* A params field is out of its documented range (a bug in the caller's validation). */
+    DK_STATUS_INVALID_ARGUMENT = 1,
+    /* A pointer or stride does not meet the kernel's alignment contract. */
+    DK_STATUS_MISALIGNED = 2,
+    /* The device cannot run this build's kernels (they are compiled for sm_90a only). */
+    DK_STATUS_UNSUPPORTED_DEVICE = 3,
+    /* The launch asked for more registers, shared memory or threads than the device has. */
+    DK_STATUS_OUT_OF_RESOURCES = 4,
+    /* Any other CUDA runtime error; dk_last_cuda_error() returns its code. */
+    DK_STATUS_CUDA_ERROR = 5,
+} dk_status_t;
+
+/* Static, human-readable name of a status ("unknown status" for values outside the enum). */
+const char* dk_status_string(dk_status_t status);
+
+/* The cudaError_t behind the most recent DK_STATUS_CUDA_ERROR (or other launch failure) returned
+ * on the calling thread; 0 if none. */
+int32_t dk_last_cuda_error(void);
+
+/* Static name of a cudaError_t code, as cudaGetErrorName gives it. */
+const char* dk_cuda_error_name(int32_t cuda_error);
+
+/* DK_ABI_VERSION of the compiled library. */
+uint32_t dk_abi_version(void);
+
+/*
+ * Per-token-group FP8 quantisation (1x128), DeepSeek-V3 recipe, for a batch of operands.
+ *
+ * For every row r of operand g and every group kb of 128 columns:
+ *   amax  = max(max_j |x[g, r, kb*128 + j]|, 1e-4)
+ *   scale = amax / 448                          (f32 division, round to nearest)
+ *   scale = 2^ceil(log2(scale)) if ue8m0        (exact: bumps the exponent when the mantissa is non-zero)
+ *   q[g, r, kb*128 + j] = e4m3_rn_satfinite(x[g, r, kb*128 + j] * (1 / scale))
+ *   sf[g, kb, r] = scale
+ * Rows m..m_pad of sf (m_pad = m rounded up to a multiple of 4) are padding and are not written.
+ *
+ * Contract (checked by the Rust wrapper): k % 128 == 0; x and sf 16-byte aligned; q 8-byte aligned;
+ * num_groups * m * k < 2^62.
+ */
+typedef struct dk_quant_per_token_group_params {
+    const uint16_t* x; /* [num_groups, m, k] bf16 bits, row-major, contiguous */
+    uint8_t* q;        /* [num_groups, m, k] e4m3, row-major, contiguous */
+    float* sf;         /* [num_groups, k / 128, m_pad] f32, m_pad = round_up(m, 4) */
+    int64_t num_groups;
+    int64_t m;
+    int64_t k;
+    int32_t ue8m0; /* non-zero: round every scale up to a power of two */
+} dk_quant_per_token_group_params_t;
+
+dk_status_t dk_quant_per_token_group(const dk_quant_per_token_group_params_t* params, dk_stream_t stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* DEEPKERN_H */
