@@ -1,6 +1,37 @@
-//! deepkern: hand-tuned CUDA kernels for Hopper (sm_90a).
+//! deepkern: hand-tuned CUDA kernels for Hopper (sm_90a): the FP8 GEMMs, MLA decode attention and
+//! expert-parallel all-to-all of a DeepSeek-V3-class model, callable from Rust.
+//!
+//! # Layers
+//!
+//! | module | what | CUDA? |
+//! |---|---|---|
+//! | [`quant`] | safe entry points: validate, then one launch through the C ABI | yes |
+//! | [`device`] | open a GPU, query what the planners need, check the build can run on it | yes |
+//! | [`layout`], [`fp8`], [`reference`], [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
+//! | `ffi` (private) | bindgen output of `csrc/include/deepkern.h` | — |
+//!
+//! Every kernel is checked against the CPU references in this crate. Buffers and streams are
+//! cudarc's own types, re-exported as [`cudarc`]; element types are [`bf16`] and [`F8E4M3`].
+//!
+//! Without nvcc at build time the crate still builds: [`kernels_built`] is false and GPU entry
+//! points return [`Error::KernelsNotBuilt`].
 
 pub mod check;
 pub mod fp8;
 pub mod layout;
 pub mod reference;
+
+pub mod device;
+pub mod error;
+mod ffi;
+mod launch;
+pub mod quant;
+
+pub use cudarc;
+pub use device::{Device, DeviceInfo, HOPPER, cuda_available, device_count, driver_version, kernels_built};
+pub use error::{Error, KernelStatus, Result};
+pub use float8::F8E4M3;
+pub use half::bf16;
+pub use layout::TokenGroupShape;
+pub use quant::quantize_per_token_group;
+pub use reference::quant::ScaleFormat;

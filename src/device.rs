@@ -1,0 +1,189 @@
+//! The GPU a caller runs on, and whether this machine and build can run the kernels at all.
+//!
+//! Streams and buffers are cudarc's own types ([`CudaStream`], [`cudarc::driver::CudaSlice`]);
+//! [`Device`] only adds the facts the kernels' host-side planning needs ([`DeviceInfo`]).
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdevice_attribute as Attr;
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::error::{Error, Result};
+
+/// The compute capability the kernels are compiled for (sm_90a: H100, H200, H800, H20).
+pub const HOPPER: (u32, u32) = (9, 0);
+
+/// Whether a CUDA driver is installed and reports at least one device. Never panics (cudarc's
+/// dynamic loader panics when libcuda is absent, so this looks for the library first).
+pub fn cuda_available() -> bool {
+    device_count() > 0
+}
+
+/// Number of CUDA devices; 0 when there is no driver library or the driver reports none.
+pub fn device_count() -> usize {
+    // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    match std::panic::catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => usize::try_from(n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Whether this build of the crate carries its CUDA kernels (nvcc was found at build time).
+pub const fn kernels_built() -> bool {
+    cfg!(deepkern_kernels)
+}
+
+/// The installed CUDA driver's version as (major, minor), e.g. (13, 0) for a 580 driver.
+pub fn driver_version() -> Result<(u32, u32)> {
+    if !cuda_available() {
+        return Err(Error::NoDevice);
+    }
+    let mut v = 0i32;
+    // SAFETY: `v` is a valid out-pointer; the driver library is present (checked above).
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    r.result()?;
+    let v = u32::try_from(v).unwrap_or(0);
+    Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// What the host-side planners need to know about a GPU. Plain data, so planners and their
+/// property tests run without CUDA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor); Hopper is (9, 0).
+    pub compute_capability: (u32, u32),
+    pub sm_count: u32,
+    pub l2_cache_bytes: usize,
+    /// Largest dynamic shared memory a block may opt in to (232448 bytes on Hopper).
+    pub max_shared_memory_per_block_optin: usize,
+    pub total_memory_bytes: usize,
+}
+
+impl DeviceInfo {
+    /// A file-name-friendly identifier of the GPU model, e.g. `nvidia-h100-80gb-hbm3`.
+    pub fn slug(&self) -> String {
+        let mut slug = String::new();
+        for c in self.name.chars() {
+            if c.is_ascii_alphanumeric() {
+                slug.push(c.to_ascii_lowercase());
+            } else if !slug.ends_with('-') && !slug.is_empty() {
+                slug.push('-');
+            }
+        }
+        slug.trim_end_matches('-').to_string()
+    }
+}
+
+/// An opened CUDA device: its primary context plus its [`DeviceInfo`].
+#[derive(Clone, Debug)]
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+}
+
+impl Device {
+    /// Opens device `ordinal` (retains its primary context). [`Error::NoDevice`] when CUDA is absent.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if ordinal >= device_count() {
+            return Err(Error::NoDevice);
+        }
+        Self::from_context(CudaContext::new(ordinal)?)
+    }
+
+    /// Wraps a context the caller already holds (for frameworks that own their contexts).
+    pub fn from_context(ctx: Arc<CudaContext>) -> Result<Self> {
+        let attr = |a: Attr| -> Result<usize> { Ok(usize::try_from(ctx.attribute(a)?).unwrap_or(0)) };
+        let (major, minor) = ctx.compute_capability()?;
+        let info = DeviceInfo {
+            ordinal: ctx.ordinal(),
+            name: ctx.name()?,
+            compute_capability: (u32::try_from(major).unwrap_or(0), u32::try_from(minor).unwrap_or(0)),
+            sm_count: u32::try_from(attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?).unwrap_or(0),
+            l2_cache_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+            max_shared_memory_per_block_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+            total_memory_bytes: ctx.total_mem()?,
+        };
+        Ok(Self { ctx, info })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The context's default stream.
+    pub fn default_stream(&self) -> Arc<CudaStream> {
+        self.ctx.default_stream()
+    }
+
+    /// A new non-blocking stream.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.ctx.new_stream()?)
+    }
+
+    /// Ok when the kernels are built and this GPU can run them.
+    pub fn check_supported(&self) -> Result<()> {
+        check_supported(self.info.compute_capability)
+    }
+}
+
+/// Ok when the kernels are built and a GPU of compute capability `found` can run them.
+pub fn check_supported(found: (u32, u32)) -> Result<()> {
+    if !kernels_built() {
+        return Err(Error::KernelsNotBuilt);
+    }
+    // sm_90a code runs on exactly 9.0: arch-specific features are not forward compatible.
+    if found != HOPPER {
+        return Err(Error::UnsupportedArch { need: HOPPER, found });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn availability_queries_never_panic() {
+        let n = device_count();
+        assert_eq!(cuda_available(), n > 0);
+        if n == 0 {
+            assert!(matches!(Device::new(0), Err(Error::NoDevice)));
+            assert!(matches!(driver_version(), Err(Error::NoDevice)));
+        }
+    }
+
+    #[test]
+    fn only_hopper_is_supported() {
+        if kernels_built() {
+            assert!(check_supported((9, 0)).is_ok());
+            for cc in [(8, 0), (8, 9), (10, 0), (12, 0), (9, 1)] {
+                assert!(matches!(check_supported(cc), Err(Error::UnsupportedArch { need: (9, 0), found }) if found == cc));
+            }
+        } else {
+            assert!(matches!(check_supported((9, 0)), Err(Error::KernelsNotBuilt)));
+        }
+    }
+
+    #[test]
+    fn slugs_are_file_names() {
+        let info = DeviceInfo {
+            ordinal: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            l2_cache_bytes: 50 << 20,
+            max_shared_memory_per_block_optin: 232448,
+            total_memory_bytes: 80 << 30,
+        };
+        assert_eq!(info.slug(), "nvidia-h100-80gb-hbm3");
+    }
+}

@@ -1,0 +1,125 @@
+//! The one path from a safe wrapper into the C library.
+//!
+//! A [`Launch`] checks that the kernels are built and that the stream's GPU can run them, binds the
+//! stream's context to the calling thread (the C launchers use the CUDA runtime API, which follows
+//! the thread's current context), collects a cudarc guard for every buffer it hands out a raw
+//! pointer to, and drops those guards only after the launcher returned, i.e. after the work was
+//! enqueued. That is what makes cudarc's cross-stream tracking see the kernel's reads and writes.
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use crate::error::{Error, KernelStatus, Result};
+use crate::ffi;
+
+/// Calls a C launcher. Without the kernels (no nvcc at build time) it returns
+/// `Err(Error::KernelsNotBuilt)` from the enclosing function instead, so the crate links with no
+/// kernel library at all.
+macro_rules! ffi_call {
+    (unsafe $f:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(deepkern_kernels)]
+        {
+            unsafe { $crate::ffi::$f($($arg),*) }
+        }
+        #[cfg(not(deepkern_kernels))]
+        {
+            let _ = ($(&$arg,)*);
+            return Err($crate::error::Error::KernelsNotBuilt);
+        }
+    }};
+}
+pub(crate) use ffi_call;
+
+/// One kernel launch in preparation. See the module docs.
+pub(crate) struct Launch<'a> {
+    kernel: &'static str,
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Launch<'a> {
+    /// Starts a launch of `kernel` on `stream`: kernels built, GPU supported, context bound.
+    pub fn new(kernel: &'static str, stream: &'a CudaStream) -> Result<Self> {
+        let ctx = stream.context();
+        let (major, minor) = ctx.compute_capability()?;
+        crate::device::check_supported((u32::try_from(major).unwrap_or(0), u32::try_from(minor).unwrap_or(0)))?;
+        ctx.bind_to_thread()?;
+        Ok(Self { kernel, stream, guards: Vec::with_capacity(8) })
+    }
+
+    /// Raw device address of a buffer the kernel reads.
+    pub fn input<T>(&mut self, buf: &'a impl DevicePtr<T>) -> u64 {
+        let (ptr, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// Raw device address of a buffer the kernel writes.
+    pub fn output<T>(&mut self, buf: &'a mut impl DevicePtrMut<T>) -> u64 {
+        let (ptr, guard) = buf.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// The stream as the C ABI's `dk_stream_t`.
+    pub fn stream(&self) -> ffi::dk_stream_t {
+        self.stream.cu_stream() as ffi::dk_stream_t
+    }
+
+    /// Ends the launch with the status the C launcher returned; the guards drop here, after it.
+    pub fn finish(self, status: ffi::dk_status_t) -> Result<()> {
+        let status = KernelStatus::from_raw(status.0);
+        if status == KernelStatus::Ok {
+            return Ok(());
+        }
+        Err(Error::Kernel { kernel: self.kernel, status, cuda_error: last_cuda_error() })
+    }
+}
+
+/// Name of the CUDA error behind the last failed launch on this thread, if any.
+fn last_cuda_error() -> Option<String> {
+    #[cfg(deepkern_kernels)]
+    {
+        // SAFETY: host-only functions of the C library; the returned string is static.
+        let code = unsafe { ffi::dk_last_cuda_error() };
+        if code == 0 {
+            return None;
+        }
+        // SAFETY: as above.
+        let name = unsafe { std::ffi::CStr::from_ptr(ffi::dk_cuda_error_name(code)) };
+        Some(format!("{} ({code})", name.to_string_lossy()))
+    }
+    #[cfg(not(deepkern_kernels))]
+    None
+}
+
+/// Checks that a device address meets `required` bytes of alignment.
+pub(crate) fn check_aligned(arg: &'static str, addr: u64, required: usize) -> Result<()> {
+    if addr % required as u64 == 0 { Ok(()) } else { Err(Error::Alignment { arg, required, addr }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_errors_name_the_argument() {
+        assert!(check_aligned("x", 0x1000, 16).is_ok());
+        assert!(matches!(check_aligned("x", 0x1008, 16), Err(Error::Alignment { arg: "x", required: 16, addr: 0x1008 })));
+    }
+
+    /// The C library's status names agree with the Rust side's (host-only code: no GPU needed).
+    #[cfg(deepkern_kernels)]
+    #[test]
+    fn status_strings_match_the_c_library() {
+        for s in KernelStatus::ALL {
+            // SAFETY: host-only function returning a static string.
+            let c = unsafe { std::ffi::CStr::from_ptr(ffi::dk_status_string(ffi::dk_status_t(s.to_raw()))) };
+            assert_eq!(c.to_str().unwrap(), s.as_str(), "status {s:?}");
+        }
+        // SAFETY: host-only functions.
+        assert_eq!(unsafe { ffi::dk_abi_version() }, ffi::DK_ABI_VERSION);
+        // SAFETY: as above; 0 is cudaSuccess.
+        let ok = unsafe { std::ffi::CStr::from_ptr(ffi::dk_cuda_error_name(0)) };
+        assert_eq!(ok.to_str().unwrap(), "cudaSuccess");
+    }
+}
