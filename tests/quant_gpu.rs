@@ -1,1 +1,284 @@
-fn main() {}
+//! The GPU per-token-group FP8 quantiser against the CPU reference, bit for bit.
+//!
+//! What each test proves:
+//! - `random_*`: on fresh random inputs of many magnitudes and ragged shapes, every E4M3 byte and
+//!   every scale equals the CPU quantiser's, and the padding rows of the scale array are untouched.
+//! - `exact_small_integers`: on inputs whose scales are exact powers of two, dequantising gives the
+//!   input back exactly. This does not lean on the CPU quantiser, so a bug shared by both shows.
+//! - `edge_values`: zero rows (the amax floor), E4M3 subnormals, the bf16 extremes, -0.0.
+//! - `no_out_of_bounds_access`: the kernel works inside views of larger buffers whose surroundings
+//!   hold values that would change the result if read, and poison that must survive unwritten.
+//! - `grid_stride_covers_large_inputs`: more groups than the launcher's grid, so the loop wraps.
+//! - `empty_is_a_noop`, `bad_input_is_rejected_before_launch`: the wrapper's contract.
+
+mod common;
+
+use common::{Gpu, TestResult, ensure};
+use deepkern::check::bitwise_eq;
+use deepkern::cudarc::driver::{CudaSlice, CudaStream};
+use deepkern::fp8::{e4m3_decode, e4m3_encode};
+use deepkern::layout::{TokenGroupShape, scales_from_tma_layout};
+use deepkern::reference::quant::per_token_group;
+use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_token_group};
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+
+/// A bit pattern no quantiser output can have: a NaN scale with a recognisable payload.
+const SF_POISON: u32 = 0x7fba_dbad;
+/// E4M3 NaN, never produced from finite inputs.
+const Q_POISON: u8 = 0x7f;
+
+fn main() {
+    common::run(vec![
+        ("random_f32_scales", random_f32_scales),
+        ("random_ue8m0_scales", random_ue8m0_scales),
+        ("exact_small_integers", exact_small_integers),
+        ("edge_values", edge_values),
+        ("no_out_of_bounds_access", no_out_of_bounds_access),
+        ("grid_stride_covers_large_inputs", grid_stride_covers_large_inputs),
+        ("empty_is_a_noop", empty_is_a_noop),
+        ("bad_input_is_rejected_before_launch", bad_input_is_rejected_before_launch),
+    ]);
+}
+
+/// Outputs of one GPU quantisation, copied back.
+struct GpuOut {
+    q: Vec<u8>,
+    sf: Vec<f32>,
+}
+
+fn poisoned_sf(stream: &CudaStream, len: usize) -> CudaSlice<f32> {
+    stream.clone_htod(&vec![f32::from_bits(SF_POISON); len]).unwrap()
+}
+
+fn poisoned_q(stream: &CudaStream, len: usize) -> CudaSlice<F8E4M3> {
+    stream.clone_htod(&vec![F8E4M3::from_bits(Q_POISON); len]).unwrap()
+}
+
+fn q_bytes(q: Vec<F8E4M3>) -> Vec<u8> {
+    q.into_iter().map(F8E4M3::to_bits).collect()
+}
+
+/// Quantises `x` on the GPU into poisoned outputs.
+fn quantize_on_gpu(gpu: &Gpu, x: &[bf16], shape: TokenGroupShape, fmt: ScaleFormat) -> Result<GpuOut, Error> {
+    let stream = gpu.stream();
+    let d_x = stream.clone_htod(x).unwrap();
+    let mut d_q = poisoned_q(&stream, shape.elements().unwrap());
+    let mut d_sf = poisoned_sf(&stream, shape.scale_elements().unwrap());
+    quantize_per_token_group(&stream, &d_x, &mut d_q, &mut d_sf, shape, fmt)?;
+    Ok(GpuOut { q: q_bytes(stream.clone_dtoh(&d_q).unwrap()), sf: stream.clone_dtoh(&d_sf).unwrap() })
+}
+
+/// Checks GPU outputs against the CPU quantiser: E4M3 bytes and scales bitwise, padding untouched.
+fn check_against_cpu(x: &[bf16], shape: TokenGroupShape, fmt: ScaleFormat, out: &GpuOut) -> TestResult {
+    let per_op = shape.m * shape.k;
+    let kb = shape.k_blocks();
+    let m_pad = shape.m_pad();
+    for g in 0..shape.num_groups {
+        let xf: Vec<f32> = x[g * per_op..(g + 1) * per_op].iter().map(|v| v.to_f32()).collect();
+        let want = per_token_group(&xf, shape.m, shape.k, fmt);
+        let ctx = |what: &str| format!("{what} of operand {g} of {shape:?} {fmt:?}");
+        bitwise_eq(&out.q[g * per_op..(g + 1) * per_op], &want.q).map_err(|e| format!("{}: {e}", ctx("q")))?;
+        let sf_op = &out.sf[g * kb * m_pad..(g + 1) * kb * m_pad];
+        bitwise_eq(&scales_from_tma_layout(sf_op, shape.m, kb), &want.scales).map_err(|e| format!("{}: {e}", ctx("scales")))?;
+        for k in 0..kb {
+            for r in shape.m..m_pad {
+                let bits = sf_op[k * m_pad + r].to_bits();
+                ensure(bits == SF_POISON, || format!("{}: padding row {r} of block {k} was written ({bits:#x})", ctx("sf")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Random activations: each row has its own magnitude (1e-6 .. 1e4), some rows carry outliers.
+fn random_activations(rng: &mut StdRng, rows: usize, k: usize) -> Vec<bf16> {
+    let normal = Normal::new(0.0f32, 1.0).unwrap();
+    let mut x = Vec::with_capacity(rows * k);
+    for _ in 0..rows {
+        let magnitude = 10f32.powf(rng.random_range(-6.0..4.0));
+        let outlier = rng.random_bool(0.1);
+        for _ in 0..k {
+            let mut v = normal.sample(rng) * magnitude;
+            if outlier && rng.random_bool(0.01) {
+                v *= 100.0;
+            }
+            x.push(bf16::from_f32(v));
+        }
+    }
+    x
+}
+
+const RANDOM_SHAPES: [(usize, usize, usize); 8] =
+    [(1, 1, 128), (1, 3, 256), (1, 4, 128), (1, 129, 7168), (3, 5, 384), (2, 1000, 1024), (1, 4096, 7168), (4, 77, 2048)];
+
+fn random_cases(gpu: &Gpu, fmt: ScaleFormat, name: &str) -> TestResult {
+    let mut rng = gpu.rng(name);
+    for (g, m, k) in RANDOM_SHAPES {
+        let shape = TokenGroupShape::batched(g, m, k);
+        let x = random_activations(&mut rng, g * m, k);
+        let out = quantize_on_gpu(gpu, &x, shape, fmt).map_err(|e| e.to_string())?;
+        check_against_cpu(&x, shape, fmt, &out)?;
+    }
+    Ok(())
+}
+
+fn random_f32_scales(gpu: &Gpu) -> TestResult {
+    random_cases(gpu, ScaleFormat::F32, "random_f32_scales")
+}
+
+fn random_ue8m0_scales(gpu: &Gpu) -> TestResult {
+    random_cases(gpu, ScaleFormat::Ue8m0, "random_ue8m0_scales")
+}
+
+fn exact_small_integers(gpu: &Gpu) -> TestResult {
+    // E4M3-representable integers; every group holds +-448 once, so scale = 2^e exactly.
+    const VALUES: [f32; 12] = [0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 12.0, 16.0, 40.0, 96.0, 240.0, 448.0];
+    let mut rng = gpu.rng("exact_small_integers");
+    let shape = TokenGroupShape::batched(2, 37, 1024);
+    let mut x = Vec::with_capacity(shape.elements().unwrap());
+    let mut scales = Vec::new();
+    for _ in 0..shape.num_groups * shape.m {
+        for _ in 0..shape.k_blocks() {
+            let e: i32 = rng.random_range(-20..20);
+            let p = 2f32.powi(e);
+            scales.push(p);
+            let at = rng.random_range(0..128);
+            for j in 0..128 {
+                let n = if j == at { 448.0 } else { VALUES[rng.random_range(0..VALUES.len())] };
+                let sign = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+                x.push(bf16::from_f32(sign * n * p));
+            }
+        }
+    }
+    for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        let out = quantize_on_gpu(gpu, &x, shape, fmt).map_err(|e| e.to_string())?;
+        for (i, (&q, xv)) in out.q.iter().zip(&x).enumerate() {
+            let (row, kb) = (i / shape.k, (i % shape.k) / 128);
+            let (g, r) = (row / shape.m, row % shape.m);
+            let sf = out.sf[shape.scale_index(g, r, kb)];
+            let want_sf = scales[row * shape.k_blocks() + kb];
+            ensure(sf == want_sf, || format!("{fmt:?}: scale of row {row} block {kb} is {sf:e}, want {want_sf:e}"))?;
+            let back = e4m3_decode(q) * sf;
+            ensure(back == xv.to_f32(), || format!("{fmt:?}: element {i}: {} dequantises to {back:e}", xv.to_f32()))?;
+            ensure(q == e4m3_encode(xv.to_f32() / sf), || format!("{fmt:?}: element {i}: byte {q:#04x}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn edge_values(gpu: &Gpu) -> TestResult {
+    let k = 512;
+    let rows: Vec<Vec<f32>> = vec![
+        vec![0.0; k],                                                             // amax floor 1e-4
+        (0..k).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect(),           // signed zeros
+        (0..k).map(|i| (i as f32 - 256.0) * 1e-9).collect(),                     // below the floor
+        (0..k).map(|i| if i == 7 { 1.0 } else { (i as f32) * 1e-5 }).collect(),  // E4M3 subnormals
+        (0..k).map(|i| if i % 3 == 0 { 3.3e38 } else { -(i as f32) }).collect(), // bf16 extremes
+        (0..k).map(|i| if i % 128 == 0 { -1e-30 } else { 1e-38 }).collect(),     // tiny magnitudes
+        (0..k).map(|i| 448.0 * (1.0 + i as f32 / k as f32)).collect(),           // near saturation
+    ];
+    let shape = TokenGroupShape::new(rows.len(), k);
+    let x: Vec<bf16> = rows.concat().into_iter().map(bf16::from_f32).collect();
+    for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        let out = quantize_on_gpu(gpu, &x, shape, fmt).map_err(|e| e.to_string())?;
+        check_against_cpu(&x, shape, fmt, &out)?;
+    }
+    Ok(())
+}
+
+fn no_out_of_bounds_access(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let mut rng = gpu.rng("no_out_of_bounds_access");
+    let shape = TokenGroupShape::batched(3, 45, 768);
+    let n = shape.elements().unwrap();
+    let n_sf = shape.scale_elements().unwrap();
+    // 64 guard elements on each side: 128 bytes of bf16 and f32 keep 16-byte alignment.
+    const GUARD: usize = 64;
+    let x = random_activations(&mut rng, shape.num_groups * shape.m, shape.k);
+    // Huge values around x: any read of them would raise a group's amax and change its scale.
+    let mut x_big = vec![bf16::from_f32(-3.0e38); n + 2 * GUARD];
+    x_big[GUARD..GUARD + n].copy_from_slice(&x);
+    let d_x = stream.clone_htod(&x_big).unwrap();
+    let mut d_q = poisoned_q(&stream, n + 2 * GUARD);
+    let mut d_sf = poisoned_sf(&stream, n_sf + 2 * GUARD);
+    for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        quantize_per_token_group(
+            &stream,
+            &d_x.slice(GUARD..GUARD + n),
+            &mut d_q.slice_mut(GUARD..GUARD + n),
+            &mut d_sf.slice_mut(GUARD..GUARD + n_sf),
+            shape,
+            fmt,
+        )
+        .map_err(|e| e.to_string())?;
+        let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
+        let sf = stream.clone_dtoh(&d_sf).unwrap();
+        let outside = |i: usize, len: usize| i < GUARD || i >= GUARD + len;
+        for (i, &b) in q.iter().enumerate().filter(|(i, _)| outside(*i, n)) {
+            ensure(b == Q_POISON, || format!("{fmt:?}: q guard element {i} was written ({b:#04x})"))?;
+        }
+        for (i, s) in sf.iter().enumerate().filter(|(i, _)| outside(*i, n_sf)) {
+            ensure(s.to_bits() == SF_POISON, || format!("{fmt:?}: sf guard element {i} was written"))?;
+        }
+        let out = GpuOut { q: q[GUARD..GUARD + n].to_vec(), sf: sf[GUARD..GUARD + n_sf].to_vec() };
+        check_against_cpu(&x, shape, fmt, &out)?;
+    }
+    Ok(())
+}
+
+fn grid_stride_covers_large_inputs(gpu: &Gpu) -> TestResult {
+    // 19000 x 56 groups > 2^16 blocks x 16 groups per block: the grid-stride loop must wrap.
+    let mut rng = gpu.rng("grid_stride_covers_large_inputs");
+    let shape = TokenGroupShape::new(19_000, 7168);
+    let x = random_activations(&mut rng, shape.m, shape.k);
+    let out = quantize_on_gpu(gpu, &x, shape, ScaleFormat::F32).map_err(|e| e.to_string())?;
+    check_against_cpu(&x, shape, ScaleFormat::F32, &out)
+}
+
+fn empty_is_a_noop(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    for shape in [TokenGroupShape::new(0, 7168), TokenGroupShape::batched(0, 16, 128), TokenGroupShape::new(16, 0)] {
+        let x = stream.alloc_zeros::<bf16>(0).unwrap();
+        let mut q = poisoned_q(&stream, 0);
+        let mut sf = poisoned_sf(&stream, shape.scale_elements().unwrap());
+        quantize_per_token_group(&stream, &x, &mut q, &mut sf, shape, ScaleFormat::F32).map_err(|e| format!("{shape:?}: {e}"))?;
+        let sf = stream.clone_dtoh(&sf).unwrap();
+        ensure(sf.iter().all(|s| s.to_bits() == SF_POISON), || format!("{shape:?}: an empty launch wrote scales"))?;
+    }
+    Ok(())
+}
+
+fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let shape = TokenGroupShape::new(8, 256);
+    let n = shape.elements().unwrap();
+    let n_sf = shape.scale_elements().unwrap();
+    let x = stream.alloc_zeros::<bf16>(n + 8).unwrap();
+    let mut q = poisoned_q(&stream, n + 8);
+    let mut sf = poisoned_sf(&stream, n_sf + 4);
+
+    let expect_arg = |r: Result<(), Error>, want: &str| -> TestResult {
+        match r {
+            Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. }) if arg == want => Ok(()),
+            other => Err(format!("expected an error naming `{want}`, got {other:?}").into()),
+        }
+    };
+    let fmt = ScaleFormat::F32;
+    let bad_k = TokenGroupShape::new(8, 200);
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..1600), &mut q.slice_mut(..1600), &mut sf.slice_mut(..16), bad_k, fmt), "k")?;
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..n - 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "x")?;
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf - 1), shape, fmt), "sf")?;
+    // Misaligned views: one element in is 2 bytes (x), 1 byte (q), 4 bytes (sf) off.
+    expect_arg(quantize_per_token_group(&stream, &x.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "x")?;
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(1..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
+    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(1..n_sf + 1), shape, fmt), "sf")?;
+    let q_after = q_bytes(stream.clone_dtoh(&q).unwrap());
+    let sf_after = stream.clone_dtoh(&sf).unwrap();
+    ensure(q_after.iter().all(|&b| b == Q_POISON), || "a rejected call wrote q".into())?;
+    ensure(sf_after.iter().all(|s| s.to_bits() == SF_POISON), || "a rejected call wrote sf".into())?;
+    // The same buffers, correctly sliced, are accepted.
+    quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt).map_err(|e| e.to_string())
+}

@@ -1,0 +1,112 @@
+//! Harness for GPU integration tests (`harness = false` targets, libtest-mimic).
+//!
+//! Without a usable GPU every test is reported as *ignored* with the reason ("no CUDA device",
+//! "kernels not built", ...), so the skip count shows in the summary line. With
+//! `DEEPKERN_REQUIRE_GPU=1` the same situation is a failure: a GPU host can never pass by skipping.
+//!
+//! Inputs are random with a fresh seed per run, printed at the start; `DEEPKERN_SEED=<n>`
+//! reproduces a run.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use deepkern::cudarc::driver::CudaStream;
+use deepkern::{Device, Error};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// What a GPU test returns; any error message fails it.
+pub type TestResult = Result<(), Failed>;
+
+/// A GPU test: a name and a function of the shared [`Gpu`].
+pub type GpuTest = (&'static str, fn(&Gpu) -> TestResult);
+
+/// The device every test of a binary shares, and the run's seed.
+pub struct Gpu {
+    pub device: Device,
+    pub seed: u64,
+}
+
+impl Gpu {
+    /// A fresh stream for one test (tests run in parallel threads).
+    pub fn stream(&self) -> Arc<CudaStream> {
+        self.device.new_stream().expect("create a CUDA stream")
+    }
+
+    /// A random generator for one test, derived from the run's seed and the test's name.
+    pub fn rng(&self, test: &str) -> StdRng {
+        let salt = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        StdRng::seed_from_u64(self.seed ^ salt)
+    }
+}
+
+/// Whether `DEEPKERN_REQUIRE_GPU=1` is set.
+pub fn gpu_required() -> bool {
+    std::env::var("DEEPKERN_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The GPU to test on, or why there is none.
+pub fn open_gpu() -> Result<Device, String> {
+    if !deepkern::kernels_built() {
+        return Err("kernels not built (no nvcc at build time)".into());
+    }
+    if !deepkern::cuda_available() {
+        return Err("no CUDA device".into());
+    }
+    let device = Device::new(0).map_err(|e| format!("cannot open CUDA device 0: {e}"))?;
+    match device.check_supported() {
+        Ok(()) => Ok(device),
+        Err(Error::UnsupportedArch { found, .. }) => Err(format!("GPU is sm_{}{}, kernels need sm_90a", found.0, found.1)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("DEEPKERN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        t.as_nanos() as u64 ^ u64::from(std::process::id())
+    })
+}
+
+/// Runs `tests` as libtest-mimic trials and exits with the harness' status.
+pub fn run(tests: Vec<GpuTest>) -> ! {
+    let args = Arguments::from_args();
+    let gpu = match open_gpu() {
+        Ok(device) => {
+            let seed = seed();
+            let i = device.info();
+            eprintln!(
+                "GPU tests on {} (sm_{}{}, {} SMs), DEEPKERN_SEED={seed}",
+                i.name, i.compute_capability.0, i.compute_capability.1, i.sm_count
+            );
+            Ok(Arc::new(Gpu { device, seed }))
+        }
+        Err(reason) => {
+            if gpu_required() {
+                eprintln!("DEEPKERN_REQUIRE_GPU=1 but {reason}: every GPU test fails");
+            } else {
+                eprintln!("{reason}: GPU tests are ignored (set DEEPKERN_REQUIRE_GPU=1 to make this a failure)");
+            }
+            Err(reason)
+        }
+    };
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let gpu = gpu.clone();
+            Trial::ignorable_test(name, move || match gpu {
+                Ok(gpu) => test(&gpu).map(|()| Completion::Completed),
+                Err(reason) if gpu_required() => Err(format!("DEEPKERN_REQUIRE_GPU=1 but {reason}").into()),
+                Err(reason) => Ok(Completion::ignored_with(reason)),
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
+/// Fails with `msg` unless `cond` holds.
+pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> TestResult {
+    if cond { Ok(()) } else { Err(msg().into()) }
+}
