@@ -60,14 +60,14 @@ fn main() {
         quantize_per_token_group(&stream, &d_x, &mut d_q, &mut d_sf, shape, fmt).expect("quantise");
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
         let want = per_token_group(&xf, m, k, fmt);
-        let q: Vec<u8> = stream.clone_dtoh(&d_q).expect("download q").into_iter().map(F8E4M3::to_bits).collect();
+        let q: Vec<u8> = stream.clone_dtoh(&d_q).expect("download q").iter().map(F8E4M3::to_bits).collect();
         let sf = scales_from_tma_layout(&stream.clone_dtoh(&d_sf).expect("download sf"), m, shape.k_blocks());
         assert!(q == want.q, "{m}x{k} {fmt:?}: GPU e4m3 differs from the CPU reference; not timing a wrong kernel");
         assert!(sf.iter().map(|s| s.to_bits()).eq(want.scales.iter().map(|s| s.to_bits())), "{m}x{k} {fmt:?}: scales differ");
 
         let bytes = 2 * m * k + m * k + 4 * shape.scale_elements().unwrap();
         let case = format!("{m}x{k}{}", if fmt == ScaleFormat::Ue8m0 { "-ue8m0" } else { "" });
-        let mut launch = |s: &deepkern::cudarc::driver::CudaStream| {
+        let mut launch = |s: &std::sync::Arc<deepkern::cudarc::driver::CudaStream>| {
             quantize_per_token_group(s, &d_x, &mut d_q, &mut d_sf, shape, fmt).expect("quantise");
         };
         group.throughput(Throughput::Bytes(bytes as u64));

@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut d_sf = stream.alloc_zeros::<f32>(shape.scale_elements().unwrap())?;
     quantize_per_token_group(&stream, &d_x, &mut d_q, &mut d_sf, shape, ScaleFormat::F32)?;
 
-    let q: Vec<u8> = stream.clone_dtoh(&d_q)?.into_iter().map(F8E4M3::to_bits).collect();
+    let q: Vec<u8> = stream.clone_dtoh(&d_q)?.iter().map(F8E4M3::to_bits).collect();
     let sf = scales_from_tma_layout(&stream.clone_dtoh(&d_sf)?, shape.m, shape.k_blocks());
     let same = q == cpu.q && sf == cpu.scales;
     println!("GPU result {} the CPU reference bit for bit", if same { "matches" } else { "DIFFERS from" });

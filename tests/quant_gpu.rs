@@ -15,6 +15,8 @@ mod common;
 
 use common::{Gpu, TestResult, ensure};
 use deepkern::check::bitwise_eq;
+use std::sync::Arc;
+
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
 use deepkern::layout::{TokenGroupShape, scales_from_tma_layout};
@@ -48,16 +50,16 @@ struct GpuOut {
     sf: Vec<f32>,
 }
 
-fn poisoned_sf(stream: &CudaStream, len: usize) -> CudaSlice<f32> {
+fn poisoned_sf(stream: &Arc<CudaStream>, len: usize) -> CudaSlice<f32> {
     stream.clone_htod(&vec![f32::from_bits(SF_POISON); len]).unwrap()
 }
 
-fn poisoned_q(stream: &CudaStream, len: usize) -> CudaSlice<F8E4M3> {
+fn poisoned_q(stream: &Arc<CudaStream>, len: usize) -> CudaSlice<F8E4M3> {
     stream.clone_htod(&vec![F8E4M3::from_bits(Q_POISON); len]).unwrap()
 }
 
 fn q_bytes(q: Vec<F8E4M3>) -> Vec<u8> {
-    q.into_iter().map(F8E4M3::to_bits).collect()
+    q.iter().map(F8E4M3::to_bits).collect()
 }
 
 /// Quantises `x` on the GPU into poisoned outputs.
@@ -280,5 +282,5 @@ fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     ensure(q_after.iter().all(|&b| b == Q_POISON), || "a rejected call wrote q".into())?;
     ensure(sf_after.iter().all(|s| s.to_bits() == SF_POISON), || "a rejected call wrote sf".into())?;
     // The same buffers, correctly sliced, are accepted.
-    quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt).map_err(|e| e.to_string())
+    quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt).map_err(|e| e.to_string().into())
 }

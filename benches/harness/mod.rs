@@ -79,20 +79,21 @@ impl GpuBench {
         self.stream.memset_zeros(&mut self.flush).expect("flush L2");
     }
 
-    fn event_pair(&mut self, i: usize) -> &(CudaEvent, CudaEvent) {
-        while self.events.len() <= i {
-            let ctx = self.stream.context();
+    /// Makes sure at least `n` start/end event pairs exist.
+    fn ensure_events(&mut self, n: usize) {
+        let ctx = self.stream.context();
+        while self.events.len() < n {
             let new = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("create timing event");
             self.events.push((new(), new()));
         }
-        &self.events[i]
     }
 
     /// Per-launch GPU times of `iters` launches of `launch`, each timed alone with L2 flushed first.
-    pub fn time_each(&mut self, iters: usize, mut launch: impl FnMut(&CudaStream)) -> Vec<Duration> {
+    pub fn time_each(&mut self, iters: usize, mut launch: impl FnMut(&Arc<CudaStream>)) -> Vec<Duration> {
+        self.ensure_events(iters);
         for i in 0..iters {
             self.flush_l2();
-            self.event_pair(i).0.record(&self.stream).expect("record start");
+            self.events[i].0.record(&self.stream).expect("record start");
             launch(&self.stream);
             self.events[i].1.record(&self.stream).expect("record end");
         }
@@ -104,9 +105,10 @@ impl GpuBench {
 
     /// GPU time of `iters` back-to-back launches after one L2 flush: criterion's `iter_custom`
     /// measurement (one event pair, so criterion's many iterations stay cheap).
-    pub fn time(&mut self, iters: u64, mut launch: impl FnMut(&CudaStream)) -> Duration {
+    pub fn time(&mut self, iters: u64, mut launch: impl FnMut(&Arc<CudaStream>)) -> Duration {
+        self.ensure_events(1);
         self.flush_l2();
-        self.event_pair(0).0.record(&self.stream).expect("record start");
+        self.events[0].0.record(&self.stream).expect("record start");
         for _ in 0..iters {
             launch(&self.stream);
         }
@@ -116,7 +118,7 @@ impl GpuBench {
     }
 
     /// Median of [`MEDIAN_REPS`] individually timed launches, in microseconds.
-    pub fn median_us(&mut self, launch: impl FnMut(&CudaStream)) -> f64 {
+    pub fn median_us(&mut self, launch: impl FnMut(&Arc<CudaStream>)) -> f64 {
         let mut us: Vec<f64> = self.time_each(MEDIAN_REPS, launch).iter().map(|d| d.as_secs_f64() * 1e6).collect();
         us.sort_by(f64::total_cmp);
         let n = us.len();
@@ -190,7 +192,7 @@ fn commit() -> String {
 /// The NVIDIA driver version from nvidia-smi, else the CUDA version the driver supports.
 fn driver() -> String {
     let smi = std::process::Command::new("nvidia-smi").args(["--query-gpu=driver_version", "--format=csv,noheader"]).output();
-    if let Ok(o) = smi.as_ref().filter(|o| o.status.success()) {
+    if let Some(o) = smi.ok().filter(|o| o.status.success()) {
         if let Some(v) = String::from_utf8_lossy(&o.stdout).lines().next() {
             return v.trim().to_string();
         }
