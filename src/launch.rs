@@ -71,7 +71,10 @@ impl<'a> Launch<'a> {
         if status == KernelStatus::Ok {
             return Ok(());
         }
-        Err(Error::Kernel { kernel: self.kernel, status, cuda_error: last_cuda_error() })
+        // Only these come from a CUDA error; the others are the launcher's own checks, and the
+        // thread's last CUDA error may be stale for them.
+        let from_cuda = matches!(status, KernelStatus::UnsupportedDevice | KernelStatus::OutOfResources | KernelStatus::CudaError);
+        Err(Error::Kernel { kernel: self.kernel, status, cuda_error: if from_cuda { last_cuda_error() } else { None } })
     }
 }
 
