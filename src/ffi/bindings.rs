@@ -47,24 +47,33 @@ pub struct dk_quant_per_token_group_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of dk_quant_per_token_group_params"]
-        [::std::mem::size_of::<dk_quant_per_token_group_params>() - 56usize];
-    ["Alignment of dk_quant_per_token_group_params"]
-        [::std::mem::align_of::<dk_quant_per_token_group_params>() - 8usize];
-    ["Offset of field: dk_quant_per_token_group_params::x"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, x) - 0usize];
-    ["Offset of field: dk_quant_per_token_group_params::q"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, q) - 8usize];
-    ["Offset of field: dk_quant_per_token_group_params::sf"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, sf) - 16usize];
-    ["Offset of field: dk_quant_per_token_group_params::num_groups"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, num_groups) - 24usize];
-    ["Offset of field: dk_quant_per_token_group_params::m"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, m) - 32usize];
-    ["Offset of field: dk_quant_per_token_group_params::k"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, k) - 40usize];
-    ["Offset of field: dk_quant_per_token_group_params::ue8m0"]
-        [::std::mem::offset_of!(dk_quant_per_token_group_params, ue8m0) - 48usize];
+    [
+        "Size of dk_quant_per_token_group_params",
+    ][::std::mem::size_of::<dk_quant_per_token_group_params>() - 56usize];
+    [
+        "Alignment of dk_quant_per_token_group_params",
+    ][::std::mem::align_of::<dk_quant_per_token_group_params>() - 8usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::x",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, x) - 0usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::q",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, q) - 8usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::sf",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, sf) - 16usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::num_groups",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, num_groups) - 24usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::m",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, m) - 32usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::k",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, k) - 40usize];
+    [
+        "Offset of field: dk_quant_per_token_group_params::ue8m0",
+    ][::std::mem::offset_of!(dk_quant_per_token_group_params, ue8m0) - 48usize];
 };
 impl Default for dk_quant_per_token_group_params {
     fn default() -> Self {

@@ -4,6 +4,7 @@
 //! the status into an [`Error`](crate::Error) and keeps device buffers alive across the call.
 
 #[allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]
+#[rustfmt::skip]
 mod bindings;
 
 pub use bindings::*;

@@ -25,6 +25,8 @@ pub fn generate(root: &Path) -> Result<String, String> {
         .derive_copy(true)
         .layout_tests(true)
         .generate_comments(true)
+        // Pure-Rust formatting: the output must not depend on a rustfmt install or its config.
+        .formatter(bindgen::Formatter::Prettyplease)
         .generate()
         .map_err(|e| format!("bindgen failed on {}: {e}", header.display()))?;
     Ok(bindings.to_string())

@@ -1,8 +1,18 @@
-//! Project tasks for deepkern (`cargo xtask <task>`). The library half holds what tests check.
+//! Project tasks for deepkern (`cargo xtask <task>`). The library half holds the logic and what
+//! the tests check; `main.rs` only dispatches.
 
 pub mod bindings;
+pub mod bundle;
+pub mod cargo;
+pub mod cmd;
+pub mod report;
+pub mod sass;
+pub mod toolchain;
 
 use std::path::PathBuf;
+
+/// A task's failure: one readable sentence or paragraph.
+pub type Result<T, E = String> = std::result::Result<T, E>;
 
 /// The workspace root (the directory holding the root Cargo.toml).
 pub fn project_root() -> PathBuf {

@@ -1,25 +1,92 @@
-use std::process::ExitCode;
+//! `cargo xtask <task>`: see `usage()`.
+
+use std::process::{Command, ExitCode};
+
+use xtask::toolchain::{self, Toolchain};
+use xtask::{Result, bundle, cargo, cmd, project_root, report, sass};
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <task> [args]
+
+  setup     find or install nvcc (CUDA 13.0, PyPI), cuobjdump/nvdisasm 13.2+, libclang
+  test      setup, `cargo test --workspace [args]`, then the sass check
+  sass      every kernel: no spills, no stack frame, declared SASS instructions present
+  bench     setup, `cargo bench -p deepkern [args]` (GPU benches skip without a GPU), report
+  bundle    release test and bench executables + run.sh in target/bundle/ for a GPU host
+  report    bench-results/*.jsonl -> bench-results/README.md, PNG plots, README table
+  bindgen   regenerate src/ffi/bindings.rs from csrc/include/deepkern.h"
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("bindgen") => {
-            let root = xtask::project_root();
-            match xtask::bindings::generate(&root) {
-                Ok(text) => {
-                    std::fs::write(root.join(xtask::bindings::OUTPUT), text).expect("write bindings");
-                    println!("wrote {}", xtask::bindings::OUTPUT);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+    let (task, rest) = match args.split_first() {
+        Some((t, rest)) => (t.as_str(), rest),
+        None => {
+            eprintln!("{}", usage());
+            return ExitCode::FAILURE;
         }
-        _ => {
-            eprintln!("usage: cargo xtask bindgen");
+    };
+    let result = match task {
+        "setup" => setup().map(|_| ()),
+        "test" => test(rest),
+        "sass" => setup().and_then(|tc| sass::run(&tc)),
+        "bench" => bench(rest),
+        "bundle" => setup().and_then(|tc| bundle::run(&tc)).map(|_| ()),
+        "report" => report::run(),
+        "bindgen" => bindgen(),
+        "help" | "-h" | "--help" => {
+            println!("{}", usage());
+            Ok(())
+        }
+        other => Err(format!("unknown task `{other}`\n\n{}", usage())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn setup() -> Result<Toolchain> {
+    toolchain::setup(&project_root())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let tc = setup()?;
+    let mut c = cargo::cargo(&tc);
+    c.args(["test", "--workspace"]).args(extra);
+    let tests = cmd::run(&mut c);
+    // The sass check runs even when a test failed, so one run shows both.
+    let checked = sass::run(&tc);
+    tests.and(checked)
+}
+
+/// Whether an NVIDIA GPU is visible (only used to word the message; the benches decide themselves).
+fn gpu_present() -> bool {
+    cmd::output(Command::new("nvidia-smi").arg("-L")).is_ok_and(|s| s.lines().any(|l| l.starts_with("GPU ")))
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let tc = setup()?;
+    let root = project_root();
+    let mut c = cargo::cargo(&tc);
+    c.args(["bench", "-p", "deepkern"]).args(extra);
+    c.env("DEEPKERN_BENCH_OUT", root.join("bench-results")).env("DEEPKERN_COMMIT", bundle::commit_id(&root));
+    cmd::run(&mut c)?;
+    if !gpu_present() {
+        eprintln!(
+            "no CUDA GPU here: ran the CPU reference benches only; GPU figures come from `cargo xtask bundle` run on a GPU host"
+        );
+    }
+    report::run()
+}
+
+fn bindgen() -> Result<()> {
+    let root = project_root();
+    let text = xtask::bindings::generate(&root)?;
+    std::fs::write(root.join(xtask::bindings::OUTPUT), text).map_err(|e| e.to_string())?;
+    println!("wrote {}", xtask::bindings::OUTPUT);
+    Ok(())
 }
