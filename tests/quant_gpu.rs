@@ -240,16 +240,21 @@ fn grid_stride_covers_large_inputs(gpu: &Gpu) -> TestResult {
 }
 
 fn empty_is_a_noop(gpu: &Gpu) -> TestResult {
+    // Empty views of poisoned, non-empty buffers (CUDA cannot allocate zero bytes): nothing may
+    // be written anywhere in them.
     let stream = gpu.stream();
+    let x = stream.alloc_zeros::<bf16>(256).unwrap();
+    let mut q = poisoned_q(&stream, 256);
+    let mut sf = poisoned_sf(&stream, 64);
     for shape in [TokenGroupShape::new(0, 7168), TokenGroupShape::batched(0, 16, 128), TokenGroupShape::new(16, 0)] {
-        let x = stream.alloc_zeros::<bf16>(0).unwrap();
-        let mut q = poisoned_q(&stream, 0);
-        let mut sf = poisoned_sf(&stream, shape.scale_elements().unwrap());
-        quantize_per_token_group(&stream, &x, &mut q, &mut sf, shape, ScaleFormat::F32).map_err(|e| format!("{shape:?}: {e}"))?;
-        let sf = stream.clone_dtoh(&sf).unwrap();
-        ensure(sf.iter().all(|s| s.to_bits() == SF_POISON), || format!("{shape:?}: an empty launch wrote scales"))?;
+        let (n, n_sf) = (shape.elements().unwrap(), shape.scale_elements().unwrap());
+        quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, ScaleFormat::F32)
+            .map_err(|e| format!("{shape:?}: {e}"))?;
     }
-    Ok(())
+    let q = q_bytes(stream.clone_dtoh(&q).unwrap());
+    let sf = stream.clone_dtoh(&sf).unwrap();
+    ensure(q.iter().all(|&b| b == Q_POISON), || "an empty launch wrote q".into())?;
+    ensure(sf.iter().all(|s| s.to_bits() == SF_POISON), || "an empty launch wrote scales".into())
 }
 
 fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
