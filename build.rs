@@ -64,7 +64,10 @@ fn main() {
     println!("cargo::rustc-link-lib=static=cudart_static");
     println!("cargo::rustc-link-lib=dylib=stdc++");
 
-    write_manifest(&out, &Manifest { nvcc: Some(&nvcc), version: Some(&version), archs: &archs, library: Some(&library), units: &compiled, reason: None });
+    write_manifest(
+        &out,
+        &Manifest { nvcc: Some(&nvcc), version: Some(&version), archs: &archs, library: Some(&library), units: &compiled, reason: None },
+    );
 }
 
 /// A compiled translation unit.
@@ -114,10 +117,11 @@ fn archs() -> Vec<String> {
 }
 
 fn nvcc_flags(root: &Path, archs: &[String]) -> Vec<String> {
-    let mut flags: Vec<String> = ["-std=c++17", "-O3", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "--ptxas-options=-v"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut flags: Vec<String> =
+        ["-std=c++17", "-O3", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "--ptxas-options=-v"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     for a in archs {
         flags.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }

@@ -24,7 +24,9 @@ fn quantisers(c: &mut Criterion) {
     let (n, k) = (7168, 2048);
     let w = values(n * k);
     g.throughput(Throughput::Bytes((n * k * 4) as u64));
-    g.bench_with_input(BenchmarkId::new("per_block", format!("{n}x{k}")), &w, |b, w| b.iter(|| per_block(black_box(w), n, k, ScaleFormat::Ue8m0)));
+    g.bench_with_input(BenchmarkId::new("per_block", format!("{n}x{k}")), &w, |b, w| {
+        b.iter(|| per_block(black_box(w), n, k, ScaleFormat::Ue8m0))
+    });
     let (x, y) = (values(1 << 20), values(1 << 20).into_iter().map(|v| v * 1.001).collect::<Vec<_>>());
     g.throughput(Throughput::Bytes(8 << 20));
     g.bench_function("calc_diff/1M", |b| b.iter(|| calc_diff(black_box(&x), black_box(&y))));

@@ -97,7 +97,7 @@ fn last_cuda_error() -> Option<String> {
 
 /// Checks that a device address meets `required` bytes of alignment.
 pub(crate) fn check_aligned(arg: &'static str, addr: u64, required: usize) -> Result<()> {
-    if addr % required as u64 == 0 { Ok(()) } else { Err(Error::Alignment { arg, required, addr }) }
+    if addr.is_multiple_of(required as u64) { Ok(()) } else { Err(Error::Alignment { arg, required, addr }) }
 }
 
 #[cfg(test)]

@@ -133,7 +133,7 @@ mod tests {
     fn tma_rows_are_16_byte_multiples() {
         for m in 0..64 {
             let p = tma_aligned_rows(m);
-            assert!(p >= m && p < m + 4 && (p * 4) % 16 == 0, "m={m} p={p}");
+            assert!(p >= m && p < m + 4 && (p * 4).is_multiple_of(16), "m={m} p={p}");
         }
     }
 

@@ -18,7 +18,7 @@ use crate::reference::quant::ScaleFormat;
 /// Checks the lengths of the three buffers of a per-token-group quantisation against `shape`.
 /// Pure: the safe wrapper calls it before anything touches the GPU.
 pub fn validate_per_token_group(shape: TokenGroupShape, x_len: usize, q_len: usize, sf_len: usize) -> Result<()> {
-    if shape.k % GROUP != 0 {
+    if !shape.k.is_multiple_of(GROUP) {
         return Err(Error::Shape { arg: "k", expected: format!("a multiple of {GROUP}"), got: shape.k.to_string() });
     }
     let too_big = || Error::InvalidArgument { arg: "shape", reason: format!("{shape:?} has more than 2^62 elements") };
@@ -26,7 +26,11 @@ pub fn validate_per_token_group(shape: TokenGroupShape, x_len: usize, q_len: usi
     let scales = shape.scale_elements().ok_or_else(too_big)?;
     let dims = format!("[{}, {}, {}]", shape.num_groups, shape.m, shape.k);
     let expect_len = |arg: &'static str, len: usize, want: usize, what: &str| {
-        if len == want { Ok(()) } else { Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") }) }
+        if len == want {
+            Ok(())
+        } else {
+            Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") })
+        }
     };
     expect_len("x", x_len, elements, &format!("{dims} bf16"))?;
     expect_len("q", q_len, elements, &format!("{dims} e4m3"))?;

@@ -196,7 +196,7 @@ fn values(n: usize, scale: f32, seed: u64) -> Vec<f32> {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            if state % 17 == 0 { 0.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale }
+            if state.is_multiple_of(17) { 0.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale }
         })
         .collect()
 }

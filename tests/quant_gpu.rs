@@ -173,7 +173,7 @@ fn exact_small_integers(gpu: &Gpu) -> TestResult {
 fn edge_values(gpu: &Gpu) -> TestResult {
     let k = 512;
     let rows: Vec<Vec<f32>> = vec![
-        vec![0.0; k],                                                             // amax floor 1e-4
+        vec![0.0; k],                                                            // amax floor 1e-4
         (0..k).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect(),           // signed zeros
         (0..k).map(|i| (i as f32 - 256.0) * 1e-9).collect(),                     // below the floor
         (0..k).map(|i| if i == 7 { 1.0 } else { (i as f32) * 1e-5 }).collect(),  // E4M3 subnormals
@@ -287,5 +287,6 @@ fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     ensure(q_after.iter().all(|&b| b == Q_POISON), || "a rejected call wrote q".into())?;
     ensure(sf_after.iter().all(|s| s.to_bits() == SF_POISON), || "a rejected call wrote sf".into())?;
     // The same buffers, correctly sliced, are accepted.
-    quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt).map_err(|e| e.to_string().into())
+    quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt)
+        .map_err(|e| e.to_string().into())
 }

@@ -192,10 +192,10 @@ fn commit() -> String {
 /// The NVIDIA driver version from nvidia-smi, else the CUDA version the driver supports.
 fn driver() -> String {
     let smi = std::process::Command::new("nvidia-smi").args(["--query-gpu=driver_version", "--format=csv,noheader"]).output();
-    if let Some(o) = smi.ok().filter(|o| o.status.success()) {
-        if let Some(v) = String::from_utf8_lossy(&o.stdout).lines().next() {
-            return v.trim().to_string();
-        }
+    if let Some(o) = smi.ok().filter(|o| o.status.success())
+        && let Some(v) = String::from_utf8_lossy(&o.stdout).lines().next()
+    {
+        return v.trim().to_string();
     }
     match deepkern::driver_version() {
         Ok((major, minor)) => format!("cuda {major}.{minor}"),

@@ -34,5 +34,5 @@ pub fn generate(root: &Path) -> Result<String, String> {
 
 /// Whether libclang can be loaded here (bindgen needs it at run time).
 pub fn libclang_available() -> bool {
-    std::panic::catch_unwind(|| bindgen::clang_version()).map(|v| v.parsed.is_some()).unwrap_or(false)
+    std::panic::catch_unwind(bindgen::clang_version).map(|v| v.parsed.is_some()).unwrap_or(false)
 }

@@ -192,6 +192,9 @@ mod tests {
         .map(|s| serde_json::from_str(s).unwrap())
         .collect();
         let got = executables(&msgs, &["lib", "test"]);
-        assert_eq!(got, vec![("unit".to_string(), PathBuf::from("/t/deepkern-1")), ("quant_gpu".to_string(), PathBuf::from("/t/quant_gpu-2"))]);
+        assert_eq!(
+            got,
+            vec![("unit".to_string(), PathBuf::from("/t/deepkern-1")), ("quant_gpu".to_string(), PathBuf::from("/t/quant_gpu-2"))]
+        );
     }
 }

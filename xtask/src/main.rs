@@ -76,9 +76,7 @@ fn bench(extra: &[String]) -> Result<()> {
     c.env("DEEPKERN_BENCH_OUT", root.join("bench-results")).env("DEEPKERN_COMMIT", bundle::commit_id(&root));
     cmd::run(&mut c)?;
     if !gpu_present() {
-        eprintln!(
-            "no CUDA GPU here: ran the CPU reference benches only; GPU figures come from `cargo xtask bundle` run on a GPU host"
-        );
+        eprintln!("no CUDA GPU here: ran the CPU reference benches only; GPU figures come from `cargo xtask bundle` run on a GPU host");
     }
     report::run()
 }

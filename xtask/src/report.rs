@@ -37,7 +37,11 @@ impl Line {
     fn parse(slug: &str, v: &Value) -> Option<Self> {
         let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
         let shape = match &v["shape"] {
-            Value::Object(m) => m.iter().map(|(k, x)| format!("{k}={}", x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))).collect::<Vec<_>>().join(" "),
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, x)| format!("{k}={}", x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())))
+                .collect::<Vec<_>>()
+                .join(" "),
             other => other.to_string(),
         };
         Some(Line {
@@ -182,8 +186,14 @@ fn plot(lines: &[Line], dir: &Path) -> Result<Vec<PathBuf>> {
                 .x_label_formatter(&|x| cases.get(x.floor() as usize).filter(|_| x.fract() == 0.5).cloned().unwrap_or_default())
                 .y_desc(unit)
                 .draw()?;
-            chart.draw_series(ours.iter().enumerate().map(|(i, &v)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v)], BLUE.filled())))?;
-            chart.draw_series(base.iter().enumerate().map(|(i, &v)| Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v)], RGBColor(150, 150, 150).filled())))?;
+            chart.draw_series(
+                ours.iter().enumerate().map(|(i, &v)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v)], BLUE.filled())),
+            )?;
+            chart.draw_series(
+                base.iter()
+                    .enumerate()
+                    .map(|(i, &v)| Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v)], RGBColor(150, 150, 150).filled())),
+            )?;
             root.present()?;
             Ok(())
         };
@@ -246,7 +256,10 @@ mod tests {
         assert_eq!((lines[0].commit.as_str(), lines[0].median_us), ("bbb", 8.0));
         assert_eq!(lines[0].speedup(), Some(0.75));
         let md = markdown(&lines);
-        assert!(md.contains("| quant | 128x7168 | k=7168 m=128 | 8.00 | - | 125 | copy 6.00 µs | 0.75x | passed | 2026-11-21 | bbb |"), "{md}");
+        assert!(
+            md.contains("| quant | 128x7168 | k=7168 m=128 | 8.00 | - | 125 | copy 6.00 µs | 0.75x | passed | 2026-11-21 | bbb |"),
+            "{md}"
+        );
         assert!(md.contains("| gemm | 4096 | m=4096 | 100.00 | 600.5 | - | - | - | passed |"), "{md}");
     }
 

@@ -63,12 +63,13 @@ pub fn parse_ptxas_log(text: &str) -> Vec<Resources> {
                 f.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
                 f.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
             }
-        } else if line.contains("Used ") && line.contains(" registers") {
-            if let Some(i) = entry_idx {
-                let f = &mut funcs[i];
-                f.registers = number_before(line, " registers").unwrap_or(0) as u32;
-                f.smem_bytes = number_before(line, " bytes smem").unwrap_or(0);
-            }
+        } else if line.contains("Used ")
+            && line.contains(" registers")
+            && let Some(i) = entry_idx
+        {
+            let f = &mut funcs[i];
+            f.registers = number_before(line, " registers").unwrap_or(0) as u32;
+            f.smem_bytes = number_before(line, " bytes smem").unwrap_or(0);
         }
     }
     funcs
@@ -261,7 +262,10 @@ mod tests {
         assert_eq!((spilling.name.as_str(), spilling.entry, spilling.registers), ("_Z8spillingPKfPfi", true, 24));
         assert_eq!((spilling.stack_bytes, spilling.spill_store_bytes, spilling.spill_load_bytes), (864, 572, 760));
         let helper = &f[1];
-        assert_eq!((helper.name.as_str(), helper.entry, helper.spill_store_bytes, helper.spill_load_bytes), ("_Z6helperPKfi", false, 360, 392));
+        assert_eq!(
+            (helper.name.as_str(), helper.entry, helper.spill_store_bytes, helper.spill_load_bytes),
+            ("_Z6helperPKfi", false, 360, 392)
+        );
         assert!(!helper.is_clean());
         let smem = &f[2];
         assert_eq!((smem.registers, smem.smem_bytes, smem.is_clean()), (12, 1024, true));
@@ -291,7 +295,9 @@ mod tests {
     fn sass_opcodes_per_function() {
         let s = parse_sass(SASS);
         let quant = &s["_ZN2dk5quant22per_token_group_kernelILb0EEEvPKtPhPfllll"];
-        assert!(quant.contains("LDG.E.NA.128.CONSTANT") && quant.contains("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C") && quant.contains("EXIT"));
+        assert!(
+            quant.contains("LDG.E.NA.128.CONSTANT") && quant.contains("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C") && quant.contains("EXIT")
+        );
         assert_eq!(quant.len(), 4, "{quant:?}");
         assert!(s["_Z9with_smemPf"].contains("BAR.SYNC.DEFER_BLOCKING"));
     }
