@@ -98,6 +98,55 @@ impl TokenGroupShape {
     }
 }
 
+/// Shape of a batch of per-block (128x128) quantised weights `[num_groups, n, k]` (one operand per
+/// expert for the grouped GEMMs). Scales are row-major `[num_groups, ceil(n / 128), k / 128]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockShape {
+    pub num_groups: usize,
+    /// Rows (output features) per operand.
+    pub n: usize,
+    /// Columns (input features) per row.
+    pub k: usize,
+}
+
+impl BlockShape {
+    /// A single 2-D weight `[n, k]`.
+    pub const fn new(n: usize, k: usize) -> Self {
+        Self { num_groups: 1, n, k }
+    }
+
+    /// A batch `[num_groups, n, k]`.
+    pub const fn batched(num_groups: usize, n: usize, k: usize) -> Self {
+        Self { num_groups, n, k }
+    }
+
+    /// Block rows per operand: `ceil(n / 128)`.
+    pub const fn n_blocks(&self) -> usize {
+        ceil_div(self.n, GROUP)
+    }
+
+    /// Block columns: `ceil(k / 128)`.
+    pub const fn k_blocks(&self) -> usize {
+        ceil_div(self.k, GROUP)
+    }
+
+    /// Elements of the data tensor: `num_groups * n * k`.
+    pub fn elements(&self) -> Option<usize> {
+        self.num_groups.checked_mul(self.n)?.checked_mul(self.k)
+    }
+
+    /// f32 elements of the scale array: `num_groups * ceil(n/128) * ceil(k/128)`.
+    pub fn scale_elements(&self) -> Option<usize> {
+        self.num_groups.checked_mul(self.n_blocks())?.checked_mul(self.k_blocks())
+    }
+
+    /// Index of the scale of block (`nb`, `kb`) of operand `group`.
+    #[inline]
+    pub const fn scale_index(&self, group: usize, nb: usize, kb: usize) -> usize {
+        (group * self.n_blocks() + nb) * self.k_blocks() + kb
+    }
+}
+
 /// Converts row-major `[m, k_blocks]` scales into the transposed, TMA-aligned `[k_blocks, m_pad]`
 /// layout. Padding rows are filled with `pad`.
 pub fn scales_to_tma_layout(row_major: &[f32], m: usize, k_blocks: usize, pad: f32) -> Vec<f32> {

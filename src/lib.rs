@@ -32,6 +32,6 @@ pub use device::{Device, DeviceInfo, HOPPER, cuda_available, device_count, drive
 pub use error::{Error, KernelStatus, Result};
 pub use float8::F8E4M3;
 pub use half::bf16;
-pub use layout::TokenGroupShape;
-pub use quant::quantize_per_token_group;
+pub use layout::{BlockShape, TokenGroupShape};
+pub use quant::{quantize_per_block, quantize_per_token_group};
 pub use reference::quant::ScaleFormat;

@@ -1,9 +1,13 @@
-//! FP8 quantisers on the GPU.
+//! FP8 quantisers on the GPU, bit-identical to the CPU references in [`crate::reference::quant`].
 //!
-//! [`quantize_per_token_group`] turns bf16 activations `[G, m, k]` into E4M3 values plus one f32
-//! scale per row per 128 columns, written straight into the transposed, 16-byte-aligned layout the
-//! GEMM's TMA reads (see [`crate::layout`]). It is bit-identical to
-//! [`crate::reference::quant::per_token_group`] on the CPU.
+//! - [`quantize_per_token_group`]: bf16 activations `[G, m, k]` to E4M3 plus one f32 scale per row
+//!   per 128 columns, written straight into the transposed, 16-byte-aligned layout the GEMM's TMA
+//!   reads (see [`crate::layout`]).
+//! - [`quantize_per_block`]: bf16 weights `[G, n, k]` to E4M3 plus one f32 scale per 128x128 block,
+//!   row-major `[G, ceil(n/128), k/128]`.
+//!
+//! Recipe (DeepSeek-V3): `scale = max(amax, 1e-4) / 448`, rounded up to a power of two for
+//! [`ScaleFormat::Ue8m0`]; `q = e4m3_rn_satfinite(x * (1 / scale))`.
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use float8::F8E4M3;
@@ -12,19 +16,27 @@ use half::bf16;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::{Launch, check_aligned, ffi_call};
-use crate::layout::{GROUP, TokenGroupShape};
+use crate::layout::{BlockShape, GROUP, TokenGroupShape};
 use crate::reference::quant::ScaleFormat;
 
-/// Checks the lengths of the three buffers of a per-token-group quantisation against `shape`.
-/// Pure: the safe wrapper calls it before anything touches the GPU.
-pub fn validate_per_token_group(shape: TokenGroupShape, x_len: usize, q_len: usize, sf_len: usize) -> Result<()> {
-    if !shape.k.is_multiple_of(GROUP) {
-        return Err(Error::Shape { arg: "k", expected: format!("a multiple of {GROUP}"), got: shape.k.to_string() });
+/// The lengths a quantiser's three buffers must have, and how to describe them in errors.
+struct Expected {
+    k: usize,
+    dims: [usize; 3],
+    elements: Option<usize>,
+    scales: Option<usize>,
+    scale_dims: String,
+}
+
+/// Checks `k` and the three buffer lengths (input `x_arg`, `q`, `sf`) against `want`.
+fn check_lengths(want: Expected, x_arg: &'static str, x_len: usize, q_len: usize, sf_len: usize) -> Result<()> {
+    if !want.k.is_multiple_of(GROUP) {
+        return Err(Error::Shape { arg: "k", expected: format!("a multiple of {GROUP}"), got: want.k.to_string() });
     }
-    let too_big = || Error::InvalidArgument { arg: "shape", reason: format!("{shape:?} has more than 2^62 elements") };
-    let elements = shape.elements().filter(|&n| n < 1 << 62).ok_or_else(too_big)?;
-    let scales = shape.scale_elements().ok_or_else(too_big)?;
-    let dims = format!("[{}, {}, {}]", shape.num_groups, shape.m, shape.k);
+    let [g, rows, k] = want.dims;
+    let too_big = || Error::InvalidArgument { arg: "shape", reason: format!("[{g}, {rows}, {k}] has more than 2^62 elements") };
+    let elements = want.elements.filter(|&n| n < 1 << 62).ok_or_else(too_big)?;
+    let scales = want.scales.ok_or_else(too_big)?;
     let expect_len = |arg: &'static str, len: usize, want: usize, what: &str| {
         if len == want {
             Ok(())
@@ -32,17 +44,66 @@ pub fn validate_per_token_group(shape: TokenGroupShape, x_len: usize, q_len: usi
             Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") })
         }
     };
-    expect_len("x", x_len, elements, &format!("{dims} bf16"))?;
-    expect_len("q", q_len, elements, &format!("{dims} e4m3"))?;
-    let sf_dims = format!("[{}, {}, {}] f32, rows padded to a multiple of 4", shape.num_groups, shape.k_blocks(), shape.m_pad());
-    expect_len("sf", sf_len, scales, &sf_dims)
+    expect_len(x_arg, x_len, elements, &format!("[{g}, {rows}, {k}] bf16"))?;
+    expect_len("q", q_len, elements, &format!("[{g}, {rows}, {k}] e4m3"))?;
+    expect_len("sf", sf_len, scales, &want.scale_dims)
+}
+
+/// Checks the buffers of a per-token-group quantisation against `shape`. Pure: the wrapper calls it
+/// before anything touches the GPU.
+pub fn validate_per_token_group(shape: TokenGroupShape, x_len: usize, q_len: usize, sf_len: usize) -> Result<()> {
+    let want = Expected {
+        k: shape.k,
+        dims: [shape.num_groups, shape.m, shape.k],
+        elements: shape.elements(),
+        scales: shape.scale_elements(),
+        scale_dims: format!("[{}, {}, {}] f32, rows padded to a multiple of 4", shape.num_groups, shape.k_blocks(), shape.m_pad()),
+    };
+    check_lengths(want, "x", x_len, q_len, sf_len)
+}
+
+/// Checks the buffers of a per-block quantisation against `shape`. Pure, like
+/// [`validate_per_token_group`].
+pub fn validate_per_block(shape: BlockShape, w_len: usize, q_len: usize, sf_len: usize) -> Result<()> {
+    let want = Expected {
+        k: shape.k,
+        dims: [shape.num_groups, shape.n, shape.k],
+        elements: shape.elements(),
+        scales: shape.scale_elements(),
+        scale_dims: format!("[{}, {}, {}] f32", shape.num_groups, shape.n_blocks(), shape.k_blocks()),
+    };
+    check_lengths(want, "w", w_len, q_len, sf_len)
+}
+
+/// Raw addresses of a quantiser's operands, checked for the kernels' alignment.
+struct Operands {
+    input: u64,
+    q: u64,
+    sf: u64,
+}
+
+/// Takes the three pointers (their guards live in `launch`) and checks alignment: the input and
+/// `sf` 16 bytes (vector loads; TMA for scales), `q` 8 bytes (vector stores).
+fn operands<'a>(
+    launch: &mut Launch<'a>,
+    input_arg: &'static str,
+    input: &'a impl DevicePtr<bf16>,
+    q: &'a mut impl DevicePtrMut<F8E4M3>,
+    sf: &'a mut impl DevicePtrMut<f32>,
+) -> Result<Operands> {
+    let ops = Operands { input: launch.input(input), q: launch.output(q), sf: launch.output(sf) };
+    check_aligned(input_arg, ops.input, 16)?;
+    check_aligned("q", ops.q, 8)?;
+    check_aligned("sf", ops.sf, 16)?;
+    Ok(ops)
+}
+
+fn to_i64(v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::InvalidArgument { arg: "shape", reason: format!("{v} does not fit in i64") })
 }
 
 /// Quantises bf16 `x` `[G, m, k]` to E4M3 `q` `[G, m, k]` with 1x128 scales `sf`
 /// `[G, k / 128, round_up(m, 4)]` (transposed, TMA-aligned; padding rows are not written).
-///
-/// Recipe (DeepSeek-V3): per group of 128, `scale = max(amax, 1e-4) / 448`, rounded up to a power
-/// of two for [`ScaleFormat::Ue8m0`]; `q = e4m3_rn_satfinite(x * (1 / scale))`.
 ///
 /// Requirements, each checked before launch with an error naming the argument: `k % 128 == 0`;
 /// exact buffer lengths; `x` and `sf` 16-byte aligned, `q` 8-byte aligned (whole cudarc
@@ -61,49 +122,79 @@ pub fn quantize_per_token_group(
     if shape.elements() == Some(0) {
         return Ok(());
     }
-    let x_ptr = launch.input(x);
-    let q_ptr = launch.output(q);
-    let sf_ptr = launch.output(sf);
-    check_aligned("x", x_ptr, 16)?;
-    check_aligned("q", q_ptr, 8)?;
-    check_aligned("sf", sf_ptr, 16)?;
+    let ops = operands(&mut launch, "x", x, q, sf)?;
     let params = ffi::dk_quant_per_token_group_params {
-        x: x_ptr as *const u16,
-        q: q_ptr as *mut u8,
-        sf: sf_ptr as *mut f32,
+        x: ops.input as *const u16,
+        q: ops.q as *mut u8,
+        sf: ops.sf as *mut f32,
         num_groups: to_i64(shape.num_groups)?,
         m: to_i64(shape.m)?,
         k: to_i64(shape.k)?,
         ue8m0: i32::from(format == ScaleFormat::Ue8m0),
     };
-    let stream_handle = launch.stream();
+    let s = launch.stream();
     // SAFETY: every pointer comes from a live cudarc buffer of the validated length whose guard
     // `launch` holds until `finish`; the params struct outlives the call, which only reads it.
-    let status = ffi_call!(unsafe dk_quant_per_token_group(&params, stream_handle));
+    let status = ffi_call!(unsafe dk_quant_per_token_group(&params, s));
     launch.finish(status)
 }
 
-fn to_i64(v: usize) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::InvalidArgument { arg: "shape", reason: format!("{v} does not fit in i64") })
+/// Quantises bf16 weights `w` `[G, n, k]` to E4M3 `q` `[G, n, k]` with one scale per 128x128
+/// block, `sf` `[G, ceil(n / 128), k / 128]` row-major. `n` may be ragged (the last block row uses
+/// the rows it has); `k % 128 == 0`. Same alignment rules and errors as
+/// [`quantize_per_token_group`] (`w` in place of `x`). Asynchronous on `stream`.
+pub fn quantize_per_block(
+    stream: &CudaStream,
+    w: &impl DevicePtr<bf16>,
+    q: &mut impl DevicePtrMut<F8E4M3>,
+    sf: &mut impl DevicePtrMut<f32>,
+    shape: BlockShape,
+    format: ScaleFormat,
+) -> Result<()> {
+    validate_per_block(shape, w.len(), q.len(), sf.len())?;
+    let mut launch = Launch::new("quantize_per_block", stream)?;
+    if shape.elements() == Some(0) {
+        return Ok(());
+    }
+    if shape.scale_elements().is_none_or(|b| b > i32::MAX as usize) {
+        return Err(Error::InvalidArgument { arg: "shape", reason: format!("{shape:?} has more than 2^31 blocks") });
+    }
+    let ops = operands(&mut launch, "w", w, q, sf)?;
+    let params = ffi::dk_quant_per_block_params {
+        w: ops.input as *const u16,
+        q: ops.q as *mut u8,
+        sf: ops.sf as *mut f32,
+        num_groups: to_i64(shape.num_groups)?,
+        n: to_i64(shape.n)?,
+        k: to_i64(shape.k)?,
+        ue8m0: i32::from(format == ScaleFormat::Ue8m0),
+    };
+    let s = launch.stream();
+    // SAFETY: as in `quantize_per_token_group`.
+    let status = ffi_call!(unsafe dk_quant_per_block(&params, s));
+    launch.finish(status)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn shape_arg(r: Result<()>) -> &'static str {
+        match r {
+            Err(Error::Shape { arg, .. }) => arg,
+            other => panic!("expected a shape error, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn validation_names_each_bad_argument() {
+    fn token_group_validation_names_each_bad_argument() {
         let s = TokenGroupShape::batched(2, 5, 256);
         let (n, sf) = (2 * 5 * 256, 2 * 2 * 8);
         assert!(validate_per_token_group(s, n, n, sf).is_ok());
-        let arg = |r: Result<()>| match r {
-            Err(Error::Shape { arg, .. }) => arg,
-            other => panic!("expected a shape error, got {other:?}"),
-        };
-        assert_eq!(arg(validate_per_token_group(TokenGroupShape::new(5, 200), 1000, 1000, 16)), "k");
-        assert_eq!(arg(validate_per_token_group(s, n - 1, n, sf)), "x");
-        assert_eq!(arg(validate_per_token_group(s, n, n + 1, sf)), "q");
-        assert_eq!(arg(validate_per_token_group(s, n, n, 2 * 2 * 5)), "sf");
+        assert_eq!(shape_arg(validate_per_token_group(TokenGroupShape::new(5, 200), 1000, 1000, 16)), "k");
+        assert_eq!(shape_arg(validate_per_token_group(s, n - 1, n, sf)), "x");
+        assert_eq!(shape_arg(validate_per_token_group(s, n, n + 1, sf)), "q");
+        assert_eq!(shape_arg(validate_per_token_group(s, n, n, 2 * 2 * 5)), "sf");
         let e = validate_per_token_group(s, n, n, 20).unwrap_err().to_string();
         assert!(e.contains("`sf`") && e.contains("32 elements") && e.contains("got 20"), "{e}");
         assert!(matches!(
@@ -111,5 +202,18 @@ mod tests {
             Err(Error::InvalidArgument { arg: "shape", .. })
         ));
         assert!(validate_per_token_group(TokenGroupShape::new(0, 7168), 0, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn block_validation_names_each_bad_argument() {
+        let s = BlockShape::batched(3, 130, 256);
+        let (n, sf) = (3 * 130 * 256, 3 * 2 * 2);
+        assert!(validate_per_block(s, n, n, sf).is_ok());
+        assert_eq!(shape_arg(validate_per_block(BlockShape::new(128, 100), 12800, 12800, 1)), "k");
+        assert_eq!(shape_arg(validate_per_block(s, n + 1, n, sf)), "w");
+        assert_eq!(shape_arg(validate_per_block(s, n, n - 1, sf)), "q");
+        let e = validate_per_block(s, n, n, 6).unwrap_err().to_string();
+        assert!(e.contains("`sf`") && e.contains("12 elements ([3, 2, 2] f32)"), "{e}");
+        assert!(validate_per_block(BlockShape::new(0, 7168), 0, 0, 0).is_ok());
     }
 }

@@ -1,4 +1,5 @@
-//! The GPU per-token-group FP8 quantiser against the CPU reference, bit for bit.
+//! The GPU FP8 quantisers (per-token-group 1x128 and per-block 128x128) against the CPU reference,
+//! bit for bit.
 //!
 //! What each test proves:
 //! - `random_*`: on fresh random inputs of many magnitudes and ragged shapes, every E4M3 byte and
@@ -10,18 +11,20 @@
 //!   hold values that would change the result if read, and poison that must survive unwritten.
 //! - `grid_stride_covers_large_inputs`: more groups than the launcher's grid, so the loop wraps.
 //! - `empty_is_a_noop`, `bad_input_is_rejected_before_launch`: the wrapper's contract.
+//! - `block_*`: the same properties for the per-block weight quantiser, with ragged `n`.
 
 mod common;
 
 use common::{Gpu, TestResult, ensure};
 use deepkern::check::bitwise_eq;
+use libtest_mimic::Failed;
 use std::sync::Arc;
 
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
-use deepkern::layout::{TokenGroupShape, scales_from_tma_layout};
-use deepkern::reference::quant::per_token_group;
-use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_token_group};
+use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
+use deepkern::reference::quant::{per_block, per_token_group};
+use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
@@ -41,6 +44,10 @@ fn main() {
         ("grid_stride_covers_large_inputs", grid_stride_covers_large_inputs),
         ("empty_is_a_noop", empty_is_a_noop),
         ("bad_input_is_rejected_before_launch", bad_input_is_rejected_before_launch),
+        ("block_random", block_random),
+        ("block_exact_powers_of_two", block_exact_powers_of_two),
+        ("block_no_out_of_bounds_access", block_no_out_of_bounds_access),
+        ("block_bad_input_is_rejected_before_launch", block_bad_input_is_rejected_before_launch),
     ]);
 }
 
@@ -289,4 +296,129 @@ fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     // The same buffers, correctly sliced, are accepted.
     quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt)
         .map_err(|e| e.to_string().into())
+}
+
+/// Quantises weights on the GPU into views of guarded buffers: `GUARD` elements of huge values
+/// around `w` (reading them would change a block's scale) and of poison around `q` and `sf`
+/// (writing them shows). Returns the outputs inside the guards.
+fn block_on_gpu(gpu: &Gpu, w: &[bf16], shape: BlockShape, fmt: ScaleFormat) -> Result<GpuOut, Failed> {
+    const GUARD: usize = 64;
+    let stream = gpu.stream();
+    let (n, n_sf) = (shape.elements().unwrap(), shape.scale_elements().unwrap());
+    let mut w_big = vec![bf16::from_f32(3.0e38); n + 2 * GUARD];
+    w_big[GUARD..GUARD + n].copy_from_slice(w);
+    let d_w = stream.clone_htod(&w_big).unwrap();
+    let mut d_q = poisoned_q(&stream, n + 2 * GUARD);
+    let mut d_sf = poisoned_sf(&stream, n_sf + 2 * GUARD);
+    quantize_per_block(
+        &stream,
+        &d_w.slice(GUARD..GUARD + n),
+        &mut d_q.slice_mut(GUARD..GUARD + n),
+        &mut d_sf.slice_mut(GUARD..GUARD + n_sf),
+        shape,
+        fmt,
+    )
+    .map_err(|e| format!("{shape:?} {fmt:?}: {e}"))?;
+    let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
+    let sf = stream.clone_dtoh(&d_sf).unwrap();
+    let outside = |i: usize, len: usize| i < GUARD || i >= GUARD + len;
+    ensure(q.iter().enumerate().all(|(i, &b)| !outside(i, n) || b == Q_POISON), || format!("{shape:?}: q written outside its view"))?;
+    ensure(sf.iter().enumerate().all(|(i, s)| !outside(i, n_sf) || s.to_bits() == SF_POISON), || {
+        format!("{shape:?}: sf written outside its view")
+    })?;
+    Ok(GpuOut { q: q[GUARD..GUARD + n].to_vec(), sf: sf[GUARD..GUARD + n_sf].to_vec() })
+}
+
+/// Checks per-block GPU outputs against the CPU quantiser, operand by operand, bitwise.
+fn check_blocks_against_cpu(w: &[bf16], shape: BlockShape, fmt: ScaleFormat, out: &GpuOut) -> TestResult {
+    let per_op = shape.n * shape.k;
+    let per_op_sf = shape.n_blocks() * shape.k_blocks();
+    for g in 0..shape.num_groups {
+        let wf: Vec<f32> = w[g * per_op..(g + 1) * per_op].iter().map(|v| v.to_f32()).collect();
+        let want = per_block(&wf, shape.n, shape.k, fmt);
+        let ctx = |what: &str| format!("{what} of operand {g} of {shape:?} {fmt:?}");
+        bitwise_eq(&out.q[g * per_op..(g + 1) * per_op], &want.q).map_err(|e| format!("{}: {e}", ctx("q")))?;
+        bitwise_eq(&out.sf[g * per_op_sf..(g + 1) * per_op_sf], &want.scales).map_err(|e| format!("{}: {e}", ctx("scales")))?;
+    }
+    Ok(())
+}
+
+fn block_random(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("block_random");
+    for (g, n, k) in [(1, 1, 128), (1, 128, 128), (1, 130, 256), (3, 200, 384), (2, 255, 1024), (1, 2112, 7168)] {
+        let shape = BlockShape::batched(g, n, k);
+        // Row magnitudes vary, so a block's amax comes from one of its rows.
+        let w = random_activations(&mut rng, g * n, k);
+        for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let out = block_on_gpu(gpu, &w, shape, fmt)?;
+            check_blocks_against_cpu(&w, shape, fmt, &out)?;
+        }
+    }
+    Ok(())
+}
+
+fn block_exact_powers_of_two(gpu: &Gpu) -> TestResult {
+    // Every 128x128 block holds one +-448 * 2^e and otherwise E4M3-representable integers times
+    // 2^e, so its scale is exactly 2^e and dequantisation gives w back exactly.
+    const VALUES: [f32; 8] = [0.0, 1.0, 3.0, 6.0, 13.0, 28.0, 120.0, 448.0];
+    let mut rng = gpu.rng("block_exact_powers_of_two");
+    let shape = BlockShape::batched(2, 200, 384);
+    let (nb, kb) = (shape.n_blocks(), shape.k_blocks());
+    let exps: Vec<i32> = (0..shape.num_groups * nb * kb).map(|_| rng.random_range(-20..20)).collect();
+    let mut w = vec![bf16::ZERO; shape.elements().unwrap()];
+    for (i, v) in w.iter_mut().enumerate() {
+        let (op, r, c) = (i / (shape.n * shape.k), (i / shape.k) % shape.n, i % shape.k);
+        let e = exps[shape.scale_index(op, r / 128, c / 128)];
+        let n = if r % 128 == 0 && c % 128 == 0 { 448.0 } else { VALUES[rng.random_range(0..VALUES.len())] };
+        *v = bf16::from_f32(if rng.random_bool(0.5) { n } else { -n } * 2f32.powi(e));
+    }
+    for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        let out = block_on_gpu(gpu, &w, shape, fmt)?;
+        for (i, (&q, wv)) in out.q.iter().zip(&w).enumerate() {
+            let (op, r, c) = (i / (shape.n * shape.k), (i / shape.k) % shape.n, i % shape.k);
+            let b = shape.scale_index(op, r / 128, c / 128);
+            let want = 2f32.powi(exps[b]);
+            ensure(out.sf[b] == want, || format!("{fmt:?}: scale of block {b} is {:e}, want {want:e}", out.sf[b]))?;
+            let back = e4m3_decode(q) * out.sf[b];
+            ensure(back == wv.to_f32(), || format!("{fmt:?}: element {i}: {} dequantises to {back:e}", wv.to_f32()))?;
+        }
+    }
+    Ok(())
+}
+
+fn block_no_out_of_bounds_access(gpu: &Gpu) -> TestResult {
+    // Ragged n (the last block row is partial) inside guarded views: `block_on_gpu` checks the
+    // guards; the values must still match the CPU (a read of the huge guard values would not).
+    let mut rng = gpu.rng("block_no_out_of_bounds_access");
+    for (g, n, k) in [(1, 1, 128), (2, 129, 256), (3, 77, 640)] {
+        let shape = BlockShape::batched(g, n, k);
+        let w = random_activations(&mut rng, g * n, k);
+        let out = block_on_gpu(gpu, &w, shape, ScaleFormat::F32)?;
+        check_blocks_against_cpu(&w, shape, ScaleFormat::F32, &out)?;
+    }
+    Ok(())
+}
+
+fn block_bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let shape = BlockShape::new(130, 256);
+    let (n, n_sf) = (shape.elements().unwrap(), shape.scale_elements().unwrap());
+    let w = stream.alloc_zeros::<bf16>(n + 8).unwrap();
+    let mut q = poisoned_q(&stream, n + 8);
+    let mut sf = poisoned_sf(&stream, n_sf + 4);
+    let fmt = ScaleFormat::F32;
+    let expect_arg = |r: Result<(), Error>, want: &str| -> TestResult {
+        match r {
+            Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. }) if arg == want => Ok(()),
+            other => Err(format!("expected an error naming `{want}`, got {other:?}").into()),
+        }
+    };
+    let bad_k = BlockShape::new(130, 200);
+    expect_arg(quantize_per_block(&stream, &w.slice(..26000), &mut q.slice_mut(..26000), &mut sf.slice_mut(..4), bad_k, fmt), "k")?;
+    expect_arg(quantize_per_block(&stream, &w.slice(..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
+    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf + 1), shape, fmt), "sf")?;
+    expect_arg(quantize_per_block(&stream, &w.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
+    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(4..n + 4), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
+    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(2..n_sf + 2), shape, fmt), "sf")?;
+    Ok(())
 }

@@ -82,6 +82,31 @@ typedef struct dk_quant_per_token_group_params {
 
 dk_status_t dk_quant_per_token_group(const dk_quant_per_token_group_params_t* params, dk_stream_t stream);
 
+/*
+ * Per-block FP8 quantisation (128x128) of weights, for a batch of operands (one per expert).
+ *
+ * For every operand g and every block (nb, kb) of 128 rows x 128 columns (the last block row may
+ * be partial when n % 128 != 0; it uses the rows it has):
+ *   amax  = max(max over the block of |w|, 1e-4)
+ *   scale = amax / 448, then 2^ceil(log2(scale)) if ue8m0       (as for the per-token quantiser)
+ *   q     = e4m3_rn_satfinite(w * (1 / scale))
+ *   sf[g, nb, kb] = scale
+ *
+ * Contract (checked by the Rust wrapper): k % 128 == 0; w and sf 16-byte aligned; q 8-byte aligned;
+ * num_groups * n * k < 2^62.
+ */
+typedef struct dk_quant_per_block_params {
+    const uint16_t* w; /* [num_groups, n, k] bf16 bits, row-major, contiguous */
+    uint8_t* q;        /* [num_groups, n, k] e4m3, row-major, contiguous */
+    float* sf;         /* [num_groups, ceil(n / 128), k / 128] f32, row-major */
+    int64_t num_groups;
+    int64_t n;
+    int64_t k;
+    int32_t ue8m0; /* non-zero: round every scale up to a power of two */
+} dk_quant_per_block_params_t;
+
+dk_status_t dk_quant_per_block(const dk_quant_per_block_params_t* params, dk_stream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -12,6 +12,7 @@
 #include "common/ptx.cuh"
 #include "common/status.cuh"
 #include "deepkern.h"
+#include "quant/recipe.cuh"
 
 namespace dk::quant {
 
@@ -19,19 +20,7 @@ constexpr int kThreads = 256;
 constexpr int kLanesPerGroup = 16;
 constexpr int kElemsPerLane = DK_QUANT_GROUP / kLanesPerGroup;  // 8 bf16 = 16 bytes
 constexpr int kGroupsPerBlock = kThreads / kLanesPerGroup;
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
 static_assert(kElemsPerLane == 8, "each lane loads exactly 16 bytes of bf16");
-
-// Rounds a positive normal scale up to a power of two (UE8M0): bump the exponent when the
-// mantissa is non-zero. Matches deepkern::fp8::ue8m0_ceil bit for bit.
-__device__ __forceinline__ float ue8m0_ceil(float s) {
-    uint32_t bits = __float_as_uint(s);
-    if (bits & 0x007fffffu) {
-        bits = (bits & 0xff800000u) + 0x00800000u;
-    }
-    return __uint_as_float(bits);
-}
 
 // Grid-stride over pairs of groups (one pair per warp), so that every lane of a warp takes part in
 // every shuffle even when the group count is odd.
@@ -55,42 +44,16 @@ __global__ void __launch_bounds__(kThreads) per_token_group_kernel(const uint16_
         const int64_t elem = group * DK_QUANT_GROUP + sub * kElemsPerLane;
 
         float v[kElemsPerLane];
-        float amax = 0.0f;
-        {
-            const uint4 raw = valid ? ptx::ld_global_nc_no_allocate_v4(x + elem) : uint4{0, 0, 0, 0};
-            const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                v[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
-                v[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
-            }
-#pragma unroll
-            for (int i = 0; i < kElemsPerLane; ++i) {
-                amax = fmaxf(amax, fabsf(v[i]));  // fmaxf drops NaN, like f32::max on the CPU
-            }
-        }
+        unpack_bf16x8(valid ? ptx::ld_global_nc_no_allocate_v4(x + elem) : uint4{0, 0, 0, 0}, v);
+        float amax = amax8(0.0f, v);
 #pragma unroll
         for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
         }
-
-        // NOTES: explicit _rn operations keep this bit-identical to the CPU reference (no FMA
-        // contraction, IEEE division whatever the compiler flags).
-        float scale = __fdiv_rn(fmaxf(amax, kAmaxFloor), kE4m3Max);
-        if constexpr (kUe8m0) {
-            scale = ue8m0_ceil(scale);
-        }
-        const float inv = __fdiv_rn(1.0f, scale);
-
-        uint32_t packed[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const uint32_t lo = ptx::cvt_rn_satfinite_e4m3x2_f32(__fmul_rn(v[4 * i + 1], inv), __fmul_rn(v[4 * i], inv));
-            const uint32_t hi = ptx::cvt_rn_satfinite_e4m3x2_f32(__fmul_rn(v[4 * i + 3], inv), __fmul_rn(v[4 * i + 2], inv));
-            packed[i] = lo | (hi << 16);
-        }
+        const float scale = group_scale<kUe8m0>(amax);
+        const uint2 packed = quantize_e4m3x8(v, __fdiv_rn(1.0f, scale));
         if (valid) {
-            *reinterpret_cast<uint2*>(q + elem) = make_uint2(packed[0], packed[1]);
+            *reinterpret_cast<uint2*>(q + elem) = packed;
             if (sub == 0) {
                 const int64_t row = group / k_blocks;  // G*m flat row
                 const int64_t kb = group % k_blocks;
@@ -109,23 +72,15 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 16;
 
 extern "C" dk_status_t dk_quant_per_token_group(const dk_quant_per_token_group_params_t* p, dk_stream_t stream) {
     using namespace dk::quant;
-    if (p == nullptr || p->num_groups < 0 || p->m < 0 || p->k < 0 || p->k % DK_QUANT_GROUP != 0) {
+    if (p == nullptr) {
         return DK_STATUS_INVALID_ARGUMENT;
+    }
+    bool empty = false;
+    const dk_status_t checked = check_batch(p->num_groups, p->m, p->k, p->x, p->q, p->sf, &empty);
+    if (checked != DK_STATUS_OK || empty) {
+        return checked;
     }
     const int64_t k_blocks = p->k / DK_QUANT_GROUP;
-    if (p->num_groups == 0 || p->m == 0 || k_blocks == 0) {
-        return DK_STATUS_OK;
-    }
-    constexpr int64_t kLimit = int64_t(1) << 62;
-    if (p->m > kLimit / p->k || p->num_groups > kLimit / (p->m * p->k)) {
-        return DK_STATUS_INVALID_ARGUMENT;
-    }
-    if (p->x == nullptr || p->q == nullptr || p->sf == nullptr) {
-        return DK_STATUS_INVALID_ARGUMENT;
-    }
-    if (!dk::is_aligned(p->x, 16) || !dk::is_aligned(p->q, 8) || !dk::is_aligned(p->sf, 16)) {
-        return DK_STATUS_MISALIGNED;
-    }
     const int64_t total_groups = p->num_groups * p->m * k_blocks;
     const int64_t blocks = dk::ceil_div<int64_t>(total_groups, kGroupsPerBlock);
     const dim3 grid(static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks));

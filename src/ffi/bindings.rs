@@ -91,3 +91,60 @@ unsafe extern "C" {
         stream: dk_stream_t,
     ) -> dk_status_t;
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct dk_quant_per_block_params {
+    pub w: *const u16,
+    pub q: *mut u8,
+    pub sf: *mut f32,
+    pub num_groups: i64,
+    pub n: i64,
+    pub k: i64,
+    pub ue8m0: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of dk_quant_per_block_params",
+    ][::std::mem::size_of::<dk_quant_per_block_params>() - 56usize];
+    [
+        "Alignment of dk_quant_per_block_params",
+    ][::std::mem::align_of::<dk_quant_per_block_params>() - 8usize];
+    [
+        "Offset of field: dk_quant_per_block_params::w",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, w) - 0usize];
+    [
+        "Offset of field: dk_quant_per_block_params::q",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, q) - 8usize];
+    [
+        "Offset of field: dk_quant_per_block_params::sf",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, sf) - 16usize];
+    [
+        "Offset of field: dk_quant_per_block_params::num_groups",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, num_groups) - 24usize];
+    [
+        "Offset of field: dk_quant_per_block_params::n",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, n) - 32usize];
+    [
+        "Offset of field: dk_quant_per_block_params::k",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, k) - 40usize];
+    [
+        "Offset of field: dk_quant_per_block_params::ue8m0",
+    ][::std::mem::offset_of!(dk_quant_per_block_params, ue8m0) - 48usize];
+};
+impl Default for dk_quant_per_block_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_quant_per_block_params_t = dk_quant_per_block_params;
+unsafe extern "C" {
+    pub fn dk_quant_per_block(
+        params: *const dk_quant_per_block_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
