@@ -101,6 +101,14 @@ fn check_against_cpu(x: &[bf16], shape: TokenGroupShape, fmt: ScaleFormat, out: 
     Ok(())
 }
 
+/// Passes when `r` is a shape or alignment error naming argument `want`.
+fn expect_arg_error(r: Result<(), Error>, want: &str) -> TestResult {
+    match r {
+        Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. }) if arg == want => Ok(()),
+        other => Err(format!("expected an error naming `{want}`, got {other:?}").into()),
+    }
+}
+
 /// Random activations: each row has its own magnitude (1e-6 .. 1e4), some rows carry outliers.
 fn random_activations(rng: &mut StdRng, rows: usize, k: usize) -> Vec<bf16> {
     let normal = Normal::new(0.0f32, 1.0).unwrap();
@@ -273,22 +281,37 @@ fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     let mut q = poisoned_q(&stream, n + 8);
     let mut sf = poisoned_sf(&stream, n_sf + 4);
 
-    let expect_arg = |r: Result<(), Error>, want: &str| -> TestResult {
-        match r {
-            Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. }) if arg == want => Ok(()),
-            other => Err(format!("expected an error naming `{want}`, got {other:?}").into()),
-        }
-    };
     let fmt = ScaleFormat::F32;
     let bad_k = TokenGroupShape::new(8, 200);
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..1600), &mut q.slice_mut(..1600), &mut sf.slice_mut(..16), bad_k, fmt), "k")?;
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..n - 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "x")?;
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf - 1), shape, fmt), "sf")?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..1600), &mut q.slice_mut(..1600), &mut sf.slice_mut(..16), bad_k, fmt),
+        "k",
+    )?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..n - 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt),
+        "x",
+    )?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt),
+        "q",
+    )?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf - 1), shape, fmt),
+        "sf",
+    )?;
     // Misaligned views: one element in is 2 bytes (x), 1 byte (q), 4 bytes (sf) off.
-    expect_arg(quantize_per_token_group(&stream, &x.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "x")?;
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(1..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
-    expect_arg(quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(1..n_sf + 1), shape, fmt), "sf")?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt),
+        "x",
+    )?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(1..n + 1), &mut sf.slice_mut(..n_sf), shape, fmt),
+        "q",
+    )?;
+    expect_arg_error(
+        quantize_per_token_group(&stream, &x.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(1..n_sf + 1), shape, fmt),
+        "sf",
+    )?;
     let q_after = q_bytes(stream.clone_dtoh(&q).unwrap());
     let sf_after = stream.clone_dtoh(&sf).unwrap();
     ensure(q_after.iter().all(|&b| b == Q_POISON), || "a rejected call wrote q".into())?;
@@ -407,18 +430,12 @@ fn block_bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     let mut q = poisoned_q(&stream, n + 8);
     let mut sf = poisoned_sf(&stream, n_sf + 4);
     let fmt = ScaleFormat::F32;
-    let expect_arg = |r: Result<(), Error>, want: &str| -> TestResult {
-        match r {
-            Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. }) if arg == want => Ok(()),
-            other => Err(format!("expected an error naming `{want}`, got {other:?}").into()),
-        }
-    };
     let bad_k = BlockShape::new(130, 200);
-    expect_arg(quantize_per_block(&stream, &w.slice(..26000), &mut q.slice_mut(..26000), &mut sf.slice_mut(..4), bad_k, fmt), "k")?;
-    expect_arg(quantize_per_block(&stream, &w.slice(..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
-    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf + 1), shape, fmt), "sf")?;
-    expect_arg(quantize_per_block(&stream, &w.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
-    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(4..n + 4), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
-    expect_arg(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(2..n_sf + 2), shape, fmt), "sf")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(..26000), &mut q.slice_mut(..26000), &mut sf.slice_mut(..4), bad_k, fmt), "k")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf + 1), shape, fmt), "sf")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(1..n + 1), &mut q.slice_mut(..n), &mut sf.slice_mut(..n_sf), shape, fmt), "w")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(4..n + 4), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
+    expect_arg_error(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(2..n_sf + 2), shape, fmt), "sf")?;
     Ok(())
 }
