@@ -20,7 +20,7 @@ use deepkern::check::bitwise_eq;
 use libtest_mimic::Failed;
 use std::sync::Arc;
 
-use deepkern::cudarc::driver::{CudaSlice, CudaStream};
+use deepkern::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
 use deepkern::reference::quant::{per_block, per_token_group};
@@ -206,40 +206,13 @@ fn edge_values(gpu: &Gpu) -> TestResult {
 }
 
 fn no_out_of_bounds_access(gpu: &Gpu) -> TestResult {
-    let stream = gpu.stream();
     let mut rng = gpu.rng("no_out_of_bounds_access");
     let shape = TokenGroupShape::batched(3, 45, 768);
-    let n = shape.elements().unwrap();
-    let n_sf = shape.scale_elements().unwrap();
-    // 64 guard elements on each side: 128 bytes of bf16 and f32 keep 16-byte alignment.
-    const GUARD: usize = 64;
     let x = random_activations(&mut rng, shape.num_groups * shape.m, shape.k);
-    // Huge values around x: any read of them would raise a group's amax and change its scale.
-    let mut x_big = vec![bf16::from_f32(-3.0e38); n + 2 * GUARD];
-    x_big[GUARD..GUARD + n].copy_from_slice(&x);
-    let d_x = stream.clone_htod(&x_big).unwrap();
-    let mut d_q = poisoned_q(&stream, n + 2 * GUARD);
-    let mut d_sf = poisoned_sf(&stream, n_sf + 2 * GUARD);
     for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
-        quantize_per_token_group(
-            &stream,
-            &d_x.slice(GUARD..GUARD + n),
-            &mut d_q.slice_mut(GUARD..GUARD + n),
-            &mut d_sf.slice_mut(GUARD..GUARD + n_sf),
-            shape,
-            fmt,
-        )
-        .map_err(|e| e.to_string())?;
-        let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
-        let sf = stream.clone_dtoh(&d_sf).unwrap();
-        let outside = |i: usize, len: usize| i < GUARD || i >= GUARD + len;
-        for (i, &b) in q.iter().enumerate().filter(|(i, _)| outside(*i, n)) {
-            ensure(b == Q_POISON, || format!("{fmt:?}: q guard element {i} was written ({b:#04x})"))?;
-        }
-        for (i, s) in sf.iter().enumerate().filter(|(i, _)| outside(*i, n_sf)) {
-            ensure(s.to_bits() == SF_POISON, || format!("{fmt:?}: sf guard element {i} was written"))?;
-        }
-        let out = GpuOut { q: q[GUARD..GUARD + n].to_vec(), sf: sf[GUARD..GUARD + n_sf].to_vec() };
+        let out =
+            quantize_guarded(gpu, &x, shape.scale_elements().unwrap(), |s, x, q, sf| quantize_per_token_group(s, x, q, sf, shape, fmt))
+                .map_err(|e| format!("{fmt:?}: {e}"))?;
         check_against_cpu(&x, shape, fmt, &out)?;
     }
     Ok(())
@@ -321,35 +294,41 @@ fn bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
         .map_err(|e| e.to_string().into())
 }
 
-/// Quantises weights on the GPU into views of guarded buffers: `GUARD` elements of huge values
-/// around `w` (reading them would change a block's scale) and of poison around `q` and `sf`
-/// (writing them shows). Returns the outputs inside the guards.
-fn block_on_gpu(gpu: &Gpu, w: &[bf16], shape: BlockShape, fmt: ScaleFormat) -> Result<GpuOut, Failed> {
-    const GUARD: usize = 64;
+/// Runs a quantiser on views of guarded buffers: `GUARD` elements of huge values around the input
+/// (reading them would change a scale) and of poison around `q` and `sf` (writing them shows).
+/// Fails if a guard was touched; returns the outputs inside the guards.
+fn quantize_guarded(
+    gpu: &Gpu,
+    input: &[bf16],
+    n_sf: usize,
+    quantize: impl FnOnce(&Arc<CudaStream>, &CudaView<bf16>, &mut CudaViewMut<F8E4M3>, &mut CudaViewMut<f32>) -> Result<(), Error>,
+) -> Result<GpuOut, String> {
+    const GUARD: usize = 64; // 128 bytes of bf16 or f32: views stay 16-byte aligned
     let stream = gpu.stream();
-    let (n, n_sf) = (shape.elements().unwrap(), shape.scale_elements().unwrap());
-    let mut w_big = vec![bf16::from_f32(3.0e38); n + 2 * GUARD];
-    w_big[GUARD..GUARD + n].copy_from_slice(w);
-    let d_w = stream.clone_htod(&w_big).unwrap();
+    let n = input.len();
+    let mut big = vec![bf16::from_f32(3.0e38); n + 2 * GUARD];
+    big[GUARD..GUARD + n].copy_from_slice(input);
+    let d_in = stream.clone_htod(&big).unwrap();
     let mut d_q = poisoned_q(&stream, n + 2 * GUARD);
     let mut d_sf = poisoned_sf(&stream, n_sf + 2 * GUARD);
-    quantize_per_block(
-        &stream,
-        &d_w.slice(GUARD..GUARD + n),
-        &mut d_q.slice_mut(GUARD..GUARD + n),
-        &mut d_sf.slice_mut(GUARD..GUARD + n_sf),
-        shape,
-        fmt,
-    )
-    .map_err(|e| format!("{shape:?} {fmt:?}: {e}"))?;
+    quantize(&stream, &d_in.slice(GUARD..GUARD + n), &mut d_q.slice_mut(GUARD..GUARD + n), &mut d_sf.slice_mut(GUARD..GUARD + n_sf))
+        .map_err(|e| e.to_string())?;
     let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
     let sf = stream.clone_dtoh(&d_sf).unwrap();
     let outside = |i: usize, len: usize| i < GUARD || i >= GUARD + len;
-    ensure(q.iter().enumerate().all(|(i, &b)| !outside(i, n) || b == Q_POISON), || format!("{shape:?}: q written outside its view"))?;
-    ensure(sf.iter().enumerate().all(|(i, s)| !outside(i, n_sf) || s.to_bits() == SF_POISON), || {
-        format!("{shape:?}: sf written outside its view")
-    })?;
+    if let Some((i, b)) = q.iter().enumerate().find(|&(i, &b)| outside(i, n) && b != Q_POISON) {
+        return Err(format!("q guard element {i} was written ({b:#04x})"));
+    }
+    if let Some((i, _)) = sf.iter().enumerate().find(|&(i, s)| outside(i, n_sf) && s.to_bits() != SF_POISON) {
+        return Err(format!("sf guard element {i} was written"));
+    }
     Ok(GpuOut { q: q[GUARD..GUARD + n].to_vec(), sf: sf[GUARD..GUARD + n_sf].to_vec() })
+}
+
+/// The per-block quantiser on guarded views (see [`quantize_guarded`]).
+fn block_on_gpu(gpu: &Gpu, w: &[bf16], shape: BlockShape, fmt: ScaleFormat) -> Result<GpuOut, Failed> {
+    quantize_guarded(gpu, w, shape.scale_elements().unwrap(), |s, w, q, sf| quantize_per_block(s, w, q, sf, shape, fmt))
+        .map_err(|e| format!("{shape:?} {fmt:?}: {e}").into())
 }
 
 /// Checks per-block GPU outputs against the CPU quantiser, operand by operand, bitwise.
