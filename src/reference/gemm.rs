@@ -166,7 +166,7 @@ mod tests {
         let a_q: Vec<u8> = av.iter().map(|&v| e4m3_encode(v)).collect();
         let b_q: Vec<u8> = bv.iter().map(|&v| e4m3_encode(v)).collect();
         let sa: Vec<f32> = (0..m * 2).map(|i| 2f32.powi(i as i32 % 3 - 1)).collect();
-        let sb: Vec<f32> = (0..2 * 2).map(|i| 2f32.powi(-(i as i32))).collect();
+        let sb: Vec<f32> = (0..2 * 2).map(|i| 2f32.powi(-i)).collect();
         let a = Fp8Operand { q: &a_q, scales: &sa, rows: m };
         let b = Fp8Operand { q: &b_q, scales: &sb, rows: n };
         let d = gemm(a, b, k);
