@@ -8,6 +8,7 @@
 //! | [`quant`] | safe entry points: validate, then one launch through the C ABI | yes |
 //! | [`device`] | open a GPU, query what the planners need, check the build can run on it | yes |
 //! | [`layout`], [`fp8`], [`reference`], [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
+//! | [`plan`] | host-side tile, pipeline and grid choices | no |
 //! | `ffi` (private) | bindgen output of `csrc/include/deepkern.h` | — |
 //!
 //! Every kernel is checked against the CPU references in this crate. Buffers and streams are
@@ -19,6 +20,7 @@
 pub mod check;
 pub mod fp8;
 pub mod layout;
+pub mod plan;
 pub mod reference;
 
 pub mod device;

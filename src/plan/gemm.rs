@@ -1,0 +1,278 @@
+//! Tile, pipeline and grid choice for the FP8 block-scaled GEMMs (dense, M-grouped contiguous,
+//! M-grouped masked). Plain Rust, no CUDA: property-tested on the CPU.
+//!
+//! The kernel this plans for (Hopper, sm_90a): a persistent grid of one CTA per SM; a producer
+//! warpgroup issuing TMA loads of A, A's scales and B into a ring of `stages` shared-memory
+//! buffers; `block_m / 64` consumer warpgroups running `wgmma m64nNk32` (E4M3) with f32
+//! accumulators, promoted on CUDA cores every `BLOCK_K = 128` of K; a bf16 epilogue tile in shared
+//! memory stored by TMA.
+//!
+//! Choice: among the legal `(block_m, block_n)` with the deepest pipeline that fits shared memory,
+//! take the one with the lowest estimated time `waves · tile_time`, where `tile_time` is a
+//! per-tile roofline (tensor-core time vs operand-load time, [`TileCost`]). The constants are an
+//! initial model from Hopper's specification, to be calibrated against measurements.
+
+use crate::device::DeviceInfo;
+use crate::error::{Error, Result};
+use crate::layout::{GROUP, ceil_div, round_up};
+
+/// K per pipeline stage: exactly one scale block along K.
+pub const BLOCK_K: usize = GROUP;
+/// TMA with 128-byte swizzle needs 1024-byte aligned shared-memory buffers.
+pub const SMEM_ALIGN: usize = 1024;
+/// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
+/// wgmma scratch and the promoted sum) must leave room under the 232-register budget.
+pub const MAX_BLOCK_N: usize = 192;
+/// `block_n` candidates step by 16 (wgmma needs a multiple of 8; 16 keeps the epilogue simple).
+pub const BLOCK_N_STEP: usize = 16;
+pub const MIN_STAGES: usize = 3;
+pub const MAX_STAGES: usize = 16;
+
+/// Which GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmLayout {
+    /// `D[m, n] = A[m, k] · B[n, k]ᵀ`.
+    Dense,
+    /// MoE prefill: `m` rows of `groups` experts stacked, each expert's segment padded to 128 rows.
+    GroupedContiguous { groups: usize },
+    /// MoE decode: `groups` blocks of `max_m` rows, of which about `expected_m` are valid (a host
+    /// hint: the valid counts live on the device).
+    GroupedMasked { groups: usize, max_m: usize, expected_m: usize },
+}
+
+/// A GEMM to plan: `m` rows of A (for [`GemmLayout::GroupedMasked`], `groups · max_m`), `n`
+/// output columns, `k` the reduction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmProblem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub layout: GemmLayout,
+}
+
+/// Where a plan's shared memory goes, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmemPlan {
+    /// One pipeline stage: A tile, B tile, A's scales.
+    pub per_stage: usize,
+    /// The bf16 output tile, B's scales for the tile's rows, the barriers.
+    pub fixed: usize,
+    pub total: usize,
+}
+
+/// A per-tile roofline in SM clock cycles per 128 of K: the larger of tensor-core time and
+/// operand-load time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TileCost {
+    /// FP8 multiply-adds per SM per clock (H100: ~1979 TFLOP/s dense over 132 SMs at 1.83 GHz).
+    pub macs_per_clock: f64,
+    /// Operand bytes an SM can take in per clock from L2 (an initial estimate).
+    pub load_bytes_per_clock: f64,
+}
+
+impl TileCost {
+    pub const HOPPER: TileCost = TileCost { macs_per_clock: 4096.0, load_bytes_per_clock: 64.0 };
+
+    /// Clocks for one `block_m x block_n` tile to advance by `BLOCK_K`.
+    pub fn clocks(&self, block_m: usize, block_n: usize) -> f64 {
+        let compute = (block_m * block_n * BLOCK_K) as f64 / self.macs_per_clock;
+        let load = ((block_m + block_n) * BLOCK_K) as f64 / self.load_bytes_per_clock;
+        compute.max(load)
+    }
+}
+
+/// The plan for one GEMM launch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmPlan {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub stages: usize,
+    /// Consumer warpgroups (`block_m / 64`); the CTA has one more, the producer.
+    pub math_warpgroups: usize,
+    pub threads: usize,
+    pub smem: SmemPlan,
+    /// Output tiles (expected tiles for the masked layout).
+    pub tiles: usize,
+    /// Persistent CTAs: `min(tiles, SMs)`.
+    pub grid: usize,
+    pub waves: usize,
+    /// Tiles in the last wave.
+    pub last_wave_tiles: usize,
+    /// Rasterisation group for L2 reuse (M blocks swept together).
+    pub swizzle_group: usize,
+    /// `waves · tile clocks`: what the choice minimised.
+    pub cost: f64,
+}
+
+/// Shared memory of a `block_m x block_n` tile with `stages` stages over `k`.
+pub fn smem_plan(block_m: usize, block_n: usize, k: usize, stages: usize) -> SmemPlan {
+    // A and B tiles are multiples of 1024 bytes for the legal block sizes; A's scales are f32.
+    let per_stage = round_up(block_m * BLOCK_K, SMEM_ALIGN) + round_up(block_n * BLOCK_K, SMEM_ALIGN) + round_up(block_m * 4, 128);
+    // A tile of block_n rows can straddle two 128-row scale blocks of B unless block_n divides 128.
+    let sfb_rows = if GROUP.is_multiple_of(block_n) { 1 } else { block_n.div_ceil(GROUP) + 1 };
+    let sfb = round_up(ceil_div(k, BLOCK_K) * sfb_rows * 4, 16);
+    let d_tile = round_up(block_m * block_n * 2, SMEM_ALIGN);
+    let barriers = round_up(stages * 2 * 8, 16);
+    let fixed = d_tile + sfb + barriers;
+    SmemPlan { per_stage, fixed, total: fixed + stages * per_stage }
+}
+
+/// The deepest pipeline (up to [`MAX_STAGES`]) that fits `limit` bytes, if at least the minimum does.
+pub fn max_stages(block_m: usize, block_n: usize, k: usize, limit: usize) -> Option<usize> {
+    // Small tiles finish a stage quickly and need more of them in flight to hide load latency.
+    let min = if block_m * block_n < 128 * 192 { MIN_STAGES + 1 } else { MIN_STAGES };
+    (min..=MAX_STAGES).rev().find(|&s| smem_plan(block_m, block_n, k, s).total <= limit)
+}
+
+/// Rows of work per group that the tile count is based on, and the number of groups.
+fn m_work(p: &GemmProblem) -> (usize, usize) {
+    match p.layout {
+        GemmLayout::Dense => (p.m, 1),
+        GemmLayout::GroupedContiguous { .. } => (p.m, 1),
+        GemmLayout::GroupedMasked { groups, expected_m, .. } => (expected_m, groups),
+    }
+}
+
+/// `block_m` candidates for a problem.
+fn block_m_candidates(p: &GemmProblem) -> &'static [usize] {
+    let (rows, _) = m_work(p);
+    match p.layout {
+        // Every 128-row block of the contiguous layout belongs to one expert.
+        GemmLayout::GroupedContiguous { .. } => &[128],
+        _ if rows <= 64 => &[64],
+        _ => &[64, 128],
+    }
+}
+
+/// DeepGEMM's rasterisation rule: the group size in {8, 16} minimising `g·block_m + ceil(sms/g)·block_n`.
+fn swizzle_group(block_m: usize, block_n: usize, sms: usize) -> usize {
+    [8usize, 16].into_iter().min_by_key(|&g| g * block_m + sms.div_ceil(g) * block_n).expect("two candidates")
+}
+
+fn validate(p: &GemmProblem, dev: &DeviceInfo) -> Result<()> {
+    if !p.k.is_multiple_of(BLOCK_K) {
+        return Err(Error::Shape { arg: "k", expected: format!("a multiple of {BLOCK_K}"), got: p.k.to_string() });
+    }
+    if dev.sm_count == 0 {
+        return Err(Error::InvalidArgument { arg: "device", reason: "reports 0 SMs".into() });
+    }
+    match p.layout {
+        GemmLayout::GroupedContiguous { groups } => {
+            if groups == 0 {
+                return Err(Error::InvalidArgument { arg: "groups", reason: "must be at least 1".into() });
+            }
+            if !p.m.is_multiple_of(GROUP) {
+                return Err(Error::Shape {
+                    arg: "m",
+                    expected: format!("a multiple of {GROUP} (each expert padded)"),
+                    got: p.m.to_string(),
+                });
+            }
+        }
+        GemmLayout::GroupedMasked { groups, max_m, expected_m } => {
+            if groups == 0 || p.m != groups * max_m {
+                return Err(Error::Shape { arg: "m", expected: format!("groups · max_m = {groups} · {max_m}"), got: p.m.to_string() });
+            }
+            if expected_m > max_m {
+                return Err(Error::InvalidArgument { arg: "expected_m", reason: format!("{expected_m} exceeds max_m = {max_m}") });
+            }
+        }
+        GemmLayout::Dense => {}
+    }
+    Ok(())
+}
+
+/// Every feasible plan for `p` on `dev`, in candidate order.
+pub fn candidates(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<Vec<GemmPlan>> {
+    validate(p, dev)?;
+    let sms = dev.sm_count as usize;
+    let (rows, groups) = m_work(p);
+    let mut out = Vec::new();
+    for &block_m in block_m_candidates(p) {
+        for block_n in (BLOCK_N_STEP..=MAX_BLOCK_N).step_by(BLOCK_N_STEP) {
+            let Some(stages) = max_stages(block_m, block_n, p.k, dev.max_shared_memory_per_block_optin) else { continue };
+            let tiles = groups * ceil_div(rows, block_m) * ceil_div(p.n, block_n);
+            let waves = ceil_div(tiles, sms);
+            out.push(GemmPlan {
+                block_m,
+                block_n,
+                stages,
+                math_warpgroups: block_m / 64,
+                threads: 128 * (1 + block_m / 64),
+                smem: smem_plan(block_m, block_n, p.k, stages),
+                tiles,
+                grid: tiles.min(sms),
+                waves,
+                last_wave_tiles: if tiles == 0 { 0 } else { tiles - (waves - 1) * sms },
+                swizzle_group: swizzle_group(block_m, block_n, sms),
+                cost: waves as f64 * cost.clocks(block_m, block_n),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The plan with the lowest cost; ties go to the larger tile, then the wider `block_n`.
+pub fn plan(p: &GemmProblem, dev: &DeviceInfo) -> Result<GemmPlan> {
+    plan_with(p, dev, TileCost::HOPPER)
+}
+
+/// [`plan`] under another cost model.
+pub fn plan_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<GemmPlan> {
+    let all = candidates(p, dev, cost)?;
+    all.into_iter()
+        .min_by(|a, b| {
+            a.cost.total_cmp(&b.cost).then((b.block_m * b.block_n).cmp(&(a.block_m * a.block_n))).then(b.block_n.cmp(&a.block_n))
+        })
+        .ok_or_else(|| Error::InvalidArgument {
+            arg: "device",
+            reason: format!("no tile fits in {} bytes of shared memory", dev.max_shared_memory_per_block_optin),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn h100() -> DeviceInfo {
+        DeviceInfo {
+            ordinal: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            l2_cache_bytes: 50 << 20,
+            max_shared_memory_per_block_optin: 232_448,
+            total_memory_bytes: 80 << 30,
+        }
+    }
+
+    #[test]
+    fn unaligned_block_n_fills_the_sms() {
+        // DeepGEMM's example: M=256, N=7168 on 132 SMs. 128x128 tiles keep 112 SMs busy;
+        // a 112-wide tile keeps 128 busy in one wave.
+        let p = GemmProblem { m: 256, n: 7168, k: 7168, layout: GemmLayout::Dense };
+        let plan = plan(&p, &h100()).unwrap();
+        assert_eq!((plan.block_m, plan.block_n, plan.tiles, plan.waves), (128, 112, 128, 1), "{plan:?}");
+    }
+
+    #[test]
+    fn stage_bytes_match_the_kernel_layout() {
+        // 128x128: A 16 KiB + B 16 KiB + A scales 512 B per stage.
+        assert_eq!(smem_plan(128, 128, 7168, 1).per_stage, 16384 + 16384 + 512);
+        let s = max_stages(128, 128, 7168, 232_448).unwrap();
+        assert!(smem_plan(128, 128, 7168, s).total <= 232_448 && (s == MAX_STAGES || smem_plan(128, 128, 7168, s + 1).total > 232_448));
+    }
+
+    #[test]
+    fn bad_problems_are_errors() {
+        let dense = |k| GemmProblem { m: 64, n: 64, k, layout: GemmLayout::Dense };
+        assert!(matches!(plan(&dense(200), &h100()), Err(Error::Shape { arg: "k", .. })));
+        let contiguous = GemmProblem { m: 100, n: 64, k: 128, layout: GemmLayout::GroupedContiguous { groups: 2 } };
+        assert!(matches!(plan(&contiguous, &h100()), Err(Error::Shape { arg: "m", .. })));
+        let masked = GemmProblem { m: 512, n: 64, k: 128, layout: GemmLayout::GroupedMasked { groups: 2, max_m: 256, expected_m: 300 } };
+        assert!(matches!(plan(&masked, &h100()), Err(Error::InvalidArgument { arg: "expected_m", .. })));
+        let mut tiny = h100();
+        tiny.max_shared_memory_per_block_optin = 16 << 10;
+        assert!(plan(&dense(7168), &tiny).is_err());
+    }
+}
