@@ -48,7 +48,7 @@ proptest! {
         let chosen = plan(&p, &dev).unwrap();
         prop_assert!(chosen.smem.total <= smem, "{chosen:?}");
         prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, p.k, chosen.stages));
-        prop_assert!(chosen.block_n % 8 == 0 && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
+        prop_assert!(chosen.block_n.is_multiple_of(8) && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
         prop_assert!([64, 128].contains(&chosen.block_m));
         if let GemmLayout::GroupedContiguous { .. } = layout {
             prop_assert_eq!(chosen.block_m, 128);
