@@ -85,3 +85,125 @@ fn small_m_uses_64_row_tiles() {
         assert_eq!(plan(&p, &dev).unwrap().block_m, 64, "m = {m}");
     }
 }
+
+mod mla {
+    use deepkern::plan::mla::{SPLIT_OVERHEAD, blocks, schedule};
+    use proptest::prelude::*;
+
+    fn lens() -> impl Strategy<Value = Vec<u32>> {
+        proptest::collection::vec(prop_oneof![Just(0u32), Just(1), Just(63), Just(64), Just(65), 0u32..2_000, 0u32..200_000], 1..130)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Coverage, order, split bookkeeping and balance of the split-KV schedule.
+        #[test]
+        fn schedule_covers_every_tile_once_and_balances(lens in lens(), parts in 1usize..200) {
+            let s = schedule(&lens, parts);
+            prop_assert_eq!(s.parts.len(), parts);
+            let total: usize = lens.iter().map(|&l| blocks(l as usize) + SPLIT_OVERHEAD).sum();
+            prop_assert_eq!(s.budget, total.div_ceil(parts) + 2 * SPLIT_OVERHEAD);
+            // Balance: no part costs more than its share plus two chunk overheads.
+            for p in &s.parts {
+                prop_assert!(p.cost() <= s.budget, "cost {} > budget {}", p.cost(), s.budget);
+            }
+            // Used parts come first; after the first empty part all are empty.
+            let used = s.parts.iter().take_while(|p| !p.chunks.is_empty()).count();
+            prop_assert!(s.parts[used..].iter().all(|p| p.chunks.is_empty()));
+            // Walking parts in order visits every request's tiles exactly once, contiguously.
+            let chunks: Vec<_> = s.parts.iter().flat_map(|p| p.chunks.iter().copied()).collect();
+            let mut next = (0u32, 0u32, 0u32); // (request, block, split)
+            for c in &chunks {
+                if c.request != next.0 {
+                    prop_assert_eq!(c.request, next.0 + 1, "a request was skipped");
+                    prop_assert_eq!(next.1 as usize, blocks(lens[next.0 as usize] as usize), "request {} incomplete", next.0);
+                    next = (c.request, 0, 0);
+                }
+                prop_assert_eq!((c.begin_block, c.split), (next.1, next.2));
+                prop_assert!(c.end_block > c.begin_block || blocks(lens[c.request as usize] as usize) == 0);
+                next = (c.request, c.end_block, c.split + 1);
+                prop_assert!(s.splits[c.request as usize] + c.split < s.splits[c.request as usize + 1]);
+            }
+            prop_assert_eq!(next.0 as usize, lens.len() - 1);
+            prop_assert_eq!(next.1 as usize, blocks(*lens.last().unwrap() as usize));
+            // Split counts agree with the chunks.
+            for r in 0..lens.len() {
+                let n = chunks.iter().filter(|c| c.request as usize == r).count() as u32;
+                prop_assert_eq!(s.splits[r + 1] - s.splits[r], n);
+                prop_assert!(n >= 1);
+            }
+        }
+    }
+}
+
+mod mla_reference {
+    use deepkern::reference::mla::{HEAD_DIM_K, HEAD_DIM_V, PagedCache, decode, visible_keys};
+    use proptest::prelude::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Moving pages around (and the block table with them) changes nothing; every output is a
+        /// convex combination of the visible values; lse is finite exactly when a key is visible.
+        #[test]
+        fn paging_is_transparent_and_outputs_are_convex(
+            lens in proptest::collection::vec(0i32..80, 1..4), s_q in 1usize..4, h_q in 1usize..3,
+            page in prop_oneof![Just(16usize), Just(32), Just(64)], seed in any::<u64>(), perm_seed in any::<u64>(),
+        ) {
+            let batch = lens.len();
+            let max_pages = 80usize.div_ceil(page);
+            let pages = batch * max_pages;
+            let data = values(pages * page * HEAD_DIM_K, seed);
+            let q = values(batch * s_q * h_q * HEAD_DIM_K, seed ^ 0xabc);
+            let table: Vec<i32> = (0..pages as i32).collect();
+            let a = decode(&q, batch, s_q, h_q, PagedCache { data: &data, page, block_table: &table, max_pages, lens: &lens }, 0.05);
+            // A permutation of the pages: page p moves to perm[p].
+            let mut perm: Vec<usize> = (0..pages).collect();
+            let mut s = perm_seed | 1;
+            for i in (1..pages).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                perm.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let mut moved = vec![f32::NAN; data.len()];
+            for p in 0..pages {
+                let len = page * HEAD_DIM_K;
+                moved[perm[p] * len..(perm[p] + 1) * len].copy_from_slice(&data[p * len..(p + 1) * len]);
+            }
+            let table2: Vec<i32> = (0..pages).map(|p| perm[p] as i32).collect();
+            let b = decode(&q, batch, s_q, h_q, PagedCache { data: &moved, page, block_table: &table2, max_pages, lens: &lens }, 0.05);
+            prop_assert_eq!(&a, &b);
+            for bi in 0..batch {
+                for i in 0..s_q {
+                    let seen = visible_keys(lens[bi] as usize, s_q, i);
+                    for h in 0..h_q {
+                        let row = (bi * s_q + i) * h_q + h;
+                        prop_assert_eq!(a.lse[row].is_finite(), seen > 0);
+                        for d in (0..HEAD_DIM_V).step_by(97) {
+                            let vals = (0..seen).map(|t| f64::from(data[((bi * max_pages + t / page) * page + t % page) * HEAD_DIM_K + d]));
+                            let o = a.out[row * HEAD_DIM_V + d];
+                            if seen == 0 {
+                                prop_assert_eq!(o, 0.0);
+                                continue;
+                            }
+                            let (lo, hi) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+                            prop_assert!(o >= lo - 1e-12 && o <= hi + 1e-12, "{} not in [{}, {}]", o, lo, hi);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

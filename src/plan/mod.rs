@@ -3,3 +3,4 @@
 //! the CPU and every choice can be printed.
 
 pub mod gemm;
+pub mod mla;

@@ -2,4 +2,5 @@
 //! against. They favour being obviously right over being fast.
 
 pub mod gemm;
+pub mod mla;
 pub mod quant;
