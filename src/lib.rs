@@ -37,3 +37,8 @@ pub use half::bf16;
 pub use layout::{BlockShape, TokenGroupShape};
 pub use quant::{quantize_per_block, quantize_per_token_group};
 pub use reference::quant::ScaleFormat;
+
+/// The README's code examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
