@@ -107,6 +107,38 @@ typedef struct dk_quant_per_block_params {
 
 dk_status_t dk_quant_per_block(const dk_quant_per_block_params_t* params, dk_stream_t stream);
 
+/* Limits of the expert-parallel kernels. */
+#define DK_EP_MAX_RANKS 64
+#define DK_EP_MAX_EXPERTS 1024
+
+/*
+ * Expert-parallel dispatch layout of one rank's router output. Experts are split evenly over the
+ * ranks: expert e lives on rank e / (num_experts / ranks). Index -1 means "no expert".
+ *
+ *   tokens_per_expert[e] = number of slots naming expert e
+ *   is_token_in_rank[t, r] = 1 if some slot of token t names an expert of rank r, else 0
+ *   tokens_per_rank[r]   = number of tokens t with is_token_in_rank[t, r] = 1
+ *   num_invalid[0]       = number of slots whose index is outside -1 .. num_experts - 1
+ *                          (such slots are ignored: nothing is written for them)
+ *
+ * All outputs are overwritten (the counters are zeroed on the stream first).
+ * Contract (checked by the Rust wrapper): 1 <= ranks <= DK_EP_MAX_RANKS; 1 <= num_experts <=
+ * DK_EP_MAX_EXPERTS; num_experts % ranks == 0; k >= 1; tokens >= 0.
+ */
+typedef struct dk_ep_layout_params {
+    const int32_t* topk_idx;   /* [tokens, k] */
+    int32_t* tokens_per_rank;  /* [ranks] */
+    int32_t* tokens_per_expert; /* [num_experts] */
+    uint8_t* is_token_in_rank; /* [tokens, ranks] */
+    int32_t* num_invalid;      /* [1] */
+    int64_t tokens;
+    int32_t k;
+    int32_t ranks;
+    int32_t num_experts;
+} dk_ep_layout_params_t;
+
+dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

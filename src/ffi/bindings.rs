@@ -4,6 +4,8 @@
 
 pub const DK_ABI_VERSION: u32 = 1;
 pub const DK_QUANT_GROUP: u32 = 128;
+pub const DK_EP_MAX_RANKS: u32 = 64;
+pub const DK_EP_MAX_EXPERTS: u32 = 1024;
 #[repr(C)]
 #[derive(Debug)]
 pub struct CUstream_st {
@@ -145,6 +147,71 @@ pub type dk_quant_per_block_params_t = dk_quant_per_block_params;
 unsafe extern "C" {
     pub fn dk_quant_per_block(
         params: *const dk_quant_per_block_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct dk_ep_layout_params {
+    pub topk_idx: *const i32,
+    pub tokens_per_rank: *mut i32,
+    pub tokens_per_expert: *mut i32,
+    pub is_token_in_rank: *mut u8,
+    pub num_invalid: *mut i32,
+    pub tokens: i64,
+    pub k: i32,
+    pub ranks: i32,
+    pub num_experts: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of dk_ep_layout_params",
+    ][::std::mem::size_of::<dk_ep_layout_params>() - 64usize];
+    [
+        "Alignment of dk_ep_layout_params",
+    ][::std::mem::align_of::<dk_ep_layout_params>() - 8usize];
+    [
+        "Offset of field: dk_ep_layout_params::topk_idx",
+    ][::std::mem::offset_of!(dk_ep_layout_params, topk_idx) - 0usize];
+    [
+        "Offset of field: dk_ep_layout_params::tokens_per_rank",
+    ][::std::mem::offset_of!(dk_ep_layout_params, tokens_per_rank) - 8usize];
+    [
+        "Offset of field: dk_ep_layout_params::tokens_per_expert",
+    ][::std::mem::offset_of!(dk_ep_layout_params, tokens_per_expert) - 16usize];
+    [
+        "Offset of field: dk_ep_layout_params::is_token_in_rank",
+    ][::std::mem::offset_of!(dk_ep_layout_params, is_token_in_rank) - 24usize];
+    [
+        "Offset of field: dk_ep_layout_params::num_invalid",
+    ][::std::mem::offset_of!(dk_ep_layout_params, num_invalid) - 32usize];
+    [
+        "Offset of field: dk_ep_layout_params::tokens",
+    ][::std::mem::offset_of!(dk_ep_layout_params, tokens) - 40usize];
+    [
+        "Offset of field: dk_ep_layout_params::k",
+    ][::std::mem::offset_of!(dk_ep_layout_params, k) - 48usize];
+    [
+        "Offset of field: dk_ep_layout_params::ranks",
+    ][::std::mem::offset_of!(dk_ep_layout_params, ranks) - 52usize];
+    [
+        "Offset of field: dk_ep_layout_params::num_experts",
+    ][::std::mem::offset_of!(dk_ep_layout_params, num_experts) - 56usize];
+};
+impl Default for dk_ep_layout_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_ep_layout_params_t = dk_ep_layout_params;
+unsafe extern "C" {
+    pub fn dk_ep_layout(
+        params: *const dk_ep_layout_params_t,
         stream: dk_stream_t,
     ) -> dk_status_t;
 }

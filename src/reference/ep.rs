@@ -32,7 +32,7 @@ impl EpConfig {
         self.num_experts / self.ranks
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.ranks == 0 || self.num_experts == 0 || !self.num_experts.is_multiple_of(self.ranks) {
             return Err(Error::InvalidArgument {
                 arg: "num_experts",
