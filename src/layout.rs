@@ -41,7 +41,7 @@ pub const fn tma_aligned_rows(m: usize) -> usize {
 
 /// Shape of a batch of per-token-group (1x128) quantised operands `[num_groups, m, k]`.
 ///
-/// `k` must be a multiple of [`GROUP`] for the GPU kernels; [`TokenGroupShape::validate`] says so.
+/// `k` must be a multiple of [`GROUP`] for the GPU kernels ([`crate::quant::validate_per_token_group`] checks it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TokenGroupShape {
     /// Independent operands stacked along the outermost dimension (1 for a plain 2-D tensor).

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | [`quant`], [`ep`] | safe entry points: validate, then one launch through the C ABI | yes |
 //! | [`device`] | open a GPU, query what the planners need, check the build can run on it | yes |
-//! | [`layout`], [`fp8`], [`reference`], [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
+//! | [`layout`], [`fp8`], [`reference`](mod@reference), [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
 //! | [`plan`] | host-side tile, pipeline and grid choices | no |
 //! | `ffi` (private) | bindgen output of `csrc/include/deepkern.h` | — |
 //!
