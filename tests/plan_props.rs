@@ -138,7 +138,8 @@ mod mla {
 }
 
 mod mla_reference {
-    use deepkern::reference::mla::{HEAD_DIM_K, HEAD_DIM_V, PagedCache, decode, visible_keys};
+    use deepkern::plan::mla::{KV_BLOCK, schedule};
+    use deepkern::reference::mla::{HEAD_DIM_K, HEAD_DIM_V, MlaProblem, PagedCache, decode, decode_chunk, merge, visible_keys};
     use proptest::prelude::*;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -169,7 +170,8 @@ mod mla_reference {
             let data = values(pages * page * HEAD_DIM_K, seed);
             let q = values(batch * s_q * h_q * HEAD_DIM_K, seed ^ 0xabc);
             let table: Vec<i32> = (0..pages as i32).collect();
-            let a = decode(&q, batch, s_q, h_q, PagedCache { data: &data, page, block_table: &table, max_pages, lens: &lens }, 0.05);
+            let cache = PagedCache { data: &data, page, block_table: &table, max_pages, lens: &lens };
+            let a = decode(&MlaProblem { q: &q, batch, s_q, h_q, cache, softmax_scale: 0.05 });
             // A permutation of the pages: page p moves to perm[p].
             let mut perm: Vec<usize> = (0..pages).collect();
             let mut s = perm_seed | 1;
@@ -183,7 +185,8 @@ mod mla_reference {
                 moved[perm[p] * len..(perm[p] + 1) * len].copy_from_slice(&data[p * len..(p + 1) * len]);
             }
             let table2: Vec<i32> = (0..pages).map(|p| perm[p] as i32).collect();
-            let b = decode(&q, batch, s_q, h_q, PagedCache { data: &moved, page, block_table: &table2, max_pages, lens: &lens }, 0.05);
+            let cache2 = PagedCache { data: &moved, page, block_table: &table2, max_pages, lens: &lens };
+            let b = decode(&MlaProblem { q: &q, batch, s_q, h_q, cache: cache2, softmax_scale: 0.05 });
             prop_assert_eq!(&a, &b);
             for bi in 0..batch {
                 for i in 0..s_q {
@@ -201,6 +204,43 @@ mod mla_reference {
                             let (lo, hi) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
                             prop_assert!(o >= lo - 1e-12 && o <= hi + 1e-12, "{} not in [{}, {}]", o, lo, hi);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Split-KV is exact: attending to each chunk of a real schedule separately and merging the
+        /// partials by their log-sum-exp gives the full attention of every row.
+        #[test]
+        fn merged_schedule_chunks_equal_full_attention(
+            lens in proptest::collection::vec(0i32..260, 1..4), s_q in 1usize..3, parts in 1usize..12, seed in any::<u64>(),
+        ) {
+            let (batch, h_q, page) = (lens.len(), 2, 64);
+            let max_pages = 260usize.div_ceil(page);
+            let data = values(batch * max_pages * page * HEAD_DIM_K, seed);
+            let q = values(batch * s_q * h_q * HEAD_DIM_K, seed ^ 0x5eed);
+            let table: Vec<i32> = (0..(batch * max_pages) as i32).collect();
+            let cache = PagedCache { data: &data, page, block_table: &table, max_pages, lens: &lens };
+            let p = MlaProblem { q: &q, batch, s_q, h_q, cache, softmax_scale: 0.07 };
+            let full = decode(&p);
+            let plan = schedule(&lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), parts);
+            for b in 0..batch {
+                let partials: Vec<_> = plan.parts.iter().flat_map(|part| part.chunks.iter())
+                    .filter(|c| c.request as usize == b)
+                    .map(|c| decode_chunk(&p, b, c.begin_block as usize * KV_BLOCK..c.end_block as usize * KV_BLOCK))
+                    .collect();
+                let merged = merge(&partials);
+                let rows = s_q * h_q;
+                for r in 0..rows {
+                    let (want_lse, got_lse) = (full.lse[b * rows + r], merged.lse[r]);
+                    prop_assert!(want_lse == got_lse || (want_lse - got_lse).abs() < 1e-9, "lse {} vs {}", got_lse, want_lse);
+                    for d in 0..HEAD_DIM_V {
+                        let (w, g) = (full.out[(b * rows + r) * HEAD_DIM_V + d], merged.out[r * HEAD_DIM_V + d]);
+                        prop_assert!((w - g).abs() < 1e-9, "entry {} row {} dim {}: {} vs {}", b, r, d, g, w);
                     }
                 }
             }

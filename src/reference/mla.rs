@@ -41,6 +41,36 @@ impl PagedCache<'_> {
     }
 }
 
+/// One decode step: queries `q` (`[batch, s_q, h_q, 576]` row-major) against a paged cache.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaProblem<'a> {
+    pub q: &'a [f32],
+    pub batch: usize,
+    pub s_q: usize,
+    pub h_q: usize,
+    pub cache: PagedCache<'a>,
+    pub softmax_scale: f64,
+}
+
+impl MlaProblem<'_> {
+    fn check_shapes(&self) {
+        let (batch, s_q, h_q, cache) = (self.batch, self.s_q, self.h_q, &self.cache);
+        assert_eq!(self.q.len(), batch * s_q * h_q * HEAD_DIM_K, "q: expected [{batch}, {s_q}, {h_q}, {HEAD_DIM_K}]");
+        assert_eq!(cache.lens.len(), batch, "lens: one per batch entry");
+        assert_eq!(cache.block_table.len(), batch * cache.max_pages, "block_table: expected [{batch}, {}]", cache.max_pages);
+        for (b, &len) in cache.lens.iter().enumerate() {
+            let len = usize::try_from(len).expect("lengths are non-negative");
+            assert!(len <= cache.max_pages * cache.page, "entry {b}: length {len} exceeds its block table");
+        }
+    }
+
+    /// Query vector of (entry `b`, token `i`, head `h`) and its flat row index.
+    fn query(&self, b: usize, i: usize, h: usize) -> (usize, &[f32]) {
+        let row = (b * self.s_q + i) * self.h_q + h;
+        (row, &self.q[row * HEAD_DIM_K..(row + 1) * HEAD_DIM_K])
+    }
+}
+
 /// Output of [`decode`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct MlaOut {
@@ -55,40 +85,82 @@ pub fn visible_keys(len: usize, s_q: usize, i: usize) -> usize {
     (len + i + 1).saturating_sub(s_q)
 }
 
-/// Reference MLA decode. `q` is `[batch, s_q, h_q, 576]` row-major.
-pub fn decode(q: &[f32], batch: usize, s_q: usize, h_q: usize, cache: PagedCache, softmax_scale: f64) -> MlaOut {
-    assert_eq!(q.len(), batch * s_q * h_q * HEAD_DIM_K, "q: expected [{batch}, {s_q}, {h_q}, {HEAD_DIM_K}]");
-    assert_eq!(cache.lens.len(), batch, "lens: one per batch entry");
-    assert_eq!(cache.block_table.len(), batch * cache.max_pages, "block_table: expected [{batch}, {}]", cache.max_pages);
-    let mut out = vec![0.0f64; batch * s_q * h_q * HEAD_DIM_V];
-    let mut lse = vec![f64::NEG_INFINITY; batch * s_q * h_q];
-    let mut logits = Vec::new();
-    for b in 0..batch {
-        let len = usize::try_from(cache.lens[b]).expect("lengths are non-negative");
-        assert!(len <= cache.max_pages * cache.page, "entry {b}: length {len} exceeds its block table");
-        for i in 0..s_q {
-            let seen = visible_keys(len, s_q, i);
-            for h in 0..h_q {
-                let row = (b * s_q + i) * h_q + h;
-                let qv = &q[row * HEAD_DIM_K..(row + 1) * HEAD_DIM_K];
-                logits.clear();
-                logits.extend((0..seen).map(|t| {
-                    let k = cache.key(b, t);
-                    softmax_scale * qv.iter().zip(k).map(|(&a, &c)| f64::from(a) * f64::from(c)).sum::<f64>()
-                }));
-                if seen == 0 {
-                    continue;
-                }
-                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
-                lse[row] = max + sum.ln();
+/// Attention of one query row over keys `keys` of entry `b`: writes the normalised output into
+/// `out` (`[512]`, zeros for an empty range) and returns the log-sum-exp (-inf for an empty range).
+fn attend(qv: &[f32], cache: &PagedCache, b: usize, keys: std::ops::Range<usize>, softmax_scale: f64, out: &mut [f64]) -> f64 {
+    out.fill(0.0);
+    if keys.is_empty() {
+        return f64::NEG_INFINITY;
+    }
+    let logits: Vec<f64> = keys
+        .clone()
+        .map(|t| softmax_scale * qv.iter().zip(cache.key(b, t)).map(|(&a, &c)| f64::from(a) * f64::from(c)).sum::<f64>())
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+    for (t, l) in keys.zip(&logits) {
+        let p = (l - max).exp() / sum;
+        for (acc, &v) in out.iter_mut().zip(&cache.key(b, t)[..HEAD_DIM_V]) {
+            *acc += p * f64::from(v);
+        }
+    }
+    max + sum.ln()
+}
+
+/// Reference MLA decode of every row.
+pub fn decode(p: &MlaProblem) -> MlaOut {
+    p.check_shapes();
+    let mut out = vec![0.0f64; p.batch * p.s_q * p.h_q * HEAD_DIM_V];
+    let mut lse = vec![f64::NEG_INFINITY; p.batch * p.s_q * p.h_q];
+    for b in 0..p.batch {
+        let len = p.cache.lens[b] as usize;
+        for i in 0..p.s_q {
+            for h in 0..p.h_q {
+                let (row, qv) = p.query(b, i, h);
                 let o = &mut out[row * HEAD_DIM_V..(row + 1) * HEAD_DIM_V];
-                for (t, l) in logits.iter().enumerate() {
-                    let p = (l - max).exp() / sum;
-                    for (acc, &v) in o.iter_mut().zip(&cache.key(b, t)[..HEAD_DIM_V]) {
-                        *acc += p * f64::from(v);
-                    }
-                }
+                lse[row] = attend(qv, &p.cache, b, 0..visible_keys(len, p.s_q, i), p.softmax_scale, o);
+            }
+        }
+    }
+    MlaOut { out, lse }
+}
+
+/// Attention of entry `b`'s `s_q · h_q` query rows over the keys in `keys` only (intersected with
+/// what each row may see): one split-KV chunk's partial result, `[s_q, h_q, 512]` and `[s_q, h_q]`.
+pub fn decode_chunk(p: &MlaProblem, b: usize, keys: std::ops::Range<usize>) -> MlaOut {
+    p.check_shapes();
+    let len = p.cache.lens[b] as usize;
+    let mut out = vec![0.0f64; p.s_q * p.h_q * HEAD_DIM_V];
+    let mut lse = vec![f64::NEG_INFINITY; p.s_q * p.h_q];
+    for i in 0..p.s_q {
+        let seen = visible_keys(len, p.s_q, i);
+        let range = keys.start.min(seen)..keys.end.min(seen);
+        for h in 0..p.h_q {
+            let ((_, qv), local) = (p.query(b, i, h), i * p.h_q + h);
+            lse[local] = attend(qv, &p.cache, b, range.clone(), p.softmax_scale, &mut out[local * HEAD_DIM_V..(local + 1) * HEAD_DIM_V]);
+        }
+    }
+    MlaOut { out, lse }
+}
+
+/// Merges partial results of disjoint key ranges (the combine step): per row,
+/// `lse = ln Σ exp(lse_c)` and `out = Σ exp(lse_c - lse) · out_c`. Rows no chunk saw stay zero
+/// with lse -inf.
+pub fn merge(parts: &[MlaOut]) -> MlaOut {
+    let rows = parts.first().map_or(0, |p| p.lse.len());
+    let mut out = vec![0.0f64; rows * HEAD_DIM_V];
+    let mut lse = vec![f64::NEG_INFINITY; rows];
+    for r in 0..rows {
+        let max = parts.iter().map(|p| p.lse[r]).fold(f64::NEG_INFINITY, f64::max);
+        if max == f64::NEG_INFINITY {
+            continue;
+        }
+        let sum: f64 = parts.iter().map(|p| (p.lse[r] - max).exp()).sum();
+        lse[r] = max + sum.ln();
+        for p in parts {
+            let w = (p.lse[r] - lse[r]).exp();
+            for (o, &v) in out[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V].iter_mut().zip(&p.out[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V]) {
+                *o += w * v;
             }
         }
     }
@@ -122,7 +194,7 @@ mod tests {
         let cache = PagedCache { data: &data, page, block_table: &block_table, max_pages: 2, lens: &lens };
         let mut q = vec![0.0f32; 2 * HEAD_DIM_K];
         q[HEAD_DIM_K - 1] = 1.0; // RoPE part only: q·k = 0 for both tokens
-        let r = decode(&q, 2, 1, 1, cache, 0.1);
+        let r = decode(&MlaProblem { q: &q, batch: 2, s_q: 1, h_q: 1, cache, softmax_scale: 0.1 });
         assert!(r.out[..HEAD_DIM_V].iter().all(|&o| (o - 3.0).abs() < 1e-12));
         assert!((r.lse[0] - 2f64.ln()).abs() < 1e-12);
         assert!(r.out[HEAD_DIM_V..].iter().all(|&o| o == 0.0) && r.lse[1] == f64::NEG_INFINITY);
