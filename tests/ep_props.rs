@@ -8,6 +8,8 @@
 
 use deepkern::reference::ep::{EpConfig, Routing, check_distinct_experts, combine, dispatch, dispatch_low_latency, layout};
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 /// One rank's routing: (topk_idx, topk_weights, tokens).
 type RankData = (Vec<i32>, Vec<f32>, usize);
@@ -16,13 +18,7 @@ type RankData = (Vec<i32>, Vec<f32>, usize);
 /// token, some -1 slots, some ranks with no tokens, optionally one hot expert.
 fn routings(ranks: usize, experts: usize, k: usize) -> impl Strategy<Value = Vec<RankData>> {
     let one = (0usize..40, any::<u64>(), any::<bool>()).prop_map(move |(tokens, seed, hot)| {
-        let mut s = seed | 1;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut rng = SmallRng::seed_from_u64(seed);
         let mut idx = Vec::with_capacity(tokens * k);
         let mut w = Vec::with_capacity(tokens * k);
         for _ in 0..tokens {
@@ -30,13 +26,13 @@ fn routings(ranks: usize, experts: usize, k: usize) -> impl Strategy<Value = Vec
             for j in 0..k {
                 let e = if hot && j == 0 {
                     0
-                } else if next() % 5 == 0 {
+                } else if rng.random_ratio(1, 5) {
                     -1
                 } else {
-                    (next() % experts as u64) as i32
+                    rng.random_range(0..experts as i32)
                 };
                 row.push(if e >= 0 && row.contains(&e) { -1 } else { e });
-                w.push((next() % 1000) as f32 / 1000.0);
+                w.push(rng.random_range(0..1000) as f32 / 1000.0);
             }
             idx.extend(row);
         }

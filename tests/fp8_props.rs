@@ -12,6 +12,8 @@ use deepkern::fp8::{E4M3_MAX, e4m3_decode, e4m3_encode, ue8m0_ceil};
 use deepkern::layout::GROUP;
 use deepkern::reference::quant::{AMAX_FLOOR, ScaleFormat, per_block, per_token_group};
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 /// The finite E4M3 bytes of non-negative value, in increasing order (0x00..=0x7E).
 fn finite_positive() -> impl Iterator<Item = u8> {
@@ -120,15 +122,14 @@ proptest! {
     fn exact_power_of_two_cases_round_trip(exps in proptest::collection::vec(-30i32..30, 1..6), seed in any::<u64>()) {
         // Each group: small E4M3-representable integers times 2^e, with one element at 448·2^e.
         const INTS: [f32; 9] = [0.0, 1.0, 2.0, 3.0, 6.0, 13.0, 56.0, 208.0, 448.0];
-        let mut state = seed | 1;
-        let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
+        let mut rng = SmallRng::seed_from_u64(seed);
         let k = exps.len() * GROUP;
         let mut x = Vec::with_capacity(k);
         for &e in &exps {
             let p = 2f32.powi(e);
             for j in 0..GROUP {
-                let n = if j == 0 { 448.0 } else { INTS[(next() % 9) as usize] };
-                x.push(if next() % 2 == 0 { n * p } else { -n * p });
+                let n = if j == 0 { 448.0 } else { INTS[rng.random_range(0..INTS.len())] };
+                x.push(if rng.random_bool(0.5) { n * p } else { -n * p });
             }
         }
         for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
@@ -190,15 +191,8 @@ proptest! {
 /// Deterministic pseudo-random values of magnitude up to `scale`, with exact zeros and
 /// sign changes mixed in.
 fn values(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut state = seed | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            if state.is_multiple_of(17) { 0.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale }
-        })
-        .collect()
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..n).map(|_| if rng.random_ratio(1, 17) { 0.0 } else { rng.random_range(-scale..=scale) }).collect()
 }
 
 #[test]

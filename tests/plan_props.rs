@@ -141,17 +141,13 @@ mod mla_reference {
     use deepkern::plan::mla::{KV_BLOCK, schedule};
     use deepkern::reference::mla::{HEAD_DIM_K, HEAD_DIM_V, MlaProblem, PagedCache, decode, decode_chunk, merge, visible_keys};
     use proptest::prelude::*;
+    use rand::rngs::SmallRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
+        let mut rng = SmallRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect()
     }
 
     proptest! {
@@ -174,11 +170,7 @@ mod mla_reference {
             let a = decode(&MlaProblem { q: &q, batch, s_q, h_q, cache, softmax_scale: 0.05 });
             // A permutation of the pages: page p moves to perm[p].
             let mut perm: Vec<usize> = (0..pages).collect();
-            let mut s = perm_seed | 1;
-            for i in (1..pages).rev() {
-                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-                perm.swap(i, (s % (i as u64 + 1)) as usize);
-            }
+            perm.shuffle(&mut SmallRng::seed_from_u64(perm_seed));
             let mut moved = vec![f32::NAN; data.len()];
             for p in 0..pages {
                 let len = page * HEAD_DIM_K;
