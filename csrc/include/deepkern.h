@@ -107,6 +107,42 @@ typedef struct dk_quant_per_block_params {
 
 dk_status_t dk_quant_per_block(const dk_quant_per_block_params_t* params, dk_stream_t stream);
 
+/* Element types of 16-bit tensors. */
+typedef enum dk_dtype {
+    DK_DTYPE_BF16 = 0,
+    DK_DTYPE_F16 = 1,
+} dk_dtype_t;
+
+/* MLA value width (the latent part of the 576-wide keys). */
+#define DK_MLA_HEAD_DIM_V 512
+
+/*
+ * MLA split-KV combine: merges the partial results of the chunks of each request (the schedule
+ * of deepkern::plan::mla), per query row r (rows = s_q * h_q, heads fastest):
+ *   lse[b, r] = ln sum_c exp(lse_partial[c, r])                     over c in splits[b] .. splits[b+1]
+ *   out[b, r] = sum_c exp(lse_partial[c, r] - lse[b, r]) * o_partial[c, r]      (then rounded)
+ * A row that no chunk saw (every lse_partial -inf) gets zeros and lse -inf. Requests with a single
+ * chunk are skipped (the decode kernel writes their outputs directly). A request whose chunk range
+ * is malformed (decreasing, negative, or past num_chunks) is skipped and counted in num_invalid.
+ *
+ * Contract (checked by the Rust wrapper): batch >= 0, rows >= 1, num_chunks >= 0; all pointers
+ * 16-byte aligned.
+ */
+typedef struct dk_mla_combine_params {
+    const float* o_partial;   /* [num_chunks, rows, 512] f32 */
+    const float* lse_partial; /* [num_chunks, rows] f32, natural log */
+    const int32_t* splits;    /* [batch + 1] cumulative chunk counts (device memory) */
+    void* out;                /* [batch, rows, 512] bf16 or f16 (dtype) */
+    float* lse;               /* [batch, rows] f32 */
+    int32_t* num_invalid;     /* [1]: requests skipped for a malformed chunk range (zeroed first) */
+    int32_t batch;
+    int32_t rows;
+    int32_t num_chunks;
+    dk_dtype_t dtype;
+} dk_mla_combine_params_t;
+
+dk_status_t dk_mla_combine(const dk_mla_combine_params_t* params, dk_stream_t stream);
+
 /* Limits of the expert-parallel kernels. */
 #define DK_EP_MAX_RANKS 64
 #define DK_EP_MAX_EXPERTS 1024

@@ -4,6 +4,7 @@
 
 pub const DK_ABI_VERSION: u32 = 1;
 pub const DK_QUANT_GROUP: u32 = 128;
+pub const DK_MLA_HEAD_DIM_V: u32 = 512;
 pub const DK_EP_MAX_RANKS: u32 = 64;
 pub const DK_EP_MAX_EXPERTS: u32 = 1024;
 #[repr(C)]
@@ -147,6 +148,83 @@ pub type dk_quant_per_block_params_t = dk_quant_per_block_params;
 unsafe extern "C" {
     pub fn dk_quant_per_block(
         params: *const dk_quant_per_block_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
+impl dk_dtype {
+    pub const DK_DTYPE_BF16: dk_dtype = dk_dtype(0);
+    pub const DK_DTYPE_F16: dk_dtype = dk_dtype(1);
+}
+#[repr(transparent)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub struct dk_dtype(pub ::std::os::raw::c_uint);
+pub use self::dk_dtype as dk_dtype_t;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct dk_mla_combine_params {
+    pub o_partial: *const f32,
+    pub lse_partial: *const f32,
+    pub splits: *const i32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub lse: *mut f32,
+    pub num_invalid: *mut i32,
+    pub batch: i32,
+    pub rows: i32,
+    pub num_chunks: i32,
+    pub dtype: dk_dtype_t,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of dk_mla_combine_params",
+    ][::std::mem::size_of::<dk_mla_combine_params>() - 64usize];
+    [
+        "Alignment of dk_mla_combine_params",
+    ][::std::mem::align_of::<dk_mla_combine_params>() - 8usize];
+    [
+        "Offset of field: dk_mla_combine_params::o_partial",
+    ][::std::mem::offset_of!(dk_mla_combine_params, o_partial) - 0usize];
+    [
+        "Offset of field: dk_mla_combine_params::lse_partial",
+    ][::std::mem::offset_of!(dk_mla_combine_params, lse_partial) - 8usize];
+    [
+        "Offset of field: dk_mla_combine_params::splits",
+    ][::std::mem::offset_of!(dk_mla_combine_params, splits) - 16usize];
+    [
+        "Offset of field: dk_mla_combine_params::out",
+    ][::std::mem::offset_of!(dk_mla_combine_params, out) - 24usize];
+    [
+        "Offset of field: dk_mla_combine_params::lse",
+    ][::std::mem::offset_of!(dk_mla_combine_params, lse) - 32usize];
+    [
+        "Offset of field: dk_mla_combine_params::num_invalid",
+    ][::std::mem::offset_of!(dk_mla_combine_params, num_invalid) - 40usize];
+    [
+        "Offset of field: dk_mla_combine_params::batch",
+    ][::std::mem::offset_of!(dk_mla_combine_params, batch) - 48usize];
+    [
+        "Offset of field: dk_mla_combine_params::rows",
+    ][::std::mem::offset_of!(dk_mla_combine_params, rows) - 52usize];
+    [
+        "Offset of field: dk_mla_combine_params::num_chunks",
+    ][::std::mem::offset_of!(dk_mla_combine_params, num_chunks) - 56usize];
+    [
+        "Offset of field: dk_mla_combine_params::dtype",
+    ][::std::mem::offset_of!(dk_mla_combine_params, dtype) - 60usize];
+};
+impl Default for dk_mla_combine_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_mla_combine_params_t = dk_mla_combine_params;
+unsafe extern "C" {
+    pub fn dk_mla_combine(
+        params: *const dk_mla_combine_params_t,
         stream: dk_stream_t,
     ) -> dk_status_t;
 }
