@@ -1,8 +1,10 @@
-//! MLA decode attention on the GPU. So far: the split-KV combine, which merges the partial results
-//! of a request's chunks (see [`crate::plan::mla`]) by their log-sum-exp, as
-//! [`crate::reference::mla::merge`] does on the CPU.
+//! MLA decode attention on the GPU. So far: the split-KV schedule written on the device (the same
+//! plan as [`crate::plan::mla::schedule`], bit for bit) and the combine, which merges the partial
+//! results of a request's chunks by their log-sum-exp, as [`crate::reference::mla::merge`] does.
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
@@ -96,5 +98,64 @@ pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mu
     // SAFETY: all pointers come from live cudarc views of the lengths checked above, whose guards
     // `launch` holds until `finish`; chunk indices read on the device are bounded by num_chunks.
     let status = ffi_call!(unsafe dk_mla_combine(&params, s));
+    launch.finish(status)
+}
+
+/// `i32`s per part in a device schedule.
+pub const PART_WORDS: usize = ffi::DK_MLA_PART_WORDS as usize;
+
+/// A split-KV schedule in device memory, in [`crate::plan::mla::Schedule::encode`]'s format.
+#[derive(Debug)]
+pub struct DeviceSchedule {
+    /// `[num_parts, PART_WORDS]`.
+    pub parts: CudaSlice<i32>,
+    /// `[batch + 1]` cumulative chunk counts.
+    pub splits: CudaSlice<i32>,
+    pub batch: usize,
+    pub num_parts: usize,
+}
+
+impl DeviceSchedule {
+    /// Allocates a schedule for `batch` requests over `num_parts` CTAs.
+    pub fn new(stream: &Arc<CudaStream>, batch: usize, num_parts: usize) -> Result<Self> {
+        if num_parts == 0 {
+            return Err(Error::InvalidArgument { arg: "num_parts", reason: "must be at least 1".into() });
+        }
+        Ok(Self { parts: stream.alloc_zeros(num_parts * PART_WORDS)?, splits: stream.alloc_zeros(batch + 1)?, batch, num_parts })
+    }
+
+    /// Copies the schedule back (synchronising `stream`): the encoded parts and the splits.
+    pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<(Vec<i32>, Vec<u32>)> {
+        let splits = stream.clone_dtoh(&self.splits)?.into_iter().map(|s| u32::try_from(s).unwrap_or(u32::MAX)).collect();
+        Ok((stream.clone_dtoh(&self.parts)?, splits))
+    }
+}
+
+/// Plans a decode step on the device from the sequence lengths in device memory (`[batch]`;
+/// negative lengths count as 0), so the whole step can be captured in a CUDA graph.
+pub fn plan_on_device(stream: &CudaStream, lens: &CudaView<i32>, out: &mut DeviceSchedule) -> Result<()> {
+    if lens.len() != out.batch {
+        return Err(Error::Shape {
+            arg: "lens",
+            expected: format!("{} elements (batch)", out.batch),
+            got: format!("{} elements", lens.len()),
+        });
+    }
+    let to_i32 = |arg: &'static str, v: usize| {
+        i32::try_from(v).map_err(|_| Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") })
+    };
+    let (batch, num_parts) = (to_i32("batch", out.batch)?, to_i32("num_parts", out.num_parts)?);
+    let mut launch = Launch::new("mla_schedule", stream)?;
+    let params = ffi::dk_mla_schedule_params {
+        lens: launch.input(lens) as *const i32,
+        parts: launch.output(&mut out.parts) as *mut i32,
+        splits: launch.output(&mut out.splits) as *mut i32,
+        batch,
+        num_parts,
+    };
+    let s = launch.stream();
+    // SAFETY: buffers sized by `DeviceSchedule::new` for this batch and part count, `lens` checked
+    // above; `launch` holds the guards until `finish`.
+    let status = ffi_call!(unsafe dk_mla_schedule(&params, s));
     launch.finish(status)
 }

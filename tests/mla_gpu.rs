@@ -4,11 +4,13 @@
 //!   requests with a single chunk are left untouched (poison survives).
 //! - `combine_skips_malformed_ranges`: chunk ranges out of bounds are counted, never read or written.
 //! - `combine_rejects_bad_input`: length errors before any launch.
+//! - `device_schedule_matches_the_reference`: the GPU scheduler writes the Rust schedule's encoding
+//!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0).
 
 mod common;
 
 use common::{Gpu, TestResult, ensure};
-use deepkern::mla::{CombineOut, HEAD_DIM_V, MlaElement, Partials, combine};
+use deepkern::mla::{CombineOut, DeviceSchedule, HEAD_DIM_V, MlaElement, Partials, combine, plan_on_device};
 use deepkern::plan::mla::schedule;
 use deepkern::reference::mla::{MlaOut, merge};
 use deepkern::{Error, bf16};
@@ -21,6 +23,7 @@ fn main() {
         ("combine_matches_reference", combine_matches_reference),
         ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
         ("combine_rejects_bad_input", combine_rejects_bad_input),
+        ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
     ]);
 }
 
@@ -145,4 +148,29 @@ fn combine_rejects_bad_input(gpu: &Gpu) -> TestResult {
     ensure(arg(run(3 * rows * HEAD_DIM_V, 3 * rows - 1, rows)) == "lse_partial", || "short lse_partial accepted".into())?;
     ensure(arg(run(3 * rows * HEAD_DIM_V, 3 * rows, 0)) == "rows", || "rows = 0 accepted".into())?;
     run(3 * rows * HEAD_DIM_V, 3 * rows, rows).map_err(|e| e.to_string().into())
+}
+
+fn device_schedule_matches_the_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("device_schedule_matches_the_reference");
+    let stream = gpu.stream();
+    for batch in [1, 2, 7, 64, 128, 1000] {
+        for parts in [1, 33, 66, 132] {
+            let lens: Vec<i32> = (0..batch)
+                .map(|_| match rng.random_range(0..8) {
+                    0 => [0, 1, 63, 64, 65][rng.random_range(0..5)],
+                    1 => -rng.random_range(1..100),
+                    2 => rng.random_range(0..200_000),
+                    _ => rng.random_range(0..16_384),
+                })
+                .collect();
+            let want = schedule(&lens.iter().map(|&l| l.max(0) as u32).collect::<Vec<_>>(), parts);
+            let d_lens = stream.clone_htod(&lens).unwrap();
+            let mut out = DeviceSchedule::new(&stream, batch, parts).map_err(|e| e.to_string())?;
+            plan_on_device(&stream, &d_lens.as_view(), &mut out).map_err(|e| e.to_string())?;
+            let (words, splits) = out.to_host(&stream).map_err(|e| e.to_string())?;
+            ensure(splits == want.splits, || format!("batch {batch}, {parts} parts: splits differ"))?;
+            ensure(words == want.encode(), || format!("batch {batch}, {parts} parts: parts differ"))?;
+        }
+    }
+    Ok(())
 }

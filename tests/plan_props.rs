@@ -127,6 +127,8 @@ mod mla {
             }
             prop_assert_eq!(next.0 as usize, lens.len() - 1);
             prop_assert_eq!(next.1 as usize, blocks(*lens.last().unwrap() as usize));
+            // The device encoding round-trips.
+            prop_assert_eq!(&deepkern::plan::mla::Schedule::decode(&s.encode(), &lens), &s.parts);
             // Split counts agree with the chunks.
             for r in 0..lens.len() {
                 let n = chunks.iter().filter(|c| c.request as usize == r).count() as u32;

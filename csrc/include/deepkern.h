@@ -143,6 +143,29 @@ typedef struct dk_mla_combine_params {
 
 dk_status_t dk_mla_combine(const dk_mla_combine_params_t* params, dk_stream_t stream);
 
+/* Words per part in an MLA split-KV schedule, and the schedule's cost model (in 64-key tiles). */
+#define DK_MLA_PART_WORDS 5
+#define DK_MLA_KV_BLOCK 64
+#define DK_MLA_SPLIT_OVERHEAD 5
+
+/*
+ * MLA split-KV schedule on the device (graph-capturable: lengths are read from device memory).
+ * Writes exactly the plan of deepkern::plan::mla::schedule, encoded per part as
+ * [begin_req, begin_block, end_req, end_block, begin_split] ([-1, 0, -1, 0, 0] for an empty part),
+ * and splits[b + 1] = cumulative chunk counts. Negative lengths count as 0.
+ *
+ * Contract (checked by the Rust wrapper): batch >= 0; num_parts >= 1.
+ */
+typedef struct dk_mla_schedule_params {
+    const int32_t* lens; /* [batch] (device memory) */
+    int32_t* parts;      /* [num_parts, DK_MLA_PART_WORDS] */
+    int32_t* splits;     /* [batch + 1] */
+    int32_t batch;
+    int32_t num_parts;
+} dk_mla_schedule_params_t;
+
+dk_status_t dk_mla_schedule(const dk_mla_schedule_params_t* params, dk_stream_t stream);
+
 /* Limits of the expert-parallel kernels. */
 #define DK_EP_MAX_RANKS 64
 #define DK_EP_MAX_EXPERTS 1024

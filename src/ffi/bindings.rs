@@ -5,6 +5,9 @@
 pub const DK_ABI_VERSION: u32 = 1;
 pub const DK_QUANT_GROUP: u32 = 128;
 pub const DK_MLA_HEAD_DIM_V: u32 = 512;
+pub const DK_MLA_PART_WORDS: u32 = 5;
+pub const DK_MLA_KV_BLOCK: u32 = 64;
+pub const DK_MLA_SPLIT_OVERHEAD: u32 = 5;
 pub const DK_EP_MAX_RANKS: u32 = 64;
 pub const DK_EP_MAX_EXPERTS: u32 = 1024;
 #[repr(C)]
@@ -225,6 +228,55 @@ pub type dk_mla_combine_params_t = dk_mla_combine_params;
 unsafe extern "C" {
     pub fn dk_mla_combine(
         params: *const dk_mla_combine_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct dk_mla_schedule_params {
+    pub lens: *const i32,
+    pub parts: *mut i32,
+    pub splits: *mut i32,
+    pub batch: i32,
+    pub num_parts: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of dk_mla_schedule_params",
+    ][::std::mem::size_of::<dk_mla_schedule_params>() - 32usize];
+    [
+        "Alignment of dk_mla_schedule_params",
+    ][::std::mem::align_of::<dk_mla_schedule_params>() - 8usize];
+    [
+        "Offset of field: dk_mla_schedule_params::lens",
+    ][::std::mem::offset_of!(dk_mla_schedule_params, lens) - 0usize];
+    [
+        "Offset of field: dk_mla_schedule_params::parts",
+    ][::std::mem::offset_of!(dk_mla_schedule_params, parts) - 8usize];
+    [
+        "Offset of field: dk_mla_schedule_params::splits",
+    ][::std::mem::offset_of!(dk_mla_schedule_params, splits) - 16usize];
+    [
+        "Offset of field: dk_mla_schedule_params::batch",
+    ][::std::mem::offset_of!(dk_mla_schedule_params, batch) - 24usize];
+    [
+        "Offset of field: dk_mla_schedule_params::num_parts",
+    ][::std::mem::offset_of!(dk_mla_schedule_params, num_parts) - 28usize];
+};
+impl Default for dk_mla_schedule_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_mla_schedule_params_t = dk_mla_schedule_params;
+unsafe extern "C" {
+    pub fn dk_mla_schedule(
+        params: *const dk_mla_schedule_params_t,
         stream: dk_stream_t,
     ) -> dk_status_t;
 }

@@ -104,6 +104,55 @@ pub fn schedule(lens: &[u32], num_parts: usize) -> Schedule {
     Schedule { parts, splits, budget }
 }
 
+/// `i32`s per part in the device encoding of a schedule.
+pub const PART_WORDS: usize = 5;
+
+impl Schedule {
+    /// The device encoding the GPU scheduler writes and the decode kernel reads: per part
+    /// `[begin_req, begin_block, end_req, end_block, begin_split]`, where the part covers, in
+    /// (request, tile) order, from tile `begin_block` of request `begin_req` up to (exclusive) tile
+    /// `end_block` of request `end_req`, and `begin_split` is the split index of its first chunk.
+    /// An empty part is `[-1, 0, -1, 0, 0]`.
+    pub fn encode(&self) -> Vec<i32> {
+        let mut words = Vec::with_capacity(self.parts.len() * PART_WORDS);
+        for part in &self.parts {
+            match (part.chunks.first(), part.chunks.last()) {
+                (Some(first), Some(last)) => words.extend([
+                    first.request as i32,
+                    first.begin_block as i32,
+                    last.request as i32,
+                    last.end_block as i32,
+                    first.split as i32,
+                ]),
+                _ => words.extend([-1, 0, -1, 0, 0]),
+            }
+        }
+        words
+    }
+
+    /// Rebuilds the chunks from an encoding (`lens` gives each request's tile count): the inverse
+    /// of [`Schedule::encode`] for schedules made by [`schedule`].
+    pub fn decode(words: &[i32], lens: &[u32]) -> Vec<Part> {
+        words
+            .chunks(PART_WORDS)
+            .map(|w| {
+                let mut part = Part::default();
+                if w[0] < 0 {
+                    return part;
+                }
+                let (first, last) = (w[0] as usize, w[2] as usize);
+                for (r, &len) in lens.iter().enumerate().take(last + 1).skip(first) {
+                    let begin = if r == first { w[1] as u32 } else { 0 };
+                    let end = if r == last { w[3] as u32 } else { blocks(len as usize) as u32 };
+                    let split = if r == first { w[4] as u32 } else { 0 };
+                    part.chunks.push(Chunk { request: r as u32, begin_block: begin, end_block: end, split });
+                }
+                part
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
