@@ -11,23 +11,26 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use crate::error::{Error, KernelStatus, Result};
 use crate::ffi;
 
-/// Calls a C launcher. Without the kernels (no nvcc at build time) it returns
-/// `Err(Error::KernelsNotBuilt)` from the enclosing function instead, so the crate links with no
-/// kernel library at all.
+/// Calls a C launcher. Without the kernels (no nvcc at build time) it calls nothing and yields
+/// [`NOT_BUILT`], which [`Launch::finish`] turns into `Error::KernelsNotBuilt`, so the crate links
+/// with no kernel library at all. ([`Launch::new`] already refuses to start a launch then; this
+/// keeps both builds the same straight-line code.)
 macro_rules! ffi_call {
     (unsafe $f:ident($($arg:expr),* $(,)?)) => {{
         #[cfg(deepkern_kernels)]
-        {
-            unsafe { $crate::ffi::$f($($arg),*) }
-        }
+        let status = unsafe { $crate::ffi::$f($($arg),*) };
         #[cfg(not(deepkern_kernels))]
-        {
+        let status = {
             let _ = ($(&$arg,)*);
-            return Err($crate::error::Error::KernelsNotBuilt);
-        }
+            $crate::launch::NOT_BUILT
+        };
+        status
     }};
 }
 pub(crate) use ffi_call;
+
+/// The status [`ffi_call!`] yields in a build without kernels (outside `dk_status_t`'s range).
+pub(crate) const NOT_BUILT: ffi::dk_status_t = ffi::dk_status_t(u32::MAX);
 
 /// One kernel launch in preparation. See the module docs.
 pub(crate) struct Launch<'a> {
@@ -67,6 +70,9 @@ impl<'a> Launch<'a> {
 
     /// Ends the launch with the status the C launcher returned; the guards drop here, after it.
     pub fn finish(self, status: ffi::dk_status_t) -> Result<()> {
+        if status == NOT_BUILT {
+            return Err(Error::KernelsNotBuilt);
+        }
         let status = KernelStatus::from_raw(status.0);
         if status == KernelStatus::Ok {
             return Ok(());
