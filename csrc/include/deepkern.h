@@ -107,6 +107,45 @@ typedef struct dk_quant_per_block_params {
 
 dk_status_t dk_quant_per_block(const dk_quant_per_block_params_t* params, dk_stream_t stream);
 
+/* A CUDA tensor map (the 128 opaque bytes of a CUtensorMap), encoded by the caller with
+ * cuTensorMapEncodeTiled. */
+typedef struct dk_tensor_map {
+    uint64_t opaque[16];
+} dk_tensor_map_t;
+
+/* Tile of the dense FP8 GEMM (version 1: one configuration). */
+#define DK_GEMM_BLOCK_M 128
+#define DK_GEMM_BLOCK_N 128
+#define DK_GEMM_BLOCK_K 128
+
+/*
+ * Dense FP8 block-scaled GEMM, NT (DeepSeek-V3 recipe):
+ *   D[r, c] = sum_kb ( sum_{j in block kb} A[r, j] * B[c, j] ) * sa[r, kb] * sb[c / 128, kb]   (bf16 out)
+ * accumulated in f32 and promoted on CUDA cores after every 128 of K.
+ *
+ *   tma_a   A  [m, k] e4m3 row-major: dims {k, m}, box {128, DK_GEMM_BLOCK_M}, 128-byte swizzle
+ *   tma_b   B  [n, k] e4m3 row-major: dims {k, n}, box {128, DK_GEMM_BLOCK_N}, 128-byte swizzle
+ *   tma_sfa sa [k/128, m_pad] f32 (the per-token quantiser's layout): dims {m_pad, k/128}, box {DK_GEMM_BLOCK_M, 1}
+ *   sfb     sb [ceil(n/128), k/128] f32 row-major
+ *   d       D  [m, n] bf16 row-major; every element is written, nothing outside
+ *
+ * Contract (checked by the Rust wrapper, which also encodes the tensor maps): m, n >= 0;
+ * k > 0 and k % 128 == 0; num_sms >= 1.
+ */
+typedef struct dk_gemm_fp8_params {
+    dk_tensor_map_t tma_a;
+    dk_tensor_map_t tma_b;
+    dk_tensor_map_t tma_sfa;
+    const float* sfb; /* [ceil(n / 128), k / 128] */
+    uint16_t* d;      /* [m, n] bf16 bits */
+    int32_t m;
+    int32_t n;
+    int32_t k;
+    int32_t num_sms; /* persistent CTAs at most */
+} dk_gemm_fp8_params_t;
+
+dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);
+
 /* Element types of 16-bit tensors. */
 typedef enum dk_dtype {
     DK_DTYPE_BF16 = 0,

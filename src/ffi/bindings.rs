@@ -4,6 +4,9 @@
 
 pub const DK_ABI_VERSION: u32 = 1;
 pub const DK_QUANT_GROUP: u32 = 128;
+pub const DK_GEMM_BLOCK_M: u32 = 128;
+pub const DK_GEMM_BLOCK_N: u32 = 128;
+pub const DK_GEMM_BLOCK_K: u32 = 128;
 pub const DK_MLA_HEAD_DIM_V: u32 = 512;
 pub const DK_MLA_PART_WORDS: u32 = 5;
 pub const DK_MLA_KV_BLOCK: u32 = 64;
@@ -151,6 +154,85 @@ pub type dk_quant_per_block_params_t = dk_quant_per_block_params;
 unsafe extern "C" {
     pub fn dk_quant_per_block(
         params: *const dk_quant_per_block_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct dk_tensor_map {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of dk_tensor_map"][::std::mem::size_of::<dk_tensor_map>() - 128usize];
+    ["Alignment of dk_tensor_map"][::std::mem::align_of::<dk_tensor_map>() - 8usize];
+    [
+        "Offset of field: dk_tensor_map::opaque",
+    ][::std::mem::offset_of!(dk_tensor_map, opaque) - 0usize];
+};
+pub type dk_tensor_map_t = dk_tensor_map;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct dk_gemm_fp8_params {
+    pub tma_a: dk_tensor_map_t,
+    pub tma_b: dk_tensor_map_t,
+    pub tma_sfa: dk_tensor_map_t,
+    pub sfb: *const f32,
+    pub d: *mut u16,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub num_sms: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of dk_gemm_fp8_params",
+    ][::std::mem::size_of::<dk_gemm_fp8_params>() - 416usize];
+    [
+        "Alignment of dk_gemm_fp8_params",
+    ][::std::mem::align_of::<dk_gemm_fp8_params>() - 8usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::tma_a",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, tma_a) - 0usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::tma_b",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, tma_b) - 128usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::tma_sfa",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, tma_sfa) - 256usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::sfb",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, sfb) - 384usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::d",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, d) - 392usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::m",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, m) - 400usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::n",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, n) - 404usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::k",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, k) - 408usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::num_sms",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, num_sms) - 412usize];
+};
+impl Default for dk_gemm_fp8_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_gemm_fp8_params_t = dk_gemm_fp8_params;
+unsafe extern "C" {
+    pub fn dk_gemm_fp8(
+        params: *const dk_gemm_fp8_params_t,
         stream: dk_stream_t,
     ) -> dk_status_t;
 }

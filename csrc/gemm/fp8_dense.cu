@@ -1,0 +1,227 @@
+// Dense FP8 block-scaled GEMM for Hopper (version 1). Contract: csrc/include/deepkern.h,
+// dk_gemm_fp8_params; CPU twin: deepkern::reference::gemm::gemm.
+//
+// Persistent CTAs of three warpgroups. Warpgroup 0 is the producer: one thread streams the A, B and
+// A-scale tiles of every (tile, k-block) through a ring of kStages shared-memory stages with TMA,
+// signalling `full` barriers. Warpgroups 1 and 2 each own 64 rows of the 128x128 tile: per k-block
+// they wait on `full`, issue four wgmma m64n128k32 (E4M3, f32 accumulate) over the 128 of K, wait
+// for them, release the stage on `empty`, then promote: final += acc * sa[row] * sb on CUDA cores,
+// so the tensor core's accumulator never runs across scale blocks. The bf16 tile is stored from
+// registers with bounds checks (ragged m and n).
+//
+// SASS-EXPECT: fp8_gemm_kernel QGMMA UTMALDG
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/math.cuh"
+#include "common/ptx.cuh"
+#include "common/status.cuh"
+#include "deepkern.h"
+
+namespace dk::gemm {
+
+constexpr int kBlockM = DK_GEMM_BLOCK_M;
+constexpr int kBlockN = DK_GEMM_BLOCK_N;
+constexpr int kBlockK = DK_GEMM_BLOCK_K;
+constexpr int kStages = 6;
+constexpr int kMathWarpgroups = kBlockM / 64;
+constexpr int kThreads = 128 * (1 + kMathWarpgroups);
+constexpr int kWgmmaK = 32;  // K of one FP8 wgmma
+constexpr uint32_t kTileABytes = kBlockM * kBlockK;
+constexpr uint32_t kTileBBytes = kBlockN * kBlockK;
+constexpr uint32_t kSfaBytes = kBlockM * sizeof(float);
+static_assert(kBlockK == 128, "one scale block per stage: the promotion interval is 128 of K");
+static_assert(kBlockN == 128, "version 1: B's scale row is the same across the whole tile");
+
+struct SharedStorage {
+    alignas(1024) uint8_t a[kStages][kTileABytes];  // (BLOCK_M, BLOCK_K) per stage, 128B swizzle
+    alignas(1024) uint8_t b[kStages][kTileBBytes];  // (BLOCK_N, BLOCK_K) per stage, 128B swizzle
+    alignas(128) float sfa[kStages][kBlockM];       // (BLOCK_M) per stage
+    uint64_t full[kStages];
+    uint64_t empty[kStages];
+};
+constexpr size_t kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024
+static_assert(kSmemBytes <= 232448, "shared memory plan exceeds Hopper's 227 KiB opt-in limit");
+
+struct KernelParams {
+    CUtensorMap tma_a;
+    CUtensorMap tma_b;
+    CUtensorMap tma_sfa;
+    const float* sfb;
+    __nv_bfloat16* d;
+    int m, n, k;
+};
+
+// Shared-memory matrix descriptor of a K-major operand tile with 128-byte swizzle: rows of 128
+// bytes, 8-row (1024-byte) swizzle atoms.
+__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* p) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    uint64_t desc = (addr & 0x3ffff) >> 4;     // start address, 16-byte units
+    desc |= uint64_t(1) << 16;                 // leading byte offset (unused with this swizzle)
+    desc |= uint64_t(1024 >> 4) << 32;         // stride byte offset: one 8-row atom
+    desc |= uint64_t(1) << 62;                 // layout: 128-byte swizzle
+    return desc;
+}
+
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+    while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
+    }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_constant__ KernelParams p) {
+    extern __shared__ uint8_t smem_raw[];
+    auto& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    const int m_tiles = ceil_div(p.m, kBlockM);
+    const int n_tiles = ceil_div(p.n, kBlockN);
+    const int k_blocks = p.k / kBlockK;
+    const int tiles = m_tiles * n_tiles;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < kStages; ++i) {
+            ptx::mbarrier_init(&s.full[i], 1);
+            ptx::mbarrier_init(&s.empty[i], kMathWarpgroups * 4);  // one arrival per consumer warp
+        }
+        ptx::fence_mbarrier_init();
+        ptx::prefetch_tensormap(&p.tma_a);
+        ptx::prefetch_tensormap(&p.tma_b);
+        ptx::prefetch_tensormap(&p.tma_sfa);
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // NOTES: the producer needs few registers; give them to the consumers.
+        ptx::setmaxnreg_dec<40>();
+        if (threadIdx.x != 0) {
+            return;
+        }
+        int stage = 0;
+        uint32_t phase = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const int m0 = (tile % m_tiles) * kBlockM;
+            const int n0 = (tile / m_tiles) * kBlockN;
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                wait(&s.empty[stage], phase ^ 1);
+                // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes.
+                ptx::mbarrier_arrive_expect_tx(&s.full[stage], kTileABytes + kTileBBytes + kSfaBytes);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.a[stage], &p.tma_a, &s.full[stage], kb * kBlockK, m0);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.b[stage], &p.tma_b, &s.full[stage], kb * kBlockK, n0);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.sfa[stage], &p.tma_sfa, &s.full[stage], m0, kb);
+                if (++stage == kStages) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        return;
+    }
+
+    ptx::setmaxnreg_inc<232>();
+    const int math_wg = wg - 1;
+    const int t = threadIdx.x % 128;
+    const int warp = t / 32;
+    const int lane = t % 32;
+    // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's 64,
+    // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. N/8 - 1.
+    const int r = math_wg * 64 + warp * 16 + lane / 4;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = (tile % m_tiles) * kBlockM;
+        const int n0 = (tile / m_tiles) * kBlockN;
+        float acc[kBlockN / 2];
+        float sum[kBlockN / 2];
+#pragma unroll
+        for (int i = 0; i < kBlockN / 2; ++i) {
+            sum[i] = 0.0f;
+        }
+        for (int kb = 0; kb < k_blocks; ++kb) {
+            wait(&s.full[stage], phase);
+            const float sb = __ldg(p.sfb + (n0 / 128) * k_blocks + kb);
+            const float scale0 = s.sfa[stage][r] * sb;
+            const float scale1 = s.sfa[stage][r + 8] * sb;
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+                const uint64_t desc_a = smem_desc_k_major_sw128(s.a[stage] + math_wg * 64 * kBlockK + kk * kWgmmaK);
+                const uint64_t desc_b = smem_desc_k_major_sw128(s.b[stage] + kk * kWgmmaK);
+                ptx::wgmma_m64n128k32_f32_e4m3_e4m3(acc, desc_a, desc_b, kk > 0);
+            }
+            ptx::wgmma_commit_group();
+            ptx::wgmma_wait_group<0>();
+            __syncwarp();
+            if (lane == 0) {
+                ptx::mbarrier_arrive(&s.empty[stage]);
+            }
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+                sum[4 * j + 0] += acc[4 * j + 0] * scale0;
+                sum[4 * j + 1] += acc[4 * j + 1] * scale0;
+                sum[4 * j + 2] += acc[4 * j + 2] * scale1;
+                sum[4 * j + 3] += acc[4 * j + 3] * scale1;
+            }
+            if (++stage == kStages) {
+                stage = 0;
+                phase ^= 1;
+            }
+        }
+        // NOTES: direct bounds-checked stores; a TMA store of a swizzled smem tile comes later.
+        const int row0 = m0 + r;
+        const int row1 = row0 + 8;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+            const int col = n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (col + h < p.n) {
+                    if (row0 < p.m) {
+                        p.d[int64_t(row0) * p.n + col + h] = __float2bfloat16_rn(sum[4 * j + h]);
+                    }
+                    if (row1 < p.m) {
+                        p.d[int64_t(row1) * p.n + col + h] = __float2bfloat16_rn(sum[4 * j + 2 + h]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace dk::gemm
+
+extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t stream) {
+    using namespace dk::gemm;
+    if (p == nullptr || p->m < 0 || p->n < 0 || p->k <= 0 || p->k % kBlockK != 0 || p->num_sms < 1) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->m == 0 || p->n == 0) {
+        return DK_STATUS_OK;
+    }
+    if (p->sfb == nullptr || p->d == nullptr) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    KernelParams kp;
+    static_assert(sizeof(CUtensorMap) == sizeof(dk_tensor_map_t), "tensor map size");
+    std::memcpy(&kp.tma_a, &p->tma_a, sizeof(CUtensorMap));
+    std::memcpy(&kp.tma_b, &p->tma_b, sizeof(CUtensorMap));
+    std::memcpy(&kp.tma_sfa, &p->tma_sfa, sizeof(CUtensorMap));
+    kp.sfb = p->sfb;
+    kp.d = reinterpret_cast<__nv_bfloat16*>(p->d);
+    kp.m = p->m;
+    kp.n = p->n;
+    kp.k = p->k;
+    const int64_t tiles = int64_t(dk::ceil_div(p->m, kBlockM)) * dk::ceil_div(p->n, kBlockN);
+    if (tiles > INT32_MAX) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    const dim3 grid(static_cast<unsigned>(tiles < p->num_sms ? tiles : p->num_sms));
+    const dk_status_t attr = dk::status_from_cuda(
+        cudaFuncSetAttribute(fp8_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+    if (attr != DK_STATUS_OK) {
+        return attr;
+    }
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    return dk::checked_launch([&] { fp8_gemm_kernel<<<grid, kThreads, kSmemBytes, s>>>(kp); });
+}

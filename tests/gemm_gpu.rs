@@ -1,0 +1,228 @@
+//! The dense FP8 GEMM on the GPU against the f64 reference. What each test proves:
+//! - `exact_small_integers`: with small-integer E4M3 inputs and power-of-two scales every sum is
+//!   exact in f32, so each bf16 output must equal the rounded reference bit for bit (any indexing,
+//!   layout, swizzle or scale-placement bug shows). A's scale padding holds NaN: unused, unseen.
+//! - `random_inputs`: quantised random data, `calc_diff` against the dequantised product (the
+//!   kernel's own error) and against the unquantised one (DeepGEMM's bar, 1e-3), on ragged and
+//!   DeepSeek-V3 shapes; large outputs are checked on a random sample of entries.
+//! - `output_is_fully_written_and_bounded`: D poisoned with NaN, inside a guarded view: every entry
+//!   is written and nothing outside it.
+//! - `quantisers_then_gemm`: the whole GPU path (both quantisers, then the GEMM).
+//! - `empty_and_bad_input`: m = 0 is a no-op; bad k, lengths and alignment are errors.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Gpu, TestResult, ensure};
+use deepkern::check::calc_diff;
+use deepkern::cudarc::driver::CudaStream;
+use deepkern::fp8::e4m3_encode;
+use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8};
+use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
+use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
+use deepkern::reference::quant::{per_block, per_token_group};
+use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+fn main() {
+    common::run(vec![
+        ("exact_small_integers", exact_small_integers),
+        ("random_inputs", random_inputs),
+        ("output_is_fully_written_and_bounded", output_is_fully_written_and_bounded),
+        ("quantisers_then_gemm", quantisers_then_gemm),
+        ("empty_and_bad_input", empty_and_bad_input),
+    ]);
+}
+
+const NAN_BF16: u16 = 0x7fc1;
+
+/// Host operands: E4M3 bytes, A's row-major scales, B's block scales.
+struct Host {
+    a: Vec<u8>,
+    sa: Vec<f32>,
+    b: Vec<u8>,
+    sb: Vec<f32>,
+    shape: GemmShape,
+}
+
+impl Host {
+    fn a_op(&self) -> Fp8Operand<'_> {
+        Fp8Operand { q: &self.a, scales: &self.sa, rows: self.shape.m }
+    }
+    fn b_op(&self) -> Fp8Operand<'_> {
+        Fp8Operand { q: &self.b, scales: &self.sb, rows: self.shape.n }
+    }
+}
+
+/// Runs the GEMM on `h` into a NaN-poisoned D inside a guard of `guard` elements each side.
+/// A's scale padding is NaN. Returns D (without the guards) and whether the guards survived.
+fn run_gemm(stream: &Arc<CudaStream>, h: &Host, guard: usize) -> Result<(Vec<bf16>, bool), Error> {
+    let GemmShape { m, n, k } = h.shape;
+    let kb = k / 128;
+    let to_f8 = |v: &[u8]| v.iter().map(|&b| F8E4M3::from_bits(b)).collect::<Vec<_>>();
+    let d_a = stream.clone_htod(&to_f8(&h.a))?;
+    let d_b = stream.clone_htod(&to_f8(&h.b))?;
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, kb, f32::NAN))?;
+    let d_sb = stream.clone_htod(&h.sb)?;
+    let mut d_d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n + 2 * guard])?;
+    gemm_fp8(
+        stream,
+        &Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() },
+        &Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() },
+        &mut d_d.slice_mut(guard..guard + m * n),
+        h.shape,
+    )?;
+    let all = stream.clone_dtoh(&d_d)?;
+    let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.to_bits() == NAN_BF16);
+    Ok((all[guard..guard + m * n].to_vec(), guards_ok))
+}
+
+fn exact_small_integers(gpu: &Gpu) -> TestResult {
+    const INTS: [f32; 9] = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0];
+    let mut rng = gpu.rng("exact_small_integers");
+    let stream = gpu.stream();
+    for (m, n, k) in [(1, 1, 128), (64, 128, 128), (130, 257, 384), (128, 128, 1024), (300, 700, 512)] {
+        let shape = GemmShape { m, n, k };
+        let kb = k / 128;
+        // Exponents -1..=1: partial sums (128 products <= 16) times scale products <= 4, summed
+        // over <= 8 blocks, stay multiples of 2^-2 below 2^16, i.e. exact in f32's 24 bits (and in
+        // the tensor core's narrower accumulator, which only ever holds integers <= 2048).
+        let pow2 = |rng: &mut StdRng| 2f32.powi(rng.random_range(-1..2));
+        let h = Host {
+            a: (0..m * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+            sa: (0..m * kb).map(|_| pow2(&mut rng)).collect(),
+            b: (0..n * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+            sb: (0..n.div_ceil(128) * kb).map(|_| pow2(&mut rng)).collect(),
+            shape,
+        };
+        let (d, _) = run_gemm(&stream, &h, 0).map_err(|e| format!("{shape:?}: {e}"))?;
+        let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
+        for (i, (g, w)) in d.iter().zip(&want).enumerate() {
+            let w = bf16::from_f64(*w);
+            ensure(g.to_bits() == w.to_bits(), || format!("{shape:?}: D[{}, {}] = {g} want {w}", i / n, i % n))?;
+        }
+    }
+    Ok(())
+}
+
+/// Quantised random operands (CPU quantisers) and the unquantised values.
+fn random_host(rng: &mut StdRng, shape: GemmShape) -> (Host, Vec<f32>, Vec<f32>) {
+    let GemmShape { m, n, k } = shape;
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0) * if rng.random_ratio(1, 50) { 30.0 } else { 1.0 }).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+    let (qa, qb) = (per_token_group(&x, m, k, ScaleFormat::F32), per_block(&w, n, k, ScaleFormat::F32));
+    (Host { a: qa.q, sa: qa.scales, b: qb.q, sb: qb.scales, shape }, x, w)
+}
+
+/// Entries to check: all of them for small outputs, else a random sample.
+fn sample(rng: &mut StdRng, m: usize, n: usize) -> Vec<(usize, usize)> {
+    if m * n <= 1 << 18 {
+        deepkern::reference::gemm::all_entries(m, n)
+    } else {
+        (0..4096).map(|_| (rng.random_range(0..m), rng.random_range(0..n))).collect()
+    }
+}
+
+fn random_inputs(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("random_inputs");
+    let stream = gpu.stream();
+    let shapes = [(7, 9, 128), (129, 255, 640), (64, 2112, 7168), (128, 7168, 2048), (4096, 4096, 7168), (4096, 7168, 16384)];
+    for (m, n, k) in shapes {
+        let shape = GemmShape { m, n, k };
+        let (h, x, w) = random_host(&mut rng, shape);
+        let (d, _) = run_gemm(&stream, &h, 0).map_err(|e| format!("{shape:?}: {e}"))?;
+        let at = sample(&mut rng, m, n);
+        let got: Vec<f32> = at.iter().map(|&(r, c)| d[r * n + c].to_f32()).collect();
+        ensure(got.iter().all(|v| v.is_finite()), || format!("{shape:?}: non-finite output"))?;
+        let deq = gemm_entries(h.a_op(), h.b_op(), k, &at);
+        let exact: Vec<f64> = at.iter().map(|&(r, c)| (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum()).collect();
+        let (d_deq, d_exact) = (calc_diff(&got, &deq), calc_diff(&got, &exact));
+        ensure(d_deq < 1e-4, || format!("{shape:?}: calc_diff vs dequantised reference {d_deq:e}"))?;
+        ensure(d_exact < 1e-3, || format!("{shape:?}: calc_diff vs unquantised product {d_exact:e}"))?;
+    }
+    Ok(())
+}
+
+fn output_is_fully_written_and_bounded(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("output_is_fully_written_and_bounded");
+    let stream = gpu.stream();
+    for (m, n, k) in [(1, 1, 128), (127, 129, 256), (257, 1000, 384)] {
+        let shape = GemmShape { m, n, k };
+        let (h, _, _) = random_host(&mut rng, shape);
+        let (d, guards_ok) = run_gemm(&stream, &h, 64).map_err(|e| format!("{shape:?}: {e}"))?;
+        ensure(guards_ok, || format!("{shape:?}: wrote outside D"))?;
+        ensure(d.iter().all(|v| v.to_bits() != NAN_BF16), || format!("{shape:?}: an entry of D was not written"))?;
+    }
+    Ok(())
+}
+
+fn quantisers_then_gemm(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("quantisers_then_gemm");
+    let stream = gpu.stream();
+    let (m, n, k) = (200, 384, 1024);
+    let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0))).collect();
+    let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rng.random_range(-0.05f32..0.05))).collect();
+    let (ts, bs) = (TokenGroupShape::new(m, k), BlockShape::new(n, k));
+    let d_x = stream.clone_htod(&x).unwrap();
+    let d_w = stream.clone_htod(&w).unwrap();
+    let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).unwrap();
+    let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).unwrap();
+    let mut qb = stream.alloc_zeros::<F8E4M3>(n * k).unwrap();
+    let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).unwrap();
+    quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::Ue8m0).map_err(|e| e.to_string())?;
+    quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::Ue8m0).map_err(|e| e.to_string())?;
+    let mut d = stream.alloc_zeros::<bf16>(m * n).unwrap();
+    let shape = GemmShape { m, n, k };
+    gemm_fp8(
+        &stream,
+        &Fp8Activations { q: qa.as_view(), sf: sa.as_view() },
+        &Fp8Weights { q: qb.as_view(), sf: sb.as_view() },
+        &mut d.as_view_mut(),
+        shape,
+    )
+    .map_err(|e| e.to_string())?;
+    let bytes = |v: Vec<F8E4M3>| v.iter().map(F8E4M3::to_bits).collect::<Vec<u8>>();
+    let h = Host {
+        a: bytes(stream.clone_dtoh(&qa).unwrap()),
+        sa: scales_from_tma_layout(&stream.clone_dtoh(&sa).unwrap(), m, k / 128),
+        b: bytes(stream.clone_dtoh(&qb).unwrap()),
+        sb: stream.clone_dtoh(&sb).unwrap(),
+        shape,
+    };
+    let got: Vec<f32> = stream.clone_dtoh(&d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
+    let diff = calc_diff(&got, &want);
+    ensure(diff < 1e-4, || format!("calc_diff {diff:e} against the reference on the GPU-quantised operands"))
+}
+
+fn empty_and_bad_input(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let (m, n, k) = (8, 16, 256);
+    let a = stream.alloc_zeros::<F8E4M3>(m * k + 16).unwrap();
+    let sa = stream.alloc_zeros::<f32>(2 * tma_aligned_rows(m) + 4).unwrap();
+    let b = stream.alloc_zeros::<F8E4M3>(n * k).unwrap();
+    let sb = stream.alloc_zeros::<f32>(2).unwrap();
+    let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+    let shape = GemmShape { m, n, k };
+    let bw = Fp8Weights { q: b.as_view(), sf: sb.as_view() };
+    let mut run = |a_off: usize, sa_off: usize, shape: GemmShape, d_len: usize| {
+        let aa = Fp8Activations {
+            q: a.slice(a_off..a_off + shape.m * shape.k),
+            sf: sa.slice(sa_off..sa_off + (shape.k / 128).max(1) * tma_aligned_rows(shape.m)),
+        };
+        gemm_fp8(&stream, &aa, &bw, &mut d.slice_mut(..d_len), shape)
+    };
+    let arg = |r: Result<(), Error>| match r {
+        Err(Error::Shape { arg, .. } | Error::Alignment { arg, .. } | Error::InvalidArgument { arg, .. }) => Ok(arg),
+        other => Err(format!("expected an argument error, got {other:?}")),
+    };
+    ensure(arg(run(0, 0, GemmShape { k: 200, ..shape }, m * n))? == "k", || "k = 200 accepted".into())?;
+    ensure(arg(run(0, 0, shape, m * n - 1))? == "d", || "short d accepted".into())?;
+    ensure(arg(run(1, 0, shape, m * n))? == "a", || "misaligned a accepted".into())?;
+    ensure(arg(run(0, 1, shape, m * n))? == "sfa", || "misaligned sfa accepted".into())?;
+    run(0, 0, GemmShape { m: 0, ..shape }, 0).map_err(|e| e.to_string())?;
+    let untouched = stream.clone_dtoh(&d).unwrap().iter().all(|v| v.to_bits() == NAN_BF16);
+    ensure(untouched, || "a rejected or empty call wrote D".into())
+}
