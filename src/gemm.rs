@@ -5,8 +5,9 @@
 //! 1x128 scales in the per-token quantiser's transposed layout and B's 128x128 scales row-major
 //! (what [`crate::quantize_per_token_group`] and [`crate::quantize_per_block`] write).
 //!
-//! Version 1: dense NT only, one tile configuration (128x128, 6 stages). Grouped layouts and the
-//! planner-driven configurations come next.
+//! Layouts: dense ([`gemm_fp8`]) and the two M-grouped layouts of mixture-of-experts:
+//! contiguous ([`gemm_fp8_contiguous`], prefill) and masked ([`gemm_fp8_masked`], decode).
+//! Version 1: one tile configuration (128x128, 6 stages); the planner-driven ones come next.
 
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
@@ -26,7 +27,9 @@ pub struct Fp8Activations<'a> {
     pub sf: CudaView<'a, f32>,
 }
 
-/// Weights: E4M3 `[n, k]` ("NT": K-major) and their 128x128 scales `[ceil(n / 128), k / 128]`.
+/// Weights: E4M3 `[n, k]` ("NT": K-major) and their 128x128 scales `[ceil(n / 128), k / 128]`;
+/// for the grouped GEMMs, `groups` experts back to back: `[groups, n, k]` and
+/// `[groups, ceil(n / 128), k / 128]`.
 pub struct Fp8Weights<'a> {
     pub q: CudaView<'a, F8E4M3>,
     pub sf: CudaView<'a, f32>,
@@ -40,30 +43,72 @@ pub struct GemmShape {
     pub k: usize,
 }
 
+/// Problem size of a masked grouped GEMM: `groups` blocks of `max_m` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskedShape {
+    pub groups: usize,
+    pub max_m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// A GEMM to launch: the layout, sizes, and the expected length of every buffer.
+struct Problem {
+    layout: ffi::dk_gemm_layout,
+    /// Rows of A and D as the tensor maps see them (`groups · max_m` for masked).
+    m: usize,
+    n: usize,
+    k: usize,
+    groups: usize,
+    /// Rows of one group's scale block (masked: `max_m`; otherwise `m`).
+    scale_rows: usize,
+}
+
+impl Problem {
+    fn dense(shape: GemmShape) -> Self {
+        Self { layout: ffi::dk_gemm_layout::DK_GEMM_DENSE, m: shape.m, n: shape.n, k: shape.k, groups: 1, scale_rows: shape.m }
+    }
+
+    /// Checks `k`, the sizes, and every buffer length (`index_len`: m_indices or masked_m).
+    fn validate(&self, a_len: usize, sfa_len: usize, b_len: usize, sfb_len: usize, d_len: usize, index_len: Option<usize>) -> Result<()> {
+        let Problem { m, n, k, groups, scale_rows, .. } = *self;
+        if k == 0 || !k.is_multiple_of(GROUP) {
+            return Err(Error::Shape { arg: "k", expected: format!("a positive multiple of {GROUP}"), got: k.to_string() });
+        }
+        if groups == 0 {
+            return Err(Error::InvalidArgument { arg: "groups", reason: "must be at least 1".into() });
+        }
+        for (arg, v) in [("m", m), ("n", n), ("k", k), ("groups", groups), ("n", groups.saturating_mul(n))] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") });
+            }
+        }
+        let kb = k / GROUP;
+        let sfa_groups = m.checked_div(scale_rows).unwrap_or(groups);
+        let expect = |arg: &'static str, len: usize, want: usize, what: String| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") })
+            }
+        };
+        expect("a", a_len, m * k, format!("[{m}, {k}] e4m3"))?;
+        let pad = tma_aligned_rows(scale_rows);
+        expect("sfa", sfa_len, sfa_groups.max(1) * kb * pad, format!("[{}, {kb}, {pad}] f32, transposed", sfa_groups.max(1)))?;
+        expect("b", b_len, groups * n * k, format!("[{groups}, {n}, {k}] e4m3"))?;
+        expect("sfb", sfb_len, groups * ceil_div(n, GROUP) * kb, format!("[{groups}, {}, {kb}] f32", ceil_div(n, GROUP)))?;
+        expect("d", d_len, m * n, format!("[{m}, {n}] bf16"))?;
+        match (self.layout, index_len) {
+            (ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, Some(len)) => expect("m_indices", len, m, format!("[{m}] i32")),
+            (ffi::dk_gemm_layout::DK_GEMM_MASKED, Some(len)) => expect("masked_m", len, groups, format!("[{groups}] i32")),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Checks every buffer length of a dense FP8 GEMM. Pure: the wrapper calls it before launching.
 pub fn validate_gemm_fp8(shape: GemmShape, a_len: usize, sfa_len: usize, b_len: usize, sfb_len: usize, d_len: usize) -> Result<()> {
-    let GemmShape { m, n, k } = shape;
-    if k == 0 || !k.is_multiple_of(GROUP) {
-        return Err(Error::Shape { arg: "k", expected: format!("a positive multiple of {GROUP}"), got: k.to_string() });
-    }
-    for (arg, v) in [("m", m), ("n", n), ("k", k)] {
-        if i32::try_from(v).is_err() {
-            return Err(Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") });
-        }
-    }
-    let kb = k / GROUP;
-    let expect = |arg: &'static str, len: usize, want: usize, what: String| {
-        if len == want {
-            Ok(())
-        } else {
-            Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") })
-        }
-    };
-    expect("a", a_len, m * k, format!("[{m}, {k}] e4m3"))?;
-    expect("sfa", sfa_len, kb * tma_aligned_rows(m), format!("[{kb}, {}] f32, transposed", tma_aligned_rows(m)))?;
-    expect("b", b_len, n * k, format!("[{n}, {k}] e4m3"))?;
-    expect("sfb", sfb_len, ceil_div(n, GROUP) * kb, format!("[{}, {kb}] f32", ceil_div(n, GROUP)))?;
-    expect("d", d_len, m * n, format!("[{m}, {n}] bf16"))
+    Problem::dense(shape).validate(a_len, sfa_len, b_len, sfb_len, d_len, None)
 }
 
 /// A 2-D tiled tensor map over `rows x cols` elements of `elem_bytes` bytes (row-major, rows of
@@ -112,33 +157,98 @@ fn tensor_map_2d(
 /// `b` and the scales 16-byte aligned (TMA). `m = 0` or `n = 0` is a no-op. Asynchronous on
 /// `stream`.
 pub fn gemm_fp8(stream: &CudaStream, a: &Fp8Activations, b: &Fp8Weights, d: &mut CudaViewMut<bf16>, shape: GemmShape) -> Result<()> {
-    validate_gemm_fp8(shape, a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len())?;
+    let p = Problem::dense(shape);
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
+    launch(stream, &p, a, b, d, None)
+}
+
+/// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
+/// (`[m, k]`, each expert's segment padded to a multiple of 128 rows, so `m % 128 == 0`),
+/// `m_indices[r]` is row `r`'s expert (-1 on padding), `b` holds the experts' weights. Rows whose
+/// index is -1 are left untouched in `d` (`[m, n]`). An index outside `-1 .. groups` on the device
+/// is never used to address memory (its block is skipped).
+pub fn gemm_fp8_contiguous(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    m_indices: &CudaView<i32>,
+    d: &mut CudaViewMut<bf16>,
+    shape: GemmShape,
+    groups: usize,
+) -> Result<()> {
+    if !shape.m.is_multiple_of(GROUP) {
+        return Err(Error::Shape {
+            arg: "m",
+            expected: format!("a multiple of {GROUP} (segments padded per expert)"),
+            got: shape.m.to_string(),
+        });
+    }
+    let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
+    launch(stream, &p, a, b, d, Some(m_indices))
+}
+
+/// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the
+/// per-token quantiser's `[groups, k/128, round_up(max_m, 4)]` scales, `d` is `[groups, max_m, n]`,
+/// and only the first `masked_m[g]` rows of group `g` (read on the device, clamped to `max_m`) are
+/// computed and written.
+pub fn gemm_fp8_masked(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    masked_m: &CudaView<i32>,
+    d: &mut CudaViewMut<bf16>,
+    shape: MaskedShape,
+) -> Result<()> {
+    let MaskedShape { groups, max_m, n, k } = shape;
+    let m = groups.checked_mul(max_m).ok_or(Error::InvalidArgument { arg: "max_m", reason: format!("{groups} x {max_m} overflows") })?;
+    let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m, n, k, groups, scale_rows: max_m };
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(masked_m.len()))?;
+    launch(stream, &p, a, b, d, Some(masked_m))
+}
+
+/// The one launch path of every layout: pointers, alignment, tensor maps, params, the call.
+fn launch(
+    stream: &CudaStream,
+    p: &Problem,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    d: &mut CudaViewMut<bf16>,
+    index: Option<&CudaView<i32>>,
+) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;
-    if shape.m == 0 || shape.n == 0 {
+    if p.m == 0 || p.n == 0 {
         return Ok(());
     }
     let sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
+    let index_ptr = index.map(|v| launch.input(v));
     let d_ptr = launch.output(d);
     for (arg, addr) in [("a", a_ptr), ("sfa", sfa_ptr), ("b", b_ptr), ("sfb", sfb_ptr)] {
         check_aligned(arg, addr, 16)?;
     }
     check_aligned("d", d_ptr, 2)?;
-    let GemmShape { m, n, k } = shape;
-    let block_m = ffi::DK_GEMM_BLOCK_M;
-    let block_n = ffi::DK_GEMM_BLOCK_N;
+    let kb = p.k / GROUP;
+    let scale_groups = p.m.checked_div(p.scale_rows).unwrap_or(1).max(1);
     let (u8_t, f32_t) = (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
     let (sw128, none) = (CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B, CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE);
+    let (block_m, block_n, block_k) = (ffi::DK_GEMM_BLOCK_M, ffi::DK_GEMM_BLOCK_N, ffi::DK_GEMM_BLOCK_K);
+    let is = |l: ffi::dk_gemm_layout| p.layout == l;
     let params = ffi::dk_gemm_fp8_params {
-        tma_a: tensor_map_2d(a_ptr, u8_t, 1, m, k, block_m, ffi::DK_GEMM_BLOCK_K, sw128)?,
-        tma_b: tensor_map_2d(b_ptr, u8_t, 1, n, k, block_n, ffi::DK_GEMM_BLOCK_K, sw128)?,
-        tma_sfa: tensor_map_2d(sfa_ptr, f32_t, 4, k / GROUP, tma_aligned_rows(m), 1, block_m, none)?,
+        tma_a: tensor_map_2d(a_ptr, u8_t, 1, p.m, p.k, block_m, block_k, sw128)?,
+        tma_b: tensor_map_2d(b_ptr, u8_t, 1, p.groups * p.n, p.k, block_n, block_k, sw128)?,
+        tma_sfa: tensor_map_2d(sfa_ptr, f32_t, 4, scale_groups * kb, tma_aligned_rows(p.scale_rows), 1, block_m, none)?,
         sfb: sfb_ptr as *const f32,
         d: d_ptr as *mut u16,
-        m: m as i32,
-        n: n as i32,
-        k: k as i32,
+        m_indices: if is(ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS) { index_ptr.unwrap_or(0) as *const i32 } else { std::ptr::null() },
+        masked_m: if is(ffi::dk_gemm_layout::DK_GEMM_MASKED) { index_ptr.unwrap_or(0) as *const i32 } else { std::ptr::null() },
+        m: p.m as i32,
+        n: p.n as i32,
+        k: p.k as i32,
         num_sms: sms,
+        groups: p.groups as i32,
+        max_m: if is(ffi::dk_gemm_layout::DK_GEMM_MASKED) { p.scale_rows as i32 } else { p.m as i32 },
+        layout: p.layout,
     };
     let s = launch.stream();
     // SAFETY: the tensor maps and pointers describe live cudarc buffers of the validated lengths,
@@ -168,5 +278,25 @@ mod tests {
         assert_eq!(arg(validate_gemm_fp8(s, ok.0, ok.1, ok.2, 2, ok.4)), "sfb");
         assert_eq!(arg(validate_gemm_fp8(s, ok.0, ok.1, ok.2, ok.3, 0)), "d");
         assert!(validate_gemm_fp8(GemmShape { m: 0, ..s }, 0, 0, ok.2, ok.3, 0).is_ok());
+    }
+
+    #[test]
+    fn grouped_validation_counts_experts_and_groups() {
+        // Masked: 3 groups of 10 rows, n = 130, k = 256.
+        let masked = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m: 30, n: 130, k: 256, groups: 3, scale_rows: 10 };
+        let lens = (30 * 256, 3 * 2 * 12, 3 * 130 * 256, 3 * 2 * 2, 30 * 130);
+        assert!(masked.validate(lens.0, lens.1, lens.2, lens.3, lens.4, Some(3)).is_ok());
+        let arg = |r: Result<()>| match r {
+            Err(Error::Shape { arg, .. }) => arg,
+            other => panic!("expected a shape error, got {other:?}"),
+        };
+        assert_eq!(arg(masked.validate(lens.0, 2 * 12, lens.2, lens.3, lens.4, Some(3))), "sfa");
+        assert_eq!(arg(masked.validate(lens.0, lens.1, 130 * 256, lens.3, lens.4, Some(3))), "b");
+        assert_eq!(arg(masked.validate(lens.0, lens.1, lens.2, lens.3, lens.4, Some(2))), "masked_m");
+        // Contiguous: 256 rows of 2 experts.
+        let contiguous =
+            Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..Problem::dense(GemmShape { m: 256, n: 64, k: 128 }) };
+        assert!(contiguous.validate(256 * 128, 256, 2 * 64 * 128, 2, 256 * 64, Some(256)).is_ok());
+        assert_eq!(arg(contiguous.validate(256 * 128, 256, 2 * 64 * 128, 2, 256 * 64, Some(255))), "m_indices");
     }
 }

@@ -9,6 +9,9 @@
 //!   is written and nothing outside it.
 //! - `quantisers_then_gemm`: the whole GPU path (both quantisers, then the GEMM).
 //! - `empty_and_bad_input`: m = 0 is a no-op; bad k, lengths and alignment are errors.
+//! - `contiguous_matches_reference`, `masked_matches_reference`: the MoE layouts against the
+//!   grouped references (empty experts, one hot expert, ragged n); padding rows and rows past
+//!   `masked_m` stay poisoned.
 
 mod common;
 
@@ -18,9 +21,9 @@ use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::fp8::e4m3_encode;
-use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8};
+use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
-use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
+use deepkern::reference::gemm::{Fp8Operand, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use rand::Rng;
@@ -33,6 +36,8 @@ fn main() {
         ("output_is_fully_written_and_bounded", output_is_fully_written_and_bounded),
         ("quantisers_then_gemm", quantisers_then_gemm),
         ("empty_and_bad_input", empty_and_bad_input),
+        ("contiguous_matches_reference", contiguous_matches_reference),
+        ("masked_matches_reference", masked_matches_reference),
     ]);
 }
 
@@ -225,4 +230,123 @@ fn empty_and_bad_input(gpu: &Gpu) -> TestResult {
     run(0, 0, GemmShape { m: 0, ..shape }, 0).map_err(|e| e.to_string())?;
     let untouched = stream.clone_dtoh(&d).unwrap().iter().all(|v| v.to_bits() == NAN_BF16);
     ensure(untouched, || "a rejected or empty call wrote D".into())
+}
+
+/// Quantised expert weights `[groups, n, k]` (CPU per-block quantiser per expert).
+fn experts(rng: &mut StdRng, groups: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let (mut q, mut sf) = (Vec::new(), Vec::new());
+    for _ in 0..groups {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let b = per_block(&w, n, k, ScaleFormat::F32);
+        q.extend(b.q);
+        sf.extend(b.scales);
+    }
+    (q, sf)
+}
+
+fn f8(v: &[u8]) -> Vec<F8E4M3> {
+    v.iter().map(|&b| F8E4M3::from_bits(b)).collect()
+}
+
+/// Compares `got` with `want` on the entries the reference defines; the others must be poison.
+fn compare_grouped(got: &[bf16], want: &[Option<f64>], what: &str) -> TestResult {
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (i, (x, y)) in got.iter().zip(want).enumerate() {
+        match y {
+            Some(y) => {
+                g.push(x.to_f32());
+                w.push(*y);
+            }
+            None => ensure(x.to_bits() == NAN_BF16, || format!("{what}: entry {i} should be untouched"))?,
+        }
+    }
+    ensure(g.iter().all(|v| v.is_finite()), || format!("{what}: non-finite or unwritten valid entries"))?;
+    let diff = calc_diff(&g, &w);
+    ensure(diff < 1e-4, || format!("{what}: calc_diff {diff:e}"))
+}
+
+fn contiguous_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("contiguous_matches_reference");
+    let stream = gpu.stream();
+    for (groups, n, k, hot) in [(1, 128, 128, false), (4, 200, 256, false), (8, 384, 512, true)] {
+        // Rows per expert (some empty; one hot expert takes most), each segment padded to 128.
+        let counts: Vec<usize> = (0..groups)
+            .map(|g| {
+                if hot && g == 0 {
+                    700
+                } else if rng.random_ratio(1, 4) {
+                    0
+                } else {
+                    rng.random_range(1..300)
+                }
+            })
+            .collect();
+        let mut m_indices = Vec::new();
+        for (g, &c) in counts.iter().enumerate() {
+            m_indices.extend(std::iter::repeat_n(g as i32, c));
+            m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
+        }
+        let m = m_indices.len().max(128);
+        m_indices.resize(m, -1);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+        let (bq, bsf) = experts(&mut rng, groups, n, k);
+        let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
+        let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
+        let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+        let d_idx = stream.clone_htod(&m_indices).unwrap();
+        let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+        let shape = GemmShape { m, n, k };
+        let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+        gemm_fp8_contiguous(&stream, &a, &b, &d_idx.as_view(), &mut d.as_view_mut(), shape, groups).map_err(|e| e.to_string())?;
+        let want = grouped_contiguous(
+            Fp8Operand { q: &qa.q, scales: &qa.scales, rows: m },
+            Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
+            groups,
+            k,
+            &m_indices,
+        );
+        compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("contiguous {groups} experts {counts:?}"))?;
+    }
+    Ok(())
+}
+
+fn masked_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("masked_matches_reference");
+    let stream = gpu.stream();
+    for (groups, max_m, n, k) in [(1, 64, 128, 128), (2, 256, 200, 256), (4, 300, 384, 512)] {
+        let valid: Vec<usize> = (0..groups)
+            .map(|g| match g % 3 {
+                0 => rng.random_range(0..=max_m),
+                1 => max_m,
+                _ => 0,
+            })
+            .collect();
+        let (mut aq, mut asf_tma, mut asf_rows) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..groups {
+            let x: Vec<f32> = (0..max_m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let q = per_token_group(&x, max_m, k, ScaleFormat::F32);
+            asf_tma.extend(scales_to_tma_layout(&q.scales, max_m, k / 128, f32::NAN));
+            asf_rows.extend(q.scales);
+            aq.extend(q.q);
+        }
+        let (bq, bsf) = experts(&mut rng, groups, n, k);
+        let d_a = stream.clone_htod(&f8(&aq)).unwrap();
+        let d_sa = stream.clone_htod(&asf_tma).unwrap();
+        let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+        let d_valid = stream.clone_htod(&valid.iter().map(|&v| v as i32).collect::<Vec<_>>()).unwrap();
+        let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); groups * max_m * n]).unwrap();
+        let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+        let shape = MaskedShape { groups, max_m, n, k };
+        gemm_fp8_masked(&stream, &a, &b, &d_valid.as_view(), &mut d.as_view_mut(), shape).map_err(|e| e.to_string())?;
+        let want = grouped_masked(
+            Fp8Operand { q: &aq, scales: &asf_rows, rows: groups * max_m },
+            Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
+            groups,
+            k,
+            &valid,
+        );
+        compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {groups} x {max_m}, valid {valid:?}"))?;
+    }
+    Ok(())
 }

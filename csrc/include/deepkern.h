@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 1
+#define DK_ABI_VERSION 2
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -129,19 +129,42 @@ typedef struct dk_tensor_map {
  *   sfb     sb [ceil(n/128), k/128] f32 row-major
  *   d       D  [m, n] bf16 row-major; every element is written, nothing outside
  *
+ * Grouped layouts for mixture-of-experts (B holds `groups` experts: [groups * n, k], scales
+ * [groups, ceil(n/128), k/128]; tma_b covers groups * n rows):
+ *   DK_GEMM_CONTIGUOUS: A is [m, k], the rows of all experts stacked, each expert's segment padded
+ *     to 128 rows; m_indices[r] is row r's expert, -1 on padding. A 128-row block takes the expert
+ *     of its first row (a block whose first row is -1 or >= groups is skipped); only rows whose
+ *     index equals the block's expert are stored, the others are left untouched.
+ *   DK_GEMM_MASKED: A is [groups, max_m, k] (tma_a covers groups * max_m rows; tma_sfa the
+ *     per-token quantiser's [groups, k/128, m_pad] scales as groups * k/128 rows), D is
+ *     [groups, max_m, n]; only rows r < masked_m[g] (device memory, clamped to max_m) are computed
+ *     and stored.
+ *
  * Contract (checked by the Rust wrapper, which also encodes the tensor maps): m, n >= 0;
- * k > 0 and k % 128 == 0; num_sms >= 1.
+ * k > 0 and k % 128 == 0; num_sms >= 1; groups >= 1 for the grouped layouts; masked: m ==
+ * groups * max_m.
  */
+typedef enum dk_gemm_layout {
+    DK_GEMM_DENSE = 0,
+    DK_GEMM_CONTIGUOUS = 1,
+    DK_GEMM_MASKED = 2,
+} dk_gemm_layout_t;
+
 typedef struct dk_gemm_fp8_params {
     dk_tensor_map_t tma_a;
     dk_tensor_map_t tma_b;
     dk_tensor_map_t tma_sfa;
-    const float* sfb; /* [ceil(n / 128), k / 128] */
-    uint16_t* d;      /* [m, n] bf16 bits */
+    const float* sfb;         /* [groups, ceil(n / 128), k / 128] */
+    uint16_t* d;              /* [m, n] bf16 bits */
+    const int32_t* m_indices; /* DK_GEMM_CONTIGUOUS: [m] */
+    const int32_t* masked_m;  /* DK_GEMM_MASKED: [groups] */
     int32_t m;
     int32_t n;
     int32_t k;
     int32_t num_sms; /* persistent CTAs at most */
+    int32_t groups;  /* 1 for DK_GEMM_DENSE */
+    int32_t max_m;   /* DK_GEMM_MASKED: rows per group */
+    dk_gemm_layout_t layout;
 } dk_gemm_fp8_params_t;
 
 dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);

@@ -1,5 +1,5 @@
-// Dense FP8 block-scaled GEMM for Hopper (version 1). Contract: csrc/include/deepkern.h,
-// dk_gemm_fp8_params; CPU twin: deepkern::reference::gemm::gemm.
+// FP8 block-scaled GEMM for Hopper, dense and M-grouped (contiguous, masked) for MoE (version 1).
+// Contract: csrc/include/deepkern.h, dk_gemm_fp8_params; CPU twins: deepkern::reference::gemm.
 //
 // Persistent CTAs of three warpgroups. Warpgroup 0 is the producer: one thread streams the A, B and
 // A-scale tiles of every (tile, k-block) through a ring of kStages shared-memory stages with TMA,
@@ -52,7 +52,78 @@ struct KernelParams {
     CUtensorMap tma_sfa;
     const float* sfb;
     __nv_bfloat16* d;
+    const int32_t* m_indices;
+    const int32_t* masked_m;
     int m, n, k;
+    int groups, max_m;
+};
+
+// Where one output tile's operands live, for every layout.
+struct TileInfo {
+    int m0, n0;       // tile origin in its group's (or the whole) output
+    int a_row;        // first row of A (and D) in the tensor maps
+    int sfa_y;        // row of A's scale tensor map for k-block 0
+    int expert;       // group whose B rows and scales the tile uses
+    int row_limit;    // rows m0 + r < row_limit exist (dense and masked)
+    bool skip;        // contiguous: the block is padding or names no valid expert
+};
+
+// Maps tile indices to operands. Producer and consumers both use it, so they always agree.
+template <dk_gemm_layout_t kLayout>
+struct Scheduler {
+    const KernelParams& p;
+    int n_tiles;
+
+    __device__ int group_rows(int g) const {
+        const int rows = p.masked_m[g];
+        return rows < 0 ? 0 : (rows > p.max_m ? p.max_m : rows);
+    }
+
+    __device__ int num_tiles() const {
+        if constexpr (kLayout == DK_GEMM_MASKED) {
+            int tiles = 0;
+            for (int g = 0; g < p.groups; ++g) {
+                tiles += ceil_div(group_rows(g), kBlockM) * n_tiles;
+            }
+            return tiles;
+        }
+        return ceil_div(p.m, kBlockM) * n_tiles;
+    }
+
+    __device__ TileInfo get(int tile) const {
+        TileInfo t{};
+        if constexpr (kLayout == DK_GEMM_MASKED) {
+            int g = 0;
+            int rows = group_rows(0);
+            for (; g < p.groups; ++g) {
+                rows = group_rows(g);
+                const int tiles_g = ceil_div(rows, kBlockM) * n_tiles;
+                if (tile < tiles_g) {
+                    break;
+                }
+                tile -= tiles_g;
+            }
+            const int m_tiles = ceil_div(rows, kBlockM);
+            t.m0 = (tile % m_tiles) * kBlockM;
+            t.n0 = (tile / m_tiles) * kBlockN;
+            t.a_row = g * p.max_m + t.m0;
+            t.sfa_y = g * (p.k / kBlockK);
+            t.expert = g;
+            t.row_limit = rows;
+        } else {
+            const int m_tiles = ceil_div(p.m, kBlockM);
+            t.m0 = (tile % m_tiles) * kBlockM;
+            t.n0 = (tile / m_tiles) * kBlockN;
+            t.a_row = t.m0;
+            t.sfa_y = 0;
+            t.row_limit = p.m;
+            if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+                t.expert = p.m_indices[t.m0];
+                t.skip = t.expert < 0 || t.expert >= p.groups;
+            }
+        }
+        return t;
+    }
 };
 
 // Shared-memory matrix descriptor of a K-major operand tile with 128-byte swizzle: rows of 128
@@ -71,13 +142,15 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
     }
 }
 
+template <dk_gemm_layout_t kLayout>
 __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_constant__ KernelParams p) {
     extern __shared__ uint8_t smem_raw[];
     auto& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    const int m_tiles = ceil_div(p.m, kBlockM);
     const int n_tiles = ceil_div(p.n, kBlockN);
+    const int n_blocks = ceil_div(p.n, 128);  // B scale rows per expert
     const int k_blocks = p.k / kBlockK;
-    const int tiles = m_tiles * n_tiles;
+    const Scheduler<kLayout> sched{p, n_tiles};
+    const int tiles = sched.num_tiles();
     const int wg = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
@@ -101,15 +174,18 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
         int stage = 0;
         uint32_t phase = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const int m0 = (tile % m_tiles) * kBlockM;
-            const int n0 = (tile / m_tiles) * kBlockN;
+            const TileInfo t = sched.get(tile);
+            if (t.skip) {
+                continue;
+            }
+            const int b_row = t.expert * p.n + t.n0;
             for (int kb = 0; kb < k_blocks; ++kb) {
                 wait(&s.empty[stage], phase ^ 1);
                 // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes.
                 ptx::mbarrier_arrive_expect_tx(&s.full[stage], kTileABytes + kTileBBytes + kSfaBytes);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.a[stage], &p.tma_a, &s.full[stage], kb * kBlockK, m0);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.b[stage], &p.tma_b, &s.full[stage], kb * kBlockK, n0);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.sfa[stage], &p.tma_sfa, &s.full[stage], m0, kb);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.a[stage], &p.tma_a, &s.full[stage], kb * kBlockK, t.a_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.b[stage], &p.tma_b, &s.full[stage], kb * kBlockK, b_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.sfa[stage], &p.tma_sfa, &s.full[stage], t.m0, t.sfa_y + kb);
                 if (++stage == kStages) {
                     stage = 0;
                     phase ^= 1;
@@ -130,8 +206,11 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
     int stage = 0;
     uint32_t phase = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (tile % m_tiles) * kBlockM;
-        const int n0 = (tile / m_tiles) * kBlockN;
+        const TileInfo t = sched.get(tile);
+        if (t.skip) {
+            continue;
+        }
+        const float* sfb = p.sfb + (int64_t(t.expert) * n_blocks + t.n0 / 128) * k_blocks;
         float acc[kBlockN / 2];
         float sum[kBlockN / 2];
 #pragma unroll
@@ -140,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
         }
         for (int kb = 0; kb < k_blocks; ++kb) {
             wait(&s.full[stage], phase);
-            const float sb = __ldg(p.sfb + (n0 / 128) * k_blocks + kb);
+            const float sb = __ldg(sfb + kb);
             const float scale0 = s.sfa[stage][r] * sb;
             const float scale1 = s.sfa[stage][r + 8] * sb;
             ptx::wgmma_fence();
@@ -169,19 +248,24 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             }
         }
         // NOTES: direct bounds-checked stores; a TMA store of a swizzled smem tile comes later.
-        const int row0 = m0 + r;
-        const int row1 = row0 + 8;
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-            const int col = n0 + 8 * j + 2 * (lane % 4);
+        for (int half = 0; half < 2; ++half) {
+            const int row = t.m0 + r + 8 * half;  // within the group (masked) or the whole of D
+            bool keep = row < t.row_limit;
+            if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+                keep = keep && p.m_indices[row] == t.expert;
+            }
+            if (!keep) {
+                continue;
+            }
+            __nv_bfloat16* d_row = p.d + int64_t(t.a_row + r + 8 * half) * p.n;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (col + h < p.n) {
-                    if (row0 < p.m) {
-                        p.d[int64_t(row0) * p.n + col + h] = __float2bfloat16_rn(sum[4 * j + h]);
-                    }
-                    if (row1 < p.m) {
-                        p.d[int64_t(row1) * p.n + col + h] = __float2bfloat16_rn(sum[4 * j + 2 + h]);
+            for (int j = 0; j < kBlockN / 8; ++j) {
+                const int col = t.n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if (col + h < p.n) {
+                        d_row[col + h] = __float2bfloat16_rn(sum[4 * j + 2 * half + h]);
                     }
                 }
             }
@@ -193,7 +277,16 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
 
 extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t stream) {
     using namespace dk::gemm;
-    if (p == nullptr || p->m < 0 || p->n < 0 || p->k <= 0 || p->k % kBlockK != 0 || p->num_sms < 1) {
+    if (p == nullptr || p->m < 0 || p->n < 0 || p->k <= 0 || p->k % kBlockK != 0 || p->num_sms < 1 || p->groups < 1) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->layout == DK_GEMM_CONTIGUOUS && p->m_indices == nullptr) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->layout == DK_GEMM_MASKED && (p->masked_m == nullptr || p->max_m < 0 || int64_t(p->groups) * p->max_m != p->m)) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->layout != DK_GEMM_DENSE && p->layout != DK_GEMM_CONTIGUOUS && p->layout != DK_GEMM_MASKED) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     if (p->m == 0 || p->n == 0) {
@@ -209,19 +302,34 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     std::memcpy(&kp.tma_sfa, &p->tma_sfa, sizeof(CUtensorMap));
     kp.sfb = p->sfb;
     kp.d = reinterpret_cast<__nv_bfloat16*>(p->d);
+    kp.m_indices = p->m_indices;
+    kp.masked_m = p->masked_m;
     kp.m = p->m;
     kp.n = p->n;
     kp.k = p->k;
-    const int64_t tiles = int64_t(dk::ceil_div(p->m, kBlockM)) * dk::ceil_div(p->n, kBlockN);
+    kp.groups = p->groups;
+    kp.max_m = p->max_m;
+    // Upper bound on tiles (the masked layout's real count is read on the device).
+    const int64_t tiles = int64_t(dk::ceil_div(p->m, kBlockM) + (p->layout == DK_GEMM_MASKED ? p->groups : 0)) * dk::ceil_div(p->n, kBlockN);
     if (tiles > INT32_MAX) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     const dim3 grid(static_cast<unsigned>(tiles < p->num_sms ? tiles : p->num_sms));
-    const dk_status_t attr = dk::status_from_cuda(
-        cudaFuncSetAttribute(fp8_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-    if (attr != DK_STATUS_OK) {
-        return attr;
-    }
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    return dk::checked_launch([&] { fp8_gemm_kernel<<<grid, kThreads, kSmemBytes, s>>>(kp); });
+    auto launch = [&](auto kernel) -> dk_status_t {
+        const dk_status_t attr =
+            dk::status_from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+        if (attr != DK_STATUS_OK) {
+            return attr;
+        }
+        return dk::checked_launch([&] { kernel<<<grid, kThreads, kSmemBytes, s>>>(kp); });
+    };
+    switch (p->layout) {
+        case DK_GEMM_CONTIGUOUS:
+            return launch(fp8_gemm_kernel<DK_GEMM_CONTIGUOUS>);
+        case DK_GEMM_MASKED:
+            return launch(fp8_gemm_kernel<DK_GEMM_MASKED>);
+        default:
+            return launch(fp8_gemm_kernel<DK_GEMM_DENSE>);
+    }
 }
