@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::launch::{Launch, ffi_call};
+use crate::launch::{Launch, ffi_call, int_arg};
 use crate::reference::ep::{EpConfig, Layout};
 
 /// Most ranks the EP kernels handle (a token's rank set is a 64-bit mask).
@@ -91,11 +91,9 @@ pub fn layout(stream: &CudaStream, topk_idx: &impl DevicePtr<i32>, k: usize, out
             got: format!("{} elements", topk_idx.len()),
         });
     }
-    let to_i32 = |arg: &'static str, v: usize| {
-        i32::try_from(v).map_err(|_| Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") })
-    };
-    let (k32, ranks, experts) = (to_i32("k", k)?, to_i32("ranks", out.cfg.ranks)?, to_i32("num_experts", out.cfg.num_experts)?);
-    let tokens = i64::try_from(out.tokens).map_err(|_| Error::InvalidArgument { arg: "tokens", reason: "too many".into() })?;
+    let (k32, ranks, experts) =
+        (int_arg::<i32>("k", k)?, int_arg::<i32>("ranks", out.cfg.ranks)?, int_arg::<i32>("num_experts", out.cfg.num_experts)?);
+    let tokens = int_arg::<i64>("tokens", out.tokens)?;
     let mut launch = Launch::new("ep_layout", stream)?;
     let params = ffi::dk_ep_layout_params {
         topk_idx: launch.input(topk_idx) as *const i32,

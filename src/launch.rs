@@ -101,6 +101,11 @@ fn last_cuda_error() -> Option<String> {
     None
 }
 
+/// `v` as the C ABI's integer type `T`, or an error naming the argument.
+pub(crate) fn int_arg<T: TryFrom<usize>>(arg: &'static str, v: usize) -> Result<T> {
+    T::try_from(v).map_err(|_| Error::InvalidArgument { arg, reason: format!("{v} does not fit in {}", std::any::type_name::<T>()) })
+}
+
 /// Checks that a device address meets `required` bytes of alignment.
 pub(crate) fn check_aligned(arg: &'static str, addr: u64, required: usize) -> Result<()> {
     if addr.is_multiple_of(required as u64) { Ok(()) } else { Err(Error::Alignment { arg, required, addr }) }

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::launch::{Launch, check_aligned, ffi_call};
+use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
 
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
@@ -74,10 +74,8 @@ pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mu
     expect("out", out.out.len(), batch * per_chunk, format!("[{batch}, {rows}, {HEAD_DIM_V}]"))?;
     expect("lse", out.lse.len(), batch * rows, format!("[{batch}, {rows}]"))?;
     expect("num_invalid", out.num_invalid.len(), 1, "[1]".into())?;
-    let to_i32 = |arg: &'static str, v: usize| {
-        i32::try_from(v).map_err(|_| Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") })
-    };
-    let (batch32, rows32, chunks32) = (to_i32("batch", batch)?, to_i32("rows", rows)?, to_i32("o_partial", num_chunks)?);
+    let (batch32, rows32, chunks32) =
+        (int_arg::<i32>("batch", batch)?, int_arg::<i32>("rows", rows)?, int_arg::<i32>("o_partial", num_chunks)?);
 
     let mut launch = Launch::new("mla_combine", stream)?;
     let params = ffi::dk_mla_combine_params {
@@ -141,10 +139,7 @@ pub fn plan_on_device(stream: &CudaStream, lens: &CudaView<i32>, out: &mut Devic
             got: format!("{} elements", lens.len()),
         });
     }
-    let to_i32 = |arg: &'static str, v: usize| {
-        i32::try_from(v).map_err(|_| Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") })
-    };
-    let (batch, num_parts) = (to_i32("batch", out.batch)?, to_i32("num_parts", out.num_parts)?);
+    let (batch, num_parts) = (int_arg::<i32>("batch", out.batch)?, int_arg::<i32>("num_parts", out.num_parts)?);
     let mut launch = Launch::new("mla_schedule", stream)?;
     let params = ffi::dk_mla_schedule_params {
         lens: launch.input(lens) as *const i32,

@@ -15,7 +15,7 @@ use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::launch::{Launch, check_aligned, ffi_call};
+use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
 use crate::layout::{BlockShape, GROUP, TokenGroupShape};
 use crate::reference::quant::ScaleFormat;
 
@@ -98,10 +98,6 @@ fn operands<'a>(
     Ok(ops)
 }
 
-fn to_i64(v: usize) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::InvalidArgument { arg: "shape", reason: format!("{v} does not fit in i64") })
-}
-
 /// Quantises bf16 `x` `[G, m, k]` to E4M3 `q` `[G, m, k]` with 1x128 scales `sf`
 /// `[G, k / 128, round_up(m, 4)]` (transposed, TMA-aligned; padding rows are not written).
 ///
@@ -127,9 +123,9 @@ pub fn quantize_per_token_group(
         x: ops.input as *const u16,
         q: ops.q as *mut u8,
         sf: ops.sf as *mut f32,
-        num_groups: to_i64(shape.num_groups)?,
-        m: to_i64(shape.m)?,
-        k: to_i64(shape.k)?,
+        num_groups: int_arg::<i64>("num_groups", shape.num_groups)?,
+        m: int_arg::<i64>("m", shape.m)?,
+        k: int_arg::<i64>("k", shape.k)?,
         ue8m0: i32::from(format == ScaleFormat::Ue8m0),
     };
     let s = launch.stream();
@@ -164,9 +160,9 @@ pub fn quantize_per_block(
         w: ops.input as *const u16,
         q: ops.q as *mut u8,
         sf: ops.sf as *mut f32,
-        num_groups: to_i64(shape.num_groups)?,
-        n: to_i64(shape.n)?,
-        k: to_i64(shape.k)?,
+        num_groups: int_arg::<i64>("num_groups", shape.num_groups)?,
+        n: int_arg::<i64>("n", shape.n)?,
+        k: int_arg::<i64>("k", shape.k)?,
         ue8m0: i32::from(format == ScaleFormat::Ue8m0),
     };
     let s = launch.stream();

@@ -137,6 +137,20 @@ __device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* p) {
     return desc;
 }
 
+// Position in the ring of pipeline stages: the stage index and the barrier phase parity, which
+// flips each time the ring wraps.
+struct PipelineState {
+    int index = 0;
+    uint32_t phase = 0;
+
+    __device__ __forceinline__ void advance() {
+        if (++index == kStages) {
+            index = 0;
+            phase ^= 1;
+        }
+    }
+};
+
 __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
     while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
     }
@@ -171,8 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
         if (threadIdx.x != 0) {
             return;
         }
-        int stage = 0;
-        uint32_t phase = 0;
+        PipelineState ps;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             const TileInfo t = sched.get(tile);
             if (t.skip) {
@@ -180,16 +193,14 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             }
             const int b_row = t.expert * p.n + t.n0;
             for (int kb = 0; kb < k_blocks; ++kb) {
-                wait(&s.empty[stage], phase ^ 1);
+                const int i = ps.index;
+                wait(&s.empty[i], ps.phase ^ 1);
                 // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes.
-                ptx::mbarrier_arrive_expect_tx(&s.full[stage], kTileABytes + kTileBBytes + kSfaBytes);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.a[stage], &p.tma_a, &s.full[stage], kb * kBlockK, t.a_row);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.b[stage], &p.tma_b, &s.full[stage], kb * kBlockK, b_row);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.sfa[stage], &p.tma_sfa, &s.full[stage], t.m0, t.sfa_y + kb);
-                if (++stage == kStages) {
-                    stage = 0;
-                    phase ^= 1;
-                }
+                ptx::mbarrier_arrive_expect_tx(&s.full[i], kTileABytes + kTileBBytes + kSfaBytes);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.a[i], &p.tma_a, &s.full[i], kb * kBlockK, t.a_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.b[i], &p.tma_b, &s.full[i], kb * kBlockK, b_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s.sfa[i], &p.tma_sfa, &s.full[i], t.m0, t.sfa_y + kb);
+                ps.advance();
             }
         }
         return;
@@ -203,8 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
     // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's 64,
     // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. N/8 - 1.
     const int r = math_wg * 64 + warp * 16 + lane / 4;
-    int stage = 0;
-    uint32_t phase = 0;
+    PipelineState ps;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const TileInfo t = sched.get(tile);
         if (t.skip) {
@@ -218,22 +228,23 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             sum[i] = 0.0f;
         }
         for (int kb = 0; kb < k_blocks; ++kb) {
-            wait(&s.full[stage], phase);
+            const int i = ps.index;
+            wait(&s.full[i], ps.phase);
             const float sb = __ldg(sfb + kb);
-            const float scale0 = s.sfa[stage][r] * sb;
-            const float scale1 = s.sfa[stage][r + 8] * sb;
+            const float scale0 = s.sfa[i][r] * sb;
+            const float scale1 = s.sfa[i][r + 8] * sb;
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-                const uint64_t desc_a = smem_desc_k_major_sw128(s.a[stage] + math_wg * 64 * kBlockK + kk * kWgmmaK);
-                const uint64_t desc_b = smem_desc_k_major_sw128(s.b[stage] + kk * kWgmmaK);
+                const uint64_t desc_a = smem_desc_k_major_sw128(s.a[i] + math_wg * 64 * kBlockK + kk * kWgmmaK);
+                const uint64_t desc_b = smem_desc_k_major_sw128(s.b[i] + kk * kWgmmaK);
                 ptx::wgmma_m64n128k32_f32_e4m3_e4m3(acc, desc_a, desc_b, kk > 0);
             }
             ptx::wgmma_commit_group();
             ptx::wgmma_wait_group<0>();
             __syncwarp();
             if (lane == 0) {
-                ptx::mbarrier_arrive(&s.empty[stage]);
+                ptx::mbarrier_arrive(&s.empty[i]);
             }
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
@@ -242,10 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
                 sum[4 * j + 2] += acc[4 * j + 2] * scale1;
                 sum[4 * j + 3] += acc[4 * j + 3] * scale1;
             }
-            if (++stage == kStages) {
-                stage = 0;
-                phase ^= 1;
-            }
+            ps.advance();
         }
         // NOTES: direct bounds-checked stores; a TMA store of a swizzled smem tile comes later.
 #pragma unroll
