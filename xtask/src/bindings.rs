@@ -33,6 +33,14 @@ pub fn generate(root: &Path) -> Result<String, String> {
 }
 
 /// Whether libclang can be loaded here (bindgen needs it at run time).
+///
+/// bindgen panics when it cannot find libclang; the panic is caught, and the default hook's
+/// message and backtrace are held back for the probe so that a missing libclang reads as a plain
+/// "no".
 pub fn libclang_available() -> bool {
-    std::panic::catch_unwind(bindgen::clang_version).map(|v| v.parsed.is_some()).unwrap_or(false)
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let found = std::panic::catch_unwind(bindgen::clang_version).map(|v| v.parsed.is_some()).unwrap_or(false);
+    std::panic::set_hook(hook);
+    found
 }

@@ -147,77 +147,124 @@ pub fn splice(readme: &str, body: &str) -> Option<String> {
     Some(format!("{}\n{}{}", &readme[..start], body, &readme[end..]))
 }
 
-/// Bar charts, one PNG per (device, kernel): GB/s (or TFLOP/s) per case, baseline beside it.
-fn plot(lines: &[Line], dir: &Path) -> Result<Vec<PathBuf>> {
-    use plotters::prelude::*;
-    if !register_font() {
-        eprintln!("report: no TrueType font found (e.g. fonts-dejavu-core); skipping the PNG plots");
-        return Ok(Vec::new());
+/// One bar chart: a kernel on a device, one group of bars per case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarChart {
+    pub title: String,
+    /// "GB/s" or "TFLOP/s".
+    pub unit: &'static str,
+    pub baseline_name: Option<String>,
+    /// (case, ours, the baseline's rate on the same work model).
+    pub bars: Vec<(String, f64, Option<f64>)>,
+}
+
+/// The chart for one (device, kernel): GB/s where every case has it, else TFLOP/s. The baseline
+/// does the same work, so its rate is ours times (our time / its time).
+pub fn bar_chart(rows: &[&Line]) -> BarChart {
+    let use_gbps = rows.iter().all(|l| l.gbps.is_some());
+    let unit = if use_gbps { "GB/s" } else { "TFLOP/s" };
+    let bars = rows
+        .iter()
+        .map(|l| {
+            let ours = if use_gbps { l.gbps } else { l.tflops }.unwrap_or(0.0);
+            (l.case.clone(), ours, l.speedup().map(|s| ours / s))
+        })
+        .collect();
+    BarChart {
+        title: format!("{} on {} ({unit})", rows[0].kernel, rows[0].device),
+        unit,
+        baseline_name: rows.iter().find_map(|l| l.baseline.as_ref().map(|(n, _)| n.clone())),
+        bars,
     }
+}
+
+/// Bar charts, one PNG per (device, kernel): `bench-results/<slug>-<kernel>.png`.
+pub fn plot(lines: &[Line], dir: &Path) -> Result<Vec<PathBuf>> {
+    register_font()?;
     let mut groups: BTreeMap<(String, String), Vec<&Line>> = BTreeMap::new();
     for l in lines {
         groups.entry((l.slug.clone(), l.kernel.clone())).or_default().push(l);
     }
     let mut written = Vec::new();
     for ((slug, kernel), rows) in groups {
-        let use_gbps = rows.iter().all(|l| l.gbps.is_some());
-        let metric = |l: &Line| if use_gbps { l.gbps } else { l.tflops };
-        let ours: Vec<f64> = rows.iter().map(|l| metric(l).unwrap_or(0.0)).collect();
-        // Same work model, so the baseline's rate is ours scaled by the time ratio.
-        let base: Vec<f64> = rows.iter().zip(&ours).map(|(l, &o)| l.speedup().map_or(0.0, |s| o / s)).collect();
-        let top = ours.iter().chain(&base).copied().fold(1e-9, f64::max) * 1.15;
         let path = dir.join(format!("{slug}-{kernel}.png"));
-        let unit = if use_gbps { "GB/s" } else { "TFLOP/s" };
-        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-            let root = BitMapBackend::new(&path, (960, 540)).into_drawing_area();
-            root.fill(&WHITE)?;
-            let n = rows.len();
-            let mut chart = ChartBuilder::on(&root)
-                .caption(format!("{kernel} on {} ({unit}; grey: baseline)", rows[0].device), ("sans-serif", 20))
-                .margin(16)
-                .x_label_area_size(60)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0f64..n as f64, 0f64..top)?;
-            let cases: Vec<String> = rows.iter().map(|l| l.case.clone()).collect();
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(n.max(1))
-                .x_label_formatter(&|x| cases.get(x.floor() as usize).filter(|_| x.fract() == 0.5).cloned().unwrap_or_default())
-                .y_desc(unit)
-                .draw()?;
-            chart.draw_series(
-                ours.iter().enumerate().map(|(i, &v)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v)], BLUE.filled())),
-            )?;
-            chart.draw_series(
-                base.iter()
-                    .enumerate()
-                    .map(|(i, &v)| Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v)], RGBColor(150, 150, 150).filled())),
-            )?;
-            root.present()?;
-            Ok(())
-        };
-        draw().map_err(|e| format!("plot {}: {e}", path.display()))?;
+        draw_bar_chart(&bar_chart(&rows), &path).map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
         written.push(path);
     }
     Ok(written)
 }
 
-/// Registers a system TrueType font as "sans-serif" for plotters; false if none is found.
-fn register_font() -> bool {
-    const FONTS: [&str; 4] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    ];
-    let Some(bytes) = FONTS.iter().find_map(|p| fs::read(p).ok()) else { return false };
-    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok()
+const OURS: plotters::style::RGBColor = plotters::style::RGBColor(31, 119, 180);
+const BASELINE: plotters::style::RGBColor = plotters::style::RGBColor(160, 160, 160);
+
+/// Draws `chart` as a 960x540 PNG: ours and the baseline side by side per case, values on top,
+/// case names under each group.
+fn draw_bar_chart(chart: &BarChart, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let n = chart.bars.len().max(1);
+    let top = chart.bars.iter().flat_map(|(_, o, b)| [Some(*o), *b]).flatten().fold(1e-9, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..n as f64, 0f64..top)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(chart.unit)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
+    let value_style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    let label = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") };
+    // (left edge, height) of each bar of one series; a bar is 0.4 wide, its group 1.0.
+    let ours: Vec<(f64, f64)> = chart.bars.iter().enumerate().map(|(i, (_, o, _))| (i as f64 + 0.1, *o)).collect();
+    let base: Vec<(f64, f64)> = chart.bars.iter().enumerate().filter_map(|(i, (_, _, b))| b.map(|b| (i as f64 + 0.5, b))).collect();
+    let baseline = chart.baseline_name.as_deref().unwrap_or("baseline");
+    for (bars, color, name) in [(ours, OURS, "deepkern"), (base, BASELINE, baseline)].into_iter().filter(|(bars, _, _)| !bars.is_empty()) {
+        c.draw_series(bars.iter().map(|&(x, v)| Rectangle::new([(x, 0.0), (x + 0.4, v)], color.filled())))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
+        c.draw_series(bars.iter().map(|&(x, v)| Text::new(label(v), (x + 0.2, v), value_style.clone())))?;
+    }
+    c.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE).border_style(BLACK).draw()?;
+    let case_style = TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    for (i, (case, _, _)) in chart.bars.iter().enumerate() {
+        let (x, y) = c.backend_coord(&(i as f64 + 0.5, 0.0));
+        root.draw(&Text::new(case.clone(), (x, y + 8), case_style.clone()))?;
+    }
+    root.present()?;
+    Ok(())
 }
 
-/// Regenerates everything from `bench-results/`.
+/// Registers DejaVu Sans, embedded from the `dejavu` crate, as plotters' "sans-serif", so the
+/// plots look the same everywhere and need no system fonts or font libraries.
+fn register_font() -> Result<()> {
+    use std::sync::OnceLock;
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED
+        .get_or_init(|| plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, dejavu::sans::regular()).is_ok());
+    if ok { Ok(()) } else { Err("the embedded DejaVu Sans font could not be loaded".into()) }
+}
+
+/// Whether `bench-results/` holds any measurement file.
+pub fn has_results(root: &Path) -> bool {
+    fs::read_dir(root.join("bench-results"))
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "jsonl")))
+        .unwrap_or(false)
+}
+
+/// Regenerates everything from the project's `bench-results/`.
 pub fn run() -> Result<()> {
-    let root = project_root();
+    run_in(&project_root())
+}
+
+/// Regenerates `root/bench-results/README.md`, the plots, and `root/README.md`'s results section.
+pub fn run_in(root: &Path) -> Result<()> {
     let dir = root.join("bench-results");
     let lines = latest(&load(&dir)?);
     let table = markdown(&lines);
@@ -225,14 +272,21 @@ pub fn run() -> Result<()> {
     let header = "# Benchmark results\n\nGenerated by `cargo xtask report` from the `*.jsonl` lines in this folder (the latest line per device, kernel and case). Each line is one GPU run of the bench bundle.\n\n";
     fs::write(dir.join("README.md"), format!("{header}{table}")).map_err(|e| e.to_string())?;
     let plots = plot(&lines, &dir)?;
-    let readme_path = root.join("README.md");
-    let readme = fs::read_to_string(&readme_path).map_err(|e| e.to_string())?;
-    match splice(&readme, &table) {
-        Some(new) if new != readme => fs::write(&readme_path, new).map_err(|e| e.to_string())?,
-        Some(_) => {}
-        None => eprintln!("report: README.md lacks the {BEGIN} / {END} markers; left it alone"),
+    eprintln!("report: {} results -> bench-results/README.md and {} plot(s)", lines.len(), plots.len());
+    update_readme(&root.join("README.md"), &table)
+}
+
+/// Replaces the results section of the root README, if it has both markers.
+fn update_readme(path: &Path, table: &str) -> Result<()> {
+    let readme = fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match splice(&readme, table) {
+        Some(new) if new != readme => {
+            fs::write(path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            eprintln!("report: updated the results section of {}", path.display());
+        }
+        Some(_) => eprintln!("report: the results section of {} is already up to date", path.display()),
+        None => eprintln!("report: {} lacks the {BEGIN} / {END} markers; left it alone", path.display()),
     }
-    eprintln!("report: {} results, {} plots, bench-results/README.md and README.md updated", lines.len(), plots.len());
     Ok(())
 }
 
@@ -261,6 +315,57 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| gemm | 4096 | m=4096 | 100.00 | 600.5 | - | - | - | passed |"), "{md}");
+    }
+
+    #[test]
+    fn chart_uses_gbps_and_derives_the_baseline_rate_from_the_times() {
+        let dir = std::env::temp_dir().join(format!("deepkern-report-chart-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("h100.jsonl"), JSONL).unwrap();
+        let lines = latest(&load(&dir).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+        let quant = bar_chart(&[&lines[0]]);
+        assert_eq!((quant.unit, quant.baseline_name.as_deref()), ("GB/s", Some("copy")));
+        // 125 GB/s in 8 µs; the copy took 6 µs for the same bytes: 125 * 8 / 6.
+        assert_eq!(quant.bars, vec![("128x7168".to_string(), 125.0, Some(125.0 * 8.0 / 6.0))]);
+        let gemm = bar_chart(&[&lines[1]]);
+        assert_eq!((gemm.unit, gemm.baseline_name, gemm.bars[0].2), ("TFLOP/s", None, None));
+    }
+
+    /// A scratch project root with a README that has the markers.
+    fn scratch_root(tag: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("deepkern-report-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("bench-results")).unwrap();
+        fs::write(root.join("README.md"), format!("# x\n\n{BEGIN}\nold table\n{END}\n\nafter\n")).unwrap();
+        root
+    }
+
+    #[test]
+    fn writes_tables_plots_and_the_readme_section() {
+        let root = scratch_root("full");
+        fs::write(root.join("bench-results/nvidia-h100-80gb-hbm3.jsonl"), JSONL).unwrap();
+        assert!(has_results(&root));
+        run_in(&root).unwrap();
+        let table = fs::read_to_string(root.join("bench-results/README.md")).unwrap();
+        assert!(table.contains("| quant | 128x7168 |") && table.contains("**NVIDIA H100 80GB HBM3** (driver 580.65)"), "{table}");
+        let readme = fs::read_to_string(root.join("README.md")).unwrap();
+        assert!(readme.contains("| gemm | 4096 |") && !readme.contains("old table") && readme.ends_with(&format!("{END}\n\nafter\n")));
+        for kernel in ["quant", "gemm"] {
+            let png = fs::read(root.join(format!("bench-results/nvidia-h100-80gb-hbm3-{kernel}.png"))).unwrap();
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{kernel} plot is not a PNG");
+        }
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn without_results_both_places_say_so() {
+        let root = scratch_root("empty");
+        assert!(!has_results(&root));
+        run_in(&root).unwrap();
+        assert!(fs::read_to_string(root.join("bench-results/README.md")).unwrap().contains(NONE_YET));
+        assert!(fs::read_to_string(root.join("README.md")).unwrap().contains(&format!("{BEGIN}\n{NONE_YET}\n{END}")));
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
