@@ -10,8 +10,11 @@ use serde_json::Value;
 use crate::toolchain::Toolchain;
 use crate::{Result, cargo, cmd, project_root};
 
-/// Benches that need no GPU and would only spend the GPU host's time.
+/// Benches that need no GPU and would only spend the GPU host's time (they write no results).
 const CPU_ONLY_BENCHES: [&str; 1] = ["cpu_reference"];
+/// The bundle's folder and its compressed copy, relative to the project root.
+pub const BUNDLE_DIR: &str = "target/bundle";
+pub const BUNDLE_TARBALL: &str = "target/deepkern-bundle.tar.gz";
 
 /// An executable cargo built: (bundle name, path).
 type Executable = (String, PathBuf);
@@ -31,7 +34,7 @@ fn executables(msgs: &[Value], kinds: &[&str]) -> Vec<Executable> {
         .collect()
 }
 
-/// The commit being bundled, with `-dirty` when the work tree has uncommitted changes.
+/// The commit being bundled, with `-dirty` when tracked files have uncommitted changes.
 pub fn commit_id(root: &Path) -> String {
     let git = |args: &[&str]| cmd::output(Command::new("git").current_dir(root).args(args)).unwrap_or_default();
     let id = git(&["rev-parse", "--short", "HEAD"]).trim().to_string();
@@ -42,58 +45,66 @@ pub fn commit_id(root: &Path) -> String {
     if dirty { format!("{id}-dirty") } else { id }
 }
 
-fn copy_exe(from: &Path, to: &Path) -> Result<u64> {
-    fs::copy(from, to).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
+/// The release test executables (`cargo test --release --no-run`): lib unit tests as `unit`.
+fn test_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+    let mut c = cargo::cargo(tc);
+    c.args(["test", "-p", "deepkern", "--release", "--no-run"]);
+    let tests = executables(&cargo::messages(c)?, &["lib", "test"]);
+    if tests.is_empty() {
+        return Err("cargo reported no test executables for deepkern".into());
+    }
+    Ok(tests)
 }
 
-/// Builds the bundle and returns its folder.
-pub fn run(tc: &Toolchain) -> Result<PathBuf> {
-    let root = project_root();
-    let (_, manifest) = cargo::kernels_manifest(tc, &["build", "--release"])?;
-    if manifest["built"] != Value::Bool(true) {
-        return Err(format!("the bundle needs the kernels, which were not built: {}", manifest["reason"].as_str().unwrap_or("?")));
-    }
-    let mut test = cargo::cargo(tc);
-    test.args(["test", "-p", "deepkern", "--release", "--no-run"]);
-    let tests = executables(&cargo::messages(test)?, &["lib", "test"]);
-    let mut bench = cargo::cargo(tc);
-    bench.args(["bench", "-p", "deepkern", "--no-run"]);
-    let benches: Vec<Executable> =
-        executables(&cargo::messages(bench)?, &["bench"]).into_iter().filter(|(n, _)| !CPU_ONLY_BENCHES.contains(&n.as_str())).collect();
-    if tests.is_empty() {
-        return Err("cargo reported no test executables".into());
-    }
+/// The bench executables (`cargo bench --no-run`), less the CPU-only ones.
+fn bench_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+    let mut c = cargo::cargo(tc);
+    c.args(["bench", "-p", "deepkern", "--no-run"]);
+    let all = executables(&cargo::messages(c)?, &["bench"]);
+    Ok(all.into_iter().filter(|(n, _)| !CPU_ONLY_BENCHES.contains(&n.as_str())).collect())
+}
 
-    let dir = root.join("target/bundle");
-    let _ = fs::remove_dir_all(&dir);
+/// Copies `from` to `to` and strips the copy's symbol table (a quarter of its size; panics still
+/// name file and line). Returns the copy's size.
+fn copy_exe(from: &Path, to: &Path) -> Result<u64> {
+    fs::copy(from, to).map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+    if let Err(e) = cmd::output(Command::new("strip").arg(to)) {
+        eprintln!("bundle: note: {} kept its symbols ({})", to.display(), e.lines().next().unwrap_or_default());
+    }
+    fs::metadata(to).map(|m| m.len()).map_err(|e| format!("{}: {e}", to.display()))
+}
+
+/// Copies the executables into `dir/bin/{tests,benches}/` and lists them with their sizes.
+fn copy_executables(dir: &Path, tests: &[Executable], benches: &[Executable]) -> Result<(Vec<String>, u64)> {
     let mut listing = Vec::new();
-    let mut total = 0u64;
-    for (sub, exes) in [("tests", &tests), ("benches", &benches)] {
+    let mut total = 0;
+    for (sub, exes) in [("tests", tests), ("benches", benches)] {
         let d = dir.join("bin").join(sub);
-        fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         for (name, path) in exes {
             let bytes = copy_exe(path, &d.join(name))?;
             total += bytes;
             listing.push(format!("bin/{sub}/{name}  {bytes} bytes"));
         }
     }
-    let commit = commit_id(&root);
-    let run_sh = RUN_SH.replace("@COMMIT@", &commit);
-    fs::write(dir.join("run.sh"), run_sh).map_err(|e| e.to_string())?;
-    make_executable(&dir.join("run.sh"))?;
-    let rustc = cmd::output(Command::new("rustc").arg("--version")).unwrap_or_default();
-    let manifest_txt = format!(
-        "deepkern GPU bundle\ncommit: {commit}\nbuilt: {}\nrustc: {}\nnvcc: {}\narchs: {}\n\n{}\n",
-        cmd::output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).unwrap_or_default().trim(),
-        rustc.trim(),
-        manifest["nvcc_version"].as_str().unwrap_or("?"),
-        manifest["archs"],
+    Ok((listing, total))
+}
+
+/// `MANIFEST.txt`: what was bundled, from which commit, with which compilers.
+fn manifest_text(commit: &str, kernels: &Value, listing: &[String]) -> String {
+    let first_line = |c: &mut Command| cmd::output(c).unwrap_or_default().lines().next().unwrap_or("?").trim().to_string();
+    format!(
+        "deepkern GPU bundle\ncommit: {commit}\ndate: {}\nrustc: {}\nnvcc: {}\narchs: {}\n\nfiles:\n{}\n",
+        first_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        first_line(Command::new("rustc").arg("--version")),
+        kernels["nvcc_version"].as_str().unwrap_or("?"),
+        kernels["archs"],
         listing.join("\n")
-    );
-    fs::write(dir.join("MANIFEST.txt"), manifest_txt).map_err(|e| e.to_string())?;
-    eprintln!("bundle: {} ({} tests, {} benches, {:.1} MB)", dir.display(), tests.len(), benches.len(), total as f64 / 1e6);
-    eprintln!("run it on a GPU host: copy {} there, then `./run.sh results` (bench lines land in results/*.jsonl)", dir.display());
-    Ok(dir)
+    )
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn make_executable(path: &Path) -> Result<()> {
@@ -101,77 +112,166 @@ fn make_executable(path: &Path) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
+/// `run.sh` with the commit baked in.
+pub fn run_script(commit: &str) -> String {
+    RUN_SH.replace("@COMMIT@", commit)
+}
+
+/// Builds the bundle and returns its folder.
+pub fn run(tc: &Toolchain) -> Result<PathBuf> {
+    let root = project_root();
+    let (_, kernels) = cargo::kernels_manifest(tc, &["build", "--release"])?;
+    if kernels["built"] != Value::Bool(true) {
+        return Err(format!(
+            "the bundle needs the kernels, and build.rs did not build them: {}",
+            kernels["reason"].as_str().unwrap_or("no reason given")
+        ));
+    }
+    let tests = test_executables(tc)?;
+    let benches = bench_executables(tc)?;
+    let dir = root.join(BUNDLE_DIR);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove the old {}: {e}", dir.display()))?;
+    }
+    let (listing, total) = copy_executables(&dir, &tests, &benches)?;
+    let commit = commit_id(&root);
+    write_file(&dir.join("run.sh"), &run_script(&commit))?;
+    make_executable(&dir.join("run.sh"))?;
+    write_file(&dir.join("MANIFEST.txt"), &manifest_text(&commit, &kernels, &listing))?;
+    let tarball = root.join(BUNDLE_TARBALL);
+    cmd::run(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(root.join("target")).arg("bundle"))?;
+    let packed = fs::metadata(&tarball).map(|m| m.len()).unwrap_or(0);
+    print_how_to_run(&dir, &tarball, &commit, (tests.len(), benches.len()), (total, packed));
+    Ok(dir)
+}
+
+fn print_how_to_run(dir: &Path, tarball: &Path, commit: &str, (tests, benches): (usize, usize), (total, packed): (u64, u64)) {
+    let mb = |b: u64| b as f64 / 1e6;
+    eprintln!();
+    eprintln!("bundle {commit}: {} ({tests} test and {benches} bench executables, {:.1} MB)", dir.display(), mb(total));
+    eprintln!("packed: {} ({:.1} MB)", tarball.display(), mb(packed));
+    eprintln!("on a GPU host (CUDA driver 580+, no Rust needed), copy it there and run it:");
+    eprintln!("    scp {} gpuhost: && ssh gpuhost 'tar -xzf deepkern-bundle.tar.gz && bundle/run.sh results'", tarball.display());
+    eprintln!("or, from this checkout with the device tool: carry [\"{BUNDLE_DIR}\"], command `{BUNDLE_DIR}/run.sh \"$OUT/results\"`");
+    eprintln!("then copy results/*.jsonl into bench-results/ and run `cargo xtask report`");
+}
+
 /// The bundle's entry point. `@COMMIT@` is replaced at bundle time.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
-# deepkern GPU bundle: every test (a GPU is required: DEEPKERN_REQUIRE_GPU=1) and every bench.
+# deepkern GPU bundle: every test (a GPU is required: DEEPKERN_REQUIRE_GPU=1), then every bench.
 # Usage: ./run.sh [RESULTS_DIR]   (default: ./results). Bench lines go to RESULTS_DIR/<device>.jsonl,
 # logs to RESULTS_DIR/logs/. Exits non-zero if anything failed, or if there is no GPU.
 set -uo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:-$here/results}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-results}"
 mkdir -p "$out/logs" && out="$(cd "$out" && pwd)"
 export DEEPKERN_REQUIRE_GPU=1 DEEPKERN_BENCH_OUT="$out" DEEPKERN_COMMIT="@COMMIT@"
+echo "run.sh: deepkern bundle @COMMIT@; results in $out"
+cp "$here/MANIFEST.txt" "$out/MANIFEST.txt" 2>/dev/null
 
 gpu=1
-if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+gpus="$(nvidia-smi -L 2>/dev/null)"
+if ! grep -q '^GPU ' <<<"$gpus"; then
     gpu=0
-    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
-    echo "run.sh: NO NVIDIA GPU FOUND (nvidia-smi -L lists none)." >&2
-    echo "run.sh: the tests will fail (DEEPKERN_REQUIRE_GPU=1) and benches are skipped." >&2
-    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
+    {
+        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+        echo "run.sh: NO NVIDIA GPU FOUND (\`nvidia-smi -L\` lists none)."
+        echo "run.sh: the GPU tests will fail (DEEPKERN_REQUIRE_GPU=1); benches are not run."
+        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    } >&2
 else
-    nvidia-smi -L
+    echo "$gpus"
+    nvidia-smi >"$out/logs/nvidia-smi.txt" 2>&1
 fi
 
-# cudarc loads NCCL as libnccl.so and cuBLASLt as libcublasLt.so*: link what this host has.
-libs="$out/.libs"
-mkdir -p "$libs"
-candidates() {
-    ldconfig -p 2>/dev/null | awk -v n="$1" '$1 ~ "^"n {print $NF}'
-    python3 - "$1" <<'PY' 2>/dev/null
-import glob, os, site, sys
-roots = site.getsitepackages() + [site.getusersitepackages()]
+# cudarc opens NCCL as libnccl.so (the real soname, libnccl.so.2, is not among the names it tries)
+# and cuBLASLt as libcublasLt.so.13 or libcublasLt.so: link what this host has into a private
+# folder put first on LD_LIBRARY_PATH.
+lib_dirs() {
+    python3 - <<'PY' 2>/dev/null
+import glob, os, site
+roots = []
+try:
+    import nvidia
+    roots += [os.path.dirname(p) for p in nvidia.__path__]
+except Exception:
+    pass
+roots += site.getsitepackages() + [site.getusersitepackages()]
+seen = []
 for r in roots:
-    for p in glob.glob(os.path.join(r, "nvidia", "*", "lib", sys.argv[1] + "*")):
-        print(p)
+    for d in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib"))):
+        if d not in seen:
+            seen.append(d)
+            print(d)
 PY
-    ls /usr/local/cuda*/lib64/"$1"* 2>/dev/null
+    ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu /usr/lib64 2>/dev/null
 }
-for lib in libnccl.so libcublasLt.so; do
-    found="$(candidates "$lib" | head -n 1)"
-    if [ -n "$found" ]; then
-        ln -sf "$found" "$libs/$lib"
-        echo "run.sh: $lib -> $found"
+find_lib() { # the first of the names found, in ldconfig's cache or a library folder
+    local name found d
+    for name in "$@"; do
+        found="$(ldconfig -p 2>/dev/null | awk -v n="$name" '$1 == n {print $NF}' | head -n 1)"
+        [ -n "$found" ] && { echo "$found"; return 0; }
+        while read -r d; do
+            [ -e "$d/$name" ] && { echo "$d/$name"; return 0; }
+        done < <(lib_dirs)
+    done
+    return 1
+}
+libs="$(mktemp -d "${TMPDIR:-/tmp}/deepkern-libs.XXXXXX")"
+trap 'rm -rf "$libs"' EXIT
+lib_path="$libs"
+link_lib() { # link_lib LINK NAME...
+    local link="$1" found
+    shift
+    if found="$(find_lib "$@")"; then
+        ln -sf "$found" "$libs/$link"
+        lib_path="$lib_path:$(dirname "$found")"
+        echo "run.sh: $link -> $found"
     else
-        echo "run.sh: warning: $lib not found on this host" >&2
+        echo "run.sh: warning: no $* on this host; what needs it will fail" >&2
     fi
-done
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+link_lib libnccl.so libnccl.so.2 libnccl.so
+link_lib libcublasLt.so libcublasLt.so.13 libcublasLt.so
+export LD_LIBRARY_PATH="$lib_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 summary=()
 status=0
-run_one() {
-    local kind="$1" exe="$2"; shift 2
-    local name log rc
+run_one() { # run_one KIND EXE ARGS...
+    local kind="$1" exe="$2" name log rc
+    shift 2
     name="$(basename "$exe")"
     log="$out/logs/$kind-$name.log"
+    echo
     echo "== $kind $name"
     "$exe" "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 0 ]; then summary+=("ok      $kind $name"); else summary+=("FAILED  $kind $name (exit $rc, log $log)"); status=1; fi
+    if [ "$rc" -eq 0 ]; then
+        summary+=("ok      $kind $name")
+    else
+        summary+=("FAILED  $kind $name (exit $rc; $log)")
+        status=1
+    fi
 }
-for t in "$here"/bin/tests/*; do run_one test "$t"; done
+for t in "$here"/bin/tests/*; do
+    [ -e "$t" ] && run_one test "$t"
+done
 if [ "$gpu" -eq 1 ]; then
-    for b in "$here"/bin/benches/*; do [ -e "$b" ] && run_one bench "$b" --bench; done
+    for b in "$here"/bin/benches/*; do
+        [ -e "$b" ] && run_one bench "$b" --bench
+    done
 else
+    summary+=("FAILED  no GPU on this host: benches not run")
     status=1
 fi
 
 echo
-echo "== summary (commit @COMMIT@)"
+echo "== summary (deepkern @COMMIT@)"
 printf '%s\n' "${summary[@]}"
-[ "$gpu" -eq 1 ] || echo "FAILED  no GPU on this host"
-ls "$out"/*.jsonl 2>/dev/null && echo "bench lines: $out/*.jsonl"
+for f in "$out"/*.jsonl; do
+    [ -e "$f" ] && echo "bench lines: $f"
+done
+[ "$status" -eq 0 ] && echo "all passed" || echo "run.sh: FAILED (see above)" >&2
 exit "$status"
 "#;
 
@@ -196,5 +296,96 @@ mod tests {
             got,
             vec![("unit".to_string(), PathBuf::from("/t/deepkern-1")), ("quant_gpu".to_string(), PathBuf::from("/t/quant_gpu-2"))]
         );
+    }
+
+    /// A scratch bundle of shell-script "executables", with a fake `nvidia-smi` first on PATH.
+    struct Scratch {
+        dir: PathBuf,
+    }
+
+    impl Scratch {
+        fn new(tag: &str, gpu: bool) -> Self {
+            let dir = std::env::temp_dir().join(format!("deepkern-bundle-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            for sub in ["bin/tests", "bin/benches", "fakebin"] {
+                fs::create_dir_all(dir.join(sub)).unwrap();
+            }
+            let smi = if gpu { "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-x)'" } else { "echo 'NVIDIA-SMI has failed' >&2; exit 9" };
+            let s = Scratch { dir };
+            s.exe("fakebin/nvidia-smi", smi);
+            s.exe("run.sh", &run_script("abc1234-dirty"));
+            fs::write(s.dir.join("MANIFEST.txt"), "manifest\n").unwrap();
+            s
+        }
+
+        fn exe(&self, rel: &str, body: &str) {
+            let body = if body.starts_with("#!") { body.to_string() } else { format!("#!/usr/bin/env bash\n{body}\n") };
+            fs::write(self.dir.join(rel), body).unwrap();
+            make_executable(&self.dir.join(rel)).unwrap();
+        }
+
+        /// Runs run.sh with the results in `<dir>/res`: (exit code, stdout, stderr).
+        fn run(&self) -> (i32, String, String) {
+            let path = format!("{}:/usr/bin:/bin", self.dir.join("fakebin").display());
+            let out = Command::new("bash")
+                .arg(self.dir.join("run.sh"))
+                .arg(self.dir.join("res"))
+                .env("PATH", path)
+                .env_remove("LD_LIBRARY_PATH")
+                .output()
+                .unwrap();
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+        }
+
+        fn read(&self, rel: &str) -> String {
+            fs::read_to_string(self.dir.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn run_sh_runs_everything_and_reports_failures() {
+        let s = Scratch::new("gpu", true);
+        s.exe("bin/tests/good", "echo \"req=$DEEPKERN_REQUIRE_GPU out=$DEEPKERN_BENCH_OUT commit=$DEEPKERN_COMMIT\"");
+        s.exe("bin/tests/bad", "echo boom; exit 3");
+        s.exe("bin/benches/quant", "echo \"args=$*\"; echo '{}' >> \"$DEEPKERN_BENCH_OUT/h100.jsonl\"");
+        let (code, stdout, stderr) = s.run();
+        assert_eq!(code, 1, "{stdout}\n{stderr}");
+        let res = s.dir.join("res");
+        assert_eq!(s.read("res/logs/test-good.log").trim(), format!("req=1 out={} commit=abc1234-dirty", res.display()));
+        assert_eq!(s.read("res/logs/test-bad.log").trim(), "boom");
+        assert_eq!(s.read("res/logs/bench-quant.log").trim(), "args=--bench");
+        assert_eq!(s.read("res/h100.jsonl"), "{}\n");
+        assert_eq!(s.read("res/MANIFEST.txt"), "manifest\n");
+        assert!(stdout.contains("ok      test good") && stdout.contains("FAILED  test bad (exit 3;"), "{stdout}");
+        assert!(stdout.contains("ok      bench quant"), "{stdout}");
+    }
+
+    #[test]
+    fn run_sh_passes_when_everything_passes() {
+        let s = Scratch::new("pass", true);
+        s.exe("bin/tests/good", "exit 0");
+        s.exe("bin/benches/quant", "exit 0");
+        let (code, stdout, stderr) = s.run();
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        assert!(stdout.contains("all passed"), "{stdout}");
+    }
+
+    #[test]
+    fn run_sh_fails_loudly_without_a_gpu() {
+        let s = Scratch::new("nogpu", false);
+        s.exe("bin/tests/good", "exit 0");
+        s.exe("bin/benches/quant", "echo ran; exit 0");
+        let (code, stdout, stderr) = s.run();
+        assert_ne!(code, 0, "{stdout}\n{stderr}");
+        assert!(stderr.contains("NO NVIDIA GPU FOUND"), "{stderr}");
+        assert!(stdout.contains("FAILED  no GPU on this host"), "{stdout}");
+        assert!(!s.dir.join("res/logs/bench-quant.log").exists(), "benches must not run without a GPU");
     }
 }

@@ -63,7 +63,7 @@ fn test(extra: &[String]) -> Result<()> {
     tests.and(checked)
 }
 
-/// Whether an NVIDIA GPU is visible (only used to word the message; the benches decide themselves).
+/// Whether an NVIDIA GPU is visible: `nvidia-smi -L` runs and lists one.
 fn gpu_present() -> bool {
     cmd::output(Command::new("nvidia-smi").arg("-L")).is_ok_and(|s| s.lines().any(|l| l.starts_with("GPU ")))
 }
@@ -71,14 +71,16 @@ fn gpu_present() -> bool {
 fn bench(extra: &[String]) -> Result<()> {
     let tc = setup()?;
     let root = project_root();
+    let gpu = gpu_present();
     let mut c = cargo::cargo(&tc);
     c.args(["bench", "-p", "deepkern"]).args(extra);
     c.env("DEEPKERN_BENCH_OUT", root.join("bench-results")).env("DEEPKERN_COMMIT", bundle::commit_id(&root));
     cmd::run(&mut c)?;
-    if !gpu_present() {
-        eprintln!("no CUDA GPU here: ran the CPU reference benches only; GPU figures come from `cargo xtask bundle` run on a GPU host");
+    if !gpu {
+        eprintln!();
+        eprintln!("no CUDA GPU here: ran the CPU reference benches only; GPU figures come from `cargo xtask bundle` on a GPU host");
     }
-    report::run()
+    if report::has_results(&root) { report::run() } else { Ok(()) }
 }
 
 fn bindgen() -> Result<()> {

@@ -122,21 +122,41 @@ fn install_libclang() -> bool {
     quiet(Command::new("apt-get").args(["update", "-qq"])) && quiet(Command::new("apt-get").args(["install", "-y", "-qq", "libclang-dev"]))
 }
 
-/// Finds everything, installing what is missing; fast and silent-ish when all is present.
-pub fn setup(root: &Path) -> Result<Toolchain> {
-    let nvcc = match find_nvcc(root)? {
-        Some(p) => p,
+/// The CUDA release the project pins (PyPI wheels), so that the code runs on a 580 driver.
+const PINNED: (u32, u32) = (13, 0);
+
+/// nvcc and its release: the one build.rs would find, else CUDA 13.0 installed from PyPI.
+fn setup_nvcc(root: &Path) -> Result<(PathBuf, (u32, u32))> {
+    let (nvcc, installed) = match find_nvcc(root)? {
+        Some(p) => (p, false),
         None => {
-            eprintln!("no nvcc found: installing CUDA 13.0 from PyPI into {LOCAL_CUDA}/");
+            eprintln!("no nvcc found (NVCC, CUDA_HOME, CUDA_PATH, PATH, {LOCAL_CUDA}): installing CUDA 13.0 from PyPI");
             pip_install(&root.join(LOCAL_CUDA), &CUDA_PACKAGES)?;
-            find_nvcc(root)?.ok_or("nvcc is still missing after the install")?
+            (find_nvcc(root)?.ok_or("nvcc is still missing after the install")?, true)
         }
     };
-    let nvcc = nvcc.canonicalize().unwrap_or(nvcc);
-    let nvcc_release = release(&nvcc).ok_or_else(|| format!("{} --version did not report a release", nvcc.display()))?;
-    if nvcc_release.0 < 12 {
-        return Err(format!("{} is CUDA {}.{}; sm_90a kernels need CUDA 12 or later", nvcc.display(), nvcc_release.0, nvcc_release.1));
+    let nvcc = std::path::absolute(&nvcc).unwrap_or(nvcc);
+    let rel = release(&nvcc).ok_or_else(|| format!("`{} --version` did not report a CUDA release", nvcc.display()))?;
+    if installed && rel != PINNED {
+        return Err(format!("the installed {} reports CUDA {}.{}, not the pinned 13.0", nvcc.display(), rel.0, rel.1));
     }
+    if rel.0 < 12 {
+        return Err(format!("{} is CUDA {}.{}; sm_90a kernels need CUDA 12 or later", nvcc.display(), rel.0, rel.1));
+    }
+    if rel != PINNED {
+        eprintln!(
+            "warning: {} is CUDA {}.{}; the project pins 13.0 (kernels built by newer releases need a newer driver than 580)",
+            nvcc.display(),
+            rel.0,
+            rel.1
+        );
+    }
+    Ok((nvcc, rel))
+}
+
+/// Finds everything, installing what is missing; fast and silent-ish when all is present.
+pub fn setup(root: &Path) -> Result<Toolchain> {
+    let (nvcc, nvcc_release) = setup_nvcc(root)?;
     let tools = |root: &Path| Some((find_tool(root, "cuobjdump")?, find_tool(root, "nvdisasm")?));
     let (cuobjdump, nvdisasm) = match tools(root) {
         Some(t) => t,
