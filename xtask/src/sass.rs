@@ -150,11 +150,37 @@ pub fn demangle(name: &str) -> String {
     cmd::output(Command::new("c++filt").arg(name)).map(|s| s.trim().to_string()).unwrap_or_else(|_| name.to_string())
 }
 
-/// One row of the printed table.
-struct Row {
-    unit: String,
-    res: Resources,
-    expects: String,
+/// Resource counters per function from `cuobjdump -res-usage` ("REG:24 STACK:496 SHARED:0 ...").
+pub fn parse_res_usage(text: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("Function ").and_then(|r| r.strip_suffix(':')) {
+            current = Some(name.to_string());
+            out.entry(name.to_string()).or_default();
+        } else if let Some(func) = current.take() {
+            let counters =
+                line.split_whitespace().filter_map(|w| w.split_once(':')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)));
+            out.get_mut(&func).expect("function seen").extend(counters);
+        }
+    }
+    out
+}
+
+/// One kernel's row in the printed table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub unit: String,
+    pub res: Resources,
+    /// "F2FP ok, QGMMA MISSING"; empty when no expectation names the kernel.
+    pub expects: String,
+}
+
+/// What the check found in one unit: a row per kernel, and every problem as a sentence.
+#[derive(Clone, Debug, Default)]
+pub struct UnitReport {
+    pub rows: Vec<Row>,
+    pub problems: Vec<String>,
 }
 
 /// Builds (dev profile, as the tests do), reads the kernels manifest, and checks every unit.
@@ -164,36 +190,38 @@ pub fn run(tc: &Toolchain) -> Result<()> {
         return Err(format!("kernels were not built ({}): {}", path.display(), manifest["reason"].as_str().unwrap_or("no reason given")));
     }
     let units = manifest["units"].as_array().cloned().unwrap_or_default();
-    let mut rows = Vec::new();
-    let mut problems = Vec::new();
+    let mut all = UnitReport::default();
     for unit in &units {
-        let field = |k: &str| unit[k].as_str().map(PathBuf::from).ok_or(format!("manifest unit without `{k}`"));
+        let field = |k: &str| unit[k].as_str().map(PathBuf::from).ok_or(format!("{}: a unit without `{k}`", path.display()));
         let (source, object, log) = (field("source")?, field("object")?, field("ptxas_log")?);
-        let unit_name = source.to_string_lossy().into_owned();
-        check_unit(tc, &unit_name, &object, &log, &mut rows, &mut problems)?;
+        let report = check_unit(tc, &source.to_string_lossy(), &crate::project_root().join(&source), &object, &log)?;
+        all.rows.extend(report.rows);
+        all.problems.extend(report.problems);
     }
-    print_table(&rows);
-    if rows.is_empty() {
-        problems.push("no kernels found in any unit".into());
+    print_table(&all.rows);
+    if all.rows.is_empty() {
+        all.problems.push("no kernels found in any unit".into());
     }
-    if problems.is_empty() {
-        eprintln!("sass check: {} kernels in {} units: no spills, no stack frames, expectations hold", rows.len(), units.len());
+    if all.problems.is_empty() {
+        eprintln!("sass check: {} kernels in {} units: no spills, no stack frames, expectations hold", all.rows.len(), units.len());
         Ok(())
     } else {
-        Err(format!("sass check failed:\n  {}", problems.join("\n  ")))
+        Err(format!("sass check failed:\n  {}", all.problems.join("\n  ")))
     }
 }
 
-fn check_unit(tc: &Toolchain, unit: &str, object: &Path, log: &Path, rows: &mut Vec<Row>, problems: &mut Vec<String>) -> Result<()> {
-    let source_text = std::fs::read_to_string(crate::project_root().join(unit)).map_err(|e| format!("{unit}: {e}"))?;
-    let log_text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+/// Checks one compiled unit: `source` (for its SASS-EXPECT lines), its `object`, and the ptxas
+/// `log` of its compilation. `unit` names it in rows and problems.
+pub fn check_unit(tc: &Toolchain, unit: &str, source: &Path, object: &Path, log: &Path) -> Result<UnitReport> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let expectations = parse_expectations(&read(source)?);
+    let functions = parse_ptxas_log(&read(log)?);
     let sass = parse_sass(&cmd::output(tc.cuobjdump().arg("-sass").arg(object))?);
-    let res_usage = cmd::output(tc.cuobjdump().arg("-res-usage").arg(object))?;
-    let expectations = parse_expectations(&source_text);
-    let unmet = check_expectations(&expectations, &sass);
-    for f in parse_ptxas_log(&log_text) {
+    let res_usage = parse_res_usage(&cmd::output(tc.cuobjdump().arg("-res-usage").arg(object))?);
+    let mut report = UnitReport::default();
+    for f in &functions {
         if !f.is_clean() {
-            problems.push(format!(
+            report.problems.push(format!(
                 "{unit}: {}: {} bytes stack frame, {} bytes spill stores, {} bytes spill loads",
                 demangle(&f.name),
                 f.stack_bytes,
@@ -201,31 +229,38 @@ fn check_unit(tc: &Toolchain, unit: &str, object: &Path, log: &Path, rows: &mut 
                 f.spill_load_bytes
             ));
         }
-        if !f.entry {
-            continue;
-        }
-        if !res_usage.contains(&format!("Function {}:", f.name)) {
-            problems.push(format!("{unit}: cuobjdump -res-usage does not list {}", f.name));
-        }
-        let expects: Vec<String> = expectations
-            .iter()
-            .filter(|e| f.name.contains(&e.kernel))
-            .flat_map(|e| e.opcodes.iter())
-            .map(|op| {
-                let found = sass.get(&f.name).is_some_and(|ops| ops.iter().any(|o| o.starts_with(op.as_str())));
-                format!("{op} {}", if found { "ok" } else { "MISSING" })
-            })
-            .collect();
-        rows.push(Row { unit: unit.to_string(), res: f, expects: expects.join(", ") });
     }
-    // Local memory must also be zero in the final cubin (catches what the log might not show).
-    for line in res_usage.lines().filter(|l| l.contains("REG:")) {
-        if ["STACK:", "LOCAL:"].iter().any(|k| line.split_whitespace().any(|w| w.starts_with(k) && w != format!("{k}0"))) {
-            problems.push(format!("{unit}: cuobjdump -res-usage reports local memory: {}", line.trim()));
+    for f in functions.into_iter().filter(|f| f.entry) {
+        match res_usage.get(&f.name) {
+            None => report.problems.push(format!("{unit}: `cuobjdump -res-usage` does not list {}", f.name)),
+            // The final cubin must agree (a stale ptxas log would show here).
+            Some(c) if c.get("STACK").is_some_and(|&v| v > 0) || c.get("LOCAL").is_some_and(|&v| v > 0) => report.problems.push(format!(
+                "{unit}: {}: the cubin uses local memory (STACK:{} LOCAL:{})",
+                demangle(&f.name),
+                c.get("STACK").copied().unwrap_or(0),
+                c.get("LOCAL").copied().unwrap_or(0)
+            )),
+            Some(_) => {}
         }
+        let expects = expectation_summary(&expectations, &f.name, &sass);
+        report.rows.push(Row { unit: unit.to_string(), res: f, expects });
     }
-    problems.extend(unmet.into_iter().map(|p| format!("{unit}: {p}")));
-    Ok(())
+    report.problems.extend(check_expectations(&expectations, &sass).into_iter().map(|p| format!("{unit}: {p}")));
+    Ok(report)
+}
+
+/// "OPCODE ok" or "OPCODE MISSING" for each opcode expected of the function `name`.
+fn expectation_summary(exps: &[Expectation], name: &str, sass: &BTreeMap<String, BTreeSet<String>>) -> String {
+    let ops = sass.get(name);
+    exps.iter()
+        .filter(|e| name.contains(&e.kernel))
+        .flat_map(|e| e.opcodes.iter())
+        .map(|want| {
+            let found = ops.is_some_and(|ops| ops.iter().any(|o| o.starts_with(want.as_str())));
+            format!("{want} {}", if found { "ok" } else { "MISSING" })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_table(rows: &[Row]) {
@@ -276,6 +311,15 @@ mod tests {
         let f = parse_ptxas_log(&fixture("ptxas_quant.log"));
         assert_eq!(f.len(), 2);
         assert!(f.iter().all(|k| k.entry && k.is_clean() && k.registers > 0));
+    }
+
+    #[test]
+    fn res_usage_counters_per_function() {
+        let r = parse_res_usage(&fixture("res_usage_probe.txt"));
+        assert_eq!(r.len(), 2, "{r:?}");
+        let smem = &r["_Z9with_smemPf"];
+        assert_eq!((smem["REG"], smem["STACK"], smem["SHARED"], smem["LOCAL"]), (12, 0, 2048, 0));
+        assert_eq!((r["_Z8spillingPKfPfi"]["REG"], r["_Z8spillingPKfPfi"]["STACK"]), (24, 496));
     }
 
     const SASS: &str = "\

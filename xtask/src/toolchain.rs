@@ -96,6 +96,12 @@ fn find_tool(root: &Path, name: &str) -> Option<PathBuf> {
         .find(|p| release(p).is_some_and(|r| r >= MIN_TOOLS))
 }
 
+/// cuobjdump and nvdisasm, both 13.2 or later: `PATH`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, then the
+/// project-local tools. Installs nothing.
+pub fn find_tools(root: &Path) -> Option<(PathBuf, PathBuf)> {
+    Some((find_tool(root, "cuobjdump")?, find_tool(root, "nvdisasm")?))
+}
+
 fn pip_install(target: &Path, packages: &[&str]) -> Result<()> {
     cmd::run(
         Command::new("python3")
@@ -157,13 +163,12 @@ fn setup_nvcc(root: &Path) -> Result<(PathBuf, (u32, u32))> {
 /// Finds everything, installing what is missing; fast and silent-ish when all is present.
 pub fn setup(root: &Path) -> Result<Toolchain> {
     let (nvcc, nvcc_release) = setup_nvcc(root)?;
-    let tools = |root: &Path| Some((find_tool(root, "cuobjdump")?, find_tool(root, "nvdisasm")?));
-    let (cuobjdump, nvdisasm) = match tools(root) {
+    let (cuobjdump, nvdisasm) = match find_tools(root) {
         Some(t) => t,
         None => {
             eprintln!("no cuobjdump/nvdisasm 13.2+ found: installing them from PyPI into {LOCAL_TOOLS}/");
             pip_install(&root.join(LOCAL_TOOLS), &TOOL_PACKAGES)?;
-            tools(root).ok_or("cuobjdump/nvdisasm 13.2+ still missing after the install")?
+            find_tools(root).ok_or("cuobjdump/nvdisasm 13.2+ still missing after the install")?
         }
     };
     let mut libclang = crate::bindings::libclang_available();
