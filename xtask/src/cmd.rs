@@ -1,18 +1,18 @@
 //! Running child processes: each command is shown before it runs; failures are sentences.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::Result;
 
-/// The command as a shell-like line, for display.
+/// `word` as a shell would need it: as is when plain, else in single quotes.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "_-./,:=+@%".contains(c));
+    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', r"'\''")) }
+}
+
+/// The command as a line one could paste into a shell, for display.
 pub fn display(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|w| shell_quote(&w.to_string_lossy())).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs `cmd` with inherited stdio; an error unless it exits 0.
@@ -31,7 +31,14 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether `program` can be started (it exists and runs with `arg`).
-pub fn works(program: &Path, arg: &str) -> bool {
-    Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn displays_commands_ready_to_paste() {
+        let mut c = Command::new("python3");
+        c.args(["-m", "pip", "nvidia-nvvm==13.0.*", "--bench", "it's", ""]);
+        assert_eq!(display(&c), r"python3 -m pip 'nvidia-nvvm==13.0.*' --bench 'it'\''s' ''");
+    }
 }

@@ -105,7 +105,17 @@ pub fn find_tools(root: &Path) -> Option<(PathBuf, PathBuf)> {
 fn pip_install(target: &Path, packages: &[&str]) -> Result<()> {
     cmd::run(
         Command::new("python3")
-            .args(["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check", "-q", "--upgrade", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "-q",
+                "--upgrade",
+                "--target",
+            ])
             .arg(target)
             .args(packages),
     )
