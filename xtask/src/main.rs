@@ -11,8 +11,10 @@ fn usage() -> &'static str {
   setup     find or install nvcc (CUDA 13.0, PyPI), cuobjdump/nvdisasm 13.2+, libclang
   test      setup, `cargo test --workspace [args]`, then the sass check
   sass      every kernel: no spills, no stack frame, declared SASS instructions present
-  bench     setup, `cargo bench -p deepkern [args]` (GPU benches skip without a GPU), report
-  bundle    release test and bench executables + run.sh in target/bundle/ for a GPU host
+  bench     setup, `cargo bench -p deepkern [args]` (GPU benches skip without a GPU), then
+            report if bench-results/ has results
+  bundle    release test and bench executables + run.sh in target/bundle/ (and a .tar.gz) for
+            a GPU host with no Rust: run.sh runs every test and bench there
   report    bench-results/*.jsonl -> bench-results/README.md, PNG plots, README table
   bindgen   regenerate src/ffi/bindings.rs from csrc/include/deepkern.h"
 }
