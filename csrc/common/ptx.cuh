@@ -40,6 +40,32 @@ __device__ __forceinline__ uint4 ld_global_nc_no_allocate_v4(const void* ptr) {
 }
 
 
+// ---- Cross-GPU signalling ----------------------------------------------------------------------
+
+// ld.acquire.sys.global.u32: read a flag that another GPU (or the host) may write; later reads and
+// writes of this thread are ordered after it, at system scope.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#memory-consistency-model
+__device__ __forceinline__ uint32_t ld_acquire_sys_global_u32(const uint32_t* ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// st.release.sys.global.u32: publish a flag; earlier reads and writes of this thread (and, with a
+// preceding barrier, of its block) are visible at system scope before the flag is.
+__device__ __forceinline__ void st_release_sys_global_u32(uint32_t* ptr, uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+#else
+    __trap();
+#endif
+}
+
 // ---- Hopper (sm_90a) asynchronous machinery -------------------------------------------------
 // Each function below compiles only for sm_90a (arch-specific features); elsewhere it traps.
 

@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 2
+#define DK_ABI_VERSION 3
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -259,6 +259,202 @@ typedef struct dk_ep_layout_params {
 } dk_ep_layout_params_t;
 
 dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream);
+
+/*
+ * Expert-parallel all-to-all over a group of ranks whose symmetric buffers are reachable through
+ * a device-side table of peer pointers (one process driving R virtual ranks on one GPU, or one
+ * process per GPU with the peers' buffers mapped through CUDA IPC: the device code is the same).
+ *
+ * Every rank's symmetric buffer has the same layout; the byte offsets below are planned by the
+ * Rust side (deepkern::plan::ep) and must be 16-byte aligned. Regions:
+ *   signals   u32 [DK_EP_SIGNAL_WORDS]: per kind and source rank, the epoch of the last signal;
+ *             per kind a block-completion counter; an error word (DK_EP_ERROR_* bits) and a
+ *             counter of slots that named an expert outside 0 .. num_experts - 1
+ *   counts    i32 [ranks, num_experts]: every source rank's tokens_per_expert (normal dispatch)
+ *   ll_counts i32 [experts_per_rank, ranks]: rows each source sent to each local expert (low latency)
+ *   recv_*    normal-mode staging: x [recv_rows, hidden] (payload), sf f32 [hidden / 128, recv_rows],
+ *             weight f32 [recv_rows], src i32 [recv_rows]
+ *   ll_*      low-latency staging: x [experts_per_rank * ranks * ll_max_tokens, hidden], sf f32
+ *             [hidden / 128, same rows], src i32 [same rows]; row (le * ranks + s) * ll_max_tokens + p
+ *   comb      bf16 [max_tokens * max_topk, hidden]: expert outputs sent back, row t * max_topk + j
+ *
+ * A received row's source is packed as (src_rank * max_tokens + token) * max_topk + slot; -1 marks
+ * padding. A phase signals a kind by storing the epoch into every peer's slot (kind, rank) with
+ * system-scope release semantics once all its blocks are done; a phase that needs the data waits
+ * (system-scope acquire) until all ranks' slots of that kind reach the epoch. A wait that exceeds
+ * about 10 seconds sets DK_EP_ERROR_TIMEOUT and gives up, never hanging the GPU.
+ *
+ * Contract (checked by the Rust wrapper): 1 <= ranks <= DK_EP_MAX_RANKS, 0 <= rank < ranks;
+ * num_experts % ranks == 0, num_experts <= DK_EP_MAX_EXPERTS; hidden a positive multiple of 128;
+ * 1 <= max_topk <= DK_EP_MAX_TOPK; ranks * max_tokens * max_topk < 2^31; 0 <= ll_max_tokens <=
+ * max_tokens; m_align a positive
+ * multiple of 4; num_sms >= 1.
+ */
+#define DK_EP_MAX_TOPK 16
+#define DK_EP_SIGNAL_KINDS 4
+#define DK_EP_SIGNAL_NOTIFY 0
+#define DK_EP_SIGNAL_DISPATCH 1
+#define DK_EP_SIGNAL_LL_DISPATCH 2
+#define DK_EP_SIGNAL_COMBINE 3
+/* Word indices in the signals region. */
+#define DK_EP_DONE_WORD (DK_EP_SIGNAL_KINDS * DK_EP_MAX_RANKS)
+#define DK_EP_ERROR_WORD (DK_EP_DONE_WORD + DK_EP_SIGNAL_KINDS)
+#define DK_EP_INVALID_WORD (DK_EP_ERROR_WORD + 1)
+#define DK_EP_SIGNAL_WORDS (DK_EP_INVALID_WORD + 3)
+#define DK_EP_ERROR_TIMEOUT 1u
+#define DK_EP_ERROR_OVERFLOW 2u
+
+typedef enum dk_ep_payload {
+    DK_EP_PAYLOAD_BF16 = 0,
+    DK_EP_PAYLOAD_FP8 = 1, /* e4m3 plus f32 1x128 scales */
+} dk_ep_payload_t;
+
+typedef struct dk_ep_group {
+    void* const* peers; /* [ranks] device array: base address of every rank's symmetric buffer */
+    int32_t rank;
+    int32_t ranks;
+    int32_t num_experts;
+    int32_t hidden;
+    int32_t max_tokens;    /* per rank, normal dispatch and combine */
+    int32_t ll_max_tokens; /* per rank, low-latency dispatch (<= max_tokens; 0: no low-latency regions) */
+    int32_t max_topk;
+    int32_t m_align;
+    int32_t num_sms;   /* blocks a data-moving kernel may use */
+    int64_t recv_rows; /* normal-mode staging capacity, rows */
+    dk_ep_payload_t payload;
+    uint32_t epoch; /* this call's epoch (the caller counts calls, starting at 1) */
+    int64_t off_signals;
+    int64_t off_counts;
+    int64_t off_ll_counts;
+    int64_t off_recv_x;
+    int64_t off_recv_sf;
+    int64_t off_recv_weight;
+    int64_t off_recv_src;
+    int64_t off_ll_x;
+    int64_t off_ll_sf;
+    int64_t off_ll_src;
+    int64_t off_comb;
+} dk_ep_group_t;
+
+/* One rank's router output and payload, read by the send phases. */
+typedef struct dk_ep_tokens {
+    const void* x;             /* [tokens, hidden] bf16 or e4m3 (the group's payload) */
+    const float* x_sf;         /* FP8 only: [hidden / 128, x_sf_stride] (the quantiser's layout) */
+    int64_t x_sf_stride;       /* >= tokens */
+    const int32_t* topk_idx;   /* [tokens, k] */
+    const float* topk_weights; /* [tokens, k] */
+    const int32_t* tokens_per_expert; /* [num_experts], from dk_ep_layout of this topk_idx */
+    const int32_t* pair_pos;   /* [tokens, k], from dk_ep_pair_positions of this topk_idx */
+    int32_t tokens;            /* <= max_tokens (normal) or ll_max_tokens (low latency) */
+    int32_t k;                 /* <= max_topk */
+} dk_ep_tokens_t;
+
+/*
+ * pair_pos[t, j] = number of slots (t', j') before (t, j) in (token, slot) order that name the same
+ * expert as slot (t, j); -1 for slots naming no valid expert.
+ */
+typedef struct dk_ep_pair_positions_params {
+    const int32_t* topk_idx; /* [tokens, k] */
+    int32_t* pair_pos;       /* [tokens, k] */
+    int32_t tokens;
+    int32_t k;
+    int32_t num_experts;
+} dk_ep_pair_positions_params_t;
+
+dk_status_t dk_ep_pair_positions(const dk_ep_pair_positions_params_t* params, dk_stream_t stream);
+
+/* Normal dispatch, phase 1 of 3: send this rank's tokens_per_expert to every peer, signal NOTIFY. */
+typedef struct dk_ep_notify_params {
+    dk_ep_group_t group;
+    const int32_t* tokens_per_expert; /* [num_experts] */
+} dk_ep_notify_params_t;
+
+dk_status_t dk_ep_dispatch_notify(const dk_ep_notify_params_t* params, dk_stream_t stream);
+
+/*
+ * Normal dispatch, phase 2 of 3: wait for every rank's NOTIFY, then write each (token, slot) pair
+ * into its expert's rank at the row the contiguous layout gives it (local experts in order, each
+ * padded to m_align; inside an expert, source rank, token, slot order), then signal DISPATCH. A
+ * destination whose rows would exceed recv_rows gets nothing, and DK_EP_ERROR_OVERFLOW is set.
+ */
+typedef struct dk_ep_dispatch_send_params {
+    dk_ep_group_t group;
+    dk_ep_tokens_t tokens;
+} dk_ep_dispatch_send_params_t;
+
+dk_status_t dk_ep_dispatch_send(const dk_ep_dispatch_send_params_t* params, dk_stream_t stream);
+
+/*
+ * Normal dispatch, phase 3 of 3: wait for every rank's DISPATCH, then copy the staged rows into
+ * the caller's buffers. rows = sum over local experts of round_up(count, m_align), which the caller
+ * learned from the counts region; padding rows get zero payload and scales, weight 0, expert -1.
+ */
+typedef struct dk_ep_dispatch_recv_params {
+    dk_ep_group_t group;
+    void* x;            /* [rows, hidden] payload */
+    float* sf;          /* FP8 only: [hidden / 128, rows] */
+    int32_t* m_indices; /* [rows]: local expert of each row, -1 on padding */
+    float* weights;     /* [rows] */
+    int32_t* src;       /* [rows]: packed source, -1 on padding */
+    int32_t* counts;    /* [experts_per_rank] */
+    int64_t rows;
+} dk_ep_dispatch_recv_params_t;
+
+dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* params, dk_stream_t stream);
+
+/*
+ * Low-latency dispatch, send phase: write each pair into its expert's rank at staging row
+ * (local_expert * ranks + rank) * ll_max_tokens + pair_pos, then the per-expert counts, then signal
+ * LL_DISPATCH. tokens <= ll_max_tokens. Tokens must name distinct experts (a pair whose position
+ * reaches ll_max_tokens is dropped and DK_EP_ERROR_OVERFLOW set).
+ */
+dk_status_t dk_ep_ll_dispatch_send(const dk_ep_dispatch_send_params_t* params, dk_stream_t stream);
+
+/*
+ * Low-latency dispatch, receive phase: wait for every rank's LL_DISPATCH, then pack the staged rows
+ * into the masked layout: expert le's rows at [le, 0 .. masked_m[le]) in source rank order.
+ * capacity = ranks * ll_max_tokens rows per expert; rows past masked_m keep their old payload and get
+ * src -1.
+ */
+typedef struct dk_ep_ll_dispatch_recv_params {
+    dk_ep_group_t group;
+    void* x;           /* [experts_per_rank, capacity, hidden] payload */
+    float* sf;         /* FP8 only: [experts_per_rank, hidden / 128, sf_stride] */
+    int64_t sf_stride; /* >= capacity */
+    int32_t* src;      /* [experts_per_rank, capacity] packed source, -1 past masked_m */
+    int32_t* masked_m; /* [experts_per_rank] */
+} dk_ep_ll_dispatch_recv_params_t;
+
+dk_status_t dk_ep_ll_dispatch_recv(const dk_ep_ll_dispatch_recv_params_t* params, dk_stream_t stream);
+
+/*
+ * Combine, send phase (both modes): every row of y whose src is not -1 goes back to its source
+ * rank's comb region at row token * max_topk + slot; then signal COMBINE.
+ */
+typedef struct dk_ep_combine_send_params {
+    dk_ep_group_t group;
+    const void* y;      /* [rows, hidden] bf16 */
+    const int32_t* src; /* [rows] */
+    int64_t rows;
+} dk_ep_combine_send_params_t;
+
+dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* params, dk_stream_t stream);
+
+/*
+ * Combine, receive phase: wait for every rank's COMBINE, then
+ * out[t, :] = bf16( sum over slots j with 0 <= topk_idx[t, j] < num_experts of
+ *                   topk_weights[t, j] * comb[t * max_topk + j, :] ), in f32, slot order.
+ */
+typedef struct dk_ep_combine_recv_params {
+    dk_ep_group_t group;
+    const int32_t* topk_idx;   /* [tokens, k] */
+    const float* topk_weights; /* [tokens, k] */
+    void* out;                 /* [tokens, hidden] bf16 */
+    int32_t tokens;
+    int32_t k;
+} dk_ep_combine_recv_params_t;
+
+dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* params, dk_stream_t stream);
 
 #ifdef __cplusplus
 } /* extern "C" */
