@@ -1,14 +1,45 @@
-//! Expert-parallel all-to-all on the GPU. So far: the dispatch layout, the first step of both
-//! dispatch modes. The routing semantics are [`crate::reference::ep`]'s, which the kernels are
-//! checked against.
+//! Expert-parallel all-to-all on the GPU: the dispatch layout, and a [`Group`] of ranks that
+//! dispatches tokens to the ranks holding their experts and combines the experts' outputs back.
+//! The routing semantics are [`crate::reference::ep`]'s, which the kernels are checked against.
+//!
+//! # Group
+//!
+//! A [`Group`] of `R` ranks owns one *symmetric buffer* per rank (same layout on every rank,
+//! planned by [`crate::plan::ep::SymmetricLayout`]) and a device table of their addresses; the
+//! kernels write straight into peers' buffers through that table and signal with system-scope
+//! release/acquire flags. [`Group::new_virtual`] builds `R` *virtual ranks* inside one process on
+//! one GPU (tests, single-GPU development, simulation); the same device code serves one process
+//! per GPU once peers' buffers are mapped (not in this version).
+//!
+//! Every operation is split into a send phase and a receive phase. Receive buffers are fixed and
+//! sized for the worst case, so no phase ever waits for a later one: running every rank's send
+//! and then every rank's receive, one after another on one stream, cannot deadlock, and a caller
+//! may put other work between the two phases.
+//!
+//! - **Normal dispatch** ([`Group::dispatch`]): rows arrive in the contiguous grouped GEMM's layout
+//!   ([`crate::gemm::gemm_fp8_contiguous`]): local experts in order, each padded to `m_align` rows,
+//!   with a per-row expert index (-1 on padding). It reads the all-gathered counts back to the host
+//!   once (one stream synchronisation) to size the outputs exactly.
+//! - **Low-latency dispatch** ([`Group::dispatch_low_latency_send`] / `_recv`): rows arrive in the
+//!   masked grouped GEMM's layout ([`crate::gemm::gemm_fp8_masked`]): `[E_local, R·ll_max_tokens,
+//!   hidden]` plus the valid rows per expert, in device memory only (no host synchronisation).
+//! - **Combine** ([`Group::combine_send`] / `_recv`, both modes): every row goes back to the token
+//!   it came from, and each token gets `Σ_slots weight · row` accumulated in f32, in slot order.
+//!
+//! All of a virtual group's work runs on the group's stream.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
+use float8::F8E4M3;
+use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::launch::{Launch, ffi_call, int_arg};
+use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
+use crate::layout::{GROUP, tma_aligned_rows};
+pub use crate::plan::ep::{GroupShape, Payload, SymmetricLayout};
+use crate::plan::ep::{ll_scale_stride, normal_rows};
 use crate::reference::ep::{EpConfig, Layout};
 
 /// Most ranks the EP kernels handle (a token's rank set is a 64-bit mask).
@@ -112,4 +143,636 @@ pub fn layout(stream: &CudaStream, topk_idx: &impl DevicePtr<i32>, k: usize, out
     // their guards until `finish`.
     let status = ffi_call!(unsafe dk_ep_layout(&params, s));
     launch.finish(status)
+}
+
+// ---- Group -------------------------------------------------------------------------------------
+
+/// Signal kinds, as in the C header.
+const NOTIFY: usize = ffi::DK_EP_SIGNAL_NOTIFY as usize;
+const DISPATCH: usize = ffi::DK_EP_SIGNAL_DISPATCH as usize;
+const LL_DISPATCH: usize = ffi::DK_EP_SIGNAL_LL_DISPATCH as usize;
+const COMBINE: usize = ffi::DK_EP_SIGNAL_COMBINE as usize;
+const KINDS: usize = ffi::DK_EP_SIGNAL_KINDS as usize;
+
+/// One rank's tokens: bf16 rows, or e4m3 rows and their 1x128 scales in the per-token quantiser's
+/// transposed layout `[hidden / 128, round_up(tokens, 4)]` ([`crate::quantize_per_token_group`]).
+pub enum Tokens<'a> {
+    Bf16(CudaView<'a, bf16>),
+    Fp8 { q: CudaView<'a, F8E4M3>, sf: CudaView<'a, f32> },
+}
+
+/// One rank's input to a dispatch: `tokens` rows of `hidden` and the router's `[tokens, k]` output
+/// (`topk_idx` -1 = no expert).
+pub struct RankInput<'a> {
+    pub x: Tokens<'a>,
+    pub topk_idx: CudaView<'a, i32>,
+    pub topk_weights: CudaView<'a, f32>,
+    pub tokens: usize,
+    pub k: usize,
+}
+
+/// Received rows: bf16, or e4m3 with f32 1x128 scales in the layout the grouped GEMMs read.
+/// Buffers hold at least one element even when no row was received.
+pub enum Rows {
+    Bf16(CudaSlice<bf16>),
+    Fp8 { q: CudaSlice<F8E4M3>, sf: CudaSlice<f32> },
+}
+
+/// Where every received row came from, and the source rank's routing: what combine needs.
+pub struct Handle {
+    rank: usize,
+    tokens: usize,
+    k: usize,
+    /// `[rows]`: packed source `(src_rank · max_tokens + token) · max_topk + slot`, -1 for none.
+    src: CudaSlice<i32>,
+    rows: usize,
+    topk_idx: CudaSlice<i32>,
+    topk_weights: CudaSlice<f32>,
+    num_invalid: CudaSlice<i32>,
+}
+
+impl Handle {
+    /// The rank that received the rows (and that sends the expert outputs back in combine).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Rows of the received layout (what combine's `y` must have).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `[rows]` packed sources, -1 on padding (see the C header's `dk_ep_group_t`).
+    pub fn src(&self) -> CudaView<'_, i32> {
+        self.src.slice(..self.rows)
+    }
+
+    /// Slots of this rank's routing that named an expert outside `0 .. num_experts` and were
+    /// therefore ignored (synchronises `stream`).
+    pub fn invalid_slots(&self, stream: &Arc<CudaStream>) -> Result<usize> {
+        Ok(usize::try_from(stream.clone_dtoh(&self.num_invalid)?[0]).unwrap_or(0))
+    }
+}
+
+/// One rank's result of a normal dispatch, in the contiguous grouped GEMM's layout.
+pub struct Dispatched {
+    /// `[rows, hidden]` and, for FP8, scales `[hidden / 128, rows]`.
+    pub x: Rows,
+    /// `[rows]`: local expert of each row, -1 on padding.
+    pub m_indices: CudaSlice<i32>,
+    /// `[rows]`: the router weight of each row's (token, expert) pair, 0 on padding.
+    pub weights: CudaSlice<f32>,
+    /// Valid rows per local expert.
+    pub counts: Vec<usize>,
+    /// Rows of the layout: Σ round_up(count, m_align).
+    pub rows: usize,
+    pub handle: Handle,
+}
+
+/// A low-latency dispatch whose send phase is in flight; [`Group::dispatch_low_latency_recv`]
+/// completes it.
+pub struct PendingLowLatency {
+    rank: usize,
+    tokens: usize,
+    k: usize,
+    topk_idx: CudaSlice<i32>,
+    topk_weights: CudaSlice<f32>,
+    num_invalid: CudaSlice<i32>,
+}
+
+/// One rank's result of a low-latency dispatch, in the masked grouped GEMM's layout.
+pub struct DispatchedLowLatency {
+    /// `[E_local, capacity, hidden]` and, for FP8, scales `[E_local, hidden / 128,
+    /// round_up(capacity, 4)]`. Rows past `masked_m[e]` hold stale data.
+    pub x: Rows,
+    /// `[E_local]`: valid rows per local expert (device memory).
+    pub masked_m: CudaSlice<i32>,
+    /// Rows per local expert: `ranks · ll_max_tokens`.
+    pub capacity: usize,
+    pub handle: Handle,
+}
+
+/// An expert-parallel group. See the module docs.
+pub struct Group {
+    shape: GroupShape,
+    layout: SymmetricLayout,
+    stream: Arc<CudaStream>,
+    buffers: Vec<CudaSlice<u8>>,
+    peers: CudaSlice<u64>,
+    /// Per rank and signal kind: the epoch of the last signal sent.
+    epochs: Vec<[u32; KINDS]>,
+    num_sms: usize,
+    sm_count: usize,
+}
+
+/// Blocks a communication kernel uses unless told otherwise (DeepEP's default is 20 to 24).
+pub const DEFAULT_NUM_SMS: usize = 24;
+
+fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+    Ok(stream.alloc_zeros::<T>(n.max(1))?)
+}
+
+fn expect_len(arg: &'static str, got: usize, want: usize, what: impl FnOnce() -> String) -> Result<()> {
+    if got == want { Ok(()) } else { Err(Error::Shape { arg, expected: what(), got: format!("{got} elements") }) }
+}
+
+impl Group {
+    /// `shape.ranks` virtual ranks on `stream`'s GPU: one zeroed symmetric buffer per rank
+    /// ([`Group::bytes_per_rank`] each) and the peer table.
+    pub fn new_virtual(stream: &Arc<CudaStream>, shape: GroupShape) -> Result<Self> {
+        let layout = SymmetricLayout::new(&shape)?;
+        let ctx = stream.context();
+        let sm_count = usize::try_from(ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+            .unwrap_or(1)
+            .max(1);
+        let buffers = (0..shape.ranks).map(|_| alloc::<u8>(stream, layout.bytes)).collect::<Result<Vec<_>>>()?;
+        let addrs: Vec<u64> = buffers.iter().map(|b| b.device_ptr(stream).0).collect();
+        let peers = stream.clone_htod(&addrs)?;
+        Ok(Self {
+            shape,
+            layout,
+            stream: stream.clone(),
+            buffers,
+            peers,
+            epochs: vec![[0; KINDS]; shape.ranks],
+            num_sms: DEFAULT_NUM_SMS.min(sm_count),
+            sm_count,
+        })
+    }
+
+    pub fn shape(&self) -> &GroupShape {
+        &self.shape
+    }
+
+    /// The stream every kernel of this group runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Bytes of one rank's symmetric buffer.
+    pub fn bytes_per_rank(&self) -> usize {
+        self.layout.bytes
+    }
+
+    /// Blocks each communication kernel launches (one per SM).
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// Sets how many SMs a communication kernel may use: 1 up to the device's SM count.
+    pub fn set_num_sms(&mut self, num_sms: usize) -> Result<()> {
+        if num_sms == 0 || num_sms > self.sm_count {
+            return Err(Error::InvalidArgument {
+                arg: "num_sms",
+                reason: format!("{num_sms} is outside 1..={} (the device's SMs)", self.sm_count),
+            });
+        }
+        self.num_sms = num_sms;
+        Ok(())
+    }
+
+    fn params(&self, rank: usize, epoch: u32, peers: u64) -> ffi::dk_ep_group {
+        let s = &self.shape;
+        let l = &self.layout;
+        // Every value was range-checked by GroupShape::validate (all below 2^31).
+        let i = |v: usize| v as i32;
+        let o = |v: usize| v as i64;
+        ffi::dk_ep_group {
+            peers: peers as *const *mut std::os::raw::c_void,
+            rank: i(rank),
+            ranks: i(s.ranks),
+            num_experts: i(s.num_experts),
+            hidden: i(s.hidden),
+            max_tokens: i(s.max_tokens),
+            ll_max_tokens: i(s.ll_max_tokens),
+            max_topk: i(s.max_topk),
+            m_align: i(s.m_align),
+            num_sms: i(self.num_sms),
+            recv_rows: o(s.recv_rows),
+            payload: match s.payload {
+                Payload::Bf16 => ffi::dk_ep_payload::DK_EP_PAYLOAD_BF16,
+                Payload::Fp8 => ffi::dk_ep_payload::DK_EP_PAYLOAD_FP8,
+            },
+            epoch,
+            off_signals: o(l.signals),
+            off_counts: o(l.counts),
+            off_ll_counts: o(l.ll_counts),
+            off_recv_x: o(l.recv_x),
+            off_recv_sf: o(l.recv_sf),
+            off_recv_weight: o(l.recv_weight),
+            off_recv_src: o(l.recv_src),
+            off_ll_x: o(l.ll_x),
+            off_ll_sf: o(l.ll_sf),
+            off_ll_src: o(l.ll_src),
+            off_comb: o(l.comb),
+        }
+    }
+
+    fn check_rank(&self, rank: usize) -> Result<()> {
+        if rank < self.shape.ranks {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument { arg: "rank", reason: format!("{rank} is not below {} ranks", self.shape.ranks) })
+        }
+    }
+
+    fn bump(&mut self, rank: usize, kind: usize) -> u32 {
+        let e = &mut self.epochs[rank][kind];
+        *e = e.wrapping_add(1);
+        *e
+    }
+
+    /// Checks one rank's input against the group's shape (`low_latency`: the token limit).
+    fn validate_input(&self, input: &RankInput<'_>, low_latency: bool) -> Result<()> {
+        let s = &self.shape;
+        let limit = if low_latency { s.ll_max_tokens } else { s.max_tokens };
+        if input.tokens > limit {
+            let which = if low_latency { "ll_max_tokens" } else { "max_tokens" };
+            return Err(Error::InvalidArgument {
+                arg: "tokens",
+                reason: format!("{} exceeds the group's {which} = {limit}", input.tokens),
+            });
+        }
+        if input.k == 0 || input.k > s.max_topk {
+            return Err(Error::InvalidArgument {
+                arg: "k",
+                reason: format!("{} is outside 1..={} (the group's max_topk)", input.k, s.max_topk),
+            });
+        }
+        let pairs = input.tokens * input.k;
+        expect_len("topk_idx", input.topk_idx.len(), pairs, || format!("[{}, {}] i32", input.tokens, input.k))?;
+        expect_len("topk_weights", input.topk_weights.len(), pairs, || format!("[{}, {}] f32", input.tokens, input.k))?;
+        let elements = input.tokens * s.hidden;
+        match (&input.x, s.payload) {
+            (Tokens::Bf16(x), Payload::Bf16) => {
+                expect_len("x", x.len(), elements, || format!("[{}, {}] bf16", input.tokens, s.hidden))?;
+                check_aligned("x", x.device_ptr(&self.stream).0, 16)
+            }
+            (Tokens::Fp8 { q, sf }, Payload::Fp8) => {
+                expect_len("x", q.len(), elements, || format!("[{}, {}] e4m3", input.tokens, s.hidden))?;
+                let want = s.hidden / GROUP * tma_aligned_rows(input.tokens);
+                expect_len("x_sf", sf.len(), want, || {
+                    format!("[{}, {}] f32 (transposed)", s.hidden / GROUP, tma_aligned_rows(input.tokens))
+                })?;
+                check_aligned("x", q.device_ptr(&self.stream).0, 16)
+            }
+            (Tokens::Bf16(_), Payload::Fp8) => Err(Error::Dtype { arg: "x", expected: "e4m3 with scales", got: "bf16" }),
+            (Tokens::Fp8 { .. }, Payload::Bf16) => Err(Error::Dtype { arg: "x", expected: "bf16", got: "e4m3" }),
+        }
+    }
+
+    /// Layout and pair positions of one rank's routing, plus device copies of the routing.
+    fn prepare(&self, input: &RankInput<'_>) -> Result<Prepared> {
+        let cfg = EpConfig { ranks: self.shape.ranks, num_experts: self.shape.num_experts, m_align: self.shape.m_align };
+        let mut dl = DeviceLayout::new(&self.stream, input.tokens, cfg)?;
+        layout(&self.stream, &input.topk_idx, input.k, &mut dl)?;
+        let pairs = input.tokens * input.k;
+        let mut pos = alloc::<i32>(&self.stream, pairs)?;
+        let mut topk_idx = alloc::<i32>(&self.stream, pairs)?;
+        let mut topk_weights = alloc::<f32>(&self.stream, pairs)?;
+        if pairs > 0 {
+            self.stream.memcpy_dtod(&input.topk_idx, &mut topk_idx.slice_mut(..pairs))?;
+            self.stream.memcpy_dtod(&input.topk_weights, &mut topk_weights.slice_mut(..pairs))?;
+            let mut launch = Launch::new("ep_pair_positions", &self.stream)?;
+            let params = ffi::dk_ep_pair_positions_params {
+                topk_idx: launch.input(&topk_idx) as *const i32,
+                pair_pos: launch.output(&mut pos) as *mut i32,
+                tokens: int_arg("tokens", input.tokens)?,
+                k: int_arg("k", input.k)?,
+                num_experts: int_arg("num_experts", self.shape.num_experts)?,
+            };
+            let s = launch.stream();
+            // SAFETY: topk_idx and pos hold tokens·k elements; launch keeps them alive until enqueued.
+            let status = ffi_call!(unsafe dk_ep_pair_positions(&params, s));
+            launch.finish(status)?;
+        }
+        Ok(Prepared { layout: dl, pos, topk_idx, topk_weights, tokens: input.tokens, k: input.k })
+    }
+
+    /// Runs a send-phase launcher (`dk_ep_dispatch_send` or `dk_ep_ll_dispatch_send`).
+    fn send_tokens(
+        &self,
+        kernel: &'static str,
+        rank: usize,
+        epoch: u32,
+        input: &RankInput<'_>,
+        prep: &Prepared,
+        low_latency: bool,
+    ) -> Result<()> {
+        let mut launch = Launch::new(kernel, &self.stream)?;
+        let peers = launch.input(&self.peers);
+        let (x, x_sf) = match &input.x {
+            Tokens::Bf16(x) => (launch.input(x), 0),
+            Tokens::Fp8 { q, sf } => (launch.input(q), launch.input(sf)),
+        };
+        let params = ffi::dk_ep_dispatch_send_params {
+            group: self.params(rank, epoch, peers),
+            tokens: ffi::dk_ep_tokens {
+                x: x as *const std::os::raw::c_void,
+                x_sf: x_sf as *const f32,
+                x_sf_stride: tma_aligned_rows(input.tokens) as i64,
+                topk_idx: launch.input(&prep.topk_idx) as *const i32,
+                topk_weights: launch.input(&prep.topk_weights) as *const f32,
+                tokens_per_expert: launch.input(&prep.layout.tokens_per_expert) as *const i32,
+                pair_pos: launch.input(&prep.pos) as *const i32,
+                tokens: int_arg("tokens", input.tokens)?,
+                k: int_arg("k", input.k)?,
+            },
+        };
+        let s = launch.stream();
+        // SAFETY: the inputs were validated against the group's shape; the peer table addresses
+        // this group's live symmetric buffers, laid out by `self.layout`; launch keeps the inputs
+        // alive until the kernel is enqueued.
+        let status = if low_latency {
+            ffi_call!(unsafe dk_ep_ll_dispatch_send(&params, s))
+        } else {
+            ffi_call!(unsafe dk_ep_dispatch_send(&params, s))
+        };
+        launch.finish(status)
+    }
+
+    /// Normal dispatch of every rank's `inputs[rank]`. Synchronises the stream once (to size the
+    /// outputs from the all-gathered counts). Errors, before any data moves, if a slot names an
+    /// expert outside `0 .. num_experts` or a rank would receive more than `recv_rows` rows.
+    pub fn dispatch(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<Dispatched>> {
+        let r = self.shape.ranks;
+        if inputs.len() != r {
+            return Err(Error::Shape { arg: "inputs", expected: format!("one per rank ({r})"), got: inputs.len().to_string() });
+        }
+        inputs.iter().try_for_each(|i| self.validate_input(i, false))?;
+        let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
+        for (rank, prep) in preps.iter().enumerate() {
+            let epoch = self.bump(rank, NOTIFY);
+            let mut launch = Launch::new("ep_dispatch_notify", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let params = ffi::dk_ep_notify_params {
+                group: self.params(rank, epoch, peers),
+                tokens_per_expert: launch.input(&prep.layout.tokens_per_expert) as *const i32,
+            };
+            let s = launch.stream();
+            // SAFETY: as in send_tokens; tokens_per_expert has num_experts elements.
+            let status = ffi_call!(unsafe dk_ep_dispatch_notify(&params, s));
+            launch.finish(status)?;
+        }
+        // Every rank holds the same all-gathered matrix once all notifies ran: read rank 0's.
+        let e = self.shape.num_experts;
+        let bytes = self.stream.clone_dtoh(&self.buffers[0].slice(self.layout.counts..self.layout.counts + r * e * 4))?;
+        let counts: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+        for (rank, prep) in preps.iter().enumerate() {
+            let invalid = self.stream.clone_dtoh(&prep.layout.num_invalid)?[0];
+            if invalid != 0 {
+                return Err(Error::InvalidArgument {
+                    arg: "topk_idx",
+                    reason: format!("rank {rank}: {invalid} slots name experts outside -1..{e}"),
+                });
+            }
+        }
+        let plans: Vec<_> = (0..r).map(|d| normal_rows(&self.shape, &counts, d)).collect();
+        if let Some((d, p)) = plans.iter().enumerate().find(|(_, p)| p.rows > self.shape.recv_rows) {
+            return Err(Error::InvalidArgument {
+                arg: "recv_rows",
+                reason: format!("rank {d} would receive {} rows, more than the group's recv_rows = {}", p.rows, self.shape.recv_rows),
+            });
+        }
+        for (rank, (input, prep)) in inputs.iter().zip(&preps).enumerate() {
+            let epoch = self.bump(rank, DISPATCH);
+            self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
+        }
+        let mut out = Vec::with_capacity(r);
+        for (rank, (prep, plan)) in preps.into_iter().zip(plans).enumerate() {
+            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts)?);
+        }
+        Ok(out)
+    }
+
+    fn dispatch_recv(&mut self, rank: usize, prep: Prepared, rows: usize, counts: Vec<usize>) -> Result<Dispatched> {
+        let epoch = self.epochs[rank][DISPATCH];
+        let h = self.shape.hidden;
+        let mut x = match self.shape.payload {
+            Payload::Bf16 => Rows::Bf16(alloc(&self.stream, rows * h)?),
+            Payload::Fp8 => Rows::Fp8 { q: alloc(&self.stream, rows * h)?, sf: alloc(&self.stream, h / GROUP * rows)? },
+        };
+        let mut m_indices = alloc::<i32>(&self.stream, rows)?;
+        let mut weights = alloc::<f32>(&self.stream, rows)?;
+        let mut src = alloc::<i32>(&self.stream, rows)?;
+        let mut d_counts = alloc::<i32>(&self.stream, self.shape.experts_per_rank())?;
+        {
+            let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let (xp, sfp) = match &mut x {
+                Rows::Bf16(x) => (launch.output(x), 0),
+                Rows::Fp8 { q, sf } => (launch.output(q), launch.output(sf)),
+            };
+            let params = ffi::dk_ep_dispatch_recv_params {
+                group: self.params(rank, epoch, peers),
+                x: xp as *mut std::os::raw::c_void,
+                sf: sfp as *mut f32,
+                m_indices: launch.output(&mut m_indices) as *mut i32,
+                weights: launch.output(&mut weights) as *mut f32,
+                src: launch.output(&mut src) as *mut i32,
+                counts: launch.output(&mut d_counts) as *mut i32,
+                rows: rows as i64,
+            };
+            let s = launch.stream();
+            // SAFETY: every output holds `rows` rows (sf: hidden/128 × rows), counts E_local;
+            // rows came from the same counts the kernel reads.
+            let status = ffi_call!(unsafe dk_ep_dispatch_recv(&params, s));
+            launch.finish(status)?;
+        }
+        let handle = Handle {
+            rank,
+            tokens: prep.tokens,
+            k: prep.k,
+            src,
+            rows,
+            topk_idx: prep.topk_idx,
+            topk_weights: prep.topk_weights,
+            num_invalid: prep.layout.num_invalid,
+        };
+        Ok(Dispatched { x, m_indices, weights, counts, rows, handle })
+    }
+
+    /// Low-latency dispatch, send phase of `rank`: no host synchronisation, nothing waits. Each
+    /// token must name distinct experts (a duplicate may overflow its expert's rows and is then
+    /// dropped and reported by [`Group::check`]); slots naming experts outside `0 .. num_experts`
+    /// are ignored and counted ([`Handle::invalid_slots`]).
+    pub fn dispatch_low_latency_send(&mut self, rank: usize, input: &RankInput<'_>) -> Result<PendingLowLatency> {
+        self.check_rank(rank)?;
+        if self.shape.ll_max_tokens == 0 {
+            return Err(Error::InvalidArgument {
+                arg: "ll_max_tokens",
+                reason: "the group was built without low-latency buffers (0)".into(),
+            });
+        }
+        self.validate_input(input, true)?;
+        let prep = self.prepare(input)?;
+        let epoch = self.bump(rank, LL_DISPATCH);
+        self.send_tokens("ep_ll_dispatch_send", rank, epoch, input, &prep, true)?;
+        Ok(PendingLowLatency {
+            rank,
+            tokens: prep.tokens,
+            k: prep.k,
+            topk_idx: prep.topk_idx,
+            topk_weights: prep.topk_weights,
+            num_invalid: prep.layout.num_invalid,
+        })
+    }
+
+    /// Low-latency dispatch, receive phase: waits on the device for every rank's send phase.
+    pub fn dispatch_low_latency_recv(&mut self, pending: PendingLowLatency) -> Result<DispatchedLowLatency> {
+        let rank = pending.rank;
+        self.check_rank(rank)?;
+        let epoch = self.epochs[rank][LL_DISPATCH];
+        let (el, h) = (self.shape.experts_per_rank(), self.shape.hidden);
+        let capacity = self.shape.ll_capacity();
+        let stride = ll_scale_stride(&self.shape);
+        let mut x = match self.shape.payload {
+            Payload::Bf16 => Rows::Bf16(alloc(&self.stream, el * capacity * h)?),
+            Payload::Fp8 => Rows::Fp8 { q: alloc(&self.stream, el * capacity * h)?, sf: alloc(&self.stream, el * (h / GROUP) * stride)? },
+        };
+        let mut src = alloc::<i32>(&self.stream, el * capacity)?;
+        let mut masked_m = alloc::<i32>(&self.stream, el)?;
+        {
+            let mut launch = Launch::new("ep_ll_dispatch_recv", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let (xp, sfp) = match &mut x {
+                Rows::Bf16(x) => (launch.output(x), 0),
+                Rows::Fp8 { q, sf } => (launch.output(q), launch.output(sf)),
+            };
+            let params = ffi::dk_ep_ll_dispatch_recv_params {
+                group: self.params(rank, epoch, peers),
+                x: xp as *mut std::os::raw::c_void,
+                sf: sfp as *mut f32,
+                sf_stride: stride as i64,
+                src: launch.output(&mut src) as *mut i32,
+                masked_m: launch.output(&mut masked_m) as *mut i32,
+            };
+            let s = launch.stream();
+            // SAFETY: outputs sized [E_local, capacity, hidden], [E_local, hidden/128, stride],
+            // [E_local, capacity] and [E_local] as the launcher's contract requires.
+            let status = ffi_call!(unsafe dk_ep_ll_dispatch_recv(&params, s));
+            launch.finish(status)?;
+        }
+        let handle = Handle {
+            rank,
+            tokens: pending.tokens,
+            k: pending.k,
+            src,
+            rows: el * capacity,
+            topk_idx: pending.topk_idx,
+            topk_weights: pending.topk_weights,
+            num_invalid: pending.num_invalid,
+        };
+        Ok(DispatchedLowLatency { x, masked_m, capacity, handle })
+    }
+
+    /// Low-latency dispatch of every rank: all send phases, then all receive phases.
+    pub fn dispatch_low_latency(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<DispatchedLowLatency>> {
+        let r = self.shape.ranks;
+        if inputs.len() != r {
+            return Err(Error::Shape { arg: "inputs", expected: format!("one per rank ({r})"), got: inputs.len().to_string() });
+        }
+        let pending = inputs.iter().enumerate().map(|(rank, i)| self.dispatch_low_latency_send(rank, i)).collect::<Result<Vec<_>>>()?;
+        pending.into_iter().map(|p| self.dispatch_low_latency_recv(p)).collect()
+    }
+
+    /// Combine, send phase of `handle.rank()`: `y` (`[handle.rows(), hidden]` bf16, the expert
+    /// outputs in the received layout) goes back to the tokens' ranks.
+    pub fn combine_send(&mut self, y: &CudaView<'_, bf16>, handle: &Handle) -> Result<()> {
+        let rank = handle.rank;
+        self.check_rank(rank)?;
+        let h = self.shape.hidden;
+        expect_len("y", y.len(), handle.rows * h, || format!("[{}, {h}] bf16", handle.rows))?;
+        check_aligned("y", y.device_ptr(&self.stream).0, 16)?;
+        let epoch = self.bump(rank, COMBINE);
+        let mut launch = Launch::new("ep_combine_send", &self.stream)?;
+        let peers = launch.input(&self.peers);
+        let params = ffi::dk_ep_combine_send_params {
+            group: self.params(rank, epoch, peers),
+            y: launch.input(y) as *const std::os::raw::c_void,
+            src: launch.input(&handle.src) as *const i32,
+            rows: handle.rows as i64,
+        };
+        let s = launch.stream();
+        // SAFETY: y has rows × hidden elements, src `rows` entries (range-checked on the device).
+        let status = ffi_call!(unsafe dk_ep_combine_send(&params, s));
+        launch.finish(status)
+    }
+
+    /// Combine, receive phase of `handle.rank()` as a *source* rank: waits on the device for
+    /// every rank's send phase and returns this rank's `[tokens, hidden]` bf16 weighted sums over
+    /// the routing it dispatched (the routing `handle` carries: use the handle this rank's own
+    /// dispatch returned).
+    pub fn combine_recv(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
+        let rank = handle.rank;
+        self.check_rank(rank)?;
+        let epoch = self.epochs[rank][COMBINE];
+        let mut out = alloc::<bf16>(&self.stream, handle.tokens * self.shape.hidden)?;
+        let mut launch = Launch::new("ep_combine_recv", &self.stream)?;
+        let peers = launch.input(&self.peers);
+        let params = ffi::dk_ep_combine_recv_params {
+            group: self.params(rank, epoch, peers),
+            topk_idx: launch.input(&handle.topk_idx) as *const i32,
+            topk_weights: launch.input(&handle.topk_weights) as *const f32,
+            out: launch.output(&mut out) as *mut std::os::raw::c_void,
+            tokens: int_arg("tokens", handle.tokens)?,
+            k: int_arg("k", handle.k)?,
+        };
+        let s = launch.stream();
+        // SAFETY: routing copies hold tokens × k elements, out tokens × hidden.
+        let status = ffi_call!(unsafe dk_ep_combine_recv(&params, s));
+        launch.finish(status)?;
+        Ok(out)
+    }
+
+    /// Combine of every rank: `ys[rank]` with `handles[rank]` (from the same dispatch), all send
+    /// phases, then all receive phases. Returns each rank's `[tokens, hidden]` output.
+    pub fn combine(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
+        let r = self.shape.ranks;
+        if ys.len() != r || handles.len() != r {
+            return Err(Error::Shape {
+                arg: "ys",
+                expected: format!("one y and one handle per rank ({r})"),
+                got: format!("{} and {}", ys.len(), handles.len()),
+            });
+        }
+        if let Some((i, h)) = handles.iter().enumerate().find(|(i, h)| h.rank != *i) {
+            return Err(Error::InvalidArgument { arg: "handles", reason: format!("entry {i} is rank {}'s handle", h.rank) });
+        }
+        for (y, h) in ys.iter().zip(handles) {
+            self.combine_send(y, h)?;
+        }
+        handles.iter().map(|h| self.combine_recv(h)).collect()
+    }
+
+    /// Reads every rank's device error word (synchronises the stream): a peer that never
+    /// signalled, or rows that did not fit the receive buffers.
+    pub fn check(&self) -> Result<()> {
+        for (rank, buf) in self.buffers.iter().enumerate() {
+            let at = self.layout.signals + ffi::DK_EP_ERROR_WORD as usize * 4;
+            let w = self.stream.clone_dtoh(&buf.slice(at..at + 4))?;
+            let bits = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
+            if bits != 0 {
+                let mut what = Vec::new();
+                if bits & ffi::DK_EP_ERROR_TIMEOUT != 0 {
+                    what.push("a peer did not signal within the timeout");
+                }
+                if bits & ffi::DK_EP_ERROR_OVERFLOW != 0 {
+                    what.push("rows did not fit the receive buffers and were dropped");
+                }
+                return Err(Error::Communication { rank, reason: what.join("; ") });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's routing, prepared for a send phase.
+struct Prepared {
+    layout: DeviceLayout,
+    pos: CudaSlice<i32>,
+    topk_idx: CudaSlice<i32>,
+    topk_weights: CudaSlice<f32>,
+    tokens: usize,
+    k: usize,
 }

@@ -36,6 +36,10 @@ pub enum Error {
          run `cargo xtask setup`, or set NVCC or CUDA_HOME, and rebuild"
     )]
     KernelsNotBuilt,
+    /// An expert-parallel group reported a failure on the device (a peer that never signalled, a
+    /// receive buffer too small for what was sent).
+    #[error("expert-parallel group, rank {rank}: {reason}")]
+    Communication { rank: usize, reason: String },
     /// No CUDA driver or no CUDA device on this machine.
     #[error("no CUDA device is available (no driver library or no device)")]
     NoDevice,

@@ -4,15 +4,31 @@
 //! - `layout_counts_and_ignores_invalid_indices`: out-of-range indices are counted, never used.
 //! - `layout_of_no_tokens`, `layout_wraps_the_grid`: empty input; more tokens than one grid pass.
 //! - `layout_rejects_bad_input`: shape and configuration errors before any launch.
+//! - `dispatch_combine_match_reference`: normal dispatch on virtual ranks R in {1, 2, 4, 8}, hidden
+//!   2048, 4096 and 7168, FP8 and bf16 payloads, uniform routing, a hot expert, -1 slots and a
+//!   rank with no tokens: every received row, scale, weight, expert index and source equals the
+//!   reference bit for bit (padding rows zero); combine equals the f64 sum within bf16 rounding.
+//! - `low_latency_matches_reference`: the same for the low-latency (masked) layout.
+//! - `identity_experts_combine_to_weighted_x`: combine of the dispatched rows themselves gives
+//!   x · Σ weights per token.
+//! - `repeated_calls_are_bit_identical`: twenty rounds of both modes on one group give identical
+//!   bytes (epoch signalling across calls, no races), with one SM per kernel.
+//! - `group_rejects_bad_input`: bad shapes, routing and buffers give argument errors before any
+//!   data moves; out-of-range experts in low-latency mode are counted, never written.
 
 mod common;
 
 use common::{Gpu, TestResult, ensure};
 use deepkern::Error;
-use deepkern::ep::{DeviceLayout, layout};
-use deepkern::reference::ep::{EpConfig, Routing, layout as reference_layout};
+use deepkern::cudarc::driver::{CudaSlice, CudaStream};
+use deepkern::ep::{DeviceLayout, Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, layout};
+use deepkern::reference::ep::{
+    EpConfig, Received, Routing, RowSource, combine, dispatch, dispatch_low_latency, layout as reference_layout,
+};
+use deepkern::{F8E4M3, bf16};
 use rand::Rng;
 use rand::rngs::StdRng;
+use std::sync::Arc;
 
 fn main() {
     common::run(vec![
@@ -21,6 +37,11 @@ fn main() {
         ("layout_of_no_tokens", layout_of_no_tokens),
         ("layout_wraps_the_grid", layout_wraps_the_grid),
         ("layout_rejects_bad_input", layout_rejects_bad_input),
+        ("dispatch_combine_match_reference", dispatch_combine_match_reference),
+        ("low_latency_matches_reference", low_latency_matches_reference),
+        ("identity_experts_combine_to_weighted_x", identity_experts_combine_to_weighted_x),
+        ("repeated_calls_are_bit_identical", repeated_calls_are_bit_identical),
+        ("group_rejects_bad_input", group_rejects_bad_input),
     ]);
 }
 
@@ -119,5 +140,452 @@ fn layout_rejects_bad_input(gpu: &Gpu) -> TestResult {
             format!("{ranks} ranks, {experts} experts: {got:?}")
         })?;
     }
+    Ok(())
+}
+
+// ---- Group: dispatch and combine ----------------------------------------------------------------
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// One rank's host data: routing, payload bytes (`[tokens, row_bytes]`) and, for FP8, the scales
+/// in the quantiser's layout `[hidden / 128, round_up(tokens, 4)]`.
+struct HostRank {
+    tokens: usize,
+    k: usize,
+    idx: Vec<i32>,
+    w: Vec<f32>,
+    x: Vec<u8>,
+    sf: Vec<f32>,
+}
+
+fn sf_stride(tokens: usize) -> usize {
+    tokens.div_ceil(4) * 4
+}
+
+/// Random ranks: `tokens[r]` tokens each, distinct experts per token, -1 slots, optionally a hot
+/// expert 0 in slot 0. Payload bytes are finite (no E4M3 NaN pattern, bf16 of moderate values).
+fn host_ranks(rng: &mut StdRng, shape: &GroupShape, tokens: &[usize], k: usize, hot: bool) -> Vec<HostRank> {
+    let row = match shape.payload {
+        Payload::Fp8 => shape.hidden,
+        Payload::Bf16 => 2 * shape.hidden,
+    };
+    tokens
+        .iter()
+        .map(|&t| {
+            let idx = routing(rng, t, k, shape.num_experts, hot);
+            let w = (0..t * k).map(|_| rng.random_range(1..1000) as f32 / 512.0).collect();
+            let x = match shape.payload {
+                Payload::Fp8 => (0..t * row).map(|_| rng.random_range(0..0x7fu8) | if rng.random_bool(0.5) { 0x80 } else { 0 }).collect(),
+                Payload::Bf16 => {
+                    (0..t * shape.hidden).flat_map(|_| bf16::from_f32(rng.random_range(-4.0..4.0f32)).to_bits().to_le_bytes()).collect()
+                }
+            };
+            let sf = (0..shape.hidden / 128 * sf_stride(t)).map(|_| rng.random_range(1..4096) as f32 / 1024.0).collect();
+            HostRank { tokens: t, k, idx, w, x, sf }
+        })
+        .collect()
+}
+
+enum DevX {
+    Bf16(CudaSlice<bf16>),
+    Fp8(CudaSlice<F8E4M3>, CudaSlice<f32>),
+}
+
+struct DevRank {
+    x: DevX,
+    idx: CudaSlice<i32>,
+    w: CudaSlice<f32>,
+    tokens: usize,
+    k: usize,
+    x_len: usize,
+    sf_len: usize,
+}
+
+fn upload<T: deepkern::cudarc::driver::DeviceRepr + Copy>(stream: &Arc<CudaStream>, v: &[T], fill: T) -> Result<CudaSlice<T>, String> {
+    // At least one element: a zero-length allocation is not allowed.
+    stream.clone_htod(&if v.is_empty() { vec![fill] } else { v.to_vec() }).map_err(err)
+}
+
+fn upload_ranks(stream: &Arc<CudaStream>, shape: &GroupShape, ranks: &[HostRank]) -> Result<Vec<DevRank>, String> {
+    ranks
+        .iter()
+        .map(|r| {
+            let x = match shape.payload {
+                Payload::Fp8 => {
+                    let q: Vec<F8E4M3> = r.x.iter().map(|&b| F8E4M3::from_bits(b)).collect();
+                    DevX::Fp8(upload(stream, &q, F8E4M3::from_bits(0))?, upload(stream, &r.sf, 0.0)?)
+                }
+                Payload::Bf16 => {
+                    let v: Vec<bf16> = r.x.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+                    DevX::Bf16(upload(stream, &v, bf16::ZERO)?)
+                }
+            };
+            Ok(DevRank {
+                x,
+                idx: upload(stream, &r.idx, -1)?,
+                w: upload(stream, &r.w, 0.0)?,
+                tokens: r.tokens,
+                k: r.k,
+                x_len: r.tokens * shape.hidden,
+                sf_len: r.sf.len(),
+            })
+        })
+        .collect()
+}
+
+fn inputs(dev: &[DevRank]) -> Vec<RankInput<'_>> {
+    dev.iter()
+        .map(|d| RankInput {
+            x: match &d.x {
+                DevX::Bf16(x) => Tokens::Bf16(x.slice(..d.x_len)),
+                DevX::Fp8(q, sf) => Tokens::Fp8 { q: q.slice(..d.x_len), sf: sf.slice(..d.sf_len) },
+            },
+            topk_idx: d.idx.slice(..d.tokens * d.k),
+            topk_weights: d.w.slice(..d.tokens * d.k),
+            tokens: d.tokens,
+            k: d.k,
+        })
+        .collect()
+}
+
+fn routings(ranks: &[HostRank]) -> Vec<Routing<'_>> {
+    ranks.iter().map(|r| Routing { topk_idx: &r.idx, topk_weights: &r.w, tokens: r.tokens, k: r.k }).collect()
+}
+
+fn packed(shape: &GroupShape, s: &RowSource) -> i32 {
+    ((s.src_rank as usize * shape.max_tokens + s.token as usize) * shape.max_topk + s.slot as usize) as i32
+}
+
+/// Received payload bytes and scales on the host.
+fn download_rows(stream: &Arc<CudaStream>, rows: &Rows) -> Result<(Vec<u8>, Vec<f32>), String> {
+    Ok(match rows {
+        Rows::Bf16(x) => (stream.clone_dtoh(x).map_err(err)?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(), Vec::new()),
+        Rows::Fp8 { q, sf } => {
+            (stream.clone_dtoh(q).map_err(err)?.iter().map(|v| v.to_bits()).collect(), stream.clone_dtoh(sf).map_err(err)?)
+        }
+    })
+}
+
+/// Checks one received row against its source (or zero padding when `src` is None).
+#[allow(clippy::too_many_arguments)]
+fn check_row(
+    shape: &GroupShape,
+    ranks: &[HostRank],
+    x: &[u8],
+    sf: &[f32],
+    row: usize,
+    sf_at: impl Fn(usize) -> usize,
+    src: Option<&RowSource>,
+    what: &str,
+) -> TestResult {
+    let rb = match shape.payload {
+        Payload::Fp8 => shape.hidden,
+        Payload::Bf16 => 2 * shape.hidden,
+    };
+    let got = &x[row * rb..(row + 1) * rb];
+    match src {
+        Some(s) => {
+            let r = &ranks[s.src_rank as usize];
+            let want = &r.x[s.token as usize * rb..(s.token as usize + 1) * rb];
+            ensure(got == want, || format!("{what}: row {row} payload differs from rank {} token {}", s.src_rank, s.token))?;
+            if shape.payload == Payload::Fp8 {
+                for kb in 0..shape.hidden / 128 {
+                    let (g, w) = (sf[sf_at(kb)], r.sf[kb * sf_stride(r.tokens) + s.token as usize]);
+                    ensure(g.to_bits() == w.to_bits(), || format!("{what}: row {row} scale {kb}: {g} != {w}"))?;
+                }
+            }
+        }
+        None => {
+            ensure(got.iter().all(|&b| b == 0), || format!("{what}: padding row {row} not zero"))?;
+            if shape.payload == Payload::Fp8 {
+                ensure((0..shape.hidden / 128).all(|kb| sf[sf_at(kb)] == 0.0), || format!("{what}: padding row {row} scale not zero"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs combine with random `y` per rank and checks it against the f64 reference.
+fn check_combine(
+    gpu: &Gpu,
+    rng: &mut StdRng,
+    group: &mut Group,
+    ranks: &[HostRank],
+    received: &[Received],
+    handles: &[&Handle],
+    what: &str,
+) -> TestResult {
+    let stream = group.stream().clone();
+    let h = group.shape().hidden;
+    let ys: Vec<Vec<f32>> =
+        received.iter().map(|r| (0..r.rows.len() * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0f32)).to_f32()).collect()).collect();
+    let d_ys = ys
+        .iter()
+        .map(|y| upload(&stream, &y.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), bf16::ZERO))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = d_ys.iter().zip(received).map(|(y, r)| y.slice(..r.rows.len() * h)).collect();
+    let outs = group.combine(&views, handles).map_err(err)?;
+    let yrefs: Vec<&[f32]> = ys.iter().map(Vec::as_slice).collect();
+    let tokens: Vec<usize> = ranks.iter().map(|r| r.tokens).collect();
+    let want = combine(received, &yrefs, &tokens, h);
+    // |w·y| per token, for the f32 accumulation bound.
+    let mut mag: Vec<Vec<f64>> = tokens.iter().map(|&t| vec![0.0; t * h]).collect();
+    for (d, recv) in received.iter().enumerate() {
+        for (row, src) in recv.rows.iter().enumerate() {
+            let Some(s) = src else { continue };
+            for c in 0..h {
+                mag[s.src_rank as usize][s.token as usize * h + c] += f64::from(s.weight).abs() * f64::from(ys[d][row * h + c]).abs();
+            }
+        }
+    }
+    for (r, out) in outs.iter().enumerate() {
+        let got = stream.clone_dtoh(out).map_err(err)?;
+        for i in 0..tokens[r] * h {
+            let (g, w) = (f64::from(got[i].to_f32()), want[r][i]);
+            let tol = w.abs() * 2f64.powi(-8) + mag[r][i] * 1e-6 + 1e-30;
+            ensure((g - w).abs() <= tol, || format!("{what}: combine rank {r} element {i}: {g} vs {w}"))?;
+        }
+    }
+    let _ = gpu;
+    group.check().map_err(err)?;
+    Ok(())
+}
+
+/// Cases: (ranks, experts, hidden, k, tokens per rank, hot expert).
+fn cases() -> Vec<(usize, usize, usize, usize, Vec<usize>, bool)> {
+    vec![
+        (1, 8, 2048, 4, vec![37], false),
+        (2, 16, 4096, 8, vec![64, 0], false),
+        (2, 16, 7168, 8, vec![50, 19], true),
+        (4, 64, 2048, 8, vec![64, 1, 33, 0], false),
+        (4, 32, 7168, 6, vec![20, 64, 5, 64], true),
+        (8, 256, 7168, 8, vec![64, 64, 0, 17, 64, 3, 64, 40], false),
+        (8, 64, 4096, 16, vec![10, 0, 64, 64, 2, 64, 33, 1], true),
+    ]
+}
+
+fn dispatch_combine_match_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("dispatch_combine_match_reference");
+    let stream = gpu.stream();
+    for payload in [Payload::Fp8, Payload::Bf16] {
+        for (r, e, h, k, tokens, hot) in cases() {
+            let shape = GroupShape::new(r, e, h, 64, k, payload);
+            let what = format!("{payload:?} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
+            let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+            let ranks = host_ranks(&mut rng, &shape, &tokens, k, hot);
+            let dev = upload_ranks(&stream, &shape, &ranks)?;
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let cfg = EpConfig { ranks: r, num_experts: e, m_align: shape.m_align };
+            let want = dispatch(&routings(&ranks), &cfg).map_err(err)?;
+            for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{what}, rank {d}");
+                ensure(g.rows == w.rows.len(), || format!("{what}: {} rows, want {}", g.rows, w.rows.len()))?;
+                ensure(g.counts.iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || {
+                    format!("{what}: counts {:?} vs {:?}", g.counts, w.counts)
+                })?;
+                let m_idx = stream.clone_dtoh(&g.m_indices).map_err(err)?;
+                ensure(m_idx[..g.rows] == w.expert[..], || format!("{what}: m_indices differ"))?;
+                let weights = stream.clone_dtoh(&g.weights).map_err(err)?;
+                let src = stream.clone_dtoh(&g.handle.src()).map_err(err)?;
+                let (x, sf) = download_rows(&stream, &g.x)?;
+                for (row, s) in w.rows.iter().enumerate() {
+                    let (want_w, want_src) = s.as_ref().map_or((0.0, -1), |s| (s.weight, packed(&shape, s)));
+                    ensure(weights[row].to_bits() == want_w.to_bits(), || {
+                        format!("{what}: row {row} weight {} vs {want_w}", weights[row])
+                    })?;
+                    ensure(src[row] == want_src, || format!("{what}: row {row} source {} vs {want_src}", src[row]))?;
+                    check_row(&shape, &ranks, &x, &sf, row, |kb| kb * g.rows + row, s.as_ref(), &what)?;
+                }
+            }
+            group.check().map_err(err)?;
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            check_combine(gpu, &mut rng, &mut group, &ranks, &want, &handles, &what)?;
+        }
+    }
+    Ok(())
+}
+
+fn low_latency_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("low_latency_matches_reference");
+    let stream = gpu.stream();
+    for payload in [Payload::Fp8, Payload::Bf16] {
+        for (r, e, h, k, tokens, hot) in cases() {
+            let shape = GroupShape::new(r, e, h, 64, k, payload);
+            let what = format!("LL {payload:?} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
+            let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+            let ranks = host_ranks(&mut rng, &shape, &tokens, k, hot);
+            let dev = upload_ranks(&stream, &shape, &ranks)?;
+            let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+            let cfg = EpConfig { ranks: r, num_experts: e, m_align: shape.m_align };
+            let want = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
+            let (el, kb) = (shape.experts_per_rank(), h / 128);
+            let stride = shape.ll_capacity().div_ceil(4) * 4;
+            for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{what}, rank {d}");
+                ensure(g.capacity == w.capacity, || format!("{what}: capacity {} vs {}", g.capacity, w.capacity))?;
+                let masked = stream.clone_dtoh(&g.masked_m).map_err(err)?;
+                ensure(masked[..el].iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || {
+                    format!("{what}: masked_m {masked:?} vs {:?}", w.counts)
+                })?;
+                let src = stream.clone_dtoh(&g.handle.src()).map_err(err)?;
+                let (x, sf) = download_rows(&stream, &g.x)?;
+                for le in 0..el {
+                    for row in 0..g.capacity {
+                        let i = le * g.capacity + row;
+                        let want_src = w.rows[i].as_ref().map_or(-1, |s| packed(&shape, s));
+                        ensure(src[i] == want_src, || format!("{what}: expert {le} row {row} source {} vs {want_src}", src[i]))?;
+                        if let Some(s) = &w.rows[i] {
+                            check_row(&shape, &ranks, &x, &sf, i, |b| (le * kb + b) * stride + row, Some(s), &what)?;
+                        }
+                    }
+                }
+            }
+            group.check().map_err(err)?;
+            let received: Vec<Received> = want
+                .iter()
+                .map(|w| Received { rows: w.rows.clone(), expert: Vec::new(), counts: Vec::new(), offsets: Vec::new() })
+                .collect();
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            check_combine(gpu, &mut rng, &mut group, &ranks, &received, &handles, &what)?;
+        }
+    }
+    Ok(())
+}
+
+fn identity_experts_combine_to_weighted_x(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("identity_experts_combine_to_weighted_x");
+    let stream = gpu.stream();
+    let shape = GroupShape::new(4, 32, 4096, 128, 8, Payload::Bf16);
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    let ranks = host_ranks(&mut rng, &shape, &[128, 77, 0, 128], 8, false);
+    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    for low_latency in [false, true] {
+        let outs = if low_latency {
+            let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+            let ys: Vec<_> = got
+                .iter()
+                .map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.handle.rows() * shape.hidden) } else { unreachable!() })
+                .collect();
+            group.combine(&ys, &got.iter().map(|g| &g.handle).collect::<Vec<_>>()).map_err(err)?
+        } else {
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let ys: Vec<_> =
+                got.iter().map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.rows * shape.hidden) } else { unreachable!() }).collect();
+            group.combine(&ys, &got.iter().map(|g| &g.handle).collect::<Vec<_>>()).map_err(err)?
+        };
+        for (r, (out, host)) in outs.iter().zip(&ranks).enumerate() {
+            let got = stream.clone_dtoh(out).map_err(err)?;
+            for t in 0..host.tokens {
+                let sw: f64 = (0..host.k).filter(|&j| host.idx[t * host.k + j] >= 0).map(|j| f64::from(host.w[t * host.k + j])).sum();
+                for c in 0..shape.hidden {
+                    let b = 2 * (t * shape.hidden + c);
+                    let x = f64::from(bf16::from_bits(u16::from_le_bytes([host.x[b], host.x[b + 1]])).to_f32());
+                    let (g, w) = (f64::from(got[t * shape.hidden + c].to_f32()), x * sw);
+                    ensure((g - w).abs() <= w.abs() * 2f64.powi(-8) + 1e-6 * x.abs() * sw, || {
+                        format!("low_latency={low_latency}: rank {r} token {t} column {c}: {g} vs {w}")
+                    })?;
+                }
+            }
+        }
+    }
+    group.check().map_err(err)?;
+    Ok(())
+}
+
+/// One rank's received bytes: payload, scales, sources (and masked_m).
+type Snapshot = (Vec<u8>, Vec<f32>, Vec<i32>);
+
+fn repeated_calls_are_bit_identical(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("repeated_calls_are_bit_identical");
+    let stream = gpu.stream();
+    let shape = GroupShape::new(8, 64, 2048, 64, 8, Payload::Fp8);
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    group.set_num_sms(1).map_err(err)?;
+    let ranks = host_ranks(&mut rng, &shape, &[64, 64, 3, 0, 64, 64, 17, 64], 8, true);
+    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    let mut first: Option<Vec<Snapshot>> = None;
+    for round in 0..20 {
+        let normal = group.dispatch(&inputs(&dev)).map_err(err)?;
+        let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+        let mut snapshot = Vec::new();
+        for g in &normal {
+            let (x, sf) = download_rows(&stream, &g.x)?;
+            snapshot.push((x, sf, stream.clone_dtoh(&g.handle.src()).map_err(err)?));
+        }
+        for g in &ll {
+            let (x, sf) = download_rows(&stream, &g.x)?;
+            let mut src = stream.clone_dtoh(&g.handle.src()).map_err(err)?;
+            src.extend(stream.clone_dtoh(&g.masked_m).map_err(err)?);
+            snapshot.push((x, sf, src));
+        }
+        group.check().map_err(err)?;
+        match &first {
+            None => first = Some(snapshot),
+            Some(f) => ensure(*f == snapshot, || format!("round {round} differs from round 0"))?,
+        }
+    }
+    Ok(())
+}
+
+fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("group_rejects_bad_input");
+    let stream = gpu.stream();
+    let arg_of = |r: Result<(), deepkern::Error>| match r {
+        Err(Error::Shape { arg, .. } | Error::InvalidArgument { arg, .. } | Error::Dtype { arg, .. }) => Ok(arg),
+        other => Err(format!("expected an argument error, got {other:?}")),
+    };
+    let shape = GroupShape::new(2, 8, 256, 16, 4, Payload::Fp8);
+    ensure(arg_of(Group::new_virtual(&stream, GroupShape { hidden: 200, ..shape }).map(|_| ()))? == "hidden", || {
+        "hidden 200 accepted".into()
+    })?;
+    ensure(arg_of(Group::new_virtual(&stream, GroupShape { num_experts: 7, ..shape }).map(|_| ()))? == "num_experts", || {
+        "7 experts on 2 ranks accepted".into()
+    })?;
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    ensure(arg_of(group.set_num_sms(100_000))? == "num_sms", || "100000 SMs accepted".into())?;
+    let mut ranks = host_ranks(&mut rng, &shape, &[16, 8], 4, false);
+    // An expert index >= num_experts: normal dispatch refuses before moving data.
+    ranks[1].idx[5] = 8;
+    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    ensure(arg_of(group.dispatch(&inputs(&dev)).map(|_| ()))? == "topk_idx", || "expert 8 of 8 accepted".into())?;
+    // Low latency: the slot is ignored and counted; everything else arrives.
+    let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+    ensure(got[1].handle.invalid_slots(&stream).map_err(err)? == 1, || "the invalid slot was not counted".into())?;
+    ranks[1].idx[5] = -1;
+    let cfg = EpConfig { ranks: 2, num_experts: 8, m_align: 128 };
+    let want = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
+    for (g, w) in got.iter().zip(&want) {
+        let masked = stream.clone_dtoh(&g.masked_m).map_err(err)?;
+        ensure(masked.iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || format!("masked_m {masked:?} vs {:?}", w.counts))?;
+    }
+    group.check().map_err(err)?;
+    // Too many tokens, wrong k, wrong payload type, wrong lengths.
+    let big = host_ranks(&mut rng, &GroupShape { max_tokens: 17, ..shape }, &[17, 1], 4, false);
+    let big_dev = upload_ranks(&stream, &shape, &big)?;
+    ensure(arg_of(group.dispatch(&inputs(&big_dev)).map(|_| ()))? == "tokens", || "17 tokens accepted with max_tokens 16".into())?;
+    let mut ins = inputs(&dev);
+    ins[0].k = 5;
+    ensure(arg_of(group.dispatch(&ins).map(|_| ()))? == "k", || "k = 5 accepted with max_topk 4".into())?;
+    let bf = host_ranks(&mut rng, &GroupShape { payload: Payload::Bf16, ..shape }, &[4, 4], 4, false);
+    let bf_dev = upload_ranks(&stream, &GroupShape { payload: Payload::Bf16, ..shape }, &bf)?;
+    ensure(arg_of(group.dispatch(&inputs(&bf_dev)).map(|_| ()))? == "x", || "bf16 payload accepted by an FP8 group".into())?;
+    let mut ins = inputs(&dev);
+    ins[1].topk_weights = dev[1].w.slice(..3);
+    ensure(arg_of(group.dispatch(&ins).map(|_| ()))? == "topk_weights", || "short topk_weights accepted".into())?;
+    ensure(arg_of(group.dispatch(&inputs(&dev[..1])).map(|_| ()))? == "inputs", || "one input for two ranks accepted".into())?;
+    // Receive buffers smaller than what one hot expert receives.
+    let small = GroupShape { recv_rows: 100, ..shape };
+    let mut small_group = Group::new_virtual(&stream, small).map_err(err)?;
+    let hot = host_ranks(&mut rng, &small, &[16, 16], 4, true);
+    let hot_dev = upload_ranks(&stream, &small, &hot)?;
+    ensure(arg_of(small_group.dispatch(&inputs(&hot_dev)).map(|_| ()))? == "recv_rows", || "overflowing dispatch accepted".into())?;
+    // Combine with a y of the wrong length.
+    let ok = host_ranks(&mut rng, &shape, &[4, 4], 4, false);
+    let ok_dev = upload_ranks(&stream, &shape, &ok)?;
+    let got = group.dispatch(&inputs(&ok_dev)).map_err(err)?;
+    let y = stream.alloc_zeros::<bf16>(got[0].rows * shape.hidden + 1).map_err(err)?;
+    ensure(arg_of(group.combine_send(&y.slice(..), &got[0].handle))? == "y", || "y of the wrong length accepted".into())?;
     Ok(())
 }

@@ -2,5 +2,6 @@
 //! [`DeviceInfo`](crate::DeviceInfo), with no CUDA, so that every invariant is property-tested on
 //! the CPU and every choice can be printed.
 
+pub mod ep;
 pub mod gemm;
 pub mod mla;

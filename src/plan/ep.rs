@@ -1,0 +1,255 @@
+//! Expert-parallel group planning: the shape of a group, the byte layout of every rank's symmetric
+//! buffer, and the rows each rank receives in normal mode. Plain Rust, no CUDA: the device code
+//! reads the offsets computed here (`dk_ep_group_t` in the C header).
+
+use crate::error::{Error, Result};
+use crate::layout::{GROUP, round_up, tma_aligned_rows};
+
+/// Most ranks in one group (the device signal table's width).
+pub const MAX_RANKS: usize = 64;
+/// Most experts (per-expert tables live in shared memory).
+pub const MAX_EXPERTS: usize = 1024;
+/// Most top-k slots per token.
+pub const MAX_TOPK: usize = 16;
+/// Words of the signals region (kinds × ranks flags, completion counters, error words).
+pub const SIGNAL_WORDS: usize = 4 * MAX_RANKS + 4 + 1 + 3;
+
+/// What dispatch moves: bf16 rows, or e4m3 rows with their f32 1x128 scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    Bf16,
+    Fp8,
+}
+
+impl Payload {
+    /// Bytes of one row of `hidden` elements.
+    pub const fn row_bytes(self, hidden: usize) -> usize {
+        match self {
+            Payload::Bf16 => 2 * hidden,
+            Payload::Fp8 => hidden,
+        }
+    }
+}
+
+/// The shape of an expert-parallel group; every rank must use the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupShape {
+    pub ranks: usize,
+    pub num_experts: usize,
+    /// Hidden size, a multiple of 128.
+    pub hidden: usize,
+    /// Most tokens a rank dispatches in normal mode (and combines, in either mode).
+    pub max_tokens: usize,
+    /// Most tokens a rank dispatches in low-latency mode (`<= max_tokens`; 0: no low-latency mode).
+    pub ll_max_tokens: usize,
+    /// Most top-k slots per token.
+    pub max_topk: usize,
+    /// Row alignment of each local expert's segment in the normal layout (the GEMM's M tile).
+    pub m_align: usize,
+    /// Rows a rank can receive in normal mode; [`GroupShape::worst_case_recv_rows`] never overflows.
+    pub recv_rows: usize,
+    pub payload: Payload,
+}
+
+impl GroupShape {
+    /// A shape for `ranks × num_experts` with `hidden`, sized for the worst case: every token of
+    /// every rank naming `max_topk` experts of one rank, and `ll_max_tokens = min(max_tokens, 128)`.
+    pub fn new(ranks: usize, num_experts: usize, hidden: usize, max_tokens: usize, max_topk: usize, payload: Payload) -> Self {
+        let mut shape = Self {
+            ranks,
+            num_experts,
+            hidden,
+            max_tokens,
+            ll_max_tokens: max_tokens.min(128),
+            max_topk,
+            m_align: 128,
+            recv_rows: 0,
+            payload,
+        };
+        shape.recv_rows = shape.worst_case_recv_rows();
+        shape
+    }
+
+    pub fn experts_per_rank(&self) -> usize {
+        self.num_experts / self.ranks.max(1)
+    }
+
+    /// Rows one rank receives in normal mode at most: all pairs of all ranks, plus less than
+    /// `m_align` rows of padding per local expert.
+    pub fn worst_case_recv_rows(&self) -> usize {
+        let pairs = self.ranks.saturating_mul(self.max_tokens).saturating_mul(self.max_topk);
+        pairs.saturating_add(self.experts_per_rank().saturating_mul(self.m_align.saturating_sub(1)))
+    }
+
+    /// Rows per local expert of the low-latency (masked) layout: `ranks · ll_max_tokens`.
+    pub fn ll_capacity(&self) -> usize {
+        self.ranks * self.ll_max_tokens
+    }
+
+    /// Checks every limit the device code relies on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |arg: &'static str, reason: String| Err(Error::InvalidArgument { arg, reason });
+        if self.ranks == 0 || self.ranks > MAX_RANKS {
+            return bad("ranks", format!("{} is outside 1..={MAX_RANKS}", self.ranks));
+        }
+        if self.num_experts == 0 || self.num_experts > MAX_EXPERTS || !self.num_experts.is_multiple_of(self.ranks) {
+            return bad(
+                "num_experts",
+                format!("{} must be in 1..={MAX_EXPERTS} and split evenly over {} ranks", self.num_experts, self.ranks),
+            );
+        }
+        if self.hidden == 0 || !self.hidden.is_multiple_of(GROUP) {
+            return bad("hidden", format!("{} is not a positive multiple of {GROUP}", self.hidden));
+        }
+        if self.max_topk == 0 || self.max_topk > MAX_TOPK {
+            return bad("max_topk", format!("{} is outside 1..={MAX_TOPK}", self.max_topk));
+        }
+        if self.ranks.checked_mul(self.max_tokens).and_then(|v| v.checked_mul(self.max_topk)).is_none_or(|v| v >= 1 << 31) {
+            return bad(
+                "max_tokens",
+                format!("{} ranks × {} tokens × top-{} must stay below 2^31", self.ranks, self.max_tokens, self.max_topk),
+            );
+        }
+        if self.ll_max_tokens > self.max_tokens {
+            return bad("ll_max_tokens", format!("{} exceeds max_tokens = {}", self.ll_max_tokens, self.max_tokens));
+        }
+        if self.m_align == 0 || !self.m_align.is_multiple_of(4) || self.m_align > 1 << 16 {
+            return bad("m_align", format!("{} is not a positive multiple of 4 (up to 65536)", self.m_align));
+        }
+        if self.recv_rows >= 1 << 31 {
+            return bad("recv_rows", format!("{} does not fit the device's 32-bit row indices", self.recv_rows));
+        }
+        Ok(())
+    }
+}
+
+/// Byte offsets of the regions of every rank's symmetric buffer (all 256-byte aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SymmetricLayout {
+    pub signals: usize,
+    pub counts: usize,
+    pub ll_counts: usize,
+    pub recv_x: usize,
+    pub recv_sf: usize,
+    pub recv_weight: usize,
+    pub recv_src: usize,
+    pub ll_x: usize,
+    pub ll_sf: usize,
+    pub ll_src: usize,
+    pub comb: usize,
+    /// Size of the whole buffer.
+    pub bytes: usize,
+}
+
+const REGION_ALIGN: usize = 256;
+
+impl SymmetricLayout {
+    /// Plans the buffer of a validated `shape`; errors if it does not fit in memory addresses.
+    pub fn new(shape: &GroupShape) -> Result<Self> {
+        shape.validate()?;
+        let overflow = || Error::InvalidArgument { arg: "shape", reason: format!("{shape:?} needs more than 2^62 bytes per rank") };
+        let mut at = 0usize;
+        let mut next = |bytes: Option<usize>| -> Result<usize> {
+            let start = at;
+            at = bytes
+                .and_then(|b| start.checked_add(b))
+                .map(|end| round_up(end, REGION_ALIGN))
+                .filter(|&e| e < 1 << 62)
+                .ok_or_else(overflow)?;
+            Ok(start)
+        };
+        let (r, e, h) = (shape.ranks, shape.num_experts, shape.hidden);
+        let row = shape.payload.row_bytes(h);
+        let kb = h / GROUP;
+        let recv = shape.recv_rows;
+        let ll_rows = e.checked_mul(shape.ll_max_tokens);
+        let sf = |rows: Option<usize>| match shape.payload {
+            Payload::Fp8 => rows.and_then(|n| n.checked_mul(kb * 4)),
+            Payload::Bf16 => Some(0),
+        };
+        Ok(Self {
+            signals: next(Some(SIGNAL_WORDS * 4))?,
+            counts: next(Some(r * e * 4))?,
+            ll_counts: next(Some(e * 4))?,
+            recv_x: next(recv.checked_mul(row))?,
+            recv_sf: next(sf(Some(recv)))?,
+            recv_weight: next(recv.checked_mul(4))?,
+            recv_src: next(recv.checked_mul(4))?,
+            ll_x: next(ll_rows.and_then(|n| n.checked_mul(row)))?,
+            ll_sf: next(sf(ll_rows))?,
+            ll_src: next(ll_rows.and_then(|n| n.checked_mul(4)))?,
+            comb: next(shape.max_tokens.checked_mul(shape.max_topk).and_then(|n| n.checked_mul(2 * h)))?,
+            bytes: at,
+        })
+    }
+}
+
+/// What one rank receives in normal mode, from the all-gathered `counts` (`[ranks, num_experts]`,
+/// every rank's tokens per expert): the valid rows of each local expert and the padded total.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormalRows {
+    /// `[experts_per_rank]`.
+    pub counts: Vec<usize>,
+    /// Rows of the contiguous layout: Σ round_up(count, m_align).
+    pub rows: usize,
+}
+
+/// Rows rank `rank` receives in normal mode (negative counts count as 0, as on the device).
+pub fn normal_rows(shape: &GroupShape, counts: &[i32], rank: usize) -> NormalRows {
+    let (e, el) = (shape.num_experts, shape.experts_per_rank());
+    let per_expert: Vec<usize> =
+        (0..el).map(|le| (0..shape.ranks).map(|s| counts.get(s * e + rank * el + le).map_or(0, |&c| c.max(0) as usize)).sum()).collect();
+    let rows = per_expert.iter().map(|&c| round_up(c, shape.m_align)).sum();
+    NormalRows { counts: per_expert, rows }
+}
+
+/// Scale rows of the low-latency layout per expert: the capacity rounded for TMA.
+pub fn ll_scale_stride(shape: &GroupShape) -> usize {
+    tma_aligned_rows(shape.ll_capacity())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_of_a_small_group() {
+        let shape = GroupShape::new(2, 4, 128, 3, 2, Payload::Fp8);
+        assert_eq!(shape.recv_rows, 2 * 3 * 2 + 2 * 127);
+        assert_eq!(shape.ll_max_tokens, 3);
+        let l = SymmetricLayout::new(&shape).unwrap();
+        assert_eq!(l.signals, 0);
+        assert_eq!(l.counts, round_up(SIGNAL_WORDS * 4, 256));
+        let regions = [l.signals, l.counts, l.ll_counts, l.recv_x, l.recv_sf, l.recv_weight, l.recv_src, l.ll_x, l.ll_sf, l.ll_src, l.comb];
+        assert!(regions.windows(2).all(|w| w[0] < w[1]), "{l:?}");
+        assert!(regions.iter().all(|o| o % 256 == 0));
+        assert_eq!(l.bytes - l.comb, round_up(3 * 2 * 2 * 128, 256));
+    }
+
+    #[test]
+    fn normal_rows_pad_each_expert() {
+        let shape = GroupShape { m_align: 4, ..GroupShape::new(2, 4, 128, 8, 2, Payload::Bf16) };
+        // counts[s][e]: rank 1 holds experts 2 and 3.
+        let counts = [1, 0, 5, 0, 2, 3, 0, 0];
+        assert_eq!(normal_rows(&shape, &counts, 0), NormalRows { counts: vec![3, 3], rows: 8 });
+        assert_eq!(normal_rows(&shape, &counts, 1), NormalRows { counts: vec![5, 0], rows: 8 });
+    }
+
+    #[test]
+    fn bad_shapes_name_the_field() {
+        let ok = GroupShape::new(8, 256, 7168, 4096, 8, Payload::Fp8);
+        assert!(ok.validate().is_ok());
+        let arg = |s: GroupShape| match s.validate() {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(arg(GroupShape { ranks: 0, ..ok }), "ranks");
+        assert_eq!(arg(GroupShape { ranks: 65, ..ok }), "ranks");
+        assert_eq!(arg(GroupShape { num_experts: 100, ..ok }), "num_experts");
+        assert_eq!(arg(GroupShape { hidden: 7000, ..ok }), "hidden");
+        assert_eq!(arg(GroupShape { max_topk: 17, ..ok }), "max_topk");
+        assert_eq!(arg(GroupShape { max_tokens: 1 << 28, ..ok }), "max_tokens");
+        assert_eq!(arg(GroupShape { ll_max_tokens: 5000, ..ok }), "ll_max_tokens");
+        assert_eq!(arg(GroupShape { m_align: 6, ..ok }), "m_align");
+    }
+}
