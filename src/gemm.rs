@@ -114,7 +114,7 @@ pub fn validate_gemm_fp8(shape: GemmShape, a_len: usize, sfa_len: usize, b_len: 
 /// A 2-D tiled tensor map over `rows x cols` elements of `elem_bytes` bytes (row-major, rows of
 /// `cols` elements), with boxes of `box_rows x box_cols`.
 #[allow(clippy::too_many_arguments)]
-fn tensor_map_2d(
+pub(crate) fn tensor_map_2d(
     addr: u64,
     dtype: CUtensorMapDataType,
     elem_bytes: usize,

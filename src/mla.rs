@@ -1,28 +1,38 @@
-//! MLA decode attention on the GPU. So far: the split-KV schedule written on the device (the same
-//! plan as [`crate::plan::mla::schedule`], bit for bit) and the combine, which merges the partial
-//! results of a request's chunks by their log-sum-exp, as [`crate::reference::mla::merge`] does.
+//! MLA decode attention on the GPU: [`decode`] runs a whole decode step over a paged latent cache
+//! (schedule on the device, split-KV decode kernel, combine), checked against
+//! [`crate::reference::mla`]. Its pieces are public too: the split-KV schedule written on the
+//! device (the same plan as [`crate::plan::mla::schedule`], bit for bit) and the combine, which
+//! merges the partial results of a request's chunks by their log-sum-exp, as
+//! [`crate::reference::mla::merge`] does.
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::{CUdevice_attribute, CUtensorMapDataType, CUtensorMapSwizzle};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::gemm::tensor_map_2d;
 use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
+use crate::plan::mla::num_parts;
 
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
 
-/// A 16-bit output element type of the MLA kernels.
+/// A 16-bit element type of the MLA kernels (queries, cache and outputs).
 pub trait MlaElement: cudarc::driver::DeviceRepr {
     const DTYPE: ffi::dk_dtype;
+    #[doc(hidden)]
+    const TMA_DTYPE: CUtensorMapDataType;
 }
 impl MlaElement for bf16 {
     const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_BF16;
+    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 impl MlaElement for f16 {
     const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_F16;
+    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
 /// The split kernel's partial results, on the device.
@@ -153,4 +163,208 @@ pub fn plan_on_device(stream: &CudaStream, lens: &CudaView<i32>, out: &mut Devic
     // above; `launch` holds the guards until `finish`.
     let status = ffi_call!(unsafe dk_mla_schedule(&params, s));
     launch.finish(status)
+}
+
+/// Key width of the latent cache: 512 latent + 64 RoPE columns.
+pub const HEAD_DIM_K: usize = 576;
+/// Page sizes (keys per page) the decode kernel accepts.
+pub const PAGE_SIZES: [usize; 4] = [16, 32, 64, 128];
+
+/// Problem size of a decode step: `batch` requests of `s_q` query tokens of `h_q` heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub s_q: usize,
+    pub h_q: usize,
+}
+
+impl DecodeShape {
+    /// Query rows per request: `s_q · h_q` (heads fastest).
+    pub fn rows(&self) -> usize {
+        self.s_q * self.h_q
+    }
+}
+
+/// A paged latent KV cache and the requests' addressing into it.
+pub struct PagedKv<'a, T> {
+    /// `[num_pages, page, 576]`.
+    pub cache: CudaView<'a, T>,
+    /// Keys per page: 16, 32, 64 or 128.
+    pub page: usize,
+    /// `[batch, max_pages]` page indices.
+    pub block_table: CudaView<'a, i32>,
+    pub max_pages: usize,
+    /// `[batch]` sequence lengths, on the device (what the kernels read).
+    pub lens: CudaView<'a, i32>,
+    /// The same lengths on the host, when the caller has them: then a negative length or a block
+    /// table too short for a length is an error before any launch. Without them (a CUDA-graph
+    /// step), keys whose page slot is past `max_pages` or whose page index is out of range are
+    /// treated as masked and counted ([`DecodeWorkspace::invalid`]).
+    pub lens_host: Option<&'a [i32]>,
+}
+
+/// Device buffers of a decode step that outlive one call: the schedule, the split-KV partials and
+/// the error counters. Sized for one [`DecodeShape`].
+pub struct DecodeWorkspace {
+    shape: DecodeShape,
+    schedule: DeviceSchedule,
+    num_chunks: usize,
+    o_partial: CudaSlice<f32>,
+    lse_partial: CudaSlice<f32>,
+    invalid: CudaSlice<i32>,
+    combine_invalid: CudaSlice<i32>,
+}
+
+impl DecodeWorkspace {
+    /// A workspace for `shape` on `stream`'s device: one part per SM and M tile
+    /// ([`crate::plan::mla::num_parts`]).
+    pub fn new(stream: &Arc<CudaStream>, shape: DecodeShape) -> Result<Self> {
+        if shape.s_q == 0 || shape.h_q == 0 {
+            return Err(Error::InvalidArgument { arg: "shape", reason: format!("{shape:?}: s_q and h_q must be at least 1") });
+        }
+        let sms = usize::try_from(stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?).unwrap_or(1);
+        let parts = num_parts(sms.max(1), shape.s_q, shape.h_q);
+        // Each part boundary splits at most one request: at most batch + parts - 1 chunks.
+        let num_chunks = shape.batch + parts;
+        let rows = shape.rows();
+        Ok(Self {
+            shape,
+            schedule: DeviceSchedule::new(stream, shape.batch, parts)?,
+            num_chunks,
+            o_partial: stream.alloc_zeros(num_chunks * rows * HEAD_DIM_V)?,
+            lse_partial: stream.alloc_zeros(num_chunks * rows)?,
+            invalid: stream.alloc_zeros(1)?,
+            combine_invalid: stream.alloc_zeros(1)?,
+        })
+    }
+
+    pub fn shape(&self) -> DecodeShape {
+        self.shape
+    }
+
+    /// The schedule of the last step (on the device).
+    pub fn schedule(&self) -> &DeviceSchedule {
+        &self.schedule
+    }
+
+    /// What the last step skipped on the device (synchronises `stream`): invalid page indices
+    /// and malformed schedule entries. Zero for every valid input.
+    pub fn invalid(&self, stream: &Arc<CudaStream>) -> Result<usize> {
+        let a = stream.clone_dtoh(&self.invalid)?[0];
+        let b = stream.clone_dtoh(&self.combine_invalid)?[0];
+        Ok(usize::try_from(a).unwrap_or(0) + usize::try_from(b).unwrap_or(0))
+    }
+}
+
+/// One MLA decode step: `q` (`[batch, s_q, h_q, 576]`) attends to the paged cache with causal
+/// multi-token masking (query token `s` sees keys `0 ..= len - s_q + s`) and `softmax_scale`;
+/// writes `out` (`[batch, s_q, h_q, 512]`) and `lse` (`[batch, s_q, h_q]`, natural log; -inf and
+/// zeros for a row that sees no key). Three launches on `stream`: the schedule (from the lengths on
+/// the device), the split-KV decode kernel, the combine. Asynchronous; capturable in a CUDA graph
+/// when `kv.lens_host` is `None`.
+pub fn decode<T: MlaElement>(
+    stream: &CudaStream,
+    q: &CudaView<T>,
+    kv: &PagedKv<T>,
+    out: &mut CudaViewMut<T>,
+    lse: &mut CudaViewMut<f32>,
+    softmax_scale: f32,
+    ws: &mut DecodeWorkspace,
+) -> Result<()> {
+    let DecodeShape { batch, s_q, h_q } = ws.shape;
+    let rows = ws.shape.rows();
+    let shape_err = |arg: &'static str, expected: String, got: usize| Err(Error::Shape { arg, expected, got: format!("{got} elements") });
+    if q.len() != batch * rows * HEAD_DIM_K {
+        return shape_err("q", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_K}]"), q.len());
+    }
+    if !PAGE_SIZES.contains(&kv.page) {
+        return Err(Error::InvalidArgument { arg: "page", reason: format!("{} is not one of {PAGE_SIZES:?}", kv.page) });
+    }
+    let page_elems = kv.page * HEAD_DIM_K;
+    if kv.cache.is_empty() || !kv.cache.len().is_multiple_of(page_elems) {
+        return shape_err("cache", format!("[num_pages, {}, {HEAD_DIM_K}] with num_pages >= 1", kv.page), kv.cache.len());
+    }
+    let num_pages = kv.cache.len() / page_elems;
+    if kv.lens.len() != batch {
+        return shape_err("lens", format!("[{batch}] (the batch)"), kv.lens.len());
+    }
+    if kv.block_table.len() != batch * kv.max_pages {
+        return shape_err("block_table", format!("[{batch}, {}]", kv.max_pages), kv.block_table.len());
+    }
+    if let Some(lens) = kv.lens_host {
+        if lens.len() != batch {
+            return shape_err("lens_host", format!("[{batch}] (the batch)"), lens.len());
+        }
+        if let Some((b, &len)) = lens.iter().enumerate().find(|&(_, &len)| len < 0 || len as usize > kv.max_pages * kv.page) {
+            return Err(Error::InvalidArgument {
+                arg: "block_table",
+                reason: format!(
+                    "request {b} has length {len}: its block table of {} pages of {} covers 0..={}",
+                    kv.max_pages,
+                    kv.page,
+                    kv.max_pages * kv.page
+                ),
+            });
+        }
+    }
+    if out.len() != batch * rows * HEAD_DIM_V {
+        return shape_err("out", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_V}]"), out.len());
+    }
+    if lse.len() != batch * rows {
+        return shape_err("lse", format!("[{batch}, {s_q}, {h_q}]"), lse.len());
+    }
+    if batch == 0 {
+        return Ok(());
+    }
+    let (batch32, s_q32, h_q32) = (int_arg::<i32>("batch", batch)?, int_arg::<i32>("s_q", s_q)?, int_arg::<i32>("h_q", h_q)?);
+    let (max_pages32, num_pages32) = (int_arg::<i32>("max_pages", kv.max_pages)?, int_arg::<i32>("cache", num_pages)?);
+    int_arg::<i32>("cache", num_pages * kv.page)?;
+    int_arg::<i32>("q", batch * rows)?;
+
+    plan_on_device(stream, &kv.lens, &mut ws.schedule)?;
+    {
+        let mut launch = Launch::new("mla_decode", stream)?;
+        let q_ptr = launch.input(q);
+        let kv_ptr = launch.input(&kv.cache);
+        check_aligned("q", q_ptr, 16)?;
+        check_aligned("cache", kv_ptr, 16)?;
+        let sw128 = CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+        let box_rows = kv.page.min(64) as u32;
+        let params = ffi::dk_mla_decode_params {
+            tma_q: tensor_map_2d(q_ptr, T::TMA_DTYPE, 2, batch * rows, HEAD_DIM_K, 64, 64, sw128)?,
+            tma_kv: tensor_map_2d(kv_ptr, T::TMA_DTYPE, 2, num_pages * kv.page, HEAD_DIM_K, box_rows, 64, sw128)?,
+            block_table: launch.input(&kv.block_table) as *const i32,
+            lens: launch.input(&kv.lens) as *const i32,
+            parts: launch.input(&ws.schedule.parts) as *const i32,
+            splits: launch.input(&ws.schedule.splits) as *const i32,
+            out: launch.output(out) as *mut std::ffi::c_void,
+            lse: launch.output(lse) as *mut f32,
+            o_partial: launch.output(&mut ws.o_partial) as *mut f32,
+            lse_partial: launch.output(&mut ws.lse_partial) as *mut f32,
+            num_invalid: launch.output(&mut ws.invalid) as *mut i32,
+            batch: batch32,
+            s_q: s_q32,
+            h_q: h_q32,
+            page: kv.page as i32,
+            max_pages: max_pages32,
+            num_pages: num_pages32,
+            num_parts: int_arg("num_parts", ws.schedule.num_parts)?,
+            num_chunks: int_arg("num_chunks", ws.num_chunks)?,
+            softmax_scale,
+            dtype: T::DTYPE,
+        };
+        let s = launch.stream();
+        // SAFETY: the tensor maps cover exactly q and the cache (lengths checked above); the other
+        // pointers are live cudarc buffers of the documented shapes (the workspace was sized for
+        // this shape); every index the kernel reads from device memory is range-checked there.
+        let status = ffi_call!(unsafe dk_mla_decode(&params, s));
+        launch.finish(status)?;
+    }
+    let partials = Partials {
+        o: ws.o_partial.slice(..ws.num_chunks * rows * HEAD_DIM_V),
+        lse: ws.lse_partial.slice(..ws.num_chunks * rows),
+        splits: ws.schedule.splits.slice(..),
+    };
+    let mut dst = CombineOut { out: out.slice_mut(..), lse: lse.slice_mut(..), num_invalid: ws.combine_invalid.slice_mut(..) };
+    combine(stream, &partials, &mut dst, batch, rows)
 }

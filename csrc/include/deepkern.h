@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 3
+#define DK_ABI_VERSION 4
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -227,6 +227,50 @@ typedef struct dk_mla_schedule_params {
 } dk_mla_schedule_params_t;
 
 dk_status_t dk_mla_schedule(const dk_mla_schedule_params_t* params, dk_stream_t stream);
+
+/*
+ * MLA decode attention over a paged latent cache (one KV head of 576 = 512 latent + 64 RoPE
+ * columns; values are the first 512), split-KV along the plan of dk_mla_schedule. For request b,
+ * query row r = s * h_q + h (token s of s_q, head h), with causal multi-token decode (token s sees
+ * keys 0 ..= lens[b] - s_q + s):
+ *   requests with one chunk:  out[b, r, :] and lse[b, r] (natural log) directly
+ *   requests with n > 1:      o_partial[splits[b] + c, r, :] (normalised, f32) and
+ *                             lse_partial[splits[b] + c, r] for each chunk c; dk_mla_combine merges
+ * A row that sees no key gets zeros and lse -inf. Keys past a sequence's length are never loaded,
+ * and a block-table entry outside 0 .. num_pages - 1 is never dereferenced (its keys count as
+ * masked, and a malformed part or chunk range is skipped; both are counted in num_invalid).
+ *
+ * Tensor maps (encoded by the caller, 16-bit elements, 128-byte swizzle, 64-column boxes):
+ *   tma_q:  q as [batch * s_q * h_q rows, 576 cols], box 64 rows
+ *   tma_kv: cache as [num_pages * page rows, 576 cols], box min(page, 64) rows
+ * Contract (checked by the Rust wrapper): page in {16, 32, 64, 128}; s_q, h_q >= 1; block_table
+ * covers every length; parts and splits from dk_mla_schedule for these lengths and num_parts.
+ */
+typedef struct dk_mla_decode_params {
+    dk_tensor_map_t tma_q;
+    dk_tensor_map_t tma_kv;
+    const int32_t* block_table; /* [batch, max_pages] */
+    const int32_t* lens;        /* [batch] */
+    const int32_t* parts;       /* [num_parts, DK_MLA_PART_WORDS] */
+    const int32_t* splits;      /* [batch + 1] */
+    void* out;                  /* [batch, s_q * h_q, 512] bf16 or f16 (dtype) */
+    float* lse;                 /* [batch, s_q * h_q] */
+    float* o_partial;           /* [num_chunks, s_q * h_q, 512] */
+    float* lse_partial;         /* [num_chunks, s_q * h_q] */
+    int32_t* num_invalid;       /* [1] (zeroed first) */
+    int32_t batch;
+    int32_t s_q;
+    int32_t h_q;
+    int32_t page;
+    int32_t max_pages;
+    int32_t num_pages;
+    int32_t num_parts;
+    int32_t num_chunks;
+    float softmax_scale;
+    dk_dtype_t dtype;
+} dk_mla_decode_params_t;
+
+dk_status_t dk_mla_decode(const dk_mla_decode_params_t* params, dk_stream_t stream);
 
 /* Limits of the expert-parallel kernels. */
 #define DK_EP_MAX_RANKS 64
