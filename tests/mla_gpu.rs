@@ -6,17 +6,33 @@
 //! - `combine_rejects_bad_input`: length errors before any launch.
 //! - `device_schedule_matches_the_reference`: the GPU scheduler writes the Rust schedule's encoding
 //!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0).
+//! - `decode_matches_reference`: whole decode steps (schedule, split-KV kernel, combine) in bf16
+//!   and fp16 against the f64 reference: calc_diff <= 1e-5 on out, |lse - ref| <= 1e-3, no NaN;
+//!   pages of 16, 32, 64 and 128 keys; lengths 0, 1, 63, 64, 65 and long ones in one batch; s_q 1
+//!   to 4; h_q 1, 16, 20, 64, 128; batch 1 to 128. Every cache page no request owns and the tail
+//!   of every last page hold NaN, block-table entries past a length hold garbage, the block table
+//!   is shuffled, and the outputs are poisoned before the launch.
+//! - `decode_is_deterministic`: the same step twice gives the same bits.
+//! - `decode_masks_invalid_pages`: without host lengths, an out-of-range page index inside a length
+//!   is counted, never dereferenced, and every output stays finite.
+//! - `decode_rejects_bad_input`: wrong last dimension, unsupported page, block table too short for
+//!   a length, mismatched batch: errors before any launch.
 
 mod common;
 
 use common::{Gpu, TestResult, ensure};
-use deepkern::mla::{CombineOut, DeviceSchedule, HEAD_DIM_V, MlaElement, Partials, combine, plan_on_device};
+use deepkern::check::calc_diff;
+use deepkern::mla::{
+    CombineOut, DecodeShape, DecodeWorkspace, DeviceSchedule, HEAD_DIM_K, HEAD_DIM_V, MlaElement, PagedKv, Partials, combine, decode,
+    plan_on_device,
+};
 use deepkern::plan::mla::schedule;
-use deepkern::reference::mla::{MlaOut, merge};
+use deepkern::reference::mla::{MlaOut, MlaProblem, PagedCache, decode as reference_decode, merge};
 use deepkern::{Error, bf16};
 use half::f16;
 use rand::Rng;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 
 fn main() {
     common::run(vec![
@@ -24,6 +40,10 @@ fn main() {
         ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
         ("combine_rejects_bad_input", combine_rejects_bad_input),
         ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
+        ("decode_matches_reference", decode_matches_reference),
+        ("decode_is_deterministic", decode_is_deterministic),
+        ("decode_masks_invalid_pages", decode_masks_invalid_pages),
+        ("decode_rejects_bad_input", decode_rejects_bad_input),
     ]);
 }
 
@@ -173,4 +193,212 @@ fn device_schedule_matches_the_reference(gpu: &Gpu) -> TestResult {
         }
     }
     Ok(())
+}
+
+// ---- decode ---------------------------------------------------------------------------------------
+
+/// A 16-bit element the tests can round to and read back.
+trait Elem16: MlaElement + Copy + Default {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Elem16 for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+impl Elem16 for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// A decode problem on the host: values already rounded to the element type (NaN where no
+/// request owns the cache), the shuffled block table, lengths.
+struct HostDecode {
+    shape: DecodeShape,
+    page: usize,
+    q: Vec<f32>,
+    cache: Vec<f32>,
+    block_table: Vec<i32>,
+    max_pages: usize,
+    lens: Vec<i32>,
+}
+
+fn host_decode<T: Elem16>(rng: &mut StdRng, shape: DecodeShape, page: usize, lens: Vec<i32>) -> HostDecode {
+    let needed: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(page)).collect();
+    let max_pages = needed.iter().copied().max().unwrap_or(0) + 1;
+    let num_pages = needed.iter().sum::<usize>() + 3;
+    let mut order: Vec<usize> = (0..num_pages).collect();
+    order.shuffle(rng);
+    let mut cache = vec![f32::NAN; num_pages * page * HEAD_DIM_K];
+    let mut block_table = vec![0i32; shape.batch * max_pages];
+    let mut next = 0;
+    let round = |v: f32| T::from_f32(v).to_f32();
+    for b in 0..shape.batch {
+        for slot in 0..max_pages {
+            block_table[b * max_pages + slot] = if slot < needed[b] {
+                let pg = order[next];
+                next += 1;
+                for row in 0..page {
+                    if slot * page + row < lens[b] as usize {
+                        let at = (pg * page + row) * HEAD_DIM_K;
+                        for v in &mut cache[at..at + HEAD_DIM_K] {
+                            *v = round(rng.random_range(-1.0f32..1.0));
+                        }
+                    }
+                }
+                pg as i32
+            } else {
+                // Never read: past the length.
+                [-1, i32::MAX, num_pages as i32, -77][rng.random_range(0..4)]
+            };
+        }
+    }
+    let q = (0..shape.batch * shape.rows() * HEAD_DIM_K).map(|_| round(rng.random_range(-1.0f32..1.0))).collect();
+    HostDecode { shape, page, q, cache, block_table, max_pages, lens }
+}
+
+/// Runs one decode step on the GPU; returns (out as f32, lse, invalid count).
+fn gpu_decode<T: Elem16>(gpu: &Gpu, h: &HostDecode, scale: f32, with_host_lens: bool) -> Result<(Vec<f32>, Vec<f32>, usize), String> {
+    let stream = gpu.stream();
+    let e = |e: Error| e.to_string();
+    let to_t = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+    let (q, cache) =
+        (stream.clone_htod(&to_t(&h.q)).map_err(|e| e.to_string())?, stream.clone_htod(&to_t(&h.cache)).map_err(|e| e.to_string())?);
+    let bt = stream.clone_htod(&h.block_table).map_err(|e| e.to_string())?;
+    let lens = stream.clone_htod(&if h.lens.is_empty() { vec![0] } else { h.lens.clone() }).map_err(|e| e.to_string())?;
+    let rows = h.shape.batch * h.shape.rows();
+    let mut out = stream.clone_htod(&vec![T::from_f32(f32::NAN); (rows * HEAD_DIM_V).max(1)]).map_err(|e| e.to_string())?;
+    let mut lse = stream.clone_htod(&vec![f32::from_bits(0x7fba_dbad); rows.max(1)]).map_err(|e| e.to_string())?;
+    let mut ws = DecodeWorkspace::new(&stream, h.shape).map_err(e)?;
+    let kv = PagedKv {
+        cache: cache.as_view(),
+        page: h.page,
+        block_table: bt.as_view(),
+        max_pages: h.max_pages,
+        lens: lens.slice(..h.lens.len()),
+        lens_host: if with_host_lens { Some(&h.lens) } else { None },
+    };
+    decode(&stream, &q.as_view(), &kv, &mut out.slice_mut(..rows * HEAD_DIM_V), &mut lse.slice_mut(..rows), scale, &mut ws).map_err(e)?;
+    let invalid = ws.invalid(&stream).map_err(e)?;
+    let out: Vec<f32> = stream.clone_dtoh(&out).map_err(|e| e.to_string())?[..rows * HEAD_DIM_V].iter().map(|v| v.to_f32()).collect();
+    let lse = stream.clone_dtoh(&lse).map_err(|e| e.to_string())?[..rows].to_vec();
+    Ok((out, lse, invalid))
+}
+
+fn check_decode<T: Elem16>(gpu: &Gpu, rng: &mut StdRng, shape: DecodeShape, page: usize, lens: Vec<i32>) -> TestResult {
+    let what = format!("{} {shape:?} page {page} lens {:?}", std::any::type_name::<T>(), &lens[..lens.len().min(8)]);
+    let h = host_decode::<T>(rng, shape, page, lens);
+    let scale = 1.0 / (HEAD_DIM_K as f32).sqrt();
+    let (out, lse, invalid) = gpu_decode::<T>(gpu, &h, scale, true)?;
+    ensure(invalid == 0, || format!("{what}: {invalid} invalid entries reported for valid input"))?;
+    let cache = PagedCache { data: &h.cache, page, block_table: &h.block_table, max_pages: h.max_pages, lens: &h.lens };
+    let want = reference_decode(&MlaProblem {
+        q: &h.q,
+        batch: shape.batch,
+        s_q: shape.s_q,
+        h_q: shape.h_q,
+        cache,
+        softmax_scale: f64::from(scale),
+    });
+    if let Some(i) = out.iter().position(|v| v.is_nan()) {
+        return Err(format!("{what}: out[{i}] is NaN").into());
+    }
+    let diff = calc_diff(&out, &want.out);
+    ensure(diff <= 1e-5, || format!("{what}: calc_diff {diff:.3e} > 1e-5"))?;
+    for (r, (&g, &w)) in lse.iter().zip(&want.lse).enumerate() {
+        let ok = if w == f64::NEG_INFINITY { g == f32::NEG_INFINITY } else { (f64::from(g) - w).abs() <= 1e-3 };
+        ensure(ok, || format!("{what}: lse of row {r}: {g} vs {w}"))?;
+        if w == f64::NEG_INFINITY {
+            let row = &out[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V];
+            ensure(row.iter().all(|&v| v == 0.0), || format!("{what}: row {r} sees no key but is not zero"))?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("decode_matches_reference");
+    let shape = |batch, s_q, h_q| DecodeShape { batch, s_q, h_q };
+    let edge = vec![0, 1, 63, 64, 65];
+    check_decode::<bf16>(gpu, &mut rng, shape(5, 1, 16), 64, edge.clone())?;
+    check_decode::<bf16>(gpu, &mut rng, shape(5, 2, 20), 16, edge.clone())?;
+    check_decode::<bf16>(gpu, &mut rng, shape(5, 4, 1), 32, edge.clone())?;
+    check_decode::<bf16>(gpu, &mut rng, shape(5, 3, 64), 128, edge.clone())?;
+    check_decode::<bf16>(gpu, &mut rng, shape(1, 1, 128), 64, vec![3000])?;
+    check_decode::<bf16>(gpu, &mut rng, shape(2, 2, 128), 64, vec![700, 1900])?;
+    // Lengths that differ wildly inside one batch: one long sequence among short ones.
+    let wild: Vec<i32> = (0..16).map(|i| if i == 5 { 6000 } else { rng.random_range(0..300) }).collect();
+    check_decode::<bf16>(gpu, &mut rng, shape(16, 1, 64), 64, wild)?;
+    let many: Vec<i32> = (0..128).map(|_| rng.random_range(0..130)).collect();
+    check_decode::<bf16>(gpu, &mut rng, shape(128, 1, 16), 32, many)?;
+    check_decode::<f16>(gpu, &mut rng, shape(5, 2, 16), 64, edge.clone())?;
+    check_decode::<f16>(gpu, &mut rng, shape(3, 1, 128), 16, vec![1000, 0, 129])?;
+    Ok(())
+}
+
+fn decode_is_deterministic(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("decode_is_deterministic");
+    let h = host_decode::<bf16>(&mut rng, DecodeShape { batch: 8, s_q: 2, h_q: 64 }, 64, vec![5000, 10, 700, 0, 64, 65, 1, 2048]);
+    let a = gpu_decode::<bf16>(gpu, &h, 0.05, true)?;
+    let b = gpu_decode::<bf16>(gpu, &h, 0.05, true)?;
+    let same = a.0.iter().map(|v| v.to_bits()).eq(b.0.iter().map(|v| v.to_bits()))
+        && a.1.iter().map(|v| v.to_bits()).eq(b.1.iter().map(|v| v.to_bits()));
+    ensure(same, || "two runs of the same step differ".into())
+}
+
+fn decode_masks_invalid_pages(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("decode_masks_invalid_pages");
+    let mut h = host_decode::<bf16>(&mut rng, DecodeShape { batch: 3, s_q: 1, h_q: 16 }, 32, vec![100, 64, 300]);
+    // A page index past the cache inside request 2's length (slot 3 of its 10 pages).
+    h.block_table[2 * h.max_pages + 3] = 1 << 20;
+    let (out, lse, invalid) = gpu_decode::<bf16>(gpu, &h, 0.05, false)?;
+    ensure(invalid > 0, || "the invalid page index was not counted".into())?;
+    ensure(out.iter().all(|v| v.is_finite()) && lse.iter().all(|v| v.is_finite()), || "outputs are not finite".into())
+}
+
+fn decode_rejects_bad_input(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let shape = DecodeShape { batch: 2, s_q: 1, h_q: 4 };
+    let rows = shape.batch * shape.rows();
+    let q = stream.alloc_zeros::<bf16>(rows * HEAD_DIM_K + 64).unwrap();
+    let cache = stream.alloc_zeros::<bf16>(4 * 64 * HEAD_DIM_K).unwrap();
+    let bt = stream.clone_htod(&[0i32, 1, 2, 3]).unwrap();
+    let lens = stream.clone_htod(&[10i32, 200, 5]).unwrap();
+    let mut out = stream.alloc_zeros::<bf16>(rows * HEAD_DIM_V).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(rows).unwrap();
+    let mut ws = DecodeWorkspace::new(&stream, shape).map_err(|e| e.to_string())?;
+    let host_ok = [10i32, 100];
+    let mut run = |q_len: usize, page: usize, lens_len: usize, lens_host: &[i32]| -> Result<(), Error> {
+        let kv = PagedKv {
+            cache: cache.as_view(),
+            page,
+            block_table: bt.as_view(),
+            max_pages: 2,
+            lens: lens.slice(..lens_len),
+            lens_host: Some(lens_host),
+        };
+        decode(&stream, &q.slice(..q_len), &kv, &mut out.as_view_mut(), &mut lse.as_view_mut(), 0.1, &mut ws)
+    };
+    let arg = |r: Result<(), Error>| match r {
+        Err(Error::Shape { arg, .. } | Error::InvalidArgument { arg, .. }) => Ok(arg),
+        other => Err(format!("expected an argument error, got {other:?}")),
+    };
+    // q with a last dimension of 512 instead of 576.
+    ensure(arg(run(rows * HEAD_DIM_V, 64, 2, &host_ok))? == "q", || "q [.., 512] accepted".into())?;
+    ensure(arg(run(rows * HEAD_DIM_K, 48, 2, &host_ok))? == "page", || "page 48 accepted".into())?;
+    // 200 keys need 4 pages of 64; the table has 2 per request.
+    ensure(arg(run(rows * HEAD_DIM_K, 64, 2, &[10, 200]))? == "block_table", || "short block table accepted".into())?;
+    ensure(arg(run(rows * HEAD_DIM_K, 64, 3, &host_ok))? == "lens", || "3 lengths for a batch of 2 accepted".into())?;
+    ensure(arg(DecodeWorkspace::new(&stream, DecodeShape { batch: 1, s_q: 0, h_q: 4 }).map(|_| ()))? == "shape", || {
+        "s_q = 0 accepted".into()
+    })?;
+    run(rows * HEAD_DIM_K, 64, 2, &host_ok).map_err(|e| e.to_string().into())
 }
