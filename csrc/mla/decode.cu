@@ -143,6 +143,9 @@ __device__ void load_tile(const KernelParams& p, uint8_t* dst, uint64_t* bar, in
     for (int j = 0; j < pieces; ++j) {
         const int64_t row = piece_row(p, req, len, blk, j, piece);
         if (row < 0) {
+            if (blk * kBlockN + j * piece < len) {
+                atomicAdd(p.num_invalid, 1);  // a bad page index inside the sequence: masked
+            }
             continue;
         }
         for (int b = 0; b < kBoxes; ++b) {
