@@ -7,9 +7,12 @@
 //! A [`Group`] of `R` ranks owns one *symmetric buffer* per rank (same layout on every rank,
 //! planned by [`crate::plan::ep::SymmetricLayout`]) and a device table of their addresses; the
 //! kernels write straight into peers' buffers through that table and signal with system-scope
-//! release/acquire flags. [`Group::new_virtual`] builds `R` *virtual ranks* inside one process on
-//! one GPU (tests, single-GPU development, simulation); the same device code serves one process
-//! per GPU once peers' buffers are mapped (not in this version).
+//! release/acquire flags. Two ways to build one, same device code:
+//! - [`Group::new_virtual`]: `R` *virtual ranks* inside one process on one GPU (tests, single-GPU
+//!   development, simulation); every call takes all ranks' inputs.
+//! - [`Group::new_node`]: one process per GPU of a node; each rank's buffer is exported with CUDA
+//!   IPC and the handles are exchanged with an all-gather on the caller's NCCL communicator, so
+//!   peers' buffers are mapped with peer access. Every call takes this rank's input only.
 //!
 //! Every operation is split into a send phase and a receive phase. Receive buffers are fixed and
 //! sized for the worst case, so no phase ever waits for a later one: running every rank's send
@@ -257,12 +260,42 @@ pub struct Group {
     shape: GroupShape,
     layout: SymmetricLayout,
     stream: Arc<CudaStream>,
-    buffers: Vec<CudaSlice<u8>>,
+    storage: Storage,
     peers: CudaSlice<u64>,
     /// Per rank and signal kind: the epoch of the last signal sent.
     epochs: Vec<[u32; KINDS]>,
     num_sms: usize,
     sm_count: usize,
+}
+
+/// Where the group's symmetric buffers live.
+enum Storage {
+    /// All ranks' buffers, in this process.
+    Virtual(Vec<CudaSlice<u8>>),
+    /// This rank's buffer (exported) and the peers' (opened through CUDA IPC).
+    Node(NodeBuffers),
+}
+
+struct NodeBuffers {
+    rank: usize,
+    own: u64,
+    opened: Vec<u64>,
+    ctx: Arc<cudarc::driver::CudaContext>,
+}
+
+impl Drop for NodeBuffers {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; the context is bound so the calls address it.
+        let _ = self.ctx.bind_to_thread();
+        for &p in &self.opened {
+            // SAFETY: `p` was returned by cuIpcOpenMemHandle and is closed once.
+            let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(p) };
+        }
+        // SAFETY: `own` was allocated by malloc_sync and is freed once, after every use (the
+        // group's stream work is complete: synchronise first).
+        let _ = self.ctx.synchronize();
+        let _ = unsafe { cudarc::driver::result::free_sync(self.own) };
+    }
 }
 
 /// Blocks a communication kernel uses unless told otherwise (DeepEP's default is 20 to 24).
@@ -292,12 +325,129 @@ impl Group {
             shape,
             layout,
             stream: stream.clone(),
-            buffers,
+            storage: Storage::Virtual(buffers),
             peers,
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
         })
+    }
+
+    /// This process's rank of a node group over `comm` (one process per GPU, `shape.ranks ==
+    /// comm.world_size()`): allocates and zeroes this rank's symmetric buffer, exports it with
+    /// CUDA IPC, all-gathers the handles over `comm`, and opens every peer's with peer access
+    /// enabled. Collective: every rank of `comm` must call it with the same shape. All of the
+    /// group's work runs on `comm.stream()`.
+    ///
+    /// Ranks must call the group's operations in the same order; normal dispatch and combine (or
+    /// low-latency dispatch and combine) alternate, which is what keeps a rank from overwriting a
+    /// peer's receive buffer before the peer has read it.
+    pub fn new_node(comm: &cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
+        use cudarc::driver::sys::{CUipcMem_flags, CUipcMemHandle};
+        if shape.ranks != comm.world_size() {
+            return Err(Error::InvalidArgument {
+                arg: "ranks",
+                reason: format!("the shape has {} ranks, the communicator {}", shape.ranks, comm.world_size()),
+            });
+        }
+        let layout = SymmetricLayout::new(&shape)?;
+        let stream = comm.stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()?;
+        let sm_count = usize::try_from(ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+            .unwrap_or(1)
+            .max(1);
+        let rank = comm.rank();
+        // cuMemAlloc, not the stream-ordered pool: IPC exports only plain allocations.
+        // SAFETY: a fresh allocation of `bytes`, zeroed before anyone can see it; freed by
+        // NodeBuffers::drop.
+        let own = unsafe { cudarc::driver::result::malloc_sync(layout.bytes) }?;
+        let mut node = NodeBuffers { rank, own, opened: Vec::new(), ctx: ctx.clone() };
+        // SAFETY: `own` holds `layout.bytes` bytes.
+        unsafe { cudarc::driver::result::memset_d8_sync(own, 0, layout.bytes) }?;
+        let mut handle = std::mem::MaybeUninit::<CUipcMemHandle>::zeroed();
+        // SAFETY: `own` is a live cuMemAlloc allocation; `handle` is written by the call.
+        unsafe { cudarc::driver::sys::cuIpcGetMemHandle(handle.as_mut_ptr(), own) }.result()?;
+        // SAFETY: initialised by the successful call above.
+        let handle = unsafe { handle.assume_init() };
+        let bytes: Vec<u8> = handle.reserved.iter().map(|&c| c as u8).collect();
+        let send = stream.clone_htod(&bytes)?;
+        let mut recv = stream.alloc_zeros::<u8>(bytes.len() * shape.ranks)?;
+        comm.all_gather(&send, &mut recv)
+            .map_err(|e| Error::Communication { rank, reason: format!("NCCL all-gather of IPC handles: {e:?}") })?;
+        let all = stream.clone_dtoh(&recv)?;
+        let mut addrs = vec![0u64; shape.ranks];
+        for (r, chunk) in all.chunks_exact(bytes.len()).enumerate() {
+            if r == rank {
+                addrs[r] = own;
+                continue;
+            }
+            let mut peer = CUipcMemHandle { reserved: [0; 64] };
+            for (d, &b) in peer.reserved.iter_mut().zip(chunk) {
+                *d = b as std::ffi::c_char;
+            }
+            let mut ptr = 0u64;
+            // SAFETY: `peer` is a handle exported by rank r of this node; `ptr` receives the
+            // mapping, closed by NodeBuffers::drop.
+            unsafe {
+                cudarc::driver::sys::cuIpcOpenMemHandle_v2(&mut ptr, peer, CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
+            }
+            .result()?;
+            node.opened.push(ptr);
+            addrs[r] = ptr;
+        }
+        let peers = stream.clone_htod(&addrs)?;
+        Ok(Self {
+            shape,
+            layout,
+            stream,
+            storage: Storage::Node(node),
+            peers,
+            epochs: vec![[0; KINDS]; shape.ranks],
+            num_sms: DEFAULT_NUM_SMS.min(sm_count),
+            sm_count,
+        })
+    }
+
+    /// The ranks whose buffers live in this process: all of them for virtual ranks, one for a
+    /// node group. Every all-ranks call takes one input per local rank, in this order.
+    pub fn local_ranks(&self) -> Vec<usize> {
+        match &self.storage {
+            Storage::Virtual(b) => (0..b.len()).collect(),
+            Storage::Node(n) => vec![n.rank],
+        }
+    }
+
+    /// `len` bytes at `offset` of local rank `rank`'s buffer (synchronises the stream).
+    fn read_local(&self, rank: usize, offset: usize, len: usize) -> Result<Vec<u8>> {
+        match &self.storage {
+            Storage::Virtual(b) => Ok(self.stream.clone_dtoh(&b[rank].slice(offset..offset + len))?),
+            Storage::Node(n) => {
+                self.stream.synchronize()?;
+                let mut v = vec![0u8; len];
+                // SAFETY: offset + len lies inside the buffer (offsets from self.layout).
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, n.own + offset as u64) }?;
+                Ok(v)
+            }
+        }
+    }
+
+    fn check_local(&self, rank: usize) -> Result<()> {
+        if self.local_ranks().contains(&rank) {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument { arg: "rank", reason: format!("rank {rank}'s buffer is not in this process") })
+        }
+    }
+
+    /// Checks that `n` inputs match the local ranks.
+    fn check_local_count(&self, arg: &'static str, n: usize) -> Result<Vec<usize>> {
+        let local = self.local_ranks();
+        if n == local.len() {
+            Ok(local)
+        } else {
+            Err(Error::Shape { arg, expected: format!("one per local rank ({})", local.len()), got: n.to_string() })
+        }
     }
 
     pub fn shape(&self) -> &GroupShape {
@@ -365,14 +515,6 @@ impl Group {
             off_ll_sf: o(l.ll_sf),
             off_ll_src: o(l.ll_src),
             off_comb: o(l.comb),
-        }
-    }
-
-    fn check_rank(&self, rank: usize) -> Result<()> {
-        if rank < self.shape.ranks {
-            Ok(())
-        } else {
-            Err(Error::InvalidArgument { arg: "rank", reason: format!("{rank} is not below {} ranks", self.shape.ranks) })
         }
     }
 
@@ -493,17 +635,18 @@ impl Group {
         launch.finish(status)
     }
 
-    /// Normal dispatch of every rank's `inputs[rank]`. Synchronises the stream once (to size the
-    /// outputs from the all-gathered counts). Errors, before any data moves, if a slot names an
-    /// expert outside `0 .. num_experts` or a rank would receive more than `recv_rows` rows.
+    /// Normal dispatch: one input per local rank ([`Group::local_ranks`]: every rank of a virtual
+    /// group, this process's rank of a node group). Synchronises the stream once, to size the
+    /// outputs from the all-gathered counts (in a node group after waiting, on the device, for
+    /// every rank's counts). Errors, before any data moves, if a slot names an expert outside
+    /// `0 .. num_experts` or a rank would receive more than `recv_rows` rows (every rank sees the
+    /// same counts, so all refuse together; an invalid index is seen by its own rank only, and
+    /// the peers of a node group then time out waiting for it, which [`Group::check`] reports).
     pub fn dispatch(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<Dispatched>> {
-        let r = self.shape.ranks;
-        if inputs.len() != r {
-            return Err(Error::Shape { arg: "inputs", expected: format!("one per rank ({r})"), got: inputs.len().to_string() });
-        }
+        let local = self.check_local_count("inputs", inputs.len())?;
         inputs.iter().try_for_each(|i| self.validate_input(i, false))?;
         let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
-        for (rank, prep) in preps.iter().enumerate() {
+        for (&rank, prep) in local.iter().zip(&preps) {
             let epoch = self.bump(rank, NOTIFY);
             let mut launch = Launch::new("ep_dispatch_notify", &self.stream)?;
             let peers = launch.input(&self.peers);
@@ -516,11 +659,22 @@ impl Group {
             let status = ffi_call!(unsafe dk_ep_dispatch_notify(&params, s));
             launch.finish(status)?;
         }
-        // Every rank holds the same all-gathered matrix once all notifies ran: read rank 0's.
-        let e = self.shape.num_experts;
-        let bytes = self.stream.clone_dtoh(&self.buffers[0].slice(self.layout.counts..self.layout.counts + r * e * 4))?;
+        let first = local[0];
+        if matches!(self.storage, Storage::Node(_)) {
+            // The other ranks are other processes: wait on the device for their counts.
+            let mut launch = Launch::new("ep_wait", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let params = ffi::dk_ep_wait_params { group: self.params(first, self.epochs[first][NOTIFY], peers), kind: NOTIFY as i32 };
+            let s = launch.stream();
+            // SAFETY: as in send_tokens; the kernel only reads this rank's signals.
+            let status = ffi_call!(unsafe dk_ep_wait(&params, s));
+            launch.finish(status)?;
+        }
+        // Every rank holds the same all-gathered matrix once all notifies ran.
+        let (r, e) = (self.shape.ranks, self.shape.num_experts);
+        let bytes = self.read_local(first, self.layout.counts, r * e * 4)?;
         let counts: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-        for (rank, prep) in preps.iter().enumerate() {
+        for (&rank, prep) in local.iter().zip(&preps) {
             let invalid = self.stream.clone_dtoh(&prep.layout.num_invalid)?[0];
             if invalid != 0 {
                 return Err(Error::InvalidArgument {
@@ -536,13 +690,14 @@ impl Group {
                 reason: format!("rank {d} would receive {} rows, more than the group's recv_rows = {}", p.rows, self.shape.recv_rows),
             });
         }
-        for (rank, (input, prep)) in inputs.iter().zip(&preps).enumerate() {
+        for (&rank, (input, prep)) in local.iter().zip(inputs.iter().zip(&preps)) {
             let epoch = self.bump(rank, DISPATCH);
             self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
         }
-        let mut out = Vec::with_capacity(r);
-        for (rank, (prep, plan)) in preps.into_iter().zip(plans).enumerate() {
-            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts)?);
+        let mut out = Vec::with_capacity(local.len());
+        for (&rank, prep) in local.iter().zip(preps) {
+            let plan = &plans[rank];
+            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone())?);
         }
         Ok(out)
     }
@@ -599,7 +754,7 @@ impl Group {
     /// dropped and reported by [`Group::check`]); slots naming experts outside `0 .. num_experts`
     /// are ignored and counted ([`Handle::invalid_slots`]).
     pub fn dispatch_low_latency_send(&mut self, rank: usize, input: &RankInput<'_>) -> Result<PendingLowLatency> {
-        self.check_rank(rank)?;
+        self.check_local(rank)?;
         if self.shape.ll_max_tokens == 0 {
             return Err(Error::InvalidArgument {
                 arg: "ll_max_tokens",
@@ -623,7 +778,7 @@ impl Group {
     /// Low-latency dispatch, receive phase: waits on the device for every rank's send phase.
     pub fn dispatch_low_latency_recv(&mut self, pending: PendingLowLatency) -> Result<DispatchedLowLatency> {
         let rank = pending.rank;
-        self.check_rank(rank)?;
+        self.check_local(rank)?;
         let epoch = self.epochs[rank][LL_DISPATCH];
         let (el, h) = (self.shape.experts_per_rank(), self.shape.hidden);
         let capacity = self.shape.ll_capacity();
@@ -668,13 +823,10 @@ impl Group {
         Ok(DispatchedLowLatency { x, masked_m, capacity, handle })
     }
 
-    /// Low-latency dispatch of every rank: all send phases, then all receive phases.
+    /// Low-latency dispatch of every local rank: all send phases, then all receive phases.
     pub fn dispatch_low_latency(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<DispatchedLowLatency>> {
-        let r = self.shape.ranks;
-        if inputs.len() != r {
-            return Err(Error::Shape { arg: "inputs", expected: format!("one per rank ({r})"), got: inputs.len().to_string() });
-        }
-        let pending = inputs.iter().enumerate().map(|(rank, i)| self.dispatch_low_latency_send(rank, i)).collect::<Result<Vec<_>>>()?;
+        let local = self.check_local_count("inputs", inputs.len())?;
+        let pending = local.iter().zip(inputs).map(|(&rank, i)| self.dispatch_low_latency_send(rank, i)).collect::<Result<Vec<_>>>()?;
         pending.into_iter().map(|p| self.dispatch_low_latency_recv(p)).collect()
     }
 
@@ -682,7 +834,7 @@ impl Group {
     /// outputs in the received layout) goes back to the tokens' ranks.
     pub fn combine_send(&mut self, y: &CudaView<'_, bf16>, handle: &Handle) -> Result<()> {
         let rank = handle.rank;
-        self.check_rank(rank)?;
+        self.check_local(rank)?;
         let h = self.shape.hidden;
         expect_len("y", y.len(), handle.rows * h, || format!("[{}, {h}] bf16", handle.rows))?;
         check_aligned("y", y.device_ptr(&self.stream).0, 16)?;
@@ -707,7 +859,7 @@ impl Group {
     /// dispatch returned).
     pub fn combine_recv(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
         let rank = handle.rank;
-        self.check_rank(rank)?;
+        self.check_local(rank)?;
         let epoch = self.epochs[rank][COMBINE];
         let mut out = alloc::<bf16>(&self.stream, handle.tokens * self.shape.hidden)?;
         let mut launch = Launch::new("ep_combine_recv", &self.stream)?;
@@ -727,19 +879,17 @@ impl Group {
         Ok(out)
     }
 
-    /// Combine of every rank: `ys[rank]` with `handles[rank]` (from the same dispatch), all send
-    /// phases, then all receive phases. Returns each rank's `[tokens, hidden]` output.
+    /// Combine of every local rank: `ys[i]` with `handles[i]` (from the same dispatch) for the
+    /// i-th local rank; all send phases, then all receive phases. Returns each local rank's
+    /// `[tokens, hidden]` output.
     pub fn combine(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
-        let r = self.shape.ranks;
-        if ys.len() != r || handles.len() != r {
-            return Err(Error::Shape {
-                arg: "ys",
-                expected: format!("one y and one handle per rank ({r})"),
-                got: format!("{} and {}", ys.len(), handles.len()),
+        let local = self.check_local_count("ys", ys.len())?;
+        self.check_local_count("handles", handles.len())?;
+        if let Some((i, h)) = handles.iter().enumerate().find(|(i, h)| h.rank != local[*i]) {
+            return Err(Error::InvalidArgument {
+                arg: "handles",
+                reason: format!("entry {i} is rank {}'s handle, not rank {}'s", h.rank, local[i]),
             });
-        }
-        if let Some((i, h)) = handles.iter().enumerate().find(|(i, h)| h.rank != *i) {
-            return Err(Error::InvalidArgument { arg: "handles", reason: format!("entry {i} is rank {}'s handle", h.rank) });
         }
         for (y, h) in ys.iter().zip(handles) {
             self.combine_send(y, h)?;
@@ -747,12 +897,11 @@ impl Group {
         handles.iter().map(|h| self.combine_recv(h)).collect()
     }
 
-    /// Reads every rank's device error word (synchronises the stream): a peer that never
+    /// Reads every local rank's device error word (synchronises the stream): a peer that never
     /// signalled, or rows that did not fit the receive buffers.
     pub fn check(&self) -> Result<()> {
-        for (rank, buf) in self.buffers.iter().enumerate() {
-            let at = self.layout.signals + ffi::DK_EP_ERROR_WORD as usize * 4;
-            let w = self.stream.clone_dtoh(&buf.slice(at..at + 4))?;
+        for rank in self.local_ranks() {
+            let w = self.read_local(rank, self.layout.signals + ffi::DK_EP_ERROR_WORD as usize * 4, 4)?;
             let bits = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
             if bits != 0 {
                 let mut what = Vec::new();

@@ -15,6 +15,8 @@
 //!   bytes (epoch signalling across calls, no races), with one SM per kernel.
 //! - `group_rejects_bad_input`: bad shapes, routing and buffers give argument errors before any
 //!   data moves; out-of-range experts in low-latency mode are counted, never written.
+//! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
+//!   world size 1, the most one GPU allows: both dispatch modes and combine equal the reference.
 
 mod common;
 
@@ -42,6 +44,7 @@ fn main() {
         ("identity_experts_combine_to_weighted_x", identity_experts_combine_to_weighted_x),
         ("repeated_calls_are_bit_identical", repeated_calls_are_bit_identical),
         ("group_rejects_bad_input", group_rejects_bad_input),
+        ("node_group_of_one_process", node_group_of_one_process),
     ]);
 }
 
@@ -587,5 +590,42 @@ fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
     let got = group.dispatch(&inputs(&ok_dev)).map_err(err)?;
     let y = stream.alloc_zeros::<bf16>(got[0].rows * shape.hidden + 1).map_err(err)?;
     ensure(arg_of(group.combine_send(&y.slice(..), &got[0].handle))? == "y", || "y of the wrong length accepted".into())?;
+    Ok(())
+}
+
+fn node_group_of_one_process(gpu: &Gpu) -> TestResult {
+    // SAFETY: only probes for the library; cudarc's loader panics when it is absent.
+    if !unsafe { deepkern::cudarc::nccl::sys::is_culib_present() } {
+        return Err("libnccl not found: node groups need NCCL".into());
+    }
+    let mut rng = gpu.rng("node_group_of_one_process");
+    let stream = gpu.stream();
+    let comms = deepkern::cudarc::nccl::Comm::from_devices(vec![stream.clone()]).map_err(|e| format!("NCCL init: {e:?}"))?;
+    let shape = GroupShape::new(1, 8, 2048, 64, 4, Payload::Fp8);
+    let mut group = Group::new_node(&comms[0], shape).map_err(err)?;
+    ensure(group.local_ranks() == vec![0], || format!("local ranks {:?}", group.local_ranks()))?;
+    let ranks = host_ranks(&mut rng, &shape, &[50], 4, true);
+    let dev = upload_ranks(group.stream(), &shape, &ranks)?;
+    let cfg = EpConfig { ranks: 1, num_experts: 8, m_align: shape.m_align };
+    for round in 0..3 {
+        let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+        let want = dispatch(&routings(&ranks), &cfg).map_err(err)?;
+        let s = group.stream().clone();
+        let m_idx = s.clone_dtoh(&got[0].m_indices).map_err(err)?;
+        ensure(got[0].rows == want[0].rows.len() && m_idx[..got[0].rows] == want[0].expert[..], || {
+            format!("round {round}: layout differs")
+        })?;
+        let (x, sf) = download_rows(&s, &got[0].x)?;
+        for (row, src) in want[0].rows.iter().enumerate() {
+            check_row(&shape, &ranks, &x, &sf, row, |kb| kb * got[0].rows + row, src.as_ref(), "node")?;
+        }
+        let handles = vec![&got[0].handle];
+        check_combine(gpu, &mut rng, &mut group, &ranks, &want, &handles, "node")?;
+        let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+        let want_ll = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
+        let masked = s.clone_dtoh(&ll[0].masked_m).map_err(err)?;
+        ensure(masked.iter().map(|&c| c as u32).eq(want_ll[0].counts.iter().copied()), || format!("round {round}: masked_m differs"))?;
+    }
+    group.check().map_err(err)?;
     Ok(())
 }

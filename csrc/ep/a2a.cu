@@ -427,6 +427,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(dk_ep_ll_dis
     }
 }
 
+__global__ void __launch_bounds__(kThreads) wait_kernel(dk_ep_group_t g, int kind) {
+    wait_all(g, kind);
+}
+
 // ---- combine ----------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(dk_ep_combine_send_params_t p) {
@@ -627,4 +631,11 @@ extern "C" dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* p, 
     }
     return dk::checked_launch(
         [&] { combine_recv_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(*p); });
+}
+
+extern "C" dk_status_t dk_ep_wait(const dk_ep_wait_params_t* p, dk_stream_t stream) {
+    if (p == nullptr || !group_ok(p->group) || p->kind < 0 || p->kind >= DK_EP_SIGNAL_KINDS) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    return dk::checked_launch([&] { wait_kernel<<<1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->group, p->kind); });
 }

@@ -472,6 +472,18 @@ typedef struct dk_ep_ll_dispatch_recv_params {
 dk_status_t dk_ep_ll_dispatch_recv(const dk_ep_ll_dispatch_recv_params_t* params, dk_stream_t stream);
 
 /*
+ * Waits on the stream, on the device, until every rank has signalled `kind` (one of
+ * DK_EP_SIGNAL_*) at the group's epoch: what a host that is about to read the counts region needs
+ * when the other ranks are other processes.
+ */
+typedef struct dk_ep_wait_params {
+    dk_ep_group_t group;
+    int32_t kind;
+} dk_ep_wait_params_t;
+
+dk_status_t dk_ep_wait(const dk_ep_wait_params_t* params, dk_stream_t stream);
+
+/*
  * Combine, send phase (both modes): every row of y whose src is not -1 goes back to its source
  * rank's comb region at row token * max_topk + slot; then signal COMBINE.
  */

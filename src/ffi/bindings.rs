@@ -1004,6 +1004,41 @@ unsafe extern "C" {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct dk_ep_wait_params {
+    pub group: dk_ep_group_t,
+    pub kind: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of dk_ep_wait_params"][::std::mem::size_of::<dk_ep_wait_params>() - 160usize];
+    [
+        "Alignment of dk_ep_wait_params",
+    ][::std::mem::align_of::<dk_ep_wait_params>() - 8usize];
+    [
+        "Offset of field: dk_ep_wait_params::group",
+    ][::std::mem::offset_of!(dk_ep_wait_params, group) - 0usize];
+    [
+        "Offset of field: dk_ep_wait_params::kind",
+    ][::std::mem::offset_of!(dk_ep_wait_params, kind) - 152usize];
+};
+impl Default for dk_ep_wait_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type dk_ep_wait_params_t = dk_ep_wait_params;
+unsafe extern "C" {
+    pub fn dk_ep_wait(
+        params: *const dk_ep_wait_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct dk_ep_combine_send_params {
     pub group: dk_ep_group_t,
     pub y: *const ::std::os::raw::c_void,
