@@ -3,6 +3,9 @@
 //! - [`quantize_per_token_group`]: bf16 activations `[G, m, k]` to E4M3 plus one f32 scale per row
 //!   per 128 columns, written straight into the transposed, 16-byte-aligned layout the GEMM's TMA
 //!   reads (see [`crate::layout`]).
+//! - [`silu_mul_quantize`]: a MoE expert's activation, fused: bf16 `[G, m, 2k]` gate/up to
+//!   `SiLU(gate) · up` quantised like [`quantize_per_token_group`] (equal to
+//!   [`crate::reference::quant::silu_mul_per_token_group`] up to the last bit of `exp`).
 //! - [`quantize_per_block`]: bf16 weights `[G, n, k]` to E4M3 plus one f32 scale per 128x128 block,
 //!   row-major `[G, ceil(n/128), k/128]`.
 //!
@@ -171,6 +174,48 @@ pub fn quantize_per_block(
     launch.finish(status)
 }
 
+/// The fused activation of a MoE expert: `h` `[G, m, 2k]` bf16 holds gate (columns `0..k`) and
+/// up (`k..2k`); writes `a = SiLU(gate) · up` (f32) quantised per token group into `q`
+/// `[G, m, k]` and `sf` `[G, k / 128, round_up(m, 4)]`, exactly the layouts
+/// [`quantize_per_token_group`] writes (and the grouped GEMMs read). Same requirements and errors
+/// (`h` in place of `x`, with twice the columns). Asynchronous on `stream`.
+pub fn silu_mul_quantize(
+    stream: &CudaStream,
+    h: &impl DevicePtr<bf16>,
+    q: &mut impl DevicePtrMut<F8E4M3>,
+    sf: &mut impl DevicePtrMut<f32>,
+    shape: TokenGroupShape,
+    format: ScaleFormat,
+) -> Result<()> {
+    validate_per_token_group(shape, shape.elements().unwrap_or(usize::MAX), q.len(), sf.len())?;
+    let want_h = shape.elements().and_then(|n| n.checked_mul(2)).unwrap_or(usize::MAX);
+    if h.len() != want_h {
+        return Err(Error::Shape {
+            arg: "h",
+            expected: format!("{want_h} elements ([{}, {}, {}] bf16: gate | up)", shape.num_groups, shape.m, 2 * shape.k),
+            got: format!("{} elements", h.len()),
+        });
+    }
+    let mut launch = Launch::new("silu_mul_quantize", stream)?;
+    if shape.elements() == Some(0) {
+        return Ok(());
+    }
+    let ops = operands(&mut launch, "h", h, q, sf)?;
+    let params = ffi::dk_silu_mul_quant_params {
+        h: ops.input as *const u16,
+        q: ops.q as *mut u8,
+        sf: ops.sf as *mut f32,
+        num_groups: int_arg::<i64>("num_groups", shape.num_groups)?,
+        m: int_arg::<i64>("m", shape.m)?,
+        k: int_arg::<i64>("k", shape.k)?,
+        ue8m0: i32::from(format == ScaleFormat::Ue8m0),
+    };
+    let s = launch.stream();
+    // SAFETY: as in `quantize_per_token_group`; h holds G·m·2k elements (checked above).
+    let status = ffi_call!(unsafe dk_silu_mul_quant(&params, s));
+    launch.finish(status)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +256,19 @@ mod tests {
         let e = validate_per_block(s, n, n, 6).unwrap_err().to_string();
         assert!(e.contains("`sf`") && e.contains("12 elements ([3, 2, 2] f32)"), "{e}");
         assert!(validate_per_block(BlockShape::new(0, 7168), 0, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn silu_mul_reference_is_swiglu() {
+        use crate::reference::quant::{silu_mul_f32, silu_mul_per_token_group};
+        assert_eq!(silu_mul_f32(0.0, 5.0), 0.0);
+        assert!((silu_mul_f32(2.0, 3.0) - 3.0 * 2.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
+        // One row, k = 128: gate = 1, up = i / 64.
+        let h: Vec<f32> = (0..256).map(|i| if i < 128 { 1.0 } else { (i - 128) as f32 / 64.0 }).collect();
+        let r = silu_mul_per_token_group(&h, 1, 128, ScaleFormat::F32);
+        let silu1 = 1.0f32 / (1.0 + (-1.0f32).exp());
+        assert_eq!(r.scales, vec![(silu1 * (127.0 / 64.0)) / 448.0]);
+        let back = r.dequant();
+        assert!(back.iter().enumerate().all(|(i, &v)| (v - silu1 * i as f32 / 64.0).abs() <= 0.07 * silu1 * i as f32 / 64.0 + 1e-6));
     }
 }

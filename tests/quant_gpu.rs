@@ -12,6 +12,10 @@
 //! - `grid_stride_covers_large_inputs`: more groups than the launcher's grid, so the loop wraps.
 //! - `empty_is_a_noop`, `bad_input_is_rejected_before_launch`: the wrapper's contract.
 //! - `block_*`: the same properties for the per-block weight quantiser, with ragged `n`.
+//! - `silu_mul_matches_reference`: the fused SwiGLU quantiser against the CPU's `silu_mul` +
+//!   per-token-group, batched, both scale formats: scales equal up to the last bit of `exp`, E4M3
+//!   codes equal except where that bit moves a value across a rounding boundary (one code, rare),
+//!   padding rows of the scales untouched; bad lengths are rejected before launch.
 
 mod common;
 
@@ -23,8 +27,8 @@ use std::sync::Arc;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
-use deepkern::reference::quant::{per_block, per_token_group};
-use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
+use deepkern::reference::quant::{per_block, per_token_group, silu_mul_per_token_group};
+use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group, silu_mul_quantize};
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
@@ -48,6 +52,7 @@ fn main() {
         ("block_exact_powers_of_two", block_exact_powers_of_two),
         ("block_no_out_of_bounds_access", block_no_out_of_bounds_access),
         ("block_bad_input_is_rejected_before_launch", block_bad_input_is_rejected_before_launch),
+        ("silu_mul_matches_reference", silu_mul_matches_reference),
     ]);
 }
 
@@ -417,4 +422,52 @@ fn block_bad_input_is_rejected_before_launch(gpu: &Gpu) -> TestResult {
     expect_arg_error(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(4..n + 4), &mut sf.slice_mut(..n_sf), shape, fmt), "q")?;
     expect_arg_error(quantize_per_block(&stream, &w.slice(..n), &mut q.slice_mut(..n), &mut sf.slice_mut(2..n_sf + 2), shape, fmt), "sf")?;
     Ok(())
+}
+
+fn silu_mul_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("silu_mul_matches_reference");
+    let stream = gpu.stream();
+    for (g, m, k) in [(1, 37, 2048), (3, 5, 256), (4, 130, 128)] {
+        for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let shape = TokenGroupShape::batched(g, m, k);
+            let h: Vec<bf16> = (0..g * m * 2 * k)
+                .map(|i| bf16::from_f32(if i % (2 * k) < k { rng.random_range(-8.0f32..8.0) } else { rng.random_range(-2.0f32..2.0) }))
+                .collect();
+            let d_h = stream.clone_htod(&h).unwrap();
+            let mut d_q = poisoned_q(&stream, shape.elements().unwrap());
+            let mut d_sf = poisoned_sf(&stream, shape.scale_elements().unwrap());
+            silu_mul_quantize(&stream, &d_h, &mut d_q, &mut d_sf, shape, fmt).map_err(|e| e.to_string())?;
+            let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
+            let sf = stream.clone_dtoh(&d_sf).unwrap();
+            let (per_op, kb, m_pad) = (m * k, shape.k_blocks(), shape.m_pad());
+            let mut moved = 0usize;
+            for op in 0..g {
+                let hf: Vec<f32> = h[op * 2 * per_op..(op + 1) * 2 * per_op].iter().map(|v| v.to_f32()).collect();
+                let want = silu_mul_per_token_group(&hf, m, k, fmt);
+                let got_sf = scales_from_tma_layout(&sf[op * kb * m_pad..(op + 1) * kb * m_pad], m, kb);
+                for (i, (&a, &b)) in got_sf.iter().zip(&want.scales).enumerate() {
+                    ensure((a - b).abs() <= b.abs() * 1e-6, || format!("{shape:?} {fmt:?}: scale {i}: {a} vs {b}"))?;
+                }
+                for (i, (&a, &b)) in q[op * per_op..(op + 1) * per_op].iter().zip(&want.q).enumerate() {
+                    if a != b {
+                        moved += 1;
+                        let close = (a & 0x80) == (b & 0x80) && (i32::from(a & 0x7f) - i32::from(b & 0x7f)).abs() == 1;
+                        ensure(close, || format!("{shape:?} {fmt:?}: q[{i}] = {a:#04x}, reference {b:#04x}"))?;
+                    }
+                }
+                for kk in 0..kb {
+                    for r in m..m_pad {
+                        let bits = sf[(op * kb + kk) * m_pad + r].to_bits();
+                        ensure(bits == SF_POISON, || format!("{shape:?}: scale padding row {r} written"))?;
+                    }
+                }
+            }
+            ensure(moved * 200 <= g * m * k, || format!("{shape:?} {fmt:?}: {moved} codes differ by one, more than 0.5%"))?;
+        }
+    }
+    let shape = TokenGroupShape::new(4, 256);
+    let d_h = stream.alloc_zeros::<bf16>(4 * 256 * 2 - 1).unwrap();
+    let mut d_q = stream.alloc_zeros::<F8E4M3>(4 * 256).unwrap();
+    let mut d_sf = stream.alloc_zeros::<f32>(shape.scale_elements().unwrap()).unwrap();
+    expect_arg_error(silu_mul_quantize(&stream, &d_h, &mut d_q, &mut d_sf, shape, ScaleFormat::F32), "h")
 }

@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 4
+#define DK_ABI_VERSION 5
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -81,6 +81,27 @@ typedef struct dk_quant_per_token_group_params {
 } dk_quant_per_token_group_params_t;
 
 dk_status_t dk_quant_per_token_group(const dk_quant_per_token_group_params_t* params, dk_stream_t stream);
+
+/*
+ * Fused SwiGLU and per-token-group FP8 quantisation (the MoE expert's activation): for every
+ * operand g, row r and column c < k of the [num_groups, m, 2k] bf16 input h = [gate | up],
+ *   a[g, r, c] = (gate / (1 + exp(-gate))) * up      in f32 (gate = h[g, r, c], up = h[g, r, k + c])
+ * then a is quantised exactly as dk_quant_per_token_group quantises x (same recipe, same layouts).
+ *
+ * Contract (checked by the Rust wrapper): k % 128 == 0; h and sf 16-byte aligned; q 8-byte
+ * aligned; num_groups * m * 2k < 2^62.
+ */
+typedef struct dk_silu_mul_quant_params {
+    const uint16_t* h; /* [num_groups, m, 2k] bf16 bits: gate in columns 0..k, up in k..2k */
+    uint8_t* q;        /* [num_groups, m, k] e4m3 */
+    float* sf;         /* [num_groups, k / 128, m_pad] f32, m_pad = round_up(m, 4) */
+    int64_t num_groups;
+    int64_t m;
+    int64_t k;
+    int32_t ue8m0;
+} dk_silu_mul_quant_params_t;
+
+dk_status_t dk_silu_mul_quant(const dk_silu_mul_quant_params_t* params, dk_stream_t stream);
 
 /*
  * Per-block FP8 quantisation (128x128) of weights, for a batch of operands (one per expert).

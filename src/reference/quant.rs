@@ -141,6 +141,23 @@ pub fn per_token_group(x: &[f32], m: usize, k: usize, fmt: ScaleFormat) -> Quant
     QuantizedRows { q, scales, m, k }
 }
 
+/// SwiGLU in f32, as the fused GPU kernel computes it: `(g / (1 + exp(-g))) * u`, one rounding per
+/// operation (the GPU's `expf` may differ from Rust's `exp` in the last bit).
+pub fn silu_mul_f32(g: f32, u: f32) -> f32 {
+    (g / (1.0 + (-g).exp())) * u
+}
+
+/// The activation of a `[m, 2k]` gate/up tensor (`gate` in columns `0..k`, `up` in `k..2k`):
+/// `[m, k]` of [`silu_mul_f32`], then quantised per token group like [`per_token_group`].
+///
+/// # Panics
+/// If `h.len() != m * 2k`.
+pub fn silu_mul_per_token_group(h: &[f32], m: usize, k: usize, fmt: ScaleFormat) -> QuantizedRows {
+    check_len("silu_mul_per_token_group", "h", m, 2 * k, h.len());
+    let a: Vec<f32> = (0..m * k).map(|i| silu_mul_f32(h[i / k * 2 * k + i % k], h[i / k * 2 * k + k + i % k])).collect();
+    per_token_group(&a, m, k, fmt)
+}
+
 /// Checks the shapes of per-token-group data and returns `ceil(k / 128)`.
 fn check_token_group(what: &str, q: &[u8], scales: &[f32], m: usize, k: usize) -> usize {
     let kb = ceil_div(k, GROUP);
