@@ -5,7 +5,7 @@
 //!
 //! | module | what | CUDA? |
 //! |---|---|---|
-//! | [`quant`], [`gemm`], [`mla`], [`ep`] | safe entry points: validate, then one launch through the C ABI | yes |
+//! | [`quant`], [`gemm`], [`mla`], [`ep`], [`moe`] | safe entry points: validate, then one launch through the C ABI | yes |
 //! | [`device`] | open a GPU, query what the planners need, check the build can run on it | yes |
 //! | [`layout`], [`fp8`], [`reference`](mod@reference), [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
 //! | [`plan`] | host-side tile, pipeline and grid choices | no |
@@ -30,6 +30,7 @@ mod ffi;
 pub mod gemm;
 mod launch;
 pub mod mla;
+pub mod moe;
 pub mod quant;
 
 pub use cudarc;

@@ -4,4 +4,5 @@
 pub mod ep;
 pub mod gemm;
 pub mod mla;
+pub mod moe;
 pub mod quant;

@@ -1,0 +1,164 @@
+//! The expert-parallel MoE layer (`moe::forward`) on virtual ranks against the CPU reference
+//! (`reference::moe::forward`: same quantisation steps, f64 GEMMs). What each test proves:
+//! - `layer_matches_reference`: R in {1, 2, 4}, random weights and routing (with -1 slots and a
+//!   rank without tokens): calc_diff < 1e-3 per rank, no NaN.
+//! - `layer_rejects_bad_input`: weights of the wrong shape, a bf16 group, a bad intermediate size.
+
+mod common;
+
+use common::{Gpu, TestResult, ensure};
+use deepkern::check::calc_diff;
+use deepkern::cudarc::driver::CudaSlice;
+use deepkern::ep::{Group, GroupShape, Payload};
+use deepkern::gemm::Fp8Weights;
+use deepkern::moe::{LayerInput, LocalExperts, forward};
+use deepkern::reference::ep::Routing;
+use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
+use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
+use deepkern::{Error, F8E4M3, bf16};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+fn main() {
+    common::run(vec![("layer_matches_reference", layer_matches_reference), ("layer_rejects_bad_input", layer_rejects_bad_input)]);
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+struct Experts {
+    w13: Vec<QuantizedBlocks>,
+    w2: Vec<QuantizedBlocks>,
+}
+
+fn experts(rng: &mut StdRng, n: usize, hidden: usize, inter: usize) -> Experts {
+    let mut random = |rows: usize, cols: usize, s: f32| {
+        per_block(
+            &(0..rows * cols).map(|_| bf16::from_f32(rng.random_range(-s..s)).to_f32()).collect::<Vec<_>>(),
+            rows,
+            cols,
+            ScaleFormat::F32,
+        )
+    };
+    let w13 = (0..n).map(|_| random(2 * inter, hidden, 0.1)).collect();
+    let w2 = (0..n).map(|_| random(hidden, inter, 0.1)).collect();
+    Experts { w13, w2 }
+}
+
+/// Device copies of rank `r`'s experts, back to back.
+fn upload(
+    stream: &std::sync::Arc<deepkern::cudarc::driver::CudaStream>,
+    all: &[QuantizedBlocks],
+    r: usize,
+    el: usize,
+) -> (CudaSlice<F8E4M3>, CudaSlice<f32>) {
+    let mine = &all[r * el..(r + 1) * el];
+    let q: Vec<F8E4M3> = mine.iter().flat_map(|b| b.q.iter().map(|&v| F8E4M3::from_bits(v))).collect();
+    let sf: Vec<f32> = mine.iter().flat_map(|b| b.scales.iter().copied()).collect();
+    (stream.clone_htod(&q).unwrap(), stream.clone_htod(&sf).unwrap())
+}
+
+fn routing(rng: &mut StdRng, tokens: usize, k: usize, experts: usize) -> (Vec<i32>, Vec<f32>) {
+    let mut idx = Vec::new();
+    for _ in 0..tokens {
+        let mut row: Vec<i32> = Vec::new();
+        for _ in 0..k {
+            let e = if rng.random_ratio(1, 6) { -1 } else { rng.random_range(0..experts as i32) };
+            row.push(if e >= 0 && row.contains(&e) { -1 } else { e });
+        }
+        idx.extend(row);
+    }
+    let w = (0..tokens * k).map(|_| rng.random_range(0.05f32..1.0)).collect();
+    (idx, w)
+}
+
+fn layer_matches_reference(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("layer_matches_reference");
+    let stream = gpu.stream();
+    let (hidden, inter, num_experts, k) = (256, 256, 8, 2);
+    for tokens in [vec![40], vec![33, 0], vec![64, 5, 17, 64]] {
+        let ranks = tokens.len();
+        let el = num_experts / ranks;
+        let ex = experts(&mut rng, num_experts, hidden, inter);
+        let mut group = Group::new_virtual(&stream, GroupShape::new(ranks, num_experts, hidden, 64, k, Payload::Fp8)).map_err(err)?;
+        let xs: Vec<Vec<f32>> =
+            tokens.iter().map(|&t| (0..t * hidden).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_f32()).collect()).collect();
+        let routes: Vec<(Vec<i32>, Vec<f32>)> = tokens.iter().map(|&t| routing(&mut rng, t, k, num_experts)).collect();
+        let dev_w: Vec<_> = (0..ranks).map(|r| (upload(&stream, &ex.w13, r, el), upload(&stream, &ex.w2, r, el))).collect();
+        let dev_x: Vec<_> = xs
+            .iter()
+            .zip(&routes)
+            .map(|(x, (i, w))| {
+                let pad = |v: Vec<bf16>| if v.is_empty() { vec![bf16::ZERO] } else { v };
+                (
+                    stream.clone_htod(&pad(x.iter().map(|&v| bf16::from_f32(v)).collect())).unwrap(),
+                    stream.clone_htod(&if i.is_empty() { vec![-1] } else { i.clone() }).unwrap(),
+                    stream.clone_htod(&if w.is_empty() { vec![0.0] } else { w.clone() }).unwrap(),
+                )
+            })
+            .collect();
+        let local: Vec<LocalExperts> = dev_w
+            .iter()
+            .map(|((q13, s13), (q2, s2))| LocalExperts {
+                w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
+                w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
+            })
+            .collect();
+        let inputs: Vec<LayerInput> = dev_x
+            .iter()
+            .zip(&tokens)
+            .map(|((x, i, w), &t)| LayerInput {
+                x: x.slice(..t * hidden),
+                topk_idx: i.slice(..t * k),
+                topk_weights: w.slice(..t * k),
+                tokens: t,
+                k,
+            })
+            .collect();
+        let outs = forward(&mut group, inter, &local, &inputs).map_err(err)?;
+        group.check().map_err(err)?;
+        let refs: Vec<ExpertRef> = ex.w13.iter().zip(&ex.w2).map(|(a, b)| ExpertRef { w13: a, w2: b }).collect();
+        for (r, out) in outs.iter().enumerate() {
+            let got: Vec<f32> = stream.clone_dtoh(out).map_err(err)?[..tokens[r] * hidden].iter().map(|v| v.to_f32()).collect();
+            let (i, w) = &routes[r];
+            let want = reference_forward(
+                &xs[r],
+                hidden,
+                inter,
+                &Routing { topk_idx: i, topk_weights: w, tokens: tokens[r], k },
+                &refs,
+                ScaleFormat::F32,
+            );
+            ensure(got.iter().all(|v| !v.is_nan()), || format!("R={ranks} rank {r}: NaN in the output"))?;
+            let diff = calc_diff(&got, &want);
+            ensure(diff < 1e-3, || format!("R={ranks} rank {r}: calc_diff {diff:.3e} >= 1e-3"))?;
+        }
+    }
+    Ok(())
+}
+
+fn layer_rejects_bad_input(gpu: &Gpu) -> TestResult {
+    let stream = gpu.stream();
+    let (hidden, inter) = (256, 256);
+    let mut group = Group::new_virtual(&stream, GroupShape::new(1, 2, hidden, 8, 2, Payload::Fp8)).map_err(err)?;
+    let q13 = stream.alloc_zeros::<F8E4M3>(2 * 2 * inter * hidden).unwrap();
+    let s13 = stream.alloc_zeros::<f32>(2 * 4 * 2).unwrap();
+    let q2 = stream.alloc_zeros::<F8E4M3>(2 * hidden * inter - 1).unwrap();
+    let s2 = stream.alloc_zeros::<f32>(2 * 2 * 2).unwrap();
+    let x = stream.alloc_zeros::<bf16>(8 * hidden).unwrap();
+    let idx = stream.clone_htod(&[0i32; 16]).unwrap();
+    let w = stream.alloc_zeros::<f32>(16).unwrap();
+    let inputs = [LayerInput { x: x.slice(..), topk_idx: idx.slice(..), topk_weights: w.slice(..), tokens: 8, k: 2 }];
+    let experts =
+        [LocalExperts { w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) }, w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) } }];
+    let arg = |r: Result<Vec<CudaSlice<bf16>>, Error>| match r {
+        Err(Error::Shape { arg, .. } | Error::InvalidArgument { arg, .. }) => Ok(arg),
+        other => Err(format!("expected an argument error, got {:?}", other.map(|v| v.len()))),
+    };
+    ensure(arg(forward(&mut group, inter, &experts, &inputs))? == "w2", || "a short w2 accepted".into())?;
+    ensure(arg(forward(&mut group, 200, &experts, &inputs))? == "inter", || "inter = 200 accepted".into())?;
+    let mut bf = Group::new_virtual(&stream, GroupShape::new(1, 2, hidden, 8, 2, Payload::Bf16)).map_err(err)?;
+    ensure(arg(forward(&mut bf, inter, &experts, &inputs))? == "group", || "a bf16 group accepted".into())?;
+    Ok(())
+}
