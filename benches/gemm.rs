@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::check::calc_diff;
-use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
@@ -85,25 +85,7 @@ fn main() {
             let median_us = gpu.median_us(&mut launch);
             let baseline = blas.as_ref().map(|blas| {
                 let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-                // Row-major D[m,n] = X[m,k] W[n,k]^T is column-major D^T[n,m] = op(W) X^T.
-                let cfg = MatmulConfig {
-                    transa: true,
-                    transb: false,
-                    transc: false,
-                    m: n as u64,
-                    n: m as u64,
-                    k: k as u64,
-                    alpha: 1.0,
-                    lda: k as i64,
-                    ldb: k as i64,
-                    beta: 0.0,
-                    ldc: n as i64,
-                    stride_a: None,
-                    stride_b: None,
-                    stride_c: None,
-                    stride_bias: None,
-                    batch_size: None,
-                };
+                let cfg = harness::cublaslt_nt(m, n, k);
                 // SAFETY: the buffers hold n·k, m·k and m·n bf16 elements as the config describes.
                 let us = gpu.median_us(|_| unsafe { blas.matmul(cfg, &d_w, &d_x, &mut out, None, None) }.expect("cuBLASLt bf16 matmul"));
                 ("cublaslt_bf16", us)

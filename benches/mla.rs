@@ -16,7 +16,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::bf16;
 use deepkern::check::calc_diff;
-use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::mla::{DecodeShape, DecodeWorkspace, HEAD_DIM_K, HEAD_DIM_V, PagedKv, decode};
 use deepkern::reference::mla::visible_keys;
@@ -73,24 +73,7 @@ fn rooflines(gpu: &mut GpuBench) -> (f64, Option<f64>) {
     let a = stream.clone_htod(&values(n * n, 1)).expect("upload");
     let b = stream.clone_htod(&values(n * n, 2)).expect("upload");
     let mut c = stream.alloc_zeros::<bf16>(n * n).expect("alloc");
-    let cfg = MatmulConfig {
-        transa: true,
-        transb: false,
-        transc: false,
-        m: n as u64,
-        n: n as u64,
-        k: n as u64,
-        alpha: 1.0,
-        lda: n as i64,
-        ldb: n as i64,
-        beta: 0.0,
-        ldc: n as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
-    };
+    let cfg = harness::cublaslt_nt(n, n, n);
     // SAFETY: the buffers hold n·n bf16 elements each, as the config describes.
     let us = gpu.median_us(|_| unsafe { blas.matmul(cfg, &a, &b, &mut c, None, None) }.expect("cuBLASLt bf16 matmul"));
     (copy_bw, Some(2.0 * (n * n * n) as f64 / (us * 1e-6)))

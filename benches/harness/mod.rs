@@ -158,6 +158,30 @@ impl GpuBench {
     }
 }
 
+/// cuBLASLt's configuration for row-major `D[m, n] = X[m, k] · W[n, k]ᵀ` in bf16, which in
+/// cuBLAS's column-major terms is `Dᵀ[n, m] = op(W) · Xᵀ` (pass W as `a`, X as `b`).
+#[allow(dead_code)] // not every bench uses it
+pub fn cublaslt_nt(m: usize, n: usize, k: usize) -> deepkern::cudarc::cublaslt::MatmulConfig {
+    deepkern::cudarc::cublaslt::MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    }
+}
+
 fn open_device() -> Result<Device, String> {
     if !deepkern::kernels_built() {
         return Err("kernels not built (no nvcc at build time)".into());

@@ -45,13 +45,8 @@ __global__ void __launch_bounds__(kThreads) per_token_group_kernel(const uint16_
 
         float v[kElemsPerLane];
         unpack_bf16x8(valid ? ptx::ld_global_nc_no_allocate_v4(x + elem) : uint4{0, 0, 0, 0}, v);
-        float amax = amax8(0.0f, v);
-#pragma unroll
-        for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-        }
-        const float scale = group_scale<kUe8m0>(amax);
-        const uint2 packed = quantize_e4m3x8(v, __fdiv_rn(1.0f, scale));
+        float scale;
+        const uint2 packed = quantize_half_warp_group<kUe8m0>(v, scale);
         if (valid) {
             *reinterpret_cast<uint2*>(q + elem) = packed;
             if (sub == 0) {

@@ -66,6 +66,19 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(const float (&v)[8], float inv)
     return make_uint2(packed[0], packed[1]);
 }
 
+// One lane's share of a 128-group held by a half-warp (16 lanes x 8 values): the group's amax
+// across the half-warp, its scale (returned through `scale`), and this lane's 8 codes.
+template <bool kUe8m0>
+__device__ __forceinline__ uint2 quantize_half_warp_group(const float (&v)[8], float& scale) {
+    float amax = amax8(0.0f, v);
+#pragma unroll
+    for (int offset = 8; offset > 0; offset /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    scale = group_scale<kUe8m0>(amax);
+    return quantize_e4m3x8(v, __fdiv_rn(1.0f, scale));
+}
+
 // The launchers' checks for a batch of [num_groups, rows, k] bf16 -> e4m3 operands with f32
 // scales: DK_STATUS_OK with `*empty` set when there is nothing to do. These re-check only what
 // would be undefined behaviour on the device; the Rust wrappers validate user input first.

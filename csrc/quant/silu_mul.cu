@@ -47,13 +47,8 @@ __global__ void __launch_bounds__(kSiluThreads) silu_mul_quant_kernel(const uint
         for (int i = 0; i < 8; ++i) {
             a[i] = __fmul_rn(__fdiv_rn(g[i], __fadd_rn(1.0f, expf(-g[i]))), u[i]);
         }
-        float amax = amax8(0.0f, a);
-#pragma unroll
-        for (int offset = kSiluLanesPerGroup / 2; offset > 0; offset /= 2) {
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-        }
-        const float scale = group_scale<kUe8m0>(amax);
-        const uint2 packed = quantize_e4m3x8(a, __fdiv_rn(1.0f, scale));
+        float scale;
+        const uint2 packed = quantize_half_warp_group<kUe8m0>(a, scale);
         if (valid) {
             *reinterpret_cast<uint2*>(q + row * k + col) = packed;
             if (sub == 0) {
