@@ -6,14 +6,16 @@
 //! ```
 //!
 //! Weights are FP8 with 128x128 block scales. The CPU twin is [`crate::reference::moe::forward`].
-//! This is the sequential schedule, every stage on the group's stream; the overlapped schedules
-//! are not written yet.
+//! Schedules: [`forward`] runs the stages one after another on the group's stream;
+//! [`forward_two_batch`] overlaps one micro-batch's communication with the other's experts.
 
-use cudarc::driver::{CudaSlice, CudaView};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use float8::F8E4M3;
 use half::bf16;
 
-use crate::ep::{Group, Payload, RankInput, Rows, Tokens};
+use crate::ep::{Dispatched, Group, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
 use crate::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8_contiguous};
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
@@ -37,10 +39,8 @@ pub struct LayerInput<'a> {
     pub k: usize,
 }
 
-/// Runs the layer for every local rank of `group` (an FP8 group): `inputs[i]` and `experts[i]`
-/// belong to the i-th local rank. `inter` is the experts' intermediate size (a multiple of 128).
-/// Returns each local rank's `[tokens, hidden]` bf16 output.
-pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs: &[LayerInput]) -> Result<Vec<CudaSlice<bf16>>> {
+/// Checks the group, the intermediate size and the weights of every local rank.
+fn validate(group: &Group, inter: usize, experts: &[LocalExperts], n_inputs: usize) -> Result<()> {
     let shape = *group.shape();
     if shape.payload != Payload::Fp8 {
         return Err(Error::InvalidArgument {
@@ -51,12 +51,12 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
     if inter == 0 || !inter.is_multiple_of(GROUP) {
         return Err(Error::Shape { arg: "inter", expected: format!("a positive multiple of {GROUP}"), got: inter.to_string() });
     }
-    let local = group.local_ranks();
-    if experts.len() != local.len() || inputs.len() != local.len() {
+    let local = group.local_ranks().len();
+    if experts.len() != local || n_inputs != local {
         return Err(Error::Shape {
             arg: "inputs",
-            expected: format!("one input and one expert set per local rank ({})", local.len()),
-            got: format!("{} and {}", inputs.len(), experts.len()),
+            expected: format!("one input and one expert set per local rank ({local})"),
+            got: format!("{n_inputs} and {}", experts.len()),
         });
     }
     let (h, el) = (shape.hidden, shape.experts_per_rank());
@@ -73,42 +73,52 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
             }
         }
     }
+    Ok(())
+}
+
+/// Stage 1 (on the group's stream): quantise every local rank's tokens and dispatch them.
+fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispatched>> {
+    let h = group.shape().hidden;
     let stream = group.stream().clone();
-    // 1. Quantise each rank's tokens (1x128).
     let mut quantised = Vec::with_capacity(inputs.len());
     for i in inputs {
         if i.x.len() != i.tokens * h {
             return Err(Error::Shape { arg: "x", expected: format!("[{}, {h}] bf16", i.tokens), got: format!("{} elements", i.x.len()) });
         }
         let ts = TokenGroupShape::new(i.tokens, h);
+        let n_sf = ts.scale_elements().unwrap_or(0);
         let mut q = stream.alloc_zeros::<F8E4M3>((i.tokens * h).max(1))?;
-        let mut sf = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap_or(0).max(1))?;
+        let mut sf = stream.alloc_zeros::<f32>(n_sf.max(1))?;
         if i.tokens > 0 {
-            quantize_per_token_group(
-                &stream,
-                &i.x,
-                &mut q.slice_mut(..i.tokens * h),
-                &mut sf.slice_mut(..ts.scale_elements().unwrap_or(0)),
-                ts,
-                ScaleFormat::F32,
-            )?;
+            quantize_per_token_group(&stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
         }
-        quantised.push((q, sf, ts));
+        quantised.push((q, sf, n_sf));
     }
-    // 2. Dispatch.
     let rank_inputs: Vec<RankInput> = inputs
         .iter()
         .zip(&quantised)
-        .map(|(i, (q, sf, ts))| RankInput {
-            x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..ts.scale_elements().unwrap_or(0)) },
+        .map(|(i, (q, sf, n_sf))| RankInput {
+            x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..*n_sf) },
             topk_idx: i.topk_idx.slice(..),
             topk_weights: i.topk_weights.slice(..),
             tokens: i.tokens,
             k: i.k,
         })
         .collect();
-    let received = group.dispatch(&rank_inputs)?;
-    // 3-5. Experts, per rank: gate/up GEMM, fused activation, down GEMM.
+    group.dispatch(&rank_inputs)
+}
+
+/// Stage 2 (on `stream`): every local rank's experts on its received rows: gate/up GEMM, fused
+/// activation, down GEMM. Returns `y` per rank (`[rows, hidden]`, at least one element).
+fn expert_stage(
+    stream: &Arc<CudaStream>,
+    hidden: usize,
+    el: usize,
+    inter: usize,
+    experts: &[LocalExperts],
+    received: &[Dispatched],
+) -> Result<Vec<CudaSlice<bf16>>> {
+    let h = hidden;
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
         let m = d.rows;
@@ -118,18 +128,114 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
             let m_idx = d.m_indices.slice(..m);
             let mut h13 = stream.alloc_zeros::<bf16>(m * 2 * inter)?;
-            gemm_fp8_contiguous(&stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), GemmShape { m, n: 2 * inter, k: h }, el)?;
+            gemm_fp8_contiguous(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), GemmShape { m, n: 2 * inter, k: h }, el)?;
             let ts = TokenGroupShape::new(m, inter);
             let mut q2 = stream.alloc_zeros::<F8E4M3>(m * inter)?;
             let mut sf2 = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap_or(1))?;
-            silu_mul_quantize(&stream, &h13, &mut q2, &mut sf2, ts, ScaleFormat::F32)?;
+            silu_mul_quantize(stream, &h13, &mut q2, &mut sf2, ts, ScaleFormat::F32)?;
             let a2 = Fp8Activations { q: q2.slice(..), sf: sf2.slice(..) };
-            gemm_fp8_contiguous(&stream, &a2, &e.w2, &m_idx, &mut y.slice_mut(..m * h), GemmShape { m, n: h, k: inter }, el)?;
+            gemm_fp8_contiguous(stream, &a2, &e.w2, &m_idx, &mut y.slice_mut(..m * h), GemmShape { m, n: h, k: inter }, el)?;
         }
         ys.push(y);
     }
-    // 6. Combine.
-    let views: Vec<_> = ys.iter().zip(&received).map(|(y, d)| y.slice(..d.rows * h)).collect();
+    Ok(ys)
+}
+
+/// Stage 3 (on the group's stream): every token back to its rank, weighted.
+fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Dispatched]) -> Result<Vec<CudaSlice<bf16>>> {
+    let h = group.shape().hidden;
+    let views: Vec<_> = ys.iter().zip(received).map(|(y, d)| y.slice(..d.rows * h)).collect();
     let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
     group.combine(&views, &handles)
+}
+
+/// Runs the layer for every local rank of `group` (an FP8 group), every stage one after another
+/// on the group's stream: `inputs[i]` and `experts[i]` belong to the i-th local rank. `inter` is
+/// the experts' intermediate size (a multiple of 128). Returns each local rank's `[tokens, hidden]`
+/// bf16 output.
+pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs: &[LayerInput]) -> Result<Vec<CudaSlice<bf16>>> {
+    validate(group, inter, experts, inputs.len())?;
+    let stream = group.stream().clone();
+    let received = dispatch_stage(group, inputs)?;
+    let ys = expert_stage(&stream, group.shape().hidden, group.shape().experts_per_rank(), inter, experts, &received)?;
+    combine_stage(group, &ys, &received)
+}
+
+/// The two-micro-batch schedule: each rank's tokens are cut in two halves, and micro-batch B's
+/// dispatch and micro-batch A's combine (on the groups' communication stream) run while the other
+/// micro-batch's experts run on `compute`:
+///
+/// ```text
+/// comm:    dispatch A | dispatch B |            | combine A | combine B
+/// compute:            | experts A  | experts B  |
+/// ```
+///
+/// `groups` are two groups of the same shape and local ranks on the same stream (one per
+/// micro-batch, so their buffers never alias); the ordering between the streams comes from
+/// cudarc's per-buffer events. Every token's output is bit-identical to [`forward`]'s (a row's
+/// result depends only on its own data).
+pub fn forward_two_batch(
+    groups: [&mut Group; 2],
+    compute: &Arc<CudaStream>,
+    inter: usize,
+    experts: &[LocalExperts],
+    inputs: &[LayerInput],
+) -> Result<Vec<CudaSlice<bf16>>> {
+    let [ga, gb] = groups;
+    validate(ga, inter, experts, inputs.len())?;
+    validate(gb, inter, experts, inputs.len())?;
+    if ga.shape() != gb.shape() || ga.local_ranks() != gb.local_ranks() {
+        return Err(Error::InvalidArgument {
+            arg: "groups",
+            reason: "the two micro-batch groups must have the same shape and ranks".into(),
+        });
+    }
+    if !Arc::ptr_eq(ga.stream(), gb.stream()) {
+        return Err(Error::InvalidArgument {
+            arg: "groups",
+            reason: "the two micro-batch groups must share one communication stream".into(),
+        });
+    }
+    let (h, el) = (ga.shape().hidden, ga.shape().experts_per_rank());
+    let half = |i: &LayerInput<'_>, second: bool| -> (usize, usize) {
+        let cut = i.tokens / 2;
+        if second { (cut, i.tokens) } else { (0, cut) }
+    };
+    let split = |second: bool| -> Vec<LayerInput> {
+        inputs
+            .iter()
+            .map(|i| {
+                let (a, b) = half(i, second);
+                LayerInput {
+                    x: i.x.slice(a * h..b * h),
+                    topk_idx: i.topk_idx.slice(a * i.k..b * i.k),
+                    topk_weights: i.topk_weights.slice(a * i.k..b * i.k),
+                    tokens: b - a,
+                    k: i.k,
+                }
+            })
+            .collect()
+    };
+    let (in_a, in_b) = (split(false), split(true));
+    let recv_a = dispatch_stage(ga, &in_a)?;
+    let ys_a = expert_stage(compute, h, el, inter, experts, &recv_a)?;
+    let recv_b = dispatch_stage(gb, &in_b)?;
+    let ys_b = expert_stage(compute, h, el, inter, experts, &recv_b)?;
+    let out_a = combine_stage(ga, &ys_a, &recv_a)?;
+    let out_b = combine_stage(gb, &ys_b, &recv_b)?;
+    // Put the halves back together, on the communication stream.
+    let comm = ga.stream().clone();
+    let mut outs = Vec::with_capacity(inputs.len());
+    for ((i, a), b) in inputs.iter().zip(out_a).zip(out_b) {
+        let cut = i.tokens / 2;
+        let mut out = comm.alloc_zeros::<bf16>((i.tokens * h).max(1))?;
+        if cut > 0 {
+            comm.memcpy_dtod(&a.slice(..cut * h), &mut out.slice_mut(..cut * h))?;
+        }
+        if i.tokens > cut {
+            comm.memcpy_dtod(&b.slice(..(i.tokens - cut) * h), &mut out.slice_mut(cut * h..i.tokens * h))?;
+        }
+        outs.push(out);
+    }
+    Ok(outs)
 }
