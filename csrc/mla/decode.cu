@@ -248,7 +248,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
             // Rows past the sequence or on invalid pages were not loaded: zero them (they are V too).
             const int piece = p.page < kBlockN ? p.page : kBlockN;
-            bool any_hole = false;
+            // A tail inside the tile: loaded pieces may still hold keys past the length (the rest
+            // of the last page), which must not reach P·V even with P = 0 (0 · NaN = NaN).
+            bool any_hole = (blk + 1) * kBlockN > len;
             for (int j = 0; j < kBlockN / piece; ++j) {
                 any_hole |= piece_row(p, req, len, blk, j, piece) < 0;
             }
