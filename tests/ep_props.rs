@@ -4,8 +4,11 @@
 //! - rows inside a segment are ordered by (source rank, token, slot);
 //! - counts per expert and per rank equal direct counts of the routing;
 //! - combine of dispatch with identity experts equals `x · Σ weights` per token;
-//! - low-latency dispatch carries the same rows per expert as normal dispatch, packed from row 0.
+//! - low-latency dispatch carries the same rows per expert as normal dispatch, packed from row 0;
+//! - the device kernels' placement, mirrored on the CPU (`plan::ep::{pair_positions, normal_row,
+//!   ll_rows}`), puts every pair exactly where the reference does, in both modes.
 
+use deepkern::plan::ep::{GroupShape, Payload, ll_rows, normal_row, pair_positions};
 use deepkern::reference::ep::{EpConfig, Routing, check_distinct_experts, combine, dispatch, dispatch_low_latency, layout};
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
@@ -119,9 +122,41 @@ proptest! {
             }
         }
 
+        // The device placement, mirrored: pair positions, counts all-gathered, rows.
+        let max_tokens = tokens.iter().copied().max().unwrap_or(0);
+        let shape = GroupShape {
+            ranks: cfg.ranks,
+            num_experts: cfg.num_experts,
+            hidden: 128,
+            max_tokens: max_tokens.max(1),
+            ll_max_tokens: max_tokens.max(1),
+            max_topk: k,
+            m_align: cfg.m_align,
+            recv_rows: 0,
+            payload: Payload::Fp8,
+        };
+        let counts: Vec<i32> = routings.iter().flat_map(|r| layout(r, &cfg).unwrap().tokens_per_expert.into_iter().map(|c| c as i32)).collect();
+        let ll_want = dispatch_low_latency(&routings, &cfg, max_tokens).unwrap();
+        for (s, r) in routings.iter().enumerate() {
+            let pos = pair_positions(r.topk_idx, cfg.num_experts);
+            for (i, &e) in r.topk_idx.iter().enumerate() {
+                if e < 0 {
+                    prop_assert_eq!(pos[i], -1);
+                    continue;
+                }
+                let (e, d) = (e as usize, e as usize / el);
+                let row = normal_row(&shape, &counts, s, e, pos[i] as usize);
+                let got = recv[d].rows[row].expect("a pair's row");
+                prop_assert_eq!((got.src_rank as usize, got.token as usize, got.slot as usize), (s, i / k, i % k));
+                let per_src: Vec<usize> = (0..cfg.ranks).map(|x| counts[x * cfg.num_experts + e] as usize).collect();
+                let (_, out) = ll_rows(&shape, &per_src, s, e, pos[i] as usize);
+                let got = ll_want[d].rows[out].expect("a low-latency pair's row");
+                prop_assert_eq!((got.src_rank as usize, got.token as usize, got.slot as usize), (s, i / k, i % k));
+            }
+        }
+
         // Low latency: the same rows per expert, packed from row 0.
         prop_assert!(routings.iter().all(|r| check_distinct_experts(r).is_ok()));
-        let max_tokens = tokens.iter().copied().max().unwrap_or(0);
         let ll = dispatch_low_latency(&routings, &cfg, max_tokens).unwrap();
         for (d, (l, n)) in ll.iter().zip(&recv).enumerate() {
             prop_assert_eq!(&l.counts, &n.counts, "rank {}", d);

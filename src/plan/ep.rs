@@ -208,6 +208,49 @@ pub fn ll_scale_stride(shape: &GroupShape) -> usize {
     tma_aligned_rows(shape.ll_capacity())
 }
 
+/// The device's placement, mirrored on the CPU (property-tested against
+/// [`crate::reference::ep`]): `pair_pos` of every slot of one rank's routing (`[tokens, k]`): the
+/// number of earlier slots, in (token, slot) order, that name the same expert; -1 for slots naming
+/// no valid expert. What `dk_ep_pair_positions` computes.
+pub fn pair_positions(topk_idx: &[i32], num_experts: usize) -> Vec<i32> {
+    let mut seen = vec![0i32; num_experts];
+    topk_idx
+        .iter()
+        .map(|&e| {
+            if e < 0 || e as usize >= num_experts {
+                return -1;
+            }
+            let p = seen[e as usize];
+            seen[e as usize] += 1;
+            p
+        })
+        .collect()
+}
+
+/// Normal dispatch, as the send kernel places a pair: the row on expert `e`'s rank of the pair of
+/// source rank `src` at position `pos`, from the all-gathered `counts` (`[ranks, num_experts]`):
+/// the expert's segment start (earlier local experts, each padded to `m_align`) plus the pairs of
+/// lower source ranks plus `pos`.
+pub fn normal_row(shape: &GroupShape, counts: &[i32], src: usize, e: usize, pos: usize) -> usize {
+    let (ne, el) = (shape.num_experts, shape.experts_per_rank());
+    let total = |x: usize| (0..shape.ranks).map(|s| counts[s * ne + x].max(0) as usize).sum::<usize>();
+    let first = e / el * el;
+    let segment: usize = (first..e).map(|x| round_up(total(x), shape.m_align)).sum();
+    let before: usize = (0..src).map(|s| counts[s * ne + e].max(0) as usize).sum();
+    segment + before + pos
+}
+
+/// Low-latency dispatch, as the receive kernel packs a pair: `(staging row, output row)` on expert
+/// `e`'s rank of the pair of source `src` at position `pos`, given every source's count for that
+/// expert (`counts[s]`): staging `(le · ranks + src) · ll_max_tokens + pos`, output
+/// `le · capacity + Σ_{s < src} counts[s] + pos`.
+pub fn ll_rows(shape: &GroupShape, counts: &[usize], src: usize, e: usize, pos: usize) -> (usize, usize) {
+    let le = e % shape.experts_per_rank();
+    let staging = (le * shape.ranks + src) * shape.ll_max_tokens + pos;
+    let out = le * shape.ll_capacity() + counts[..src].iter().sum::<usize>() + pos;
+    (staging, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
