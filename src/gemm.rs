@@ -52,6 +52,14 @@ pub struct MaskedShape {
     pub k: usize,
 }
 
+/// Launch options shared by the GEMMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemmOptions {
+    /// Most SMs the persistent grid may occupy (`None`: all of them). Leave room here for
+    /// communication kernels running beside the GEMM (see [`crate::ep::Group::set_num_sms`]).
+    pub max_sms: Option<usize>,
+}
+
 /// A GEMM to launch: the layout, sizes, and the expected length of every buffer.
 struct Problem {
     layout: ffi::dk_gemm_layout,
@@ -157,9 +165,21 @@ pub(crate) fn tensor_map_2d(
 /// `b` and the scales 16-byte aligned (TMA). `m = 0` or `n = 0` is a no-op. Asynchronous on
 /// `stream`.
 pub fn gemm_fp8(stream: &CudaStream, a: &Fp8Activations, b: &Fp8Weights, d: &mut CudaViewMut<bf16>, shape: GemmShape) -> Result<()> {
+    gemm_fp8_with(stream, a, b, d, shape, GemmOptions::default())
+}
+
+/// [`gemm_fp8`] with launch options (an SM budget).
+pub fn gemm_fp8_with(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    d: &mut CudaViewMut<bf16>,
+    shape: GemmShape,
+    options: GemmOptions,
+) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, d, None)
+    launch(stream, &p, a, b, d, None, options)
 }
 
 /// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
@@ -176,6 +196,21 @@ pub fn gemm_fp8_contiguous(
     shape: GemmShape,
     groups: usize,
 ) -> Result<()> {
+    gemm_fp8_contiguous_with(stream, a, b, m_indices, d, shape, groups, GemmOptions::default())
+}
+
+/// [`gemm_fp8_contiguous`] with launch options (an SM budget).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fp8_contiguous_with(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    m_indices: &CudaView<i32>,
+    d: &mut CudaViewMut<bf16>,
+    shape: GemmShape,
+    groups: usize,
+    options: GemmOptions,
+) -> Result<()> {
     if !shape.m.is_multiple_of(GROUP) {
         return Err(Error::Shape {
             arg: "m",
@@ -185,7 +220,7 @@ pub fn gemm_fp8_contiguous(
     }
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, d, Some(m_indices))
+    launch(stream, &p, a, b, d, Some(m_indices), options)
 }
 
 /// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the
@@ -204,7 +239,7 @@ pub fn gemm_fp8_masked(
     let m = groups.checked_mul(max_m).ok_or(Error::InvalidArgument { arg: "max_m", reason: format!("{groups} x {max_m} overflows") })?;
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m, n, k, groups, scale_rows: max_m };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(masked_m.len()))?;
-    launch(stream, &p, a, b, d, Some(masked_m))
+    launch(stream, &p, a, b, d, Some(masked_m), GemmOptions::default())
 }
 
 /// The one launch path of every layout: pointers, alignment, tensor maps, params, the call.
@@ -215,12 +250,20 @@ fn launch(
     b: &Fp8Weights,
     d: &mut CudaViewMut<bf16>,
     index: Option<&CudaView<i32>>,
+    options: GemmOptions,
 ) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;
+    let device_sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let sms = match options.max_sms {
+        None => device_sms,
+        Some(n) if n >= 1 && n <= usize::try_from(device_sms).unwrap_or(0) => n as i32,
+        Some(n) => {
+            return Err(Error::InvalidArgument { arg: "max_sms", reason: format!("{n} is outside 1..={device_sms} (the device's SMs)") });
+        }
+    };
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
-    let sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
     let d_ptr = launch.output(d);

@@ -17,7 +17,7 @@ use half::bf16;
 
 use crate::ep::{Dispatched, Group, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
-use crate::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8_contiguous};
+use crate::gemm::{Fp8Activations, Fp8Weights, GemmOptions, GemmShape, gemm_fp8_contiguous_with};
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
 use crate::quant::{quantize_per_token_group, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
@@ -112,13 +112,11 @@ fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispat
 /// activation, down GEMM. Returns `y` per rank (`[rows, hidden]`, at least one element).
 fn expert_stage(
     stream: &Arc<CudaStream>,
-    hidden: usize,
-    el: usize,
-    inter: usize,
+    (h, el, inter): (usize, usize, usize),
+    options: GemmOptions,
     experts: &[LocalExperts],
     received: &[Dispatched],
 ) -> Result<Vec<CudaSlice<bf16>>> {
-    let h = hidden;
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
         let m = d.rows;
@@ -128,13 +126,13 @@ fn expert_stage(
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
             let m_idx = d.m_indices.slice(..m);
             let mut h13 = stream.alloc_zeros::<bf16>(m * 2 * inter)?;
-            gemm_fp8_contiguous(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), GemmShape { m, n: 2 * inter, k: h }, el)?;
+            gemm_fp8_contiguous_with(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), GemmShape { m, n: 2 * inter, k: h }, el, options)?;
             let ts = TokenGroupShape::new(m, inter);
             let mut q2 = stream.alloc_zeros::<F8E4M3>(m * inter)?;
             let mut sf2 = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap_or(1))?;
             silu_mul_quantize(stream, &h13, &mut q2, &mut sf2, ts, ScaleFormat::F32)?;
             let a2 = Fp8Activations { q: q2.slice(..), sf: sf2.slice(..) };
-            gemm_fp8_contiguous(stream, &a2, &e.w2, &m_idx, &mut y.slice_mut(..m * h), GemmShape { m, n: h, k: inter }, el)?;
+            gemm_fp8_contiguous_with(stream, &a2, &e.w2, &m_idx, &mut y.slice_mut(..m * h), GemmShape { m, n: h, k: inter }, el, options)?;
         }
         ys.push(y);
     }
@@ -157,7 +155,8 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
     validate(group, inter, experts, inputs.len())?;
     let stream = group.stream().clone();
     let received = dispatch_stage(group, inputs)?;
-    let ys = expert_stage(&stream, group.shape().hidden, group.shape().experts_per_rank(), inter, experts, &received)?;
+    let dims = (group.shape().hidden, group.shape().experts_per_rank(), inter);
+    let ys = expert_stage(&stream, dims, GemmOptions::default(), experts, &received)?;
     combine_stage(group, &ys, &received)
 }
 
@@ -172,7 +171,8 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
 ///
 /// `groups` are two groups of the same shape and local ranks on the same stream (one per
 /// micro-batch, so their buffers never alias); the ordering between the streams comes from
-/// cudarc's per-buffer events. Every token's output is bit-identical to [`forward`]'s (a row's
+/// cudarc's per-buffer events. The GEMMs' persistent grids leave the communication kernels'
+/// SMs ([`Group::num_sms`]) free. Every token's output is bit-identical to [`forward`]'s (a row's
 /// result depends only on its own data).
 pub fn forward_two_batch(
     groups: [&mut Group; 2],
@@ -217,10 +217,16 @@ pub fn forward_two_batch(
             .collect()
     };
     let (in_a, in_b) = (split(false), split(true));
+    // The SM budget: the GEMMs leave the communication kernels' SMs free.
+    let device_sms =
+        usize::try_from(compute.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+            .unwrap_or(1);
+    let options = GemmOptions { max_sms: Some(device_sms.saturating_sub(ga.num_sms()).max(1)) };
+    let dims = (h, el, inter);
     let recv_a = dispatch_stage(ga, &in_a)?;
-    let ys_a = expert_stage(compute, h, el, inter, experts, &recv_a)?;
+    let ys_a = expert_stage(compute, dims, options, experts, &recv_a)?;
     let recv_b = dispatch_stage(gb, &in_b)?;
-    let ys_b = expert_stage(compute, h, el, inter, experts, &recv_b)?;
+    let ys_b = expert_stage(compute, dims, options, experts, &recv_b)?;
     let out_a = combine_stage(ga, &ys_a, &recv_a)?;
     let out_b = combine_stage(gb, &ys_b, &recv_b)?;
     // Put the halves back together, on the communication stream.

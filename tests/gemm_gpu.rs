@@ -21,7 +21,9 @@ use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::fp8::e4m3_encode;
-use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked};
+use deepkern::gemm::{
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
+};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{per_block, per_token_group};
@@ -38,6 +40,7 @@ fn main() {
         ("empty_and_bad_input", empty_and_bad_input),
         ("contiguous_matches_reference", contiguous_matches_reference),
         ("masked_matches_reference", masked_matches_reference),
+        ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
     ]);
 }
 
@@ -347,6 +350,45 @@ fn masked_matches_reference(gpu: &Gpu) -> TestResult {
             &valid,
         );
         compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {groups} x {max_m}, valid {valid:?}"))?;
+    }
+    Ok(())
+}
+
+/// A smaller persistent grid walks the same tiles: the output is bit-identical; an SM budget of 0
+/// or above the device's SM count is an error before launch.
+fn sm_budget_changes_nothing_but_the_grid(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("sm_budget_changes_nothing_but_the_grid");
+    let stream = gpu.stream();
+    let shape = GemmShape { m: 300, n: 1000, k: 512 };
+    let (h, _, _) = random_host(&mut rng, shape);
+    let (want, _) = run_gemm(&stream, &h, 0).map_err(|e| e.to_string())?;
+    let to_f8 = |v: &[u8]| v.iter().map(|&b| F8E4M3::from_bits(b)).collect::<Vec<_>>();
+    let (d_a, d_b) = (stream.clone_htod(&to_f8(&h.a)).unwrap(), stream.clone_htod(&to_f8(&h.b)).unwrap());
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, shape.m, shape.k / 128, f32::NAN)).unwrap();
+    let d_sb = stream.clone_htod(&h.sb).unwrap();
+    let sms = gpu.device.info().sm_count as usize;
+    for budget in [Some(1), Some(7), Some(sms), Some(0), Some(sms + 1)] {
+        let mut d = stream.alloc_zeros::<bf16>(shape.m * shape.n).unwrap();
+        let r = gemm_fp8_with(
+            &stream,
+            &Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() },
+            &Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() },
+            &mut d.as_view_mut(),
+            shape,
+            GemmOptions { max_sms: budget },
+        );
+        match budget {
+            Some(n) if n == 0 || n > sms => {
+                ensure(matches!(r, Err(Error::InvalidArgument { arg: "max_sms", .. })), || format!("budget {n} accepted"))?;
+            }
+            _ => {
+                r.map_err(|e| e.to_string())?;
+                let got = stream.clone_dtoh(&d).unwrap();
+                ensure(got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())), || {
+                    format!("budget {budget:?} changed the output")
+                })?;
+            }
+        }
     }
     Ok(())
 }
