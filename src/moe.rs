@@ -7,7 +7,8 @@
 //!
 //! Weights are FP8 with 128x128 block scales. The CPU twin is [`crate::reference::moe::forward`].
 //! Schedules: [`forward`] runs the stages one after another on the group's stream;
-//! [`forward_two_batch`] overlaps one micro-batch's communication with the other's experts.
+//! [`forward_two_batch`] overlaps one micro-batch's communication with the other's experts;
+//! [`forward_low_latency`] is the decode variant (low-latency dispatch, masked grouped GEMMs).
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use half::bf16;
 
 use crate::ep::{Dispatched, Group, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
-use crate::gemm::{Fp8Activations, Fp8Weights, GemmOptions, GemmShape, gemm_fp8_contiguous_with};
+use crate::gemm::{Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_with, gemm_fp8_masked};
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
 use crate::quant::{quantize_per_token_group, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
@@ -244,4 +245,67 @@ pub fn forward_two_batch(
         outs.push(out);
     }
     Ok(outs)
+}
+
+/// The decode-time layer: the low-latency dispatch (no host synchronisation) into the masked
+/// layout `[E_local, ranks · ll_max_tokens, hidden]`, the masked grouped GEMMs around the fused
+/// activation, and combine. Every token's output is bit-identical to [`forward`]'s (each row's
+/// arithmetic is the same; only where the row sits differs). Tokens must name distinct experts.
+pub fn forward_low_latency(
+    group: &mut Group,
+    inter: usize,
+    experts: &[LocalExperts],
+    inputs: &[LayerInput],
+) -> Result<Vec<CudaSlice<bf16>>> {
+    validate(group, inter, experts, inputs.len())?;
+    let shape = *group.shape();
+    let (h, el, cap) = (shape.hidden, shape.experts_per_rank(), shape.ll_capacity());
+    let stream = group.stream().clone();
+    // Quantise, then the low-latency dispatch.
+    let mut quantised = Vec::with_capacity(inputs.len());
+    for i in inputs {
+        if i.x.len() != i.tokens * h {
+            return Err(Error::Shape { arg: "x", expected: format!("[{}, {h}] bf16", i.tokens), got: format!("{} elements", i.x.len()) });
+        }
+        let ts = TokenGroupShape::new(i.tokens, h);
+        let n_sf = ts.scale_elements().unwrap_or(0);
+        let mut q = stream.alloc_zeros::<F8E4M3>((i.tokens * h).max(1))?;
+        let mut sf = stream.alloc_zeros::<f32>(n_sf.max(1))?;
+        if i.tokens > 0 {
+            quantize_per_token_group(&stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
+        }
+        quantised.push((q, sf, n_sf));
+    }
+    let rank_inputs: Vec<RankInput> = inputs
+        .iter()
+        .zip(&quantised)
+        .map(|(i, (q, sf, n_sf))| RankInput {
+            x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..*n_sf) },
+            topk_idx: i.topk_idx.slice(..),
+            topk_weights: i.topk_weights.slice(..),
+            tokens: i.tokens,
+            k: i.k,
+        })
+        .collect();
+    let received = group.dispatch_low_latency(&rank_inputs)?;
+    // Experts on the masked layout: only the first masked_m[e] rows of each expert are computed.
+    let mut ys = Vec::with_capacity(received.len());
+    for (d, e) in received.iter().zip(experts) {
+        let Rows::Fp8 { q, sf } = &d.x else { unreachable!("an FP8 group receives FP8 rows") };
+        let a = Fp8Activations { q: q.slice(..el * cap * h), sf: sf.slice(..el * (h / GROUP) * crate::layout::tma_aligned_rows(cap)) };
+        let masked = d.masked_m.slice(..el);
+        let mut h13 = stream.alloc_zeros::<bf16>(el * cap * 2 * inter)?;
+        gemm_fp8_masked(&stream, &a, &e.w13, &masked, &mut h13.slice_mut(..), MaskedShape { groups: el, max_m: cap, n: 2 * inter, k: h })?;
+        let ts = TokenGroupShape::batched(el, cap, inter);
+        let mut q2 = stream.alloc_zeros::<F8E4M3>(el * cap * inter)?;
+        let mut sf2 = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap_or(1))?;
+        silu_mul_quantize(&stream, &h13, &mut q2, &mut sf2, ts, ScaleFormat::F32)?;
+        let a2 = Fp8Activations { q: q2.slice(..), sf: sf2.slice(..) };
+        let mut y = stream.alloc_zeros::<bf16>(el * cap * h)?;
+        gemm_fp8_masked(&stream, &a2, &e.w2, &masked, &mut y.slice_mut(..), MaskedShape { groups: el, max_m: cap, n: h, k: inter })?;
+        ys.push(y);
+    }
+    let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
+    let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
+    group.combine(&views, &handles)
 }

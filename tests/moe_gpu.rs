@@ -5,6 +5,8 @@
 //! - `two_batch_is_bit_identical`: the two-micro-batch overlapped schedule (communication and
 //!   experts on two streams) gives the sequential schedule's bytes, on fresh random inputs, five
 //!   times over (race hunting).
+//! - `low_latency_equals_normal`: the decode variant (low-latency dispatch, masked GEMMs) gives
+//!   the normal layer's bytes for every token.
 //! - `layer_rejects_bad_input`: weights of the wrong shape, a bf16 group, a bad intermediate size.
 
 mod common;
@@ -14,7 +16,7 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaSlice;
 use deepkern::ep::{Group, GroupShape, Payload};
 use deepkern::gemm::Fp8Weights;
-use deepkern::moe::{LayerInput, LocalExperts, forward, forward_two_batch};
+use deepkern::moe::{LayerInput, LocalExperts, forward, forward_low_latency, forward_two_batch};
 use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
 use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
@@ -26,6 +28,7 @@ fn main() {
     common::run(vec![
         ("layer_matches_reference", layer_matches_reference),
         ("two_batch_is_bit_identical", two_batch_is_bit_identical),
+        ("low_latency_equals_normal", low_latency_equals_normal),
         ("layer_rejects_bad_input", layer_rejects_bad_input),
     ]);
 }
@@ -223,5 +226,45 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
             g.check().map_err(err)?;
         }
     }
+    Ok(())
+}
+
+fn low_latency_equals_normal(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("low_latency_equals_normal");
+    let (hidden, inter, num_experts, k, ranks) = (256, 256, 8, 2, 2);
+    let el = num_experts / ranks;
+    let stream = gpu.stream();
+    let shape = GroupShape::new(ranks, num_experts, hidden, 64, k, Payload::Fp8);
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    let ex = experts(&mut rng, num_experts, hidden, inter);
+    let tokens = [64usize, 23];
+    let dev_w: Vec<_> = (0..ranks).map(|r| (upload(&stream, &ex.w13, r, el), upload(&stream, &ex.w2, r, el))).collect();
+    let dev_x: Vec<_> = tokens
+        .iter()
+        .map(|&t| {
+            let x: Vec<bf16> = (0..t * hidden).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0))).collect();
+            let (i, w) = routing(&mut rng, t, k, num_experts);
+            (stream.clone_htod(&x).unwrap(), stream.clone_htod(&i).unwrap(), stream.clone_htod(&w).unwrap())
+        })
+        .collect();
+    let local: Vec<LocalExperts> = dev_w
+        .iter()
+        .map(|((q13, s13), (q2, s2))| LocalExperts {
+            w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
+            w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
+        })
+        .collect();
+    let inputs: Vec<LayerInput> = dev_x
+        .iter()
+        .zip(&tokens)
+        .map(|((x, i, w), &t)| LayerInput { x: x.slice(..), topk_idx: i.slice(..), topk_weights: w.slice(..), tokens: t, k })
+        .collect();
+    let a = forward(&mut group, inter, &local, &inputs).map_err(err)?;
+    let b = forward_low_latency(&mut group, inter, &local, &inputs).map_err(err)?;
+    for r in 0..ranks {
+        let (x, y) = (stream.clone_dtoh(&a[r]).map_err(err)?, stream.clone_dtoh(&b[r]).map_err(err)?);
+        ensure(x.iter().map(|v| v.to_bits()).eq(y.iter().map(|v| v.to_bits())), || format!("rank {r}: the low-latency layer differs"))?;
+    }
+    group.check().map_err(err)?;
     Ok(())
 }
