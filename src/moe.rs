@@ -1,4 +1,4 @@
-//! An expert-parallel MoE layer forward built from the crate's kernels, over an [`ep::Group`]:
+//! An expert-parallel MoE layer forward built from the crate's kernels, over an [`crate::ep::Group`]:
 //!
 //! ```text
 //! x (bf16) -> quantise 1x128 -> dispatch (FP8) -> grouped GEMM, contiguous (gate | up)
