@@ -13,6 +13,14 @@
 //! - [`Group::new_node`]: one process per GPU of a node; each rank's buffer is exported with CUDA
 //!   IPC and the handles are exchanged with an all-gather on the caller's NCCL communicator, so
 //!   peers' buffers are mapped with peer access. Every call takes this rank's input only.
+//! - [`Group::new_nccl`]: one process per GPU on any number of hosts; no peer memory is mapped and
+//!   normal-mode rows move with NCCL grouped send/receive over the caller's communicator.
+//!
+//! [`Transport`] (in the shape) picks how normal-mode rows cross ranks: `Peer`, SM kernels write
+//! into peers' buffers; `CopyEngine`, the send kernel packs one contiguous run per destination in
+//! the rank's own outbox and copy engines move the runs (stream memory operations write the
+//! signals), so no SM is held while data is in flight; `Nccl`, the same runs moved by NCCL. The
+//! outputs are identical in all three (`docs/kernels/ep_dispatch_combine.md`).
 //!
 //! Every operation is split into a send phase and a receive phase. Receive buffers are fixed and
 //! sized for the worst case, so no phase ever waits for a later one: running every rank's send
@@ -41,8 +49,8 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
 use crate::layout::{GROUP, tma_aligned_rows};
-pub use crate::plan::ep::{GroupShape, Payload, SymmetricLayout};
-use crate::plan::ep::{ll_scale_stride, normal_rows};
+pub use crate::plan::ep::{GroupShape, Payload, SymmetricLayout, Transport};
+use crate::plan::ep::{ll_scale_stride, normal_rows, staged_run};
 use crate::reference::ep::{EpConfig, Layout};
 
 /// Most ranks the EP kernels handle (a token's rank set is a 64-bit mask).
@@ -192,6 +200,16 @@ pub struct Handle {
     topk_idx: CudaSlice<i32>,
     topk_weights: CudaSlice<f32>,
     num_invalid: CudaSlice<i32>,
+    /// Staged transports (normal mode): the all-gathered counts `[ranks, num_experts]`, each
+    /// row's inbox row, and the source's pair positions and tokens per expert.
+    staged: Option<StagedHandle>,
+}
+
+struct StagedHandle {
+    counts: Vec<i32>,
+    stage_rows: CudaSlice<i32>,
+    pair_pos: CudaSlice<i32>,
+    tokens_per_expert: CudaSlice<i32>,
 }
 
 impl Handle {
@@ -262,6 +280,8 @@ pub struct Group {
     stream: Arc<CudaStream>,
     storage: Storage,
     peers: CudaSlice<u64>,
+    /// The same addresses on the host (0 for ranks this process cannot address: NCCL groups).
+    peer_addrs: Vec<u64>,
     /// Per rank and signal kind: the epoch of the last signal sent.
     epochs: Vec<[u32; KINDS]>,
     num_sms: usize,
@@ -274,6 +294,8 @@ enum Storage {
     Virtual(Vec<CudaSlice<u8>>),
     /// This rank's buffer (exported) and the peers' (opened through CUDA IPC).
     Node(NodeBuffers),
+    /// This rank's buffer only; payloads move with NCCL over the communicator.
+    Nccl { rank: usize, own: CudaSlice<u8>, comm: cudarc::nccl::Comm },
 }
 
 struct NodeBuffers {
@@ -313,6 +335,7 @@ impl Group {
     /// `shape.ranks` virtual ranks on `stream`'s GPU: one zeroed symmetric buffer per rank
     /// ([`Group::bytes_per_rank`] each) and the peer table.
     pub fn new_virtual(stream: &Arc<CudaStream>, shape: GroupShape) -> Result<Self> {
+        refuse_nccl(&shape, "Group::new_virtual")?;
         let layout = SymmetricLayout::new(&shape)?;
         let ctx = stream.context();
         let sm_count = usize::try_from(ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
@@ -327,6 +350,7 @@ impl Group {
             stream: stream.clone(),
             storage: Storage::Virtual(buffers),
             peers,
+            peer_addrs: addrs,
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
@@ -344,6 +368,7 @@ impl Group {
     /// peer's receive buffer before the peer has read it.
     pub fn new_node(comm: &cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         use cudarc::driver::sys::{CUipcMem_flags, CUipcMemHandle};
+        refuse_nccl(&shape, "Group::new_node")?;
         if shape.ranks != comm.world_size() {
             return Err(Error::InvalidArgument {
                 arg: "ranks",
@@ -403,10 +428,75 @@ impl Group {
             stream,
             storage: Storage::Node(node),
             peers,
+            peer_addrs: addrs,
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
         })
+    }
+
+    /// This process's rank of a group whose normal-mode payloads move with NCCL grouped
+    /// send/receive over `comm` (ranks on other hosts, or GPUs without peer access; world size =
+    /// `shape.ranks`). `shape.transport` is set to [`Transport::Nccl`]. No peer memory is mapped:
+    /// the counts are all-gathered with NCCL, the send kernel packs this rank's pairs into its
+    /// outbox, NCCL moves one run per peer, and the receive kernel lays the rows out as in the
+    /// other transports (the results are identical). Low-latency mode needs peer memory and is
+    /// refused. Collective: every rank of `comm` calls the group's operations in the same order.
+    /// All of the group's work runs on `comm.stream()`; the group keeps the communicator
+    /// ([`Group::comm`] lends it back).
+    pub fn new_nccl(comm: cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
+        let shape = GroupShape { transport: Transport::Nccl, ..shape };
+        if shape.ranks != comm.world_size() {
+            return Err(Error::InvalidArgument {
+                arg: "ranks",
+                reason: format!("the shape has {} ranks, the communicator {}", shape.ranks, comm.world_size()),
+            });
+        }
+        let layout = SymmetricLayout::new(&shape)?;
+        let stream = comm.stream();
+        let sm_count =
+            usize::try_from(stream.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+                .unwrap_or(1)
+                .max(1);
+        let rank = comm.rank();
+        let own = alloc::<u8>(&stream, layout.bytes)?;
+        let mut addrs = vec![0u64; shape.ranks];
+        addrs[rank] = own.device_ptr(&stream).0;
+        let peers = stream.clone_htod(&addrs)?;
+        Ok(Self {
+            shape,
+            layout,
+            stream: stream.clone(),
+            storage: Storage::Nccl { rank, own, comm },
+            peers,
+            peer_addrs: addrs,
+            epochs: vec![[0; KINDS]; shape.ranks],
+            num_sms: DEFAULT_NUM_SMS.min(sm_count),
+            sm_count,
+        })
+    }
+
+    /// The NCCL communicator of a group built by [`Group::new_nccl`].
+    pub fn comm(&self) -> Option<&cudarc::nccl::Comm> {
+        match &self.storage {
+            Storage::Nccl { comm, .. } => Some(comm),
+            _ => None,
+        }
+    }
+
+    /// Dissolves an NCCL group and returns its communicator (after the group's work is done:
+    /// synchronises the stream); `None` for other groups.
+    pub fn into_comm(self) -> Option<cudarc::nccl::Comm> {
+        let _ = self.stream.synchronize();
+        match self.storage {
+            Storage::Nccl { comm, .. } => Some(comm),
+            _ => None,
+        }
+    }
+
+    /// How this group's normal-mode payloads move.
+    pub fn transport(&self) -> Transport {
+        self.shape.transport
     }
 
     /// The ranks whose buffers live in this process: all of them for virtual ranks, one for a
@@ -415,6 +505,7 @@ impl Group {
         match &self.storage {
             Storage::Virtual(b) => (0..b.len()).collect(),
             Storage::Node(n) => vec![n.rank],
+            Storage::Nccl { rank, .. } => vec![*rank],
         }
     }
 
@@ -429,6 +520,7 @@ impl Group {
                 unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, n.own + offset as u64) }?;
                 Ok(v)
             }
+            Storage::Nccl { own, .. } => Ok(self.stream.clone_dtoh(&own.slice(offset..offset + len))?),
         }
     }
 
@@ -515,6 +607,13 @@ impl Group {
             off_ll_sf: o(l.ll_sf),
             off_ll_src: o(l.ll_src),
             off_comb: o(l.comb),
+            staged: i32::from(s.transport.staged()),
+            reserved: 0,
+            off_out_x: o(l.out_x),
+            off_out_sf: o(l.out_sf),
+            off_out_weight: o(l.out_weight),
+            off_out_src: o(l.out_src),
+            off_ret: o(l.ret),
         }
     }
 
@@ -648,6 +747,15 @@ impl Group {
         let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
         for (&rank, prep) in local.iter().zip(&preps) {
             let epoch = self.bump(rank, NOTIFY);
+            if let Storage::Nccl { own, comm, .. } = &mut self.storage {
+                let (r, e) = (self.shape.ranks, self.shape.num_experts);
+                let mut counts = own.slice_mut(self.layout.counts..self.layout.counts + r * e * 4);
+                // SAFETY: the counts region holds r·e i32 (4-byte aligned: regions are 256-aligned).
+                let mut counts = unsafe { counts.transmute_mut::<i32>(r * e) }.expect("the counts region holds ranks × experts i32");
+                comm.all_gather(&prep.layout.tokens_per_expert.slice(..e), &mut counts)
+                    .map_err(|err| Error::Communication { rank, reason: format!("NCCL all-gather of counts: {err:?}") })?;
+                continue;
+            }
             let mut launch = Launch::new("ep_dispatch_notify", &self.stream)?;
             let peers = launch.input(&self.peers);
             let params = ffi::dk_ep_notify_params {
@@ -694,15 +802,132 @@ impl Group {
             let epoch = self.bump(rank, DISPATCH);
             self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
         }
+        if self.shape.transport.staged() {
+            self.move_runs(&local, &counts, Direction::Dispatch)?;
+        }
         let mut out = Vec::with_capacity(local.len());
         for (&rank, prep) in local.iter().zip(preps) {
             let plan = &plans[rank];
-            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone())?);
+            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone(), &counts)?);
         }
         Ok(out)
     }
 
-    fn dispatch_recv(&mut self, rank: usize, prep: Prepared, rows: usize, counts: Vec<usize>) -> Result<Dispatched> {
+    /// Staged transports: moves every local rank's runs (dispatch: outbox → peers' inboxes;
+    /// combine: return region → peers' comb regions) and writes the signals the receive kernels
+    /// wait on, with copy engines or NCCL. `ranks` are the local ranks that send.
+    fn move_runs(&mut self, ranks: &[usize], counts: &[i32], dir: Direction) -> Result<()> {
+        let (r, h) = (self.shape.ranks, self.shape.hidden);
+        let l = self.layout;
+        let kb = h / GROUP;
+        let fp8 = self.shape.payload == Payload::Fp8;
+        // (byte offset of the source region, of the destination region, bytes per row) per array.
+        let arrays: Vec<(usize, usize, usize)> = match dir {
+            Direction::Dispatch => {
+                let mut a = vec![
+                    (l.out_x, l.recv_x, self.shape.payload.row_bytes(h)),
+                    (l.out_weight, l.recv_weight, 4),
+                    (l.out_src, l.recv_src, 4),
+                ];
+                if fp8 {
+                    a.push((l.out_sf, l.recv_sf, kb * 4));
+                }
+                a
+            }
+            Direction::Combine => vec![(l.ret, l.comb, 2 * h)],
+        };
+        let kind = match dir {
+            Direction::Dispatch => DISPATCH,
+            Direction::Combine => COMBINE,
+        };
+        // The run from `s` to `d`: (first row read on the sender, first row written on the
+        // receiver, rows). Combine runs go back the way dispatch came.
+        let run = |s: usize, d: usize| match dir {
+            Direction::Dispatch => {
+                let x = staged_run(&self.shape, counts, s, d);
+                (x.outbox_row, x.inbox_row, x.rows)
+            }
+            Direction::Combine => {
+                let x = staged_run(&self.shape, counts, d, s);
+                (x.inbox_row, x.outbox_row, x.rows)
+            }
+        };
+        let signal_word = |base: u64, src: usize| base + (l.signals + (kind * MAX_RANKS + src) * 4) as u64;
+        let stream = self.stream.cu_stream();
+        match &mut self.storage {
+            Storage::Virtual(_) | Storage::Node(_) => {
+                for &s in ranks {
+                    for d in 0..r {
+                        let (from, to, rows) = run(s, d);
+                        for &(src_off, dst_off, row) in &arrays {
+                            if rows == 0 {
+                                continue;
+                            }
+                            let src = self.peer_addrs[s] + (src_off + from * row) as u64;
+                            let dst = self.peer_addrs[d] + (dst_off + to * row) as u64;
+                            // SAFETY: both ranges lie inside live symmetric buffers: the runs tile
+                            // the outbox / return region and the inbox / comb region, whose sizes
+                            // the layout planned for the worst case (checked against recv_rows).
+                            unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, rows * row, stream) }.result()?;
+                        }
+                        let epoch = self.epochs[s][kind];
+                        // SAFETY: the signal word lies in rank d's live buffer; the write is
+                        // ordered after the copies above (default flags include the fence).
+                        unsafe {
+                            cudarc::driver::sys::cuStreamWriteValue32_v2(
+                                stream,
+                                signal_word(self.peer_addrs[d], s),
+                                epoch,
+                                cudarc::driver::sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                            )
+                        }
+                        .result()?;
+                    }
+                }
+            }
+            Storage::Nccl { rank, own, comm } => {
+                let me = *rank;
+                let nccl = |e: cudarc::nccl::result::NcclError| Error::Communication { rank: me, reason: format!("NCCL: {e:?}") };
+                cudarc::nccl::result::group_start().map_err(nccl)?;
+                let moved = (|| {
+                    for peer in 0..r {
+                        let (from, _, rows) = run(me, peer);
+                        let (_, to, in_rows) = run(peer, me);
+                        for &(src_off, dst_off, row) in &arrays {
+                            if rows > 0 {
+                                comm.send(&own.slice(src_off + from * row..src_off + (from + rows) * row), peer as i32)?;
+                            }
+                            if in_rows > 0 {
+                                comm.recv(&mut own.slice_mut(dst_off + to * row..dst_off + (to + in_rows) * row), peer as i32)?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })();
+                // End the group even when an operation failed, so NCCL's group state stays sane.
+                let ended = cudarc::nccl::result::group_end();
+                moved.map_err(nccl)?;
+                ended.map_err(nccl)?;
+                let own_base = own.device_ptr(&self.stream).0;
+                for src in 0..r {
+                    // SAFETY: the signal word lies in this rank's live buffer; ordered after the
+                    // NCCL receives on the same stream.
+                    unsafe {
+                        cudarc::driver::sys::cuStreamWriteValue32_v2(
+                            stream,
+                            signal_word(own_base, src),
+                            self.epochs[me][kind],
+                            cudarc::driver::sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                        )
+                    }
+                    .result()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch_recv(&mut self, rank: usize, prep: Prepared, rows: usize, counts: Vec<usize>, all_counts: &[i32]) -> Result<Dispatched> {
         let epoch = self.epochs[rank][DISPATCH];
         let h = self.shape.hidden;
         let mut x = match self.shape.payload {
@@ -713,6 +938,8 @@ impl Group {
         let mut weights = alloc::<f32>(&self.stream, rows)?;
         let mut src = alloc::<i32>(&self.stream, rows)?;
         let mut d_counts = alloc::<i32>(&self.stream, self.shape.experts_per_rank())?;
+        let staged = self.shape.transport.staged();
+        let mut stage_rows = alloc::<i32>(&self.stream, if staged { rows } else { 0 })?;
         {
             let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
             let peers = launch.input(&self.peers);
@@ -728,6 +955,7 @@ impl Group {
                 weights: launch.output(&mut weights) as *mut f32,
                 src: launch.output(&mut src) as *mut i32,
                 counts: launch.output(&mut d_counts) as *mut i32,
+                stage_rows: if staged { launch.output(&mut stage_rows) as *mut i32 } else { std::ptr::null_mut() },
                 rows: rows as i64,
             };
             let s = launch.stream();
@@ -745,6 +973,12 @@ impl Group {
             topk_idx: prep.topk_idx,
             topk_weights: prep.topk_weights,
             num_invalid: prep.layout.num_invalid,
+            staged: staged.then(|| StagedHandle {
+                counts: all_counts.to_vec(),
+                stage_rows,
+                pair_pos: prep.pos,
+                tokens_per_expert: prep.layout.tokens_per_expert,
+            }),
         };
         Ok(Dispatched { x, m_indices, weights, counts, rows, handle })
     }
@@ -755,6 +989,12 @@ impl Group {
     /// are ignored and counted ([`Handle::invalid_slots`]).
     pub fn dispatch_low_latency_send(&mut self, rank: usize, input: &RankInput<'_>) -> Result<PendingLowLatency> {
         self.check_local(rank)?;
+        if matches!(self.storage, Storage::Nccl { .. }) {
+            return Err(Error::InvalidArgument {
+                arg: "transport",
+                reason: "low-latency mode writes into peers' memory, which an NCCL group does not map".into(),
+            });
+        }
         if self.shape.ll_max_tokens == 0 {
             return Err(Error::InvalidArgument {
                 arg: "ll_max_tokens",
@@ -819,6 +1059,7 @@ impl Group {
             topk_idx: pending.topk_idx,
             topk_weights: pending.topk_weights,
             num_invalid: pending.num_invalid,
+            staged: None,
         };
         Ok(DispatchedLowLatency { x, masked_m, capacity, handle })
     }
@@ -839,18 +1080,29 @@ impl Group {
         expect_len("y", y.len(), handle.rows * h, || format!("[{}, {h}] bf16", handle.rows))?;
         check_aligned("y", y.device_ptr(&self.stream).0, 16)?;
         let epoch = self.bump(rank, COMBINE);
+        // A group with a staged transport runs a low-latency combine the peer way (the handle
+        // carries no staged part then).
+        let staged = handle.staged.as_ref();
         let mut launch = Launch::new("ep_combine_send", &self.stream)?;
         let peers = launch.input(&self.peers);
+        let mut group = self.params(rank, epoch, peers);
+        group.staged = i32::from(staged.is_some());
         let params = ffi::dk_ep_combine_send_params {
-            group: self.params(rank, epoch, peers),
+            group,
             y: launch.input(y) as *const std::os::raw::c_void,
             src: launch.input(&handle.src) as *const i32,
+            stage_rows: staged.map_or(std::ptr::null(), |st| launch.input(&st.stage_rows) as *const i32),
             rows: handle.rows as i64,
         };
         let s = launch.stream();
-        // SAFETY: y has rows × hidden elements, src `rows` entries (range-checked on the device).
+        // SAFETY: y has rows × hidden elements, src and stage_rows `rows` entries (range-checked
+        // on the device).
         let status = ffi_call!(unsafe dk_ep_combine_send(&params, s));
-        launch.finish(status)
+        launch.finish(status)?;
+        if let Some(st) = staged {
+            self.move_runs(&[rank], &st.counts, Direction::Combine)?;
+        }
+        Ok(())
     }
 
     /// Combine, receive phase of `handle.rank()` as a *source* rank: waits on the device for
@@ -862,13 +1114,18 @@ impl Group {
         self.check_local(rank)?;
         let epoch = self.epochs[rank][COMBINE];
         let mut out = alloc::<bf16>(&self.stream, handle.tokens * self.shape.hidden)?;
+        let staged = handle.staged.as_ref();
         let mut launch = Launch::new("ep_combine_recv", &self.stream)?;
         let peers = launch.input(&self.peers);
+        let mut group = self.params(rank, epoch, peers);
+        group.staged = i32::from(staged.is_some());
         let params = ffi::dk_ep_combine_recv_params {
-            group: self.params(rank, epoch, peers),
+            group,
             topk_idx: launch.input(&handle.topk_idx) as *const i32,
             topk_weights: launch.input(&handle.topk_weights) as *const f32,
             out: launch.output(&mut out) as *mut std::os::raw::c_void,
+            pair_pos: staged.map_or(std::ptr::null(), |st| launch.input(&st.pair_pos) as *const i32),
+            tokens_per_expert: staged.map_or(std::ptr::null(), |st| launch.input(&st.tokens_per_expert) as *const i32),
             tokens: int_arg("tokens", handle.tokens)?,
             k: int_arg("k", handle.k)?,
         };
@@ -916,6 +1173,23 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// Which way a staged transport moves its runs.
+#[derive(Clone, Copy)]
+enum Direction {
+    Dispatch,
+    Combine,
+}
+
+fn refuse_nccl(shape: &GroupShape, what: &str) -> Result<()> {
+    if shape.transport == Transport::Nccl {
+        return Err(Error::InvalidArgument {
+            arg: "transport",
+            reason: format!("{what} maps peers' memory; build an NCCL-transport group with Group::new_nccl"),
+        });
+    }
+    Ok(())
 }
 
 /// One rank's routing, prepared for a send phase.

@@ -23,7 +23,7 @@ mod common;
 use common::{Gpu, TestResult, ensure};
 use deepkern::Error;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
-use deepkern::ep::{DeviceLayout, Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, layout};
+use deepkern::ep::{DeviceLayout, Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport, layout};
 use deepkern::reference::ep::{
     EpConfig, Received, Routing, RowSource, combine, dispatch, dispatch_low_latency, layout as reference_layout,
 };
@@ -45,6 +45,7 @@ fn main() {
         ("repeated_calls_are_bit_identical", repeated_calls_are_bit_identical),
         ("group_rejects_bad_input", group_rejects_bad_input),
         ("node_group_of_one_process", node_group_of_one_process),
+        ("nccl_group_of_one_process", nccl_group_of_one_process),
     ]);
 }
 
@@ -372,10 +373,15 @@ fn cases() -> Vec<(usize, usize, usize, usize, Vec<usize>, bool)> {
 fn dispatch_combine_match_reference(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("dispatch_combine_match_reference");
     let stream = gpu.stream();
-    for payload in [Payload::Fp8, Payload::Bf16] {
+    for (payload, transport) in [
+        (Payload::Fp8, Transport::Peer),
+        (Payload::Bf16, Transport::Peer),
+        (Payload::Fp8, Transport::CopyEngine),
+        (Payload::Bf16, Transport::CopyEngine),
+    ] {
         for (r, e, h, k, tokens, hot) in cases() {
-            let shape = GroupShape::new(r, e, h, 64, k, payload);
-            let what = format!("{payload:?} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
+            let shape = GroupShape { transport, ..GroupShape::new(r, e, h, 64, k, payload) };
+            let what = format!("{payload:?} {transport:?} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
             let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
             let ranks = host_ranks(&mut rng, &shape, &tokens, k, hot);
             let dev = upload_ranks(&stream, &shape, &ranks)?;
@@ -461,10 +467,13 @@ fn identity_experts_combine_to_weighted_x(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("identity_experts_combine_to_weighted_x");
     let stream = gpu.stream();
     let shape = GroupShape::new(4, 32, 4096, 128, 8, Payload::Bf16);
-    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
     let ranks = host_ranks(&mut rng, &shape, &[128, 77, 0, 128], 8, false);
     let dev = upload_ranks(&stream, &shape, &ranks)?;
-    for low_latency in [false, true] {
+    for (transport, low_latency) in
+        [(Transport::Peer, false), (Transport::Peer, true), (Transport::CopyEngine, false), (Transport::CopyEngine, true)]
+    {
+        // A copy-engine group still runs low-latency mode (and its combine) the peer way.
+        let mut group = Group::new_virtual(&stream, GroupShape { transport, ..shape }).map_err(err)?;
         let outs = if low_latency {
             let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
             let ys: Vec<_> = got
@@ -487,13 +496,13 @@ fn identity_experts_combine_to_weighted_x(gpu: &Gpu) -> TestResult {
                     let x = f64::from(bf16::from_bits(u16::from_le_bytes([host.x[b], host.x[b + 1]])).to_f32());
                     let (g, w) = (f64::from(got[t * shape.hidden + c].to_f32()), x * sw);
                     ensure((g - w).abs() <= w.abs() * 2f64.powi(-8) + 1e-6 * x.abs() * sw, || {
-                        format!("low_latency={low_latency}: rank {r} token {t} column {c}: {g} vs {w}")
+                        format!("{transport:?} low_latency={low_latency}: rank {r} token {t} column {c}: {g} vs {w}")
                     })?;
                 }
             }
         }
+        group.check().map_err(err)?;
     }
-    group.check().map_err(err)?;
     Ok(())
 }
 
@@ -504,12 +513,14 @@ fn repeated_calls_are_bit_identical(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("repeated_calls_are_bit_identical");
     let stream = gpu.stream();
     let shape = GroupShape::new(8, 64, 2048, 64, 8, Payload::Fp8);
-    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
-    group.set_num_sms(1).map_err(err)?;
     let ranks = host_ranks(&mut rng, &shape, &[64, 64, 3, 0, 64, 64, 17, 64], 8, true);
     let dev = upload_ranks(&stream, &shape, &ranks)?;
+    // Every transport and every round must give the same bytes.
     let mut first: Option<Vec<Snapshot>> = None;
-    for round in 0..20 {
+    for round in 0..30 {
+        let transport = if round % 3 == 2 { Transport::CopyEngine } else { Transport::Peer };
+        let mut group = Group::new_virtual(&stream, GroupShape { transport, ..shape }).map_err(err)?;
+        group.set_num_sms(1 + round % 4).map_err(err)?;
         let normal = group.dispatch(&inputs(&dev)).map_err(err)?;
         let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
         let mut snapshot = Vec::new();
@@ -526,7 +537,7 @@ fn repeated_calls_are_bit_identical(gpu: &Gpu) -> TestResult {
         group.check().map_err(err)?;
         match &first {
             None => first = Some(snapshot),
-            Some(f) => ensure(*f == snapshot, || format!("round {round} differs from round 0"))?,
+            Some(f) => ensure(*f == snapshot, || format!("round {round} ({transport:?}) differs from round 0"))?,
         }
     }
     Ok(())
@@ -545,6 +556,9 @@ fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
     })?;
     ensure(arg_of(Group::new_virtual(&stream, GroupShape { num_experts: 7, ..shape }).map(|_| ()))? == "num_experts", || {
         "7 experts on 2 ranks accepted".into()
+    })?;
+    ensure(arg_of(Group::new_virtual(&stream, GroupShape { transport: Transport::Nccl, ..shape }).map(|_| ()))? == "transport", || {
+        "a virtual group with the NCCL transport accepted".into()
     })?;
     let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
     ensure(arg_of(group.set_num_sms(100_000))? == "num_sms", || "100000 SMs accepted".into())?;
@@ -627,5 +641,50 @@ fn node_group_of_one_process(gpu: &Gpu) -> TestResult {
         ensure(masked.iter().map(|&c| c as u32).eq(want_ll[0].counts.iter().copied()), || format!("round {round}: masked_m differs"))?;
     }
     group.check().map_err(err)?;
+    Ok(())
+}
+
+/// The NCCL transport at world size 1: counts all-gathered and the outbox moved with NCCL (a
+/// send to itself), then the same layout, bytes and combine as the reference; low-latency mode is
+/// refused with a clear error.
+fn nccl_group_of_one_process(gpu: &Gpu) -> TestResult {
+    // SAFETY: only probes for the library; cudarc's loader panics when it is absent.
+    if !unsafe { deepkern::cudarc::nccl::sys::is_culib_present() } {
+        return Err("libnccl not found: NCCL groups need NCCL".into());
+    }
+    let mut rng = gpu.rng("nccl_group_of_one_process");
+    let stream = gpu.stream();
+    let mut comms = deepkern::cudarc::nccl::Comm::from_devices(vec![stream.clone()]).map_err(|e| format!("NCCL init: {e:?}"))?;
+    let mut comm = Some(comms.pop().ok_or("no communicator")?);
+    for payload in [Payload::Fp8, Payload::Bf16] {
+        let shape = GroupShape::new(1, 8, 2048, 64, 4, payload);
+        let mut group = Group::new_nccl(comm.take().ok_or("no communicator")?, shape).map_err(err)?;
+        ensure(group.transport() == Transport::Nccl && group.local_ranks() == vec![0], || "not an NCCL group of rank 0".into())?;
+        let ranks = host_ranks(&mut rng, &shape, &[50], 4, true);
+        let dev = upload_ranks(group.stream(), &shape, &ranks)?;
+        let cfg = EpConfig { ranks: 1, num_experts: 8, m_align: shape.m_align };
+        for round in 0..3 {
+            let what = format!("NCCL {payload:?} round {round}");
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let want = dispatch(&routings(&ranks), &cfg).map_err(err)?;
+            let s = group.stream().clone();
+            let m_idx = s.clone_dtoh(&got[0].m_indices).map_err(err)?;
+            ensure(got[0].rows == want[0].rows.len() && m_idx[..got[0].rows] == want[0].expert[..], || format!("{what}: layout differs"))?;
+            let weights = s.clone_dtoh(&got[0].weights).map_err(err)?;
+            let src = s.clone_dtoh(&got[0].handle.src()).map_err(err)?;
+            let (x, sf) = download_rows(&s, &got[0].x)?;
+            for (row, w) in want[0].rows.iter().enumerate() {
+                let (want_w, want_src) = w.as_ref().map_or((0.0, -1), |w| (w.weight, packed(&shape, w)));
+                ensure(weights[row].to_bits() == want_w.to_bits() && src[row] == want_src, || format!("{what}: row {row} weight/source"))?;
+                check_row(&shape, &ranks, &x, &sf, row, |kb| kb * got[0].rows + row, w.as_ref(), &what)?;
+            }
+            let handles = vec![&got[0].handle];
+            check_combine(gpu, &mut rng, &mut group, &ranks, &want, &handles, &what)?;
+        }
+        let refused = group.dispatch_low_latency(&inputs(&dev)).map(|_| ());
+        ensure(matches!(refused, Err(Error::InvalidArgument { arg: "transport", .. })), || format!("low latency on NCCL: {refused:?}"))?;
+        group.check().map_err(err)?;
+        comm = Some(group.into_comm().ok_or("the NCCL group gave no communicator back")?);
+    }
     Ok(())
 }

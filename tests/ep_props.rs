@@ -6,9 +6,14 @@
 //! - combine of dispatch with identity experts equals `x · Σ weights` per token;
 //! - low-latency dispatch carries the same rows per expert as normal dispatch, packed from row 0;
 //! - the device kernels' placement, mirrored on the CPU (`plan::ep::{pair_positions, normal_row,
-//!   ll_rows}`), puts every pair exactly where the reference does, in both modes.
+//!   ll_rows}`), puts every pair exactly where the reference does, in both modes;
+//! - the staged transports (copy engines, NCCL): every pair's outbox row lies in the run its
+//!   source sends to the pair's rank, the run lands it on the inbox row the receive kernel reads
+//!   for the pair's output row, and the runs tile every outbox and inbox without overlap.
 
-use deepkern::plan::ep::{GroupShape, Payload, ll_rows, normal_row, pair_positions};
+use deepkern::plan::ep::{
+    GroupShape, Payload, Transport, inbox_row, inbox_row_of_output, ll_rows, normal_row, outbox_row, pair_positions, staged_run,
+};
 use deepkern::reference::ep::{EpConfig, Routing, check_distinct_experts, combine, dispatch, dispatch_low_latency, layout};
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
@@ -134,6 +139,7 @@ proptest! {
             m_align: cfg.m_align,
             recv_rows: 0,
             payload: Payload::Fp8,
+            transport: Transport::Nccl,
         };
         let counts: Vec<i32> = routings.iter().flat_map(|r| layout(r, &cfg).unwrap().tokens_per_expert.into_iter().map(|c| c as i32)).collect();
         let ll_want = dispatch_low_latency(&routings, &cfg, max_tokens).unwrap();
@@ -152,7 +158,38 @@ proptest! {
                 let (_, out) = ll_rows(&shape, &per_src, s, e, pos[i] as usize);
                 let got = ll_want[d].rows[out].expect("a low-latency pair's row");
                 prop_assert_eq!((got.src_rank as usize, got.token as usize, got.slot as usize), (s, i / k, i % k));
+
+                // Staged: outbox row -> the run to d -> inbox row, which the receive kernel's
+                // search finds again from the pair's output row.
+                let tpe = &counts[s * cfg.num_experts..(s + 1) * cfg.num_experts];
+                let o = outbox_row(tpe, e, pos[i] as usize);
+                let run = staged_run(&shape, &counts, s, d);
+                prop_assert!(o >= run.outbox_row && o < run.outbox_row + run.rows, "pair {} of rank {}: {} outside {:?}", i, s, o, run);
+                let inbox = run.inbox_row + (o - run.outbox_row);
+                prop_assert_eq!(inbox, inbox_row(&shape, &counts, s, e, pos[i] as usize));
+                let le = e % el;
+                let q = row - recv[d].offsets[le] as usize;
+                prop_assert_eq!(inbox_row_of_output(&shape, &counts, d, le, q), inbox);
             }
+        }
+        // The runs tile each source's outbox (in destination order) and each inbox (in source order).
+        for s in 0..cfg.ranks {
+            let mut at = 0;
+            for d in 0..cfg.ranks {
+                let run = staged_run(&shape, &counts, s, d);
+                prop_assert_eq!(run.outbox_row, at);
+                at += run.rows;
+            }
+            prop_assert_eq!(at, counts[s * cfg.num_experts..(s + 1) * cfg.num_experts].iter().sum::<i32>() as usize);
+        }
+        for (d, rd) in recv.iter().enumerate() {
+            let mut at = 0;
+            for s in 0..cfg.ranks {
+                let run = staged_run(&shape, &counts, s, d);
+                prop_assert_eq!(run.inbox_row, at);
+                at += run.rows;
+            }
+            prop_assert_eq!(at, rd.counts.iter().sum::<u32>() as usize);
         }
 
         // Low latency: the same rows per expert, packed from row 0.

@@ -179,6 +179,22 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
+// Pins an accumulator register around asynchronous wgmma use: the compiler may not move reads or
+// writes of `r` across this point (an empty asm with a read-write operand; emits nothing). Use it
+// on every accumulator before wgmma.fence, after commit_group and after wait_group, so no
+// arithmetic on the accumulators lands between an issue and its wait.
+__device__ __forceinline__ void fence_operand(float& r) {
+    asm volatile("" : "+f"(r)::"memory");
+}
+
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        fence_operand(r[i]);
+    }
+}
+
 // wgmma.commit_group: close the group of wgmma operations issued so far.
 // https://docs.nvidia.com/cuda/parallel-thread-execution/#asynchronous-warpgroup-level-matrix-instructions-wgmma-commit-group
 __device__ __forceinline__ void wgmma_commit_group() {

@@ -216,15 +216,39 @@ __device__ __forceinline__ void plan_rows(const dk_ep_group_t& g, int* s_base, i
     __syncthreads();
 }
 
+enum class Send { kNormal, kLowLatency, kStaged };
+
+// Exclusive prefix over experts of this rank's tokens_per_expert (negative counts as 0): the first
+// outbox row of each expert in staged mode. One thread sums (at most DK_EP_MAX_EXPERTS entries).
+__device__ __forceinline__ void outbox_prefix(const dk_ep_group_t& g, const int32_t* tokens_per_expert, int* s_prefix) {
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (int e = 0; e < g.num_experts; ++e) {
+            s_prefix[e] = sum;
+            sum += max(tokens_per_expert[e], 0);
+        }
+    }
+    __syncthreads();
+}
+
 // One warp per token: the lanes of the token's slots resolve where their pair goes, then the warp
-// writes the payload row to every destination of the token.
-template <bool kLowLatency>
+// writes the payload row to every destination of the token. Normal: the pair's final row on the
+// expert's rank (s_base from the all-gathered counts); low latency: the expert's per-source staging
+// row on the expert's rank; staged: this rank's outbox row s_base[e] + pair_pos.
+template <Send kMode>
 __device__ __forceinline__ void send_tokens(const dk_ep_group_t& g, const dk_ep_tokens_t& in, const int* s_base, const int64_t* s_rows) {
     const int lane = threadIdx.x % 32;
     const int el = g.num_experts / g.ranks;
     const int64_t bytes = row_bytes(g);
     const int scale_groups = g.hidden / DK_QUANT_GROUP;
-    const int64_t stage_rows = kLowLatency ? int64_t(g.num_experts) * g.ll_max_tokens : g.recv_rows;
+    const int64_t stage_rows = kMode == Send::kLowLatency ? int64_t(g.num_experts) * g.ll_max_tokens : g.recv_rows;
+    const int64_t outbox_rows = int64_t(g.max_tokens) * g.max_topk;
+    int64_t off_x = g.off_recv_x, off_sf = g.off_recv_sf, off_weight = g.off_recv_weight, off_src = g.off_recv_src;
+    if (kMode == Send::kLowLatency) {
+        off_x = g.off_ll_x, off_sf = g.off_ll_sf, off_src = g.off_ll_src;
+    } else if (kMode == Send::kStaged) {
+        off_x = g.off_out_x, off_sf = g.off_out_sf, off_weight = g.off_out_weight, off_src = g.off_out_src;
+    }
     // tokens <= max_tokens < 2^31 (the launcher checks it).
     for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < in.tokens; t += gridDim.x * kWarps) {
         void* dst_base = nullptr;
@@ -235,15 +259,18 @@ __device__ __forceinline__ void send_tokens(const dk_ep_group_t& g, const dk_ep_
             if (p >= 0) {
                 const int d = e / el, le = e % el;
                 bool fits;
-                if (kLowLatency) {
+                if (kMode == Send::kLowLatency) {
                     row = (int64_t(le) * g.ranks + g.rank) * g.ll_max_tokens + p;
                     fits = p < g.ll_max_tokens;
+                } else if (kMode == Send::kStaged) {
+                    row = int64_t(s_base[e]) + p;
+                    fits = row < outbox_rows;
                 } else {
                     row = int64_t(s_base[e]) + p;
                     fits = s_rows[d] <= g.recv_rows && row < g.recv_rows;
                 }
                 if (fits) {
-                    dst_base = peer(g, d);
+                    dst_base = peer(g, kMode == Send::kStaged ? g.rank : d);
                 } else {
                     raise_error(g, DK_EP_ERROR_OVERFLOW);
                 }
@@ -251,16 +278,17 @@ __device__ __forceinline__ void send_tokens(const dk_ep_group_t& g, const dk_ep_
         }
         if (dst_base != nullptr) {
             const int32_t src = static_cast<int32_t>((int64_t(g.rank) * g.max_tokens + t) * g.max_topk + lane);
-            if (kLowLatency) {
-                region<int32_t>(dst_base, g.off_ll_src)[row] = src;
-            } else {
-                region<int32_t>(dst_base, g.off_recv_src)[row] = src;
-                region<float>(dst_base, g.off_recv_weight)[row] = in.topk_weights[int64_t(t) * in.k + lane];
+            region<int32_t>(dst_base, off_src)[row] = src;
+            if (kMode != Send::kLowLatency) {
+                region<float>(dst_base, off_weight)[row] = in.topk_weights[int64_t(t) * in.k + lane];
             }
             if (g.payload == DK_EP_PAYLOAD_FP8) {
-                float* sf = region<float>(dst_base, kLowLatency ? g.off_ll_sf : g.off_recv_sf);
+                float* sf = region<float>(dst_base, off_sf);
                 for (int kb = 0; kb < scale_groups; ++kb) {
-                    sf[kb * stage_rows + row] = in.x_sf[kb * in.x_sf_stride + t];
+                    // The outbox keeps a row's scales together, so one destination's rows are one
+                    // contiguous run; the peer-written regions are [hidden / 128, rows].
+                    const int64_t at = kMode == Send::kStaged ? row * scale_groups + kb : kb * stage_rows + row;
+                    sf[at] = in.x_sf[kb * in.x_sf_stride + t];
                 }
             }
         }
@@ -271,7 +299,7 @@ __device__ __forceinline__ void send_tokens(const dk_ep_group_t& g, const dk_ep_
             mask &= mask - 1;
             const auto base = static_cast<uintptr_t>(__shfl_sync(0xffffffffu, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(dst_base)), j));
             const int64_t r = __shfl_sync(0xffffffffu, row, j);
-            uint8_t* dst = reinterpret_cast<uint8_t*>(base) + (kLowLatency ? g.off_ll_x : g.off_recv_x) + r * bytes;
+            uint8_t* dst = reinterpret_cast<uint8_t*>(base) + off_x + r * bytes;
             warp_copy(dst, x, bytes, lane);
         }
     }
@@ -281,9 +309,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(dk_ep_group_t g
     __shared__ int s_base[DK_EP_MAX_EXPERTS];
     __shared__ int s_pad[DK_EP_MAX_EXPERTS];
     __shared__ int64_t s_rows[DK_EP_MAX_RANKS];
+    if (g.staged) {
+        // Nothing to wait for and nothing to signal: the caller moves the outbox.
+        outbox_prefix(g, in.tokens_per_expert, s_base);
+        send_tokens<Send::kStaged>(g, in, s_base, nullptr);
+        return;
+    }
     wait_all(g, DK_EP_SIGNAL_NOTIFY);
     plan_rows(g, s_base, s_pad, s_rows);
-    send_tokens<false>(g, in, s_base, s_rows);
+    send_tokens<Send::kNormal>(g, in, s_base, s_rows);
     if (last_block_done(g, DK_EP_SIGNAL_DISPATCH)) {
         signal_all(g, DK_EP_SIGNAL_DISPATCH);
     }
@@ -303,19 +337,47 @@ __device__ __forceinline__ int find_segment(const int64_t* s_off, int el, int64_
     return lo;
 }
 
+// Staged mode: where output row (local expert le, offset q inside its valid rows) sits in the
+// source-major inbox. s_before[le * ranks + s]: rows of lower sources in le's segment;
+// s_inner[s * el + le]: source s's rows of lower local experts; s_inbase[s]: source s's block.
+__device__ __forceinline__ int64_t inbox_row(const dk_ep_group_t& g, const int* s_before, const int* s_inner, const int64_t* s_inbase,
+                                             int el, int le, int64_t q) {
+    int s = 0;
+    for (int c = 1; c < g.ranks; ++c) {
+        s = s_before[le * g.ranks + c] <= q ? c : s;
+    }
+    return s_inbase[s] + s_inner[s * el + le] + (q - s_before[le * g.ranks + s]);
+}
+
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
     __shared__ int64_t s_off[DK_EP_MAX_EXPERTS];
     __shared__ int s_cnt[DK_EP_MAX_EXPERTS];
+    __shared__ int s_before[DK_EP_MAX_EXPERTS];  // staged only, [le, s]
+    __shared__ int s_inner[DK_EP_MAX_EXPERTS];   // staged only, [s, le]
+    __shared__ int64_t s_inbase[DK_EP_MAX_RANKS];  // staged only
     wait_all(g, DK_EP_SIGNAL_DISPATCH);
     const int el = g.num_experts / g.ranks;
     const int32_t* counts = region<int32_t>(peer(g, g.rank), g.off_counts);
+    const auto count = [&](int s, int le) { return max(counts[int64_t(s) * g.num_experts + g.rank * el + le], 0); };
     for (int le = threadIdx.x; le < el; le += kThreads) {
         int total = 0;
         for (int s = 0; s < g.ranks; ++s) {
-            total += max(counts[int64_t(s) * g.num_experts + g.rank * el + le], 0);
+            if (g.staged) {
+                s_before[le * g.ranks + s] = total;
+            }
+            total += count(s, le);
         }
         s_cnt[le] = total;
+    }
+    if (g.staged && threadIdx.x < g.ranks) {
+        const int s = threadIdx.x;
+        int inner = 0;
+        for (int le = 0; le < el; ++le) {
+            s_inner[s * el + le] = inner;
+            inner += count(s, le);
+        }
+        s_inbase[s] = inner;  // this source's block size; turned into offsets below
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -323,6 +385,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
         for (int le = 0; le < el; ++le) {
             s_off[le] = offset;
             offset += round_up(s_cnt[le], g.m_align);
+        }
+        if (g.staged) {
+            int64_t base = 0;
+            for (int s = 0; s < g.ranks; ++s) {
+                const int64_t n = s_inbase[s];
+                s_inbase[s] = base;
+                base += n;
+            }
         }
     }
     __syncthreads();
@@ -338,21 +408,27 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
     const int64_t stride = int64_t(gridDim.x) * kWarps;
     for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < p.rows; r += stride) {
         const int le = find_segment(s_off, el, r);
-        const bool valid = r - s_off[le] < s_cnt[le] && r < g.recv_rows;
+        const int64_t q = r - s_off[le];
+        const int64_t at = g.staged ? inbox_row(g, s_before, s_inner, s_inbase, el, le, q) : r;
+        const bool valid = q < s_cnt[le] && at < g.recv_rows;
         if (lane == 0) {
             p.m_indices[r] = valid ? le : -1;
-            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[r] : 0.0f;
-            p.src[r] = valid ? region<int32_t>(base, g.off_recv_src)[r] : -1;
+            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[at] : 0.0f;
+            p.src[r] = valid ? region<int32_t>(base, g.off_recv_src)[at] : -1;
+            if (g.staged) {
+                p.stage_rows[r] = valid ? static_cast<int32_t>(at) : -1;
+            }
         }
         if (g.payload == DK_EP_PAYLOAD_FP8) {
             const float* sf = region<float>(base, g.off_recv_sf);
             for (int kb = lane; kb < scale_groups; kb += 32) {
-                p.sf[kb * p.rows + r] = valid ? sf[kb * g.recv_rows + r] : 0.0f;
+                const int64_t from = g.staged ? at * scale_groups + kb : kb * g.recv_rows + at;
+                p.sf[kb * p.rows + r] = valid ? sf[from] : 0.0f;
             }
         }
         uint8_t* x = static_cast<uint8_t*>(p.x) + r * bytes;
         if (valid) {
-            warp_copy(x, region<uint8_t>(base, g.off_recv_x) + r * bytes, bytes, lane);
+            warp_copy(x, region<uint8_t>(base, g.off_recv_x) + at * bytes, bytes, lane);
         } else {
             warp_zero(x, bytes, lane);
         }
@@ -362,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
 // ---- low-latency dispatch -------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(dk_ep_group_t g, dk_ep_tokens_t in) {
-    send_tokens<true>(g, in, nullptr, nullptr);
+    send_tokens<Send::kLowLatency>(g, in, nullptr, nullptr);
     if (last_block_done(g, DK_EP_SIGNAL_LL_DISPATCH)) {
         const int el = g.num_experts / g.ranks;
         for (int e = threadIdx.x; e < g.num_experts; e += kThreads) {
@@ -453,8 +529,23 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(dk_ep_combine_se
             }
             continue;
         }
-        uint8_t* dst = region<uint8_t>(peer(g, static_cast<int>(s)), g.off_comb) + (t * g.max_topk + j) * bytes;
+        uint8_t* dst;
+        if (g.staged) {
+            const int32_t at = p.stage_rows[r];
+            if (at < 0 || at >= g.recv_rows) {
+                if (lane == 0) {
+                    raise_error(g, DK_EP_ERROR_OVERFLOW);
+                }
+                continue;
+            }
+            dst = region<uint8_t>(peer(g, g.rank), g.off_ret) + int64_t(at) * bytes;
+        } else {
+            dst = region<uint8_t>(peer(g, static_cast<int>(s)), g.off_comb) + (t * g.max_topk + j) * bytes;
+        }
         warp_copy(dst, static_cast<const uint8_t*>(p.y) + r * bytes, bytes, lane);
+    }
+    if (g.staged) {
+        return;  // the caller moves ret's blocks back and signals
     }
     if (last_block_done(g, DK_EP_SIGNAL_COMBINE)) {
         signal_all(g, DK_EP_SIGNAL_COMBINE);
@@ -463,7 +554,12 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(dk_ep_combine_se
 
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
+    __shared__ int s_prefix[DK_EP_MAX_EXPERTS];  // staged only
     wait_all(g, DK_EP_SIGNAL_COMBINE);
+    if (g.staged) {
+        outbox_prefix(g, p.tokens_per_expert, s_prefix);
+    }
+    const int64_t comb_rows = int64_t(g.max_tokens) * g.max_topk;
     const __nv_bfloat16* comb = region<__nv_bfloat16>(peer(g, g.rank), g.off_comb);
     const int chunks = g.hidden / 8;  // 8 bf16 = 16 bytes per item
     const int64_t items = int64_t(p.tokens) * chunks;
@@ -472,11 +568,20 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_re
         const int c = static_cast<int>(i % chunks);
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int j = 0; j < p.k; ++j) {
-            if (!valid_expert(p.topk_idx[t * p.k + j], g.num_experts)) {
+            const int32_t e = p.topk_idx[t * p.k + j];
+            if (!valid_expert(e, g.num_experts)) {
                 continue;
             }
+            int64_t row = t * g.max_topk + j;
+            if (g.staged) {
+                const int32_t pos = p.pair_pos[t * p.k + j];
+                row = int64_t(s_prefix[e]) + pos;
+                if (pos < 0 || row >= comb_rows) {
+                    continue;
+                }
+            }
             const float w = p.topk_weights[t * p.k + j];
-            const uint4 v = reinterpret_cast<const uint4*>(comb + (t * g.max_topk + j) * g.hidden)[c];
+            const uint4 v = reinterpret_cast<const uint4*>(comb + row * g.hidden)[c];
             const uint32_t words[4] = {v.x, v.y, v.z, v.w};
             for (int h = 0; h < 4; ++h) {
                 acc[2 * h] = __fmaf_rn(w, bf16_bits_to_float(words[h] & 0xffffu), acc[2 * h]);
@@ -514,8 +619,13 @@ bool group_ok(const dk_ep_group_t& g) {
     if (g.payload != DK_EP_PAYLOAD_BF16 && g.payload != DK_EP_PAYLOAD_FP8) {
         return false;
     }
-    const int64_t offsets[] = {g.off_signals, g.off_counts, g.off_ll_counts, g.off_recv_x, g.off_recv_sf, g.off_recv_weight,
-                               g.off_recv_src, g.off_ll_x, g.off_ll_sf, g.off_ll_src, g.off_comb};
+    if (g.staged != 0 && (g.staged != 1 || g.recv_rows >= (int64_t(1) << 31))) {
+        return false;
+    }
+    const int64_t offsets[] = {g.off_signals, g.off_counts, g.off_ll_counts, g.off_recv_x, g.off_recv_sf,
+                               g.off_recv_weight, g.off_recv_src, g.off_ll_x, g.off_ll_sf, g.off_ll_src,
+                               g.off_comb, g.off_out_x, g.off_out_sf, g.off_out_weight, g.off_out_src,
+                               g.off_ret};
     for (int64_t o : offsets) {
         if (o < 0 || o % 16 != 0) {
             return false;
@@ -584,7 +694,8 @@ extern "C" dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* p
         return DK_STATUS_INVALID_ARGUMENT;
     }
     if (p->rows > 0 && (p->x == nullptr || p->m_indices == nullptr || p->weights == nullptr || p->src == nullptr ||
-                        (p->group.payload == DK_EP_PAYLOAD_FP8 && p->sf == nullptr))) {
+                        (p->group.payload == DK_EP_PAYLOAD_FP8 && p->sf == nullptr) ||
+                        (p->group.staged && p->stage_rows == nullptr))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     return dk::checked_launch(
@@ -614,7 +725,8 @@ extern "C" dk_status_t dk_ep_ll_dispatch_recv(const dk_ep_ll_dispatch_recv_param
 }
 
 extern "C" dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* p, dk_stream_t stream) {
-    if (p == nullptr || !group_ok(p->group) || p->rows < 0 || (p->rows > 0 && (p->y == nullptr || p->src == nullptr))) {
+    if (p == nullptr || !group_ok(p->group) || p->rows < 0 ||
+        (p->rows > 0 && (p->y == nullptr || p->src == nullptr || (p->group.staged && p->stage_rows == nullptr)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     return dk::checked_launch(
@@ -626,7 +738,8 @@ extern "C" dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* p, 
         p->k > p->group.max_topk) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    if (p->tokens > 0 && (p->topk_idx == nullptr || p->topk_weights == nullptr || p->out == nullptr)) {
+    if (p->tokens > 0 && (p->topk_idx == nullptr || p->topk_weights == nullptr || p->out == nullptr ||
+                          (p->group.staged && (p->pair_pos == nullptr || p->tokens_per_expert == nullptr)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     return dk::checked_launch(

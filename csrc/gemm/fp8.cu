@@ -9,7 +9,7 @@
 // so the tensor core's accumulator never runs across scale blocks. The bf16 tile is stored from
 // registers with bounds checks (ragged m and n).
 //
-// SASS-EXPECT: fp8_gemm_kernel QGMMA UTMALDG
+// SASS-EXPECT: fp8_gemm_kernel QGMMA UTMALDG USETMAXREG
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -29,6 +29,13 @@ constexpr int kBlockK = DK_GEMM_BLOCK_K;
 constexpr int kStages = 6;
 constexpr int kMathWarpgroups = kBlockM / 64;
 constexpr int kThreads = 128 * (1 + kMathWarpgroups);
+// setmaxnreg moves registers inside the CTA's pool, fixed at launch (one CTA per SM, registers per
+// thread in multiples of 8): the producer's 40 and the consumers' 232 must fit it, or the
+// consumers' increase waits forever.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+static_assert(128 * kProducerRegs + kMathWarpgroups * 128 * kConsumerRegs <= kThreads * ((65536 / kThreads) & ~7),
+              "the register split exceeds the CTA's register pool");
 constexpr int kWgmmaK = 32;  // K of one FP8 wgmma
 constexpr uint32_t kTileABytes = kBlockM * kBlockK;
 constexpr uint32_t kTileBBytes = kBlockN * kBlockK;
@@ -181,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
 
     if (wg == 0) {
         // NOTES: the producer needs few registers; give them to the consumers.
-        ptx::setmaxnreg_dec<40>();
+        ptx::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x != 0) {
             return;
         }
@@ -206,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
         return;
     }
 
-    ptx::setmaxnreg_inc<232>();
+    ptx::setmaxnreg_inc<kConsumerRegs>();
     const int math_wg = wg - 1;
     const int t = threadIdx.x % 128;
     const int warp = t / 32;
@@ -214,6 +221,13 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
     // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's 64,
     // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. N/8 - 1.
     const int r = math_wg * 64 + warp * 16 + lane / 4;
+    // Defined before the first wgmma reads it (its scale-d = 0 ignores the value, but the asm
+    // operand is read-write).
+    float acc[kBlockN / 2];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) {
+        acc[i] = 0.0f;
+    }
     PipelineState ps;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const TileInfo t = sched.get(tile);
@@ -221,7 +235,6 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             continue;
         }
         const float* sfb = p.sfb + (int64_t(t.expert) * n_blocks + t.n0 / 128) * k_blocks;
-        float acc[kBlockN / 2];
         float sum[kBlockN / 2];
 #pragma unroll
         for (int i = 0; i < kBlockN / 2; ++i) {
@@ -233,6 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             const float sb = __ldg(sfb + kb);
             const float scale0 = s.sfa[i][r] * sb;
             const float scale1 = s.sfa[i][r + 8] * sb;
+            ptx::fence_operands(acc);
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
@@ -241,7 +255,9 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
                 ptx::wgmma_m64n128k32_f32_e4m3_e4m3(acc, desc_a, desc_b, kk > 0);
             }
             ptx::wgmma_commit_group();
+            ptx::fence_operands(acc);
             ptx::wgmma_wait_group<0>();
+            ptx::fence_operands(acc);
             __syncwarp();
             if (lane == 0) {
                 ptx::mbarrier_arrive(&s.empty[i]);

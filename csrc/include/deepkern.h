@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 5
+#define DK_ABI_VERSION 6
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -342,6 +342,21 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  *   ll_*      low-latency staging: x [experts_per_rank * ranks * ll_max_tokens, hidden], sf f32
  *             [hidden / 128, same rows], src i32 [same rows]; row (le * ranks + s) * ll_max_tokens + p
  *   comb      bf16 [max_tokens * max_topk, hidden]: expert outputs sent back, row t * max_topk + j
+ *             (staged: row prefix[e] + pair_pos, the row the pair had in this rank's outbox)
+ *   out_*     staged only: this rank's outbox, x [max_tokens * max_topk, hidden], sf f32
+ *             [same rows, hidden / 128] (row-major), weight f32, src i32; row prefix[e] + pair_pos,
+ *             prefix[e] = sum of tokens_per_expert over experts below e (so rows go out grouped by
+ *             destination rank, then local expert, then token)
+ *   ret       staged only: bf16 [recv_rows, hidden], expert outputs in inbox order, to go back
+ *
+ * Staged transport (staged = 1: copy engines or NCCL move the bytes, not the kernels): the normal
+ * send phase writes only this rank's outbox and signals nothing; the caller moves the block of
+ * rows bound for each destination (one contiguous run per destination) into the destination's
+ * recv_* regions, which then hold source-major rows (source s's block at the sum of the rows of
+ * lower sources, inside it local expert then token order; sf row-major [rows, hidden / 128]), and
+ * sets the DISPATCH signal words itself (stream memory operations). Combine mirrors it through ret
+ * and comb. The receive phases wait on the same signal words in both transports. Low-latency mode
+ * needs the peer transport.
  *
  * A received row's source is packed as (src_rank * max_tokens + token) * max_topk + slot; -1 marks
  * padding. A phase signals a kind by storing the epoch into every peer's slot (kind, rank) with
@@ -399,6 +414,13 @@ typedef struct dk_ep_group {
     int64_t off_ll_sf;
     int64_t off_ll_src;
     int64_t off_comb;
+    int32_t staged; /* 0: peer transport; 1: staged (outbox and inbox, moved by the caller) */
+    int32_t reserved;
+    int64_t off_out_x;
+    int64_t off_out_sf;
+    int64_t off_out_weight;
+    int64_t off_out_src;
+    int64_t off_ret;
 } dk_ep_group_t;
 
 /* One rank's router output and payload, read by the send phases. */
@@ -441,6 +463,7 @@ dk_status_t dk_ep_dispatch_notify(const dk_ep_notify_params_t* params, dk_stream
  * into its expert's rank at the row the contiguous layout gives it (local experts in order, each
  * padded to m_align; inside an expert, source rank, token, slot order), then signal DISPATCH. A
  * destination whose rows would exceed recv_rows gets nothing, and DK_EP_ERROR_OVERFLOW is set.
+ * Staged: no wait, the pairs go to this rank's outbox (see above), no signal.
  */
 typedef struct dk_ep_dispatch_send_params {
     dk_ep_group_t group;
@@ -453,6 +476,7 @@ dk_status_t dk_ep_dispatch_send(const dk_ep_dispatch_send_params_t* params, dk_s
  * Normal dispatch, phase 3 of 3: wait for every rank's DISPATCH, then copy the staged rows into
  * the caller's buffers. rows = sum over local experts of round_up(count, m_align), which the caller
  * learned from the counts region; padding rows get zero payload and scales, weight 0, expert -1.
+ * Staged: the staged rows are source-major (see above) and stage_rows records where each came from.
  */
 typedef struct dk_ep_dispatch_recv_params {
     dk_ep_group_t group;
@@ -462,6 +486,7 @@ typedef struct dk_ep_dispatch_recv_params {
     float* weights;     /* [rows] */
     int32_t* src;       /* [rows]: packed source, -1 on padding */
     int32_t* counts;    /* [experts_per_rank] */
+    int32_t* stage_rows; /* staged only: [rows], the inbox row each row came from, -1 on padding */
     int64_t rows;
 } dk_ep_dispatch_recv_params_t;
 
@@ -506,12 +531,14 @@ dk_status_t dk_ep_wait(const dk_ep_wait_params_t* params, dk_stream_t stream);
 
 /*
  * Combine, send phase (both modes): every row of y whose src is not -1 goes back to its source
- * rank's comb region at row token * max_topk + slot; then signal COMBINE.
+ * rank's comb region at row token * max_topk + slot; then signal COMBINE. Staged: row r goes to
+ * this rank's ret region at row stage_rows[r], no signal (the caller moves ret's blocks back).
  */
 typedef struct dk_ep_combine_send_params {
     dk_ep_group_t group;
     const void* y;      /* [rows, hidden] bf16 */
     const int32_t* src; /* [rows] */
+    const int32_t* stage_rows; /* staged only: [rows], from the dispatch's receive phase */
     int64_t rows;
 } dk_ep_combine_send_params_t;
 
@@ -521,12 +548,15 @@ dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* params, dk_str
  * Combine, receive phase: wait for every rank's COMBINE, then
  * out[t, :] = bf16( sum over slots j with 0 <= topk_idx[t, j] < num_experts of
  *                   topk_weights[t, j] * comb[t * max_topk + j, :] ), in f32, slot order.
+ * Staged: comb row prefix[topk_idx[t, j]] + pair_pos[t, j] instead (the pair's outbox row).
  */
 typedef struct dk_ep_combine_recv_params {
     dk_ep_group_t group;
     const int32_t* topk_idx;   /* [tokens, k] */
     const float* topk_weights; /* [tokens, k] */
     void* out;                 /* [tokens, hidden] bf16 */
+    const int32_t* pair_pos;          /* staged only: [tokens, k], from the dispatch */
+    const int32_t* tokens_per_expert; /* staged only: [num_experts], from the dispatch */
     int32_t tokens;
     int32_t k;
 } dk_ep_combine_recv_params_t;

@@ -31,6 +31,28 @@ impl Payload {
     }
 }
 
+/// How normal-mode payloads cross ranks (low-latency mode always uses [`Transport::Peer`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// The send kernels write straight into the peers' buffers (SMs move the bytes).
+    #[default]
+    Peer,
+    /// The send kernel packs this rank's pairs into a local outbox, one contiguous run per
+    /// destination; asynchronous copies move the runs and stream memory operations write the
+    /// signals, so no SM is held while data is in flight.
+    CopyEngine,
+    /// As [`Transport::CopyEngine`], but the runs move with NCCL grouped send/receive: for ranks
+    /// on other hosts, or GPUs without peer access.
+    Nccl,
+}
+
+impl Transport {
+    /// Whether normal mode goes through the outbox and the source-major inbox.
+    pub const fn staged(self) -> bool {
+        !matches!(self, Transport::Peer)
+    }
+}
+
 /// The shape of an expert-parallel group; every rank must use the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupShape {
@@ -49,6 +71,8 @@ pub struct GroupShape {
     /// Rows a rank can receive in normal mode; [`GroupShape::worst_case_recv_rows`] never overflows.
     pub recv_rows: usize,
     pub payload: Payload,
+    /// How normal-mode payloads move (the staged transports add an outbox and a return region).
+    pub transport: Transport,
 }
 
 impl GroupShape {
@@ -65,6 +89,7 @@ impl GroupShape {
             m_align: 128,
             recv_rows: 0,
             payload,
+            transport: Transport::Peer,
         };
         shape.recv_rows = shape.worst_case_recv_rows();
         shape
@@ -137,6 +162,14 @@ pub struct SymmetricLayout {
     pub ll_sf: usize,
     pub ll_src: usize,
     pub comb: usize,
+    /// Staged transports only (empty otherwise): the outbox, `max_tokens · max_topk` rows of
+    /// payload, row-major scales `[rows, hidden / 128]`, weights and sources.
+    pub out_x: usize,
+    pub out_sf: usize,
+    pub out_weight: usize,
+    pub out_src: usize,
+    /// Staged transports only: bf16 `[recv_rows, hidden]` expert outputs on their way back.
+    pub ret: usize,
     /// Size of the whole buffer.
     pub bytes: usize,
 }
@@ -163,6 +196,8 @@ impl SymmetricLayout {
         let kb = h / GROUP;
         let recv = shape.recv_rows;
         let ll_rows = e.checked_mul(shape.ll_max_tokens);
+        let pairs = shape.max_tokens.checked_mul(shape.max_topk);
+        let staged = |rows: Option<usize>| if shape.transport.staged() { rows } else { Some(0) };
         let sf = |rows: Option<usize>| match shape.payload {
             Payload::Fp8 => rows.and_then(|n| n.checked_mul(kb * 4)),
             Payload::Bf16 => Some(0),
@@ -178,7 +213,12 @@ impl SymmetricLayout {
             ll_x: next(ll_rows.and_then(|n| n.checked_mul(row)))?,
             ll_sf: next(sf(ll_rows))?,
             ll_src: next(ll_rows.and_then(|n| n.checked_mul(4)))?,
-            comb: next(shape.max_tokens.checked_mul(shape.max_topk).and_then(|n| n.checked_mul(2 * h)))?,
+            comb: next(pairs.and_then(|n| n.checked_mul(2 * h)))?,
+            out_x: next(staged(pairs).and_then(|n| n.checked_mul(row)))?,
+            out_sf: next(sf(staged(pairs)))?,
+            out_weight: next(staged(pairs).and_then(|n| n.checked_mul(4)))?,
+            out_src: next(staged(pairs).and_then(|n| n.checked_mul(4)))?,
+            ret: next(staged(Some(recv)).and_then(|n| n.checked_mul(2 * h)))?,
             bytes: at,
         })
     }
@@ -251,6 +291,53 @@ pub fn ll_rows(shape: &GroupShape, counts: &[usize], src: usize, e: usize, pos: 
     (staging, out)
 }
 
+/// Staged transports, as the send kernel packs a pair: its outbox row on the source rank, from the
+/// source's `tokens_per_expert` (negative counts as 0): the pairs of lower experts plus `pos`.
+pub fn outbox_row(tokens_per_expert: &[i32], e: usize, pos: usize) -> usize {
+    tokens_per_expert[..e].iter().map(|&c| c.max(0) as usize).sum::<usize>() + pos
+}
+
+/// Staged transports: the run of rows source `src` sends to rank `dst`, from the all-gathered
+/// `counts` (`[ranks, num_experts]`): where it starts in the source's outbox, where it lands in
+/// the destination's inbox (after the runs of lower sources), and its length. Dispatch moves
+/// outbox → inbox; combine moves the same run back, from the destination's return region (inbox
+/// order) to the source's comb region (outbox order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub outbox_row: usize,
+    pub inbox_row: usize,
+    pub rows: usize,
+}
+
+pub fn staged_run(shape: &GroupShape, counts: &[i32], src: usize, dst: usize) -> Run {
+    let (ne, el) = (shape.num_experts, shape.experts_per_rank());
+    let c = |s: usize, e: usize| counts[s * ne + e].max(0) as usize;
+    let to_dst = |s: usize| (dst * el..(dst + 1) * el).map(|e| c(s, e)).sum::<usize>();
+    Run { outbox_row: (0..dst * el).map(|e| c(src, e)).sum(), inbox_row: (0..src).map(to_dst).sum(), rows: to_dst(src) }
+}
+
+/// Staged transports, as the receive kernel reads a pair: the inbox row on expert `e`'s rank of
+/// the pair of source `src` at position `pos`: the runs of lower sources, then the source's pairs
+/// of lower local experts, then `pos`.
+pub fn inbox_row(shape: &GroupShape, counts: &[i32], src: usize, e: usize, pos: usize) -> usize {
+    let (ne, el) = (shape.num_experts, shape.experts_per_rank());
+    let dst = e / el;
+    let before: usize = (0..src).map(|s| (dst * el..(dst + 1) * el).map(|x| counts[s * ne + x].max(0) as usize).sum::<usize>()).sum();
+    let inner: usize = (dst * el..e).map(|x| counts[src * ne + x].max(0) as usize).sum();
+    before + inner + pos
+}
+
+/// Staged transports, as the receive kernel resolves output row `q` of local expert `le`'s valid
+/// rows on rank `dst` (the contiguous layout's (source, token, slot) order) to its inbox row: the
+/// highest source whose earlier rows of the expert are at most `q`, then [`inbox_row`].
+pub fn inbox_row_of_output(shape: &GroupShape, counts: &[i32], dst: usize, le: usize, q: usize) -> usize {
+    let (ne, el) = (shape.num_experts, shape.experts_per_rank());
+    let e = dst * el + le;
+    let before = |s: usize| (0..s).map(|x| counts[x * ne + e].max(0) as usize).sum::<usize>();
+    let src = (1..shape.ranks).filter(|&s| before(s) <= q).max().unwrap_or(0);
+    inbox_row(shape, counts, src, e, q - before(src))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +354,27 @@ mod tests {
         assert!(regions.windows(2).all(|w| w[0] < w[1]), "{l:?}");
         assert!(regions.iter().all(|o| o % 256 == 0));
         assert_eq!(l.bytes - l.comb, round_up(3 * 2 * 2 * 128, 256));
+        assert!([l.out_x, l.out_sf, l.out_weight, l.out_src, l.ret].iter().all(|&o| o == l.bytes), "{l:?}");
+
+        let staged = SymmetricLayout::new(&GroupShape { transport: Transport::CopyEngine, ..shape }).unwrap();
+        let pairs = 3 * 2;
+        assert_eq!(staged.out_sf - staged.out_x, round_up(pairs * 128, 256));
+        assert_eq!(staged.out_weight - staged.out_sf, round_up(pairs * 4, 256));
+        assert_eq!(staged.bytes - staged.ret, round_up(shape.recv_rows * 2 * 128, 256));
+    }
+
+    #[test]
+    fn staged_runs_tile_outbox_and_inbox() {
+        let shape = GroupShape { m_align: 4, transport: Transport::Nccl, ..GroupShape::new(2, 4, 128, 8, 2, Payload::Bf16) };
+        // counts[s][e]: rank 1 holds experts 2 and 3.
+        let counts = [1, 0, 5, 0, 2, 3, 0, 0];
+        assert_eq!(staged_run(&shape, &counts, 0, 0), Run { outbox_row: 0, inbox_row: 0, rows: 1 });
+        assert_eq!(staged_run(&shape, &counts, 0, 1), Run { outbox_row: 1, inbox_row: 0, rows: 5 });
+        assert_eq!(staged_run(&shape, &counts, 1, 0), Run { outbox_row: 0, inbox_row: 1, rows: 5 });
+        assert_eq!(staged_run(&shape, &counts, 1, 1), Run { outbox_row: 5, inbox_row: 5, rows: 0 });
+        // Rank 0's expert 1: source 0 sent none, source 1 three (inbox rows 1 + 2 ..).
+        assert_eq!(inbox_row_of_output(&shape, &counts, 0, 1, 0), 3);
+        assert_eq!(inbox_row(&shape, &counts, 1, 1, 0), 3);
     }
 
     #[test]
