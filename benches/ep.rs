@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
-use deepkern::ep::{Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens};
+use deepkern::ep::{Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport};
 use deepkern::reference::ep::{EpConfig, Routing, dispatch};
 use deepkern::{F8E4M3, bf16};
 use harness::{GpuBench, Record};
@@ -105,7 +105,14 @@ fn y_value(d: usize, row: usize, c: usize) -> f32 {
 
 fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
     let mut group = c.benchmark_group("ep_normal");
-    for ranks in [2, 4, 8] {
+    // Both transports a single GPU can run: SM kernels writing into peers' buffers, and copy
+    // engines moving packed runs (the kernels only pack and unpack).
+    for (ranks, transport) in [2, 4, 8].into_iter().flat_map(|r| [(r, Transport::Peer), (r, Transport::CopyEngine)]) {
+        let tname = match transport {
+            Transport::Peer => "peer",
+            Transport::CopyEngine => "copy-engine",
+            Transport::Nccl => "nccl",
+        };
         let stream = gpu.stream.clone();
         let tokens = 4096;
         let mut rng = Xs(0x5eed + ranks as u64);
@@ -115,6 +122,7 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
         let mut shape = GroupShape::new(ranks, EXPERTS, HIDDEN, tokens, TOPK, Payload::Fp8);
         shape.ll_max_tokens = 0;
         shape.recv_rows = tokens * TOPK * 3 / 2 + EXPERTS / ranks * 128;
+        shape.transport = transport;
         let mut ep = Group::new_virtual(&stream, shape).expect("group");
         ep.set_num_sms(SMS.min(gpu.device.info().sm_count as usize)).expect("SM budget");
 
@@ -171,18 +179,20 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
 
         let sms = ep.num_sms();
         let dispatch_bytes = pairs * (HIDDEN + 4 * HIDDEN / 128);
-        let shape_json = json!({"ranks": ranks, "tokens_per_rank": tokens, "hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "sms": sms});
+        let shape_json = json!({"ranks": ranks, "tokens_per_rank": tokens, "hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "sms": sms, "transport": tname});
         let ins = inputs(&data);
         let mut run_dispatch = |_: &Arc<CudaStream>| {
             ep.dispatch(&ins).expect("dispatch");
         };
         group.throughput(Throughput::Bytes(dispatch_bytes as u64));
-        group.bench_function(BenchmarkId::new("dispatch_fp8", ranks), |b| b.iter_custom(|iters| gpu.time(iters, &mut run_dispatch)));
+        group.bench_function(BenchmarkId::new(format!("dispatch_fp8_{tname}"), ranks), |b| {
+            b.iter_custom(|iters| gpu.time(iters, &mut run_dispatch))
+        });
         let median_us = gpu.median_us(&mut run_dispatch);
         let copy_us = gpu.copy_median_us(dispatch_bytes);
         gpu.record(Record {
             kernel: "ep_dispatch_fp8",
-            case: format!("R{ranks}-{tokens}tok-{sms}sm"),
+            case: format!("R{ranks}-{tokens}tok-{sms}sm-{tname}"),
             shape: shape_json.clone(),
             median_us,
             flops: None,
@@ -195,12 +205,14 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
             ep.combine(&views, &handles).expect("combine");
         };
         group.throughput(Throughput::Bytes(combine_bytes as u64));
-        group.bench_function(BenchmarkId::new("combine_bf16", ranks), |b| b.iter_custom(|iters| gpu.time(iters, &mut run_combine)));
+        group.bench_function(BenchmarkId::new(format!("combine_bf16_{tname}"), ranks), |b| {
+            b.iter_custom(|iters| gpu.time(iters, &mut run_combine))
+        });
         let median_us = gpu.median_us(&mut run_combine);
         let copy_us = gpu.copy_median_us(combine_bytes);
         gpu.record(Record {
             kernel: "ep_combine_bf16",
-            case: format!("R{ranks}-{tokens}tok-{sms}sm"),
+            case: format!("R{ranks}-{tokens}tok-{sms}sm-{tname}"),
             shape: shape_json,
             median_us,
             flops: None,

@@ -31,6 +31,7 @@ pub mod gemm;
 mod launch;
 pub mod mla;
 pub mod moe;
+pub mod overlap;
 pub mod quant;
 
 pub use cudarc;

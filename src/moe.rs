@@ -16,10 +16,11 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use float8::F8E4M3;
 use half::bf16;
 
-use crate::ep::{Dispatched, Group, Payload, RankInput, Rows, Tokens};
+use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
 use crate::gemm::{Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_with, gemm_fp8_masked};
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
+use crate::overlap::{SmBudget, Streams, two_micro_batches};
 use crate::quant::{quantize_per_token_group, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
 
@@ -42,7 +43,11 @@ pub struct LayerInput<'a> {
 
 /// Checks the group, the intermediate size and the weights of every local rank.
 fn validate(group: &Group, inter: usize, experts: &[LocalExperts], n_inputs: usize) -> Result<()> {
-    let shape = *group.shape();
+    validate_experts(group.shape(), group.local_ranks().len(), inter, experts, n_inputs)
+}
+
+fn validate_experts(shape: &GroupShape, local: usize, inter: usize, experts: &[LocalExperts], n_inputs: usize) -> Result<()> {
+    let shape = *shape;
     if shape.payload != Payload::Fp8 {
         return Err(Error::InvalidArgument {
             arg: "group",
@@ -52,7 +57,6 @@ fn validate(group: &Group, inter: usize, experts: &[LocalExperts], n_inputs: usi
     if inter == 0 || !inter.is_multiple_of(GROUP) {
         return Err(Error::Shape { arg: "inter", expected: format!("a positive multiple of {GROUP}"), got: inter.to_string() });
     }
-    let local = group.local_ranks().len();
     if experts.len() != local || n_inputs != local {
         return Err(Error::Shape {
             arg: "inputs",
@@ -77,8 +81,17 @@ fn validate(group: &Group, inter: usize, experts: &[LocalExperts], n_inputs: usi
     Ok(())
 }
 
-/// Stage 1 (on the group's stream): quantise every local rank's tokens and dispatch them.
-fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispatched>> {
+/// Stage 1 of the layer, on the group's stream: quantises every local rank's tokens (1x128, f32
+/// scales) and dispatches them in FP8. With [`expert_stage`] and [`combine_stage`], the pieces a
+/// framework (or a benchmark timing each stage) composes into its own schedule.
+pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispatched>> {
+    if inputs.len() != group.local_ranks().len() {
+        return Err(Error::Shape {
+            arg: "inputs",
+            expected: format!("one per local rank ({})", group.local_ranks().len()),
+            got: inputs.len().to_string(),
+        });
+    }
     let h = group.shape().hidden;
     let stream = group.stream().clone();
     let mut quantised = Vec::with_capacity(inputs.len());
@@ -109,15 +122,20 @@ fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispat
     group.dispatch(&rank_inputs)
 }
 
-/// Stage 2 (on `stream`): every local rank's experts on its received rows: gate/up GEMM, fused
-/// activation, down GEMM. Returns `y` per rank (`[rows, hidden]`, at least one element).
-fn expert_stage(
+/// Stage 2 of the layer, on `stream`: every local rank's experts on the rows its normal dispatch
+/// received (`received[i]` with `experts[i]`): the gate/up grouped GEMM, the fused SwiGLU
+/// re-quantisation, the down grouped GEMM, each GEMM within `options` (its SM budget). `shape` is
+/// the group's. Returns `y` per rank (`[rows, hidden]` bf16, at least one element).
+pub fn expert_stage(
     stream: &Arc<CudaStream>,
-    (h, el, inter): (usize, usize, usize),
+    shape: &GroupShape,
+    inter: usize,
     options: GemmOptions,
     experts: &[LocalExperts],
     received: &[Dispatched],
 ) -> Result<Vec<CudaSlice<bf16>>> {
+    validate_experts(shape, received.len(), inter, experts, received.len())?;
+    let (h, el) = (shape.hidden, shape.experts_per_rank());
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
         let m = d.rows;
@@ -140,8 +158,9 @@ fn expert_stage(
     Ok(ys)
 }
 
-/// Stage 3 (on the group's stream): every token back to its rank, weighted.
-fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Dispatched]) -> Result<Vec<CudaSlice<bf16>>> {
+/// Stage 3 of the layer, on the group's stream: every expert output back to its token's rank,
+/// weighted by the router (`ys[i]` from [`expert_stage`] for `received[i]`).
+pub fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Dispatched]) -> Result<Vec<CudaSlice<bf16>>> {
     let h = group.shape().hidden;
     let views: Vec<_> = ys.iter().zip(received).map(|(y, d)| y.slice(..d.rows * h)).collect();
     let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
@@ -156,8 +175,8 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
     validate(group, inter, experts, inputs.len())?;
     let stream = group.stream().clone();
     let received = dispatch_stage(group, inputs)?;
-    let dims = (group.shape().hidden, group.shape().experts_per_rank(), inter);
-    let ys = expert_stage(&stream, dims, GemmOptions::default(), experts, &received)?;
+    let shape = *group.shape();
+    let ys = expert_stage(&stream, &shape, inter, GemmOptions::default(), experts, &received)?;
     combine_stage(group, &ys, &received)
 }
 
@@ -171,10 +190,13 @@ pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs
 /// ```
 ///
 /// `groups` are two groups of the same shape and local ranks on the same stream (one per
-/// micro-batch, so their buffers never alias); the ordering between the streams comes from
-/// cudarc's per-buffer events. The GEMMs' persistent grids leave the communication kernels'
-/// SMs ([`Group::num_sms`]) free. Every token's output is bit-identical to [`forward`]'s (a row's
-/// result depends only on its own data).
+/// micro-batch, so their buffers never alias). The schedule is
+/// [`crate::overlap::two_micro_batches`] (explicit events between the streams), and the GEMMs'
+/// persistent grids leave the communication kernels' SMs ([`Group::num_sms`]) free
+/// ([`crate::overlap::SmBudget`]). With copy-engine groups ([`crate::ep::Transport::CopyEngine`])
+/// the payloads move without SMs; give their pack/unpack kernels a few ([`Group::set_num_sms`]).
+/// Every token's output is bit-identical to [`forward`]'s (a row's result depends only on its own
+/// data).
 pub fn forward_two_batch(
     groups: [&mut Group; 2],
     compute: &Arc<CudaStream>,
@@ -191,13 +213,13 @@ pub fn forward_two_batch(
             reason: "the two micro-batch groups must have the same shape and ranks".into(),
         });
     }
-    if !Arc::ptr_eq(ga.stream(), gb.stream()) {
+    if **ga.stream() != **gb.stream() {
         return Err(Error::InvalidArgument {
             arg: "groups",
             reason: "the two micro-batch groups must share one communication stream".into(),
         });
     }
-    let (h, el) = (ga.shape().hidden, ga.shape().experts_per_rank());
+    let h = ga.shape().hidden;
     let half = |i: &LayerInput<'_>, second: bool| -> (usize, usize) {
         let cut = i.tokens / 2;
         if second { (cut, i.tokens) } else { (0, cut) }
@@ -217,21 +239,23 @@ pub fn forward_two_batch(
             })
             .collect()
     };
-    let (in_a, in_b) = (split(false), split(true));
-    // The SM budget: the GEMMs leave the communication kernels' SMs free.
-    let device_sms =
-        usize::try_from(compute.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
-            .unwrap_or(1);
-    let options = GemmOptions { max_sms: Some(device_sms.saturating_sub(ga.num_sms()).max(1)) };
-    let dims = (h, el, inter);
-    let recv_a = dispatch_stage(ga, &in_a)?;
-    let ys_a = expert_stage(compute, dims, options, experts, &recv_a)?;
-    let recv_b = dispatch_stage(gb, &in_b)?;
-    let ys_b = expert_stage(compute, dims, options, experts, &recv_b)?;
-    let out_a = combine_stage(ga, &ys_a, &recv_a)?;
-    let out_b = combine_stage(gb, &ys_b, &recv_b)?;
+    let halves = [split(false), split(true)];
+    let streams = Streams::new(ga.stream(), compute)?;
+    let options = SmBudget::for_stream(compute, ga.num_sms())?.gemm_options();
+    let shape = *ga.shape();
+    let mut groups = [ga, gb];
+    let [out_a, out_b] = {
+        // Each stage borrows its own micro-batch's group; the closures run one at a time.
+        let groups = std::cell::RefCell::new(&mut groups);
+        two_micro_batches(
+            &streams,
+            |i| dispatch_stage(groups.borrow_mut()[i], &halves[i]),
+            |_, received: &Vec<Dispatched>| expert_stage(compute, &shape, inter, options, experts, received),
+            |i, received, ys| combine_stage(groups.borrow_mut()[i], &ys, &received),
+        )?
+    };
+    let comm = groups[0].stream().clone();
     // Put the halves back together, on the communication stream.
-    let comm = ga.stream().clone();
     let mut outs = Vec::with_capacity(inputs.len());
     for ((i, a), b) in inputs.iter().zip(out_a).zip(out_b) {
         let cut = i.tokens / 2;

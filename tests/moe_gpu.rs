@@ -14,7 +14,7 @@ mod common;
 use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaSlice;
-use deepkern::ep::{Group, GroupShape, Payload};
+use deepkern::ep::{Group, GroupShape, Payload, Transport};
 use deepkern::gemm::Fp8Weights;
 use deepkern::moe::{LayerInput, LocalExperts, forward, forward_low_latency, forward_two_batch};
 use deepkern::reference::ep::Routing;
@@ -183,6 +183,12 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
     let mut seq = Group::new_virtual(&comm, shape).map_err(err)?;
     let mut ga = Group::new_virtual(&comm, shape).map_err(err)?;
     let mut gb = Group::new_virtual(&comm, shape).map_err(err)?;
+    // The zero-SM path: the same schedule over copy-engine groups (payloads on copy engines).
+    let ce = GroupShape { transport: Transport::CopyEngine, ..shape };
+    let mut ca = Group::new_virtual(&comm, ce).map_err(err)?;
+    let mut cb = Group::new_virtual(&comm, ce).map_err(err)?;
+    ca.set_num_sms(2).map_err(err)?;
+    cb.set_num_sms(2).map_err(err)?;
     for round in 0..5 {
         let ex = experts(&mut rng, num_experts, hidden, inter);
         let tokens = [rng.random_range(0..128), rng.random_range(1..128)];
@@ -215,14 +221,21 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
             .collect();
         let a = forward(&mut seq, inter, &local, &inputs).map_err(err)?;
         let b = forward_two_batch([&mut ga, &mut gb], &compute, inter, &local, &inputs).map_err(err)?;
+        let c = forward_two_batch([&mut ca, &mut cb], &compute, inter, &local, &inputs).map_err(err)?;
         for r in 0..ranks {
             let n = tokens[r] * hidden;
-            let (x, y) = (comm.clone_dtoh(&a[r]).map_err(err)?, comm.clone_dtoh(&b[r]).map_err(err)?);
-            ensure(x[..n].iter().map(|v| v.to_bits()).eq(y[..n].iter().map(|v| v.to_bits())), || {
-                format!("round {round}, rank {r} ({} tokens): the overlapped schedule differs from the sequential one", tokens[r])
-            })?;
+            let x = comm.clone_dtoh(&a[r]).map_err(err)?;
+            for (what, out) in [("peer", &b[r]), ("copy-engine", &c[r])] {
+                let y = comm.clone_dtoh(out).map_err(err)?;
+                ensure(x[..n].iter().map(|v| v.to_bits()).eq(y[..n].iter().map(|v| v.to_bits())), || {
+                    format!(
+                        "round {round}, rank {r} ({} tokens): the overlapped schedule ({what}) differs from the sequential one",
+                        tokens[r]
+                    )
+                })?;
+            }
         }
-        for g in [&seq, &ga, &gb] {
+        for g in [&seq, &ga, &gb, &ca, &cb] {
             g.check().map_err(err)?;
         }
     }
