@@ -179,7 +179,29 @@ pub fn gemm_fp8_with(
 ) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, d, None, options)
+    launch(stream, &p, a, b, Output::Bf16(d), None, options)
+}
+
+/// The f32 variant for weight gradients: `d = a · bᵀ` in f32, or with `accumulate`, `d += a · bᵀ`
+/// (each element read, added to in f32, and written back by the thread that computed it). Same
+/// operands and requirements as [`gemm_fp8`]; `d` is `[m, n]` f32, 4-byte aligned.
+pub fn gemm_fp8_f32(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    d: &mut CudaViewMut<f32>,
+    shape: GemmShape,
+    accumulate: bool,
+) -> Result<()> {
+    let p = Problem::dense(shape);
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
+    launch(stream, &p, a, b, Output::F32 { d, accumulate }, None, GemmOptions::default())
+}
+
+/// Where a launch writes.
+enum Output<'v, 'a> {
+    Bf16(&'v mut CudaViewMut<'a, bf16>),
+    F32 { d: &'v mut CudaViewMut<'a, f32>, accumulate: bool },
 }
 
 /// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
@@ -220,7 +242,7 @@ pub fn gemm_fp8_contiguous_with(
     }
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, d, Some(m_indices), options)
+    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), options)
 }
 
 /// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the
@@ -235,11 +257,24 @@ pub fn gemm_fp8_masked(
     d: &mut CudaViewMut<bf16>,
     shape: MaskedShape,
 ) -> Result<()> {
+    gemm_fp8_masked_with(stream, a, b, masked_m, d, shape, GemmOptions::default())
+}
+
+/// [`gemm_fp8_masked`] with launch options (an SM budget).
+pub fn gemm_fp8_masked_with(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    masked_m: &CudaView<i32>,
+    d: &mut CudaViewMut<bf16>,
+    shape: MaskedShape,
+    options: GemmOptions,
+) -> Result<()> {
     let MaskedShape { groups, max_m, n, k } = shape;
     let m = groups.checked_mul(max_m).ok_or(Error::InvalidArgument { arg: "max_m", reason: format!("{groups} x {max_m} overflows") })?;
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m, n, k, groups, scale_rows: max_m };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(masked_m.len()))?;
-    launch(stream, &p, a, b, d, Some(masked_m), GemmOptions::default())
+    launch(stream, &p, a, b, Output::Bf16(d), Some(masked_m), options)
 }
 
 /// The one launch path of every layout: pointers, alignment, tensor maps, params, the call.
@@ -248,7 +283,7 @@ fn launch(
     p: &Problem,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    d: &mut CudaViewMut<bf16>,
+    d: Output,
     index: Option<&CudaView<i32>>,
     options: GemmOptions,
 ) -> Result<()> {
@@ -266,11 +301,18 @@ fn launch(
     }
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
-    let d_ptr = launch.output(d);
+    let (d_ptr, d_f32_ptr, accumulate) = match d {
+        Output::Bf16(d) => (launch.output(d), 0, false),
+        Output::F32 { d, accumulate } => (0, launch.output(d), accumulate),
+    };
     for (arg, addr) in [("a", a_ptr), ("sfa", sfa_ptr), ("b", b_ptr), ("sfb", sfb_ptr)] {
         check_aligned(arg, addr, 16)?;
     }
-    check_aligned("d", d_ptr, 2)?;
+    if d_f32_ptr == 0 {
+        check_aligned("d", d_ptr, 2)?;
+    } else {
+        check_aligned("d", d_f32_ptr, 4)?;
+    }
     let kb = p.k / GROUP;
     let scale_groups = p.m.checked_div(p.scale_rows).unwrap_or(1).max(1);
     let (u8_t, f32_t) = (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
@@ -283,6 +325,8 @@ fn launch(
         tma_sfa: tensor_map_2d(sfa_ptr, f32_t, 4, scale_groups * kb, tma_aligned_rows(p.scale_rows), 1, block_m, none)?,
         sfb: sfb_ptr as *const f32,
         d: d_ptr as *mut u16,
+        d_f32: d_f32_ptr as *mut f32,
+        accumulate: i32::from(accumulate),
         m_indices: if is(ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS) { index_ptr.unwrap_or(0) as *const i32 } else { std::ptr::null() },
         masked_m: if is(ffi::dk_gemm_layout::DK_GEMM_MASKED) { index_ptr.unwrap_or(0) as *const i32 } else { std::ptr::null() },
         m: p.m as i32,

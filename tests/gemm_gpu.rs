@@ -22,10 +22,11 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::fp8::e4m3_encode;
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_f32, gemm_fp8_masked,
+    gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
-use deepkern::reference::gemm::{Fp8Operand, gemm_entries, grouped_contiguous, grouped_masked};
+use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use rand::Rng;
@@ -41,6 +42,7 @@ fn main() {
         ("contiguous_matches_reference", contiguous_matches_reference),
         ("masked_matches_reference", masked_matches_reference),
         ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
+        ("f32_output_and_accumulate", f32_output_and_accumulate),
     ]);
 }
 
@@ -389,6 +391,83 @@ fn sm_budget_changes_nothing_but_the_grid(gpu: &Gpu) -> TestResult {
                 })?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Runs the f32 variant on `h` with `c` as D's initial value inside NaN guards of 64 elements.
+/// Returns D and whether the guards survived.
+fn run_gemm_f32(stream: &Arc<CudaStream>, h: &Host, c: &[f32], accumulate: bool) -> Result<(Vec<f32>, bool), Error> {
+    let GemmShape { m, n, k } = h.shape;
+    let guard = 64;
+    let to_f8 = |v: &[u8]| v.iter().map(|&b| F8E4M3::from_bits(b)).collect::<Vec<_>>();
+    let d_a = stream.clone_htod(&to_f8(&h.a))?;
+    let d_b = stream.clone_htod(&to_f8(&h.b))?;
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN))?;
+    let d_sb = stream.clone_htod(&h.sb)?;
+    let mut init = vec![f32::NAN; m * n + 2 * guard];
+    init[guard..guard + m * n].copy_from_slice(c);
+    let mut d_d = stream.clone_htod(&init)?;
+    gemm_fp8_f32(
+        stream,
+        &Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() },
+        &Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() },
+        &mut d_d.slice_mut(guard..guard + m * n),
+        h.shape,
+        accumulate,
+    )?;
+    let all = stream.clone_dtoh(&d_d)?;
+    let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.is_nan());
+    Ok((all[guard..guard + m * n].to_vec(), guards_ok))
+}
+
+/// The f32 variant: exact on small integers with power-of-two scales (D = A·Bᵀ over a NaN-poisoned
+/// D, and D += A·Bᵀ over integer C), within f32 rounding of the f64 reference on random operands,
+/// never writing outside D.
+fn f32_output_and_accumulate(gpu: &Gpu) -> TestResult {
+    const INTS: [f32; 9] = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0];
+    let mut rng = gpu.rng("f32_output_and_accumulate");
+    let stream = gpu.stream();
+    for (m, n, k) in [(1, 1, 128), (130, 257, 384), (300, 700, 512)] {
+        let shape = GemmShape { m, n, k };
+        let kb = k / 128;
+        let pow2 = |rng: &mut StdRng| 2f32.powi(rng.random_range(-1..2));
+        let h = Host {
+            a: (0..m * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+            sa: (0..m * kb).map(|_| pow2(&mut rng)).collect(),
+            b: (0..n * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+            sb: (0..n.div_ceil(128) * kb).map(|_| pow2(&mut rng)).collect(),
+            shape,
+        };
+        let c: Vec<f32> = (0..m * n).map(|_| rng.random_range(-64..64) as f32).collect();
+        let poison = vec![f32::NAN; m * n];
+        for (accumulate, init) in [(false, &poison), (true, &c)] {
+            let (d, guards_ok) = run_gemm_f32(&stream, &h, init, accumulate).map_err(|e| format!("{shape:?}: {e}"))?;
+            ensure(guards_ok, || format!("{shape:?} accumulate={accumulate}: wrote outside D"))?;
+            let want = if accumulate {
+                gemm_accumulate(h.a_op(), h.b_op(), k, &c)
+            } else {
+                gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n))
+            };
+            for (i, (g, w)) in d.iter().zip(&want).enumerate() {
+                ensure(g.to_bits() == (*w as f32).to_bits(), || {
+                    format!("{shape:?} accumulate={accumulate}: D[{}, {}] = {g} want {w}", i / n, i % n)
+                })?;
+            }
+        }
+    }
+    for (m, n, k) in [(129, 255, 640), (256, 7168, 2048)] {
+        let shape = GemmShape { m, n, k };
+        let (h, _, _) = random_host(&mut rng, shape);
+        let c: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let (d, guards_ok) = run_gemm_f32(&stream, &h, &c, true).map_err(|e| format!("{shape:?}: {e}"))?;
+        ensure(guards_ok, || format!("{shape:?}: wrote outside D"))?;
+        let at = sample(&mut rng, m, n);
+        let got: Vec<f32> = at.iter().map(|&(r, col)| d[r * n + col]).collect();
+        let product = gemm_entries(h.a_op(), h.b_op(), k, &at);
+        let want: Vec<f64> = at.iter().zip(product).map(|(&(r, col), p)| p + f64::from(c[r * n + col])).collect();
+        let diff = calc_diff(&got, &want);
+        ensure(diff < 1e-5, || format!("{shape:?}: calc_diff vs the f64 reference {diff:e}"))?;
     }
     Ok(())
 }

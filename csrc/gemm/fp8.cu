@@ -59,6 +59,8 @@ struct KernelParams {
     CUtensorMap tma_sfa;
     const float* sfb;
     __nv_bfloat16* d;
+    float* d_f32;     // instead of d: f32 output
+    bool accumulate;  // with d_f32: D += A·Bᵀ
     const int32_t* m_indices;
     const int32_t* masked_m;
     int m, n, k;
@@ -282,7 +284,24 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
             if (!keep) {
                 continue;
             }
-            __nv_bfloat16* d_row = p.d + int64_t(t.a_row + r + 8 * half) * p.n;
+            const int64_t row_offset = int64_t(t.a_row + r + 8 * half) * p.n;
+            if (p.d_f32 != nullptr) {
+                // f32 output; accumulate: each element is read and written by this thread only.
+                float* d_row = p.d_f32 + row_offset;
+#pragma unroll
+                for (int j = 0; j < kBlockN / 8; ++j) {
+                    const int col = t.n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        if (col + h < p.n) {
+                            const float v = sum[4 * j + 2 * half + h];
+                            d_row[col + h] = p.accumulate ? d_row[col + h] + v : v;
+                        }
+                    }
+                }
+                continue;
+            }
+            __nv_bfloat16* d_row = p.d + row_offset;
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
                 const int col = t.n0 + 8 * j + 2 * (lane % 4);
@@ -316,7 +335,7 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     if (p->m == 0 || p->n == 0) {
         return DK_STATUS_OK;
     }
-    if (p->sfb == nullptr || p->d == nullptr) {
+    if (p->sfb == nullptr || (p->d == nullptr) == (p->d_f32 == nullptr) || (p->accumulate != 0 && p->d_f32 == nullptr)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     KernelParams kp;
@@ -326,6 +345,8 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     std::memcpy(&kp.tma_sfa, &p->tma_sfa, sizeof(CUtensorMap));
     kp.sfb = p->sfb;
     kp.d = reinterpret_cast<__nv_bfloat16*>(p->d);
+    kp.d_f32 = p->d_f32;
+    kp.accumulate = p->accumulate != 0;
     kp.m_indices = p->m_indices;
     kp.masked_m = p->masked_m;
     kp.m = p->m;

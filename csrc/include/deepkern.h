@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 6
+#define DK_ABI_VERSION 7
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -176,7 +176,9 @@ typedef struct dk_gemm_fp8_params {
     dk_tensor_map_t tma_b;
     dk_tensor_map_t tma_sfa;
     const float* sfb;         /* [groups, ceil(n / 128), k / 128] */
-    uint16_t* d;              /* [m, n] bf16 bits */
+    uint16_t* d;              /* [m, n] bf16 bits; NULL when d_f32 is given */
+    float* d_f32;             /* or [m, n] f32: D = A·Bᵀ, or D += A·Bᵀ with accumulate (weight gradients) */
+    int32_t accumulate;       /* with d_f32 only: 1 reads D and adds the product in f32 */
     const int32_t* m_indices; /* DK_GEMM_CONTIGUOUS: [m] */
     const int32_t* masked_m;  /* DK_GEMM_MASKED: [groups] */
     int32_t m;
