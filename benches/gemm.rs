@@ -1,9 +1,15 @@
 //! Dense FP8 block-scaled GEMM on DeepSeek-V3's projection shapes.
 //!
 //! Models: FLOPs = `2·m·n·k`; bytes = `m·k + n·k` (E4M3) `+ 2·m·n` (bf16 D) plus the scales.
-//! Baseline in the same run: cuBLASLt's BF16 GEMM on the same shape (`cublaslt_bf16`): the
-//! measured dense-GEMM rate of this GPU without FP8. The FP8 block-scaled cuBLASLt baseline
-//! (VEC128 x BLK128x128 scales) is still to be added; until then no "vs cuBLASLt FP8" claim is made.
+//! Baselines in the same run, one line each per case:
+//! - `gemm_fp8_dense` against `cublaslt_fp8_blockscaled`: cuBLASLt's FP8 GEMM with the same
+//!   DeepSeek-style scales (CUDA ≥ 12.9 on Hopper: 1x128 `VEC128_32F` on the activations,
+//!   128x128 `BLK128x128_32F` on the weights), on the very buffers our kernel reads. Its output is
+//!   compared with ours first; where cuBLASLt refuses the case or disagrees, the line has no
+//!   baseline and the bench says why.
+//! - `gemm_fp8_dense_vs_bf16` against `cublaslt_bf16`: cuBLASLt's BF16 GEMM on the same shape, the
+//!   rate a user without FP8 gets.
+//!
 //! Operands come from the GPU quantisers; every case is checked on a random sample of entries
 //! against the f64 reference before it is timed.
 
@@ -83,22 +89,55 @@ fn main() {
             group.throughput(Throughput::Elements(flops as u64));
             group.bench_function(BenchmarkId::new("fp8", &case), |b| b.iter_custom(|iters| gpu.time(iters, &mut launch)));
             let median_us = gpu.median_us(&mut launch);
-            let baseline = blas.as_ref().map(|blas| {
+            let fp8_baseline = blas.as_ref().and_then(|blas| {
+                let lt = match LtFp8::new(blas, &stream, shape, &sb, &sa) {
+                    Ok(lt) => lt,
+                    Err(why) => {
+                        eprintln!("{case}: no cuBLASLt FP8 block-scaled baseline: {why}");
+                        return None;
+                    }
+                };
+                let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+                if let Err(why) = lt.run(blas, &stream, &qb, &qa, &mut out) {
+                    eprintln!("{case}: cuBLASLt FP8 block-scaled matmul failed: {why}");
+                    return None;
+                }
+                let (ours, theirs) = (stream.clone_dtoh(&d).expect("download"), stream.clone_dtoh(&out).expect("download"));
+                let diff = calc_diff(&ours, &theirs);
+                if diff.is_nan() || diff >= 1e-3 {
+                    eprintln!(
+                        "{case}: cuBLASLt FP8 block-scaled output differs from ours (calc_diff {diff:e}); not using it as a baseline"
+                    );
+                    return None;
+                }
+                let us = gpu.median_us(|s| lt.run(blas, s, &qb, &qa, &mut out).expect("cuBLASLt FP8 matmul"));
+                Some(("cublaslt_fp8_blockscaled", us))
+            });
+            let shape_json = json!({"m": m, "n": n, "k": k});
+            gpu.record(Record {
+                kernel: "gemm_fp8_dense",
+                case: case.clone(),
+                shape: shape_json.clone(),
+                median_us,
+                flops: Some(flops as f64),
+                bytes: Some(bytes as f64),
+                baseline: fp8_baseline,
+            });
+            if let Some(blas) = &blas {
                 let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
                 let cfg = harness::cublaslt_nt(m, n, k);
                 // SAFETY: the buffers hold n·k, m·k and m·n bf16 elements as the config describes.
                 let us = gpu.median_us(|_| unsafe { blas.matmul(cfg, &d_w, &d_x, &mut out, None, None) }.expect("cuBLASLt bf16 matmul"));
-                ("cublaslt_bf16", us)
-            });
-            gpu.record(Record {
-                kernel: "gemm_fp8_dense",
-                case,
-                shape: json!({"m": m, "n": n, "k": k}),
-                median_us,
-                flops: Some(flops as f64),
-                bytes: Some(bytes as f64),
-                baseline,
-            });
+                gpu.record(Record {
+                    kernel: "gemm_fp8_dense_vs_bf16",
+                    case,
+                    shape: shape_json,
+                    median_us,
+                    flops: Some(flops as f64),
+                    bytes: Some(bytes as f64),
+                    baseline: Some(("cublaslt_bf16", us)),
+                });
+            }
         }
     }
     group.finish();
@@ -127,4 +166,141 @@ fn check(
     let got: Vec<f32> = at.iter().map(|&(r, c)| got_all[r * n + c].to_f32()).collect();
     let diff = calc_diff(&got, &want);
     assert!(diff < 1e-4, "{shape:?}: calc_diff {diff:e} against the reference; not timing a wrong kernel");
+}
+
+/// cuBLASLt's FP8 GEMM with DeepSeek-style block scales, set up for row-major
+/// `D[m, n] = A[m, k] · B[n, k]ᵀ` (column-major `Dᵀ = op(B) · Aᵀ`: B is cuBLASLt's A operand,
+/// transposed, with 128x128 scales; A is its B operand with 1x128 scales). cuBLASLt reads A's
+/// scales as `[k/128, m]` with m contiguous and B's as `[n/128, round_up(k/128, 4)]` with the
+/// K blocks contiguous; our quantisers' layouts are exactly these when `m % 4 == 0` and
+/// `(k/128) % 4 == 0`, so other cases are refused rather than repacked.
+struct LtFp8 {
+    desc: lt::sys::cublasLtMatmulDesc_t,
+    layouts: [lt::sys::cublasLtMatrixLayout_t; 3],
+    algo: lt::sys::cublasLtMatmulAlgo_t,
+    workspace: deepkern::cudarc::driver::CudaSlice<u8>,
+}
+
+use deepkern::cudarc::cublaslt as lt;
+use deepkern::cudarc::cublaslt::MatmulShared;
+use deepkern::cudarc::driver::{DevicePtr, DevicePtrMut};
+
+const LT_WORKSPACE: usize = 32 << 20;
+
+impl LtFp8 {
+    fn new(
+        blas: &CudaBlasLT,
+        stream: &Arc<CudaStream>,
+        shape: GemmShape,
+        sb: &deepkern::cudarc::driver::CudaSlice<f32>,
+        sa: &deepkern::cudarc::driver::CudaSlice<f32>,
+    ) -> Result<Self, String> {
+        use lt::sys::cublasLtMatmulDescAttributes_t as A;
+        let GemmShape { m, n, k } = shape;
+        if m % 4 != 0 || (k / 128) % 4 != 0 {
+            return Err(format!("m = {m} or k/128 = {} is not a multiple of 4 (scale layouts differ)", k / 128));
+        }
+        let e = |what: &'static str| move |err: lt::result::CublasError| format!("{what}: {err:?}");
+        let desc = lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::sys::cudaDataType_t::CUDA_R_32F)
+            .map_err(e("matmul descriptor"))?;
+        let f8 = lt::sys::cudaDataType_t::CUDA_R_8F_E4M3;
+        let layouts = [
+            lt::result::create_matrix_layout(f8, k as u64, n as u64, k as i64).map_err(e("layout of B"))?,
+            lt::result::create_matrix_layout(f8, k as u64, m as u64, k as i64).map_err(e("layout of A"))?,
+            lt::result::create_matrix_layout(lt::sys::cudaDataType_t::CUDA_R_16BF, n as u64, m as u64, n as i64)
+                .map_err(e("layout of D"))?,
+        ];
+        let mut me = Self {
+            desc,
+            layouts,
+            algo: unsafe { std::mem::zeroed() },
+            workspace: stream.alloc_zeros::<u8>(LT_WORKSPACE).map_err(|err| format!("{err:?}"))?,
+        };
+        let (sb_ptr, _g1) = sb.device_ptr(stream);
+        let (sa_ptr, _g2) = sa.device_ptr(stream);
+        let set = |attr: A, value: &[u8]| {
+            // SAFETY: `value` is the attribute's documented type, read during the call only.
+            unsafe { lt::result::set_matmul_desc_attribute(desc, attr, value.as_ptr().cast(), value.len()) }
+                .map_err(e("descriptor attribute"))
+        };
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32.to_ne_bytes() /* CUBLAS_OP_T */)?;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32.to_ne_bytes() /* CUBLAS_OP_N */)?;
+        set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb_ptr.to_ne_bytes())?;
+        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr.to_ne_bytes())?;
+        let mode = |m: lt::sys::cublasLtMatmulMatrixScale_t| (m as u32).to_ne_bytes();
+        set(
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+            &mode(lt::sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F),
+        )?;
+        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode(lt::sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F))?;
+        let pref = lt::result::create_matmul_pref().map_err(e("preference"))?;
+        let ws = (LT_WORKSPACE as u64).to_ne_bytes();
+        // SAFETY: a u64, as the attribute requires.
+        let heuristic = unsafe {
+            lt::result::set_matmul_pref_attribute(
+                pref,
+                lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                ws.as_ptr().cast(),
+                ws.len(),
+            )
+            .and_then(|()| {
+                lt::result::get_matmul_algo_heuristic(*blas.handle(), desc, layouts[0], layouts[1], layouts[2], layouts[2], pref)
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { lt::result::destroy_matmul_pref(pref) };
+        me.algo = heuristic.map_err(e("no algorithm for this case"))?.algo;
+        Ok(me)
+    }
+
+    /// `d = a · bᵀ` on `stream` (bf16 `[m, n]`).
+    fn run(
+        &self,
+        blas: &CudaBlasLT,
+        stream: &Arc<CudaStream>,
+        b: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
+        a: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
+        d: &mut deepkern::cudarc::driver::CudaSlice<bf16>,
+    ) -> Result<(), String> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (b_ptr, _g1) = b.device_ptr(stream);
+        let (a_ptr, _g2) = a.device_ptr(stream);
+        let (d_ptr, _g3) = d.device_ptr_mut(stream);
+        let (ws_ptr, _g4) = self.workspace.device_ptr(stream);
+        // SAFETY: the layouts describe these buffers (checked lengths: the bench allocated them
+        // for this shape); the scale pointers set in `new` outlive the bench case.
+        unsafe {
+            lt::result::matmul(
+                *blas.handle(),
+                self.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b_ptr as *const _,
+                self.layouts[0],
+                a_ptr as *const _,
+                self.layouts[1],
+                d_ptr as *const _,
+                self.layouts[2],
+                d_ptr as *mut _,
+                self.layouts[2],
+                &self.algo,
+                ws_ptr as *mut _,
+                LT_WORKSPACE,
+                stream.cu_stream() as _,
+            )
+        }
+        .map_err(|err| format!("{err:?}"))
+    }
+}
+
+impl Drop for LtFp8 {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once; errors cannot be reported from drop.
+        unsafe {
+            let _ = lt::result::destroy_matmul_desc(self.desc);
+            for l in self.layouts {
+                let _ = lt::result::destroy_matrix_layout(l);
+            }
+        }
+    }
 }
