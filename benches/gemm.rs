@@ -1,4 +1,5 @@
-//! Dense FP8 block-scaled GEMM on DeepSeek-V3's projection shapes.
+//! FP8 block-scaled GEMM on DeepSeek-V3's projection shapes (dense) and MoE shapes (grouped
+//! contiguous and masked).
 //!
 //! Models: FLOPs = `2·m·n·k`; bytes = `m·k + n·k` (E4M3) `+ 2·m·n` (bf16 D) plus the scales.
 //! Baselines in the same run, one line each per case:
@@ -22,7 +23,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::CudaStream;
-use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, gemm_fp8};
+use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
@@ -141,7 +142,127 @@ fn main() {
         }
     }
     group.finish();
+    grouped(&mut gpu, &mut c, blas.as_ref());
     c.final_summary();
+}
+
+/// MoE shapes: contiguous (groups, rows per group) and masked (groups, rows per group), each with
+/// every expert full (uniform segments; masked_m = rows). Baseline: cuBLASLt's FP8 block-scaled
+/// dense GEMM over all the rows with one expert's weights, the same FLOPs in one dense call (a
+/// ceiling for a grouped kernel, which also reads `groups` weight matrices).
+fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
+    let stream = gpu.stream.clone();
+    let mut group = c.benchmark_group("gemm_fp8_grouped");
+    let cases = [(true, 4, 8192), (true, 8, 4096), (false, 1, 1024), (false, 2, 512), (false, 4, 256)];
+    for (n, k) in [(4096usize, 7168usize), (7168, 2048)] {
+        for (contiguous, groups, rows) in cases {
+            let m = groups * rows;
+            let shape = GemmShape { m, n, k };
+            let w = random_bf16(groups * n * k, 0.2, (groups * n + k) as u64);
+            let d_w = stream.clone_htod(&w).expect("upload w");
+            let bs = BlockShape::batched(groups, n, k);
+            let mut qb = stream.alloc_zeros::<F8E4M3>(groups * n * k).expect("alloc");
+            let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
+            quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::F32).expect("quantise w");
+            let x = random_bf16(m * k, 4.0, (m * 3 + k) as u64);
+            let d_x = stream.clone_htod(&x).expect("upload x");
+            let ts = if contiguous { TokenGroupShape::new(m, k) } else { TokenGroupShape::batched(groups, rows, k) };
+            let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).expect("alloc");
+            let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
+            quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::F32).expect("quantise x");
+            let index: Vec<i32> = if contiguous { (0..m).map(|r| (r / rows) as i32).collect() } else { vec![rows as i32; groups] };
+            let d_index = stream.clone_htod(&index).expect("upload index");
+            let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+            let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>| {
+                let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
+                let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
+                if contiguous {
+                    gemm_fp8_contiguous(s, &a, &b, &d_index.as_view(), &mut d.as_view_mut(), shape, groups).expect("contiguous gemm");
+                } else {
+                    let ms = MaskedShape { groups, max_m: rows, n, k };
+                    gemm_fp8_masked(s, &a, &b, &d_index.as_view(), &mut d.as_view_mut(), ms).expect("masked gemm");
+                }
+            };
+            run(&stream, &mut d);
+            check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, groups, rows, contiguous);
+            let mut launch = |s: &Arc<CudaStream>| run(s, &mut d);
+            let flops = 2 * m * n * k;
+            let bytes = m * k + groups * n * k + 2 * m * n + 4 * (ts.scale_elements().unwrap() + bs.scale_elements().unwrap());
+            let layout = if contiguous { "contiguous" } else { "masked" };
+            let case = format!("{layout}_g{groups}_m{rows}_n{n}_k{k}");
+            group.throughput(Throughput::Elements(flops as u64));
+            group.bench_function(BenchmarkId::new(layout, &case), |b| b.iter_custom(|iters| gpu.time(iters, &mut launch)));
+            let median_us = gpu.median_us(&mut launch);
+            // The dense ceiling: all rows against expert 0's weights, in one cuBLASLt call (the
+            // contiguous layout's scales are already the dense layout; masked ones are not).
+            let baseline = blas.filter(|_| contiguous).and_then(|blas| {
+                let (qb0, sb0) = (qb.slice(..n * k), sb.slice(..BlockShape::new(n, k).scale_elements().unwrap()));
+                let qb0 = stream.clone_dtoh(&qb0).ok().and_then(|v| stream.clone_htod(&v).ok())?;
+                let sb0 = stream.clone_dtoh(&sb0).ok().and_then(|v| stream.clone_htod(&v).ok())?;
+                let lt =
+                    LtFp8::new(blas, &stream, shape, &sb0, &sa).map_err(|why| eprintln!("{case}: no cuBLASLt baseline: {why}")).ok()?;
+                let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+                lt.run(blas, &stream, &qb0, &qa, &mut out).map_err(|why| eprintln!("{case}: cuBLASLt failed: {why}")).ok()?;
+                Some((
+                    "cublaslt_fp8_blockscaled_dense_same_flops",
+                    gpu.median_us(|s| lt.run(blas, s, &qb0, &qa, &mut out).expect("cuBLASLt")),
+                ))
+            });
+            gpu.record(Record {
+                kernel: "gemm_fp8_grouped",
+                case,
+                shape: json!({"layout": layout, "groups": groups, "m_per_group": rows, "n": n, "k": k}),
+                median_us,
+                flops: Some(flops as f64),
+                bytes: Some(bytes as f64),
+                baseline,
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Refuses to time a wrong grouped kernel: a sample of entries against the f64 reference, each
+/// against its own expert's weights.
+#[allow(clippy::too_many_arguments)]
+fn check_grouped(
+    stream: &Arc<CudaStream>,
+    qa: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
+    sa: &deepkern::cudarc::driver::CudaSlice<f32>,
+    qb: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
+    sb: &deepkern::cudarc::driver::CudaSlice<f32>,
+    d: &deepkern::cudarc::driver::CudaSlice<bf16>,
+    shape: GemmShape,
+    groups: usize,
+    rows: usize,
+    contiguous: bool,
+) {
+    let GemmShape { m, n, k } = shape;
+    let kb = k / 128;
+    let bytes = |v: Vec<F8E4M3>| v.iter().map(F8E4M3::to_bits).collect::<Vec<u8>>();
+    let (a, b) = (bytes(stream.clone_dtoh(qa).unwrap()), bytes(stream.clone_dtoh(qb).unwrap()));
+    let sa_h = stream.clone_dtoh(sa).unwrap();
+    // Row-major [m, kb] scales of A from either layout.
+    let sa_rows = if contiguous {
+        scales_from_tma_layout(&sa_h, m, kb)
+    } else {
+        let per = sa_h.len() / groups;
+        (0..groups).flat_map(|g| scales_from_tma_layout(&sa_h[g * per..(g + 1) * per], rows, kb)).collect()
+    };
+    let sb_h = stream.clone_dtoh(sb).unwrap();
+    let got_all = stream.clone_dtoh(d).unwrap();
+    let sb_per = n.div_ceil(128) * kb;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for i in 0..512usize {
+        let (r, col) = ((i * 2_654_435_761) % m, (i * 40_503 + 17) % n);
+        let g = r / rows;
+        let b_g = Fp8Operand { q: &b[g * n * k..(g + 1) * n * k], scales: &sb_h[g * sb_per..(g + 1) * sb_per], rows: n };
+        let a_r = Fp8Operand { q: &a[r * k..(r + 1) * k], scales: &sa_rows[r * kb..(r + 1) * kb], rows: 1 };
+        want.extend(gemm_entries(a_r, b_g, k, &[(0, col)]));
+        got.push(got_all[r * n + col].to_f32());
+    }
+    let diff = calc_diff(&got, &want);
+    assert!(diff < 1e-4, "grouped {shape:?}: calc_diff {diff:e} against the reference; not timing a wrong kernel");
 }
 
 /// Refuses to time a wrong kernel: a random sample of D against the f64 reference on the same
