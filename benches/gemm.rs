@@ -81,7 +81,8 @@ fn main() {
                 gemm_fp8(s, &a, &b, &mut d.as_view_mut(), shape).expect("gemm");
             };
             run(&stream, &mut d);
-            check(&stream, &qa, &sa, &qb, &sb, &d, shape);
+            // A dense GEMM is one group of all the rows.
+            check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
             let mut launch = |s: &Arc<CudaStream>| run(s, &mut d);
 
             let flops = 2 * m * n * k;
@@ -222,8 +223,8 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
     group.finish();
 }
 
-/// Refuses to time a wrong grouped kernel: a sample of entries against the f64 reference, each
-/// against its own expert's weights.
+/// Refuses to time a wrong kernel: a sample of entries against the f64 reference on the same
+/// quantised operands, each row against its own group's weights (`rows` rows per group).
 #[allow(clippy::too_many_arguments)]
 fn check_grouped(
     stream: &Arc<CudaStream>,
@@ -263,30 +264,6 @@ fn check_grouped(
     }
     let diff = calc_diff(&got, &want);
     assert!(diff < 1e-4, "grouped {shape:?}: calc_diff {diff:e} against the reference; not timing a wrong kernel");
-}
-
-/// Refuses to time a wrong kernel: a random sample of D against the f64 reference on the same
-/// quantised operands.
-fn check(
-    stream: &Arc<CudaStream>,
-    qa: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-    sa: &deepkern::cudarc::driver::CudaSlice<f32>,
-    qb: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-    sb: &deepkern::cudarc::driver::CudaSlice<f32>,
-    d: &deepkern::cudarc::driver::CudaSlice<bf16>,
-    shape: GemmShape,
-) {
-    let GemmShape { m, n, k } = shape;
-    let bytes = |v: Vec<F8E4M3>| v.iter().map(F8E4M3::to_bits).collect::<Vec<u8>>();
-    let (a, b) = (bytes(stream.clone_dtoh(qa).unwrap()), bytes(stream.clone_dtoh(qb).unwrap()));
-    let sa_rows = scales_from_tma_layout(&stream.clone_dtoh(sa).unwrap(), m, k / 128);
-    let sb_h = stream.clone_dtoh(sb).unwrap();
-    let got_all = stream.clone_dtoh(d).unwrap();
-    let at: Vec<(usize, usize)> = (0..1024usize).map(|i| ((i * 2_654_435_761) % m, (i * 40_503 + 17) % n)).collect();
-    let want = gemm_entries(Fp8Operand { q: &a, scales: &sa_rows, rows: m }, Fp8Operand { q: &b, scales: &sb_h, rows: n }, k, &at);
-    let got: Vec<f32> = at.iter().map(|&(r, c)| got_all[r * n + c].to_f32()).collect();
-    let diff = calc_diff(&got, &want);
-    assert!(diff < 1e-4, "{shape:?}: calc_diff {diff:e} against the reference; not timing a wrong kernel");
 }
 
 /// cuBLASLt's FP8 GEMM with DeepSeek-style block scales, set up for row-major

@@ -369,12 +369,7 @@ impl Group {
     pub fn new_node(comm: &cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         use cudarc::driver::sys::{CUipcMem_flags, CUipcMemHandle};
         refuse_nccl(&shape, "Group::new_node")?;
-        if shape.ranks != comm.world_size() {
-            return Err(Error::InvalidArgument {
-                arg: "ranks",
-                reason: format!("the shape has {} ranks, the communicator {}", shape.ranks, comm.world_size()),
-            });
-        }
+        check_world(&shape, comm)?;
         let layout = SymmetricLayout::new(&shape)?;
         let stream = comm.stream();
         let ctx = stream.context().clone();
@@ -446,12 +441,7 @@ impl Group {
     /// ([`Group::comm`] lends it back).
     pub fn new_nccl(comm: cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         let shape = GroupShape { transport: Transport::Nccl, ..shape };
-        if shape.ranks != comm.world_size() {
-            return Err(Error::InvalidArgument {
-                arg: "ranks",
-                reason: format!("the shape has {} ranks, the communicator {}", shape.ranks, comm.world_size()),
-            });
-        }
+        check_world(&shape, &comm)?;
         let layout = SymmetricLayout::new(&shape)?;
         let stream = comm.stream();
         let sm_count =
@@ -1180,6 +1170,16 @@ impl Group {
 enum Direction {
     Dispatch,
     Combine,
+}
+
+fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
+    if shape.ranks != comm.world_size() {
+        return Err(Error::InvalidArgument {
+            arg: "ranks",
+            reason: format!("the shape has {} ranks, the communicator {}", shape.ranks, comm.world_size()),
+        });
+    }
+    Ok(())
 }
 
 fn refuse_nccl(shape: &GroupShape, what: &str) -> Result<()> {

@@ -89,24 +89,30 @@ fn run_gemm(stream: &Arc<CudaStream>, h: &Host, guard: usize) -> Result<(Vec<bf1
     Ok((all[guard..guard + m * n].to_vec(), guards_ok))
 }
 
-fn exact_small_integers(gpu: &Gpu) -> TestResult {
+/// Operands of small integers with power-of-two scales, exponents -1..=1: partial sums (128
+/// products <= 16) times scale products <= 4, summed over <= 8 blocks, stay multiples of 2^-2
+/// below 2^16, i.e. exact in f32's 24 bits (and in the tensor core's narrower accumulator, which
+/// only ever holds integers <= 2048).
+fn small_integer_host(rng: &mut StdRng, shape: GemmShape) -> Host {
     const INTS: [f32; 9] = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0];
+    let GemmShape { m, n, k } = shape;
+    let kb = k / 128;
+    let pow2 = |rng: &mut StdRng| 2f32.powi(rng.random_range(-1..2));
+    Host {
+        a: (0..m * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+        sa: (0..m * kb).map(|_| pow2(rng)).collect(),
+        b: (0..n * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
+        sb: (0..n.div_ceil(128) * kb).map(|_| pow2(rng)).collect(),
+        shape,
+    }
+}
+
+fn exact_small_integers(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("exact_small_integers");
     let stream = gpu.stream();
     for (m, n, k) in [(1, 1, 128), (64, 128, 128), (130, 257, 384), (128, 128, 1024), (300, 700, 512)] {
         let shape = GemmShape { m, n, k };
-        let kb = k / 128;
-        // Exponents -1..=1: partial sums (128 products <= 16) times scale products <= 4, summed
-        // over <= 8 blocks, stay multiples of 2^-2 below 2^16, i.e. exact in f32's 24 bits (and in
-        // the tensor core's narrower accumulator, which only ever holds integers <= 2048).
-        let pow2 = |rng: &mut StdRng| 2f32.powi(rng.random_range(-1..2));
-        let h = Host {
-            a: (0..m * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
-            sa: (0..m * kb).map(|_| pow2(&mut rng)).collect(),
-            b: (0..n * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
-            sb: (0..n.div_ceil(128) * kb).map(|_| pow2(&mut rng)).collect(),
-            shape,
-        };
+        let h = small_integer_host(&mut rng, shape);
         let (d, _) = run_gemm(&stream, &h, 0).map_err(|e| format!("{shape:?}: {e}"))?;
         let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
         for (i, (g, w)) in d.iter().zip(&want).enumerate() {
@@ -425,20 +431,11 @@ fn run_gemm_f32(stream: &Arc<CudaStream>, h: &Host, c: &[f32], accumulate: bool)
 /// D, and D += A·Bᵀ over integer C), within f32 rounding of the f64 reference on random operands,
 /// never writing outside D.
 fn f32_output_and_accumulate(gpu: &Gpu) -> TestResult {
-    const INTS: [f32; 9] = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0];
     let mut rng = gpu.rng("f32_output_and_accumulate");
     let stream = gpu.stream();
     for (m, n, k) in [(1, 1, 128), (130, 257, 384), (300, 700, 512)] {
         let shape = GemmShape { m, n, k };
-        let kb = k / 128;
-        let pow2 = |rng: &mut StdRng| 2f32.powi(rng.random_range(-1..2));
-        let h = Host {
-            a: (0..m * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
-            sa: (0..m * kb).map(|_| pow2(&mut rng)).collect(),
-            b: (0..n * k).map(|_| e4m3_encode(INTS[rng.random_range(0..9)])).collect(),
-            sb: (0..n.div_ceil(128) * kb).map(|_| pow2(&mut rng)).collect(),
-            shape,
-        };
+        let h = small_integer_host(&mut rng, shape);
         let c: Vec<f32> = (0..m * n).map(|_| rng.random_range(-64..64) as f32).collect();
         let poison = vec![f32::NAN; m * n];
         for (accumulate, init) in [(false, &poison), (true, &c)] {

@@ -285,32 +285,24 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
                 continue;
             }
             const int64_t row_offset = int64_t(t.a_row + r + 8 * half) * p.n;
-            if (p.d_f32 != nullptr) {
-                // f32 output; accumulate: each element is read and written by this thread only.
-                float* d_row = p.d_f32 + row_offset;
+            // Writes this thread's columns of the row: value(sum, address) gives what to store.
+            const auto store = [&](auto* d_row, auto value) {
 #pragma unroll
                 for (int j = 0; j < kBlockN / 8; ++j) {
                     const int col = t.n0 + 8 * j + 2 * (lane % 4);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         if (col + h < p.n) {
-                            const float v = sum[4 * j + 2 * half + h];
-                            d_row[col + h] = p.accumulate ? d_row[col + h] + v : v;
+                            d_row[col + h] = value(sum[4 * j + 2 * half + h], d_row + col + h);
                         }
                     }
                 }
-                continue;
-            }
-            __nv_bfloat16* d_row = p.d + row_offset;
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-                const int col = t.n0 + 8 * j + 2 * (lane % 4);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    if (col + h < p.n) {
-                        d_row[col + h] = __float2bfloat16_rn(sum[4 * j + 2 * half + h]);
-                    }
-                }
+            };
+            if (p.d_f32 != nullptr) {
+                // f32 output; accumulate: each element is read and written by this thread only.
+                store(p.d_f32 + row_offset, [&](float v, const float* at) { return p.accumulate ? *at + v : v; });
+            } else {
+                store(p.d + row_offset, [](float v, const __nv_bfloat16*) { return __float2bfloat16_rn(v); });
             }
         }
     }
