@@ -86,6 +86,10 @@ impl Problem {
         if groups == 0 {
             return Err(Error::InvalidArgument { arg: "groups", reason: "must be at least 1".into() });
         }
+        let max_masked = ffi::DK_GEMM_MAX_MASKED_GROUPS as usize;
+        if self.layout == ffi::dk_gemm_layout::DK_GEMM_MASKED && groups > max_masked {
+            return Err(Error::InvalidArgument { arg: "groups", reason: format!("{groups} exceeds the masked layout's {max_masked}") });
+        }
         for (arg, v) in [("m", m), ("n", n), ("k", k), ("groups", groups), ("n", groups.saturating_mul(n))] {
             if i32::try_from(v).is_err() {
                 return Err(Error::InvalidArgument { arg, reason: format!("{v} does not fit in i32") });
@@ -380,6 +384,8 @@ mod tests {
         assert_eq!(arg(masked.validate(lens.0, 2 * 12, lens.2, lens.3, lens.4, Some(3))), "sfa");
         assert_eq!(arg(masked.validate(lens.0, lens.1, 130 * 256, lens.3, lens.4, Some(3))), "b");
         assert_eq!(arg(masked.validate(lens.0, lens.1, lens.2, lens.3, lens.4, Some(2))), "masked_m");
+        let many = Problem { groups: 1025, m: 1025 * 10, ..masked };
+        assert!(matches!(many.validate(0, 0, 0, 0, 0, Some(1025)), Err(Error::InvalidArgument { arg: "groups", .. })));
         // Contiguous: 256 rows of 2 experts.
         let contiguous =
             Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..Problem::dense(GemmShape { m: 256, n: 64, k: 128 }) };

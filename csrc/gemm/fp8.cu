@@ -51,7 +51,9 @@ struct SharedStorage {
     uint64_t empty[kStages];
 };
 constexpr size_t kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024
-static_assert(kSmemBytes <= 232448, "shared memory plan exceeds Hopper's 227 KiB opt-in limit");
+// Dynamic plus the masked layout's static snapshot of the per-group tiles and rows.
+static_assert(kSmemBytes + (2 * DK_GEMM_MAX_MASKED_GROUPS + 1) * sizeof(int) <= 232448,
+              "shared memory plan exceeds Hopper's 227 KiB opt-in limit");
 
 struct KernelParams {
     CUtensorMap tma_a;
@@ -77,24 +79,19 @@ struct TileInfo {
     bool skip;        // contiguous: the block is padding or names no valid expert
 };
 
-// Maps tile indices to operands. Producer and consumers both use it, so they always agree.
+// Maps tile indices to operands. Producer and consumers both use it, so they always agree; the
+// masked layout's per-group tiles come from a shared-memory snapshot of masked_m (`tile_prefix`,
+// groups + 1 entries: tiles of the groups before each; `rows`: the clamped rows of each group).
 template <dk_gemm_layout_t kLayout>
 struct Scheduler {
     const KernelParams& p;
     int n_tiles;
-
-    __device__ int group_rows(int g) const {
-        const int rows = p.masked_m[g];
-        return rows < 0 ? 0 : (rows > p.max_m ? p.max_m : rows);
-    }
+    const int* tile_prefix;
+    const int* rows;
 
     __device__ int num_tiles() const {
         if constexpr (kLayout == DK_GEMM_MASKED) {
-            int tiles = 0;
-            for (int g = 0; g < p.groups; ++g) {
-                tiles += ceil_div(group_rows(g), kBlockM) * n_tiles;
-            }
-            return tiles;
+            return tile_prefix[p.groups];
         }
         return ceil_div(p.m, kBlockM) * n_tiles;
     }
@@ -102,23 +99,26 @@ struct Scheduler {
     __device__ TileInfo get(int tile) const {
         TileInfo t{};
         if constexpr (kLayout == DK_GEMM_MASKED) {
-            int g = 0;
-            int rows = group_rows(0);
-            for (; g < p.groups; ++g) {
-                rows = group_rows(g);
-                const int tiles_g = ceil_div(rows, kBlockM) * n_tiles;
-                if (tile < tiles_g) {
-                    break;
+            // The last group whose first tile is at or before `tile` (groups with no tiles share
+            // their successor's prefix and are passed over).
+            int lo = 0, hi = p.groups - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) / 2;
+                if (tile_prefix[mid] <= tile) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
                 }
-                tile -= tiles_g;
             }
-            const int m_tiles = ceil_div(rows, kBlockM);
+            const int g = lo;
+            tile -= tile_prefix[g];
+            const int m_tiles = ceil_div(rows[g], kBlockM);
             t.m0 = (tile % m_tiles) * kBlockM;
             t.n0 = (tile / m_tiles) * kBlockN;
             t.a_row = g * p.max_m + t.m0;
             t.sfa_y = g * (p.k / kBlockK);
             t.expert = g;
-            t.row_limit = rows;
+            t.row_limit = rows[g];
         } else {
             const int m_tiles = ceil_div(p.m, kBlockM);
             t.m0 = (tile % m_tiles) * kBlockM;
@@ -172,8 +172,24 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
     const int n_tiles = ceil_div(p.n, kBlockN);
     const int n_blocks = ceil_div(p.n, 128);  // B scale rows per expert
     const int k_blocks = p.k / kBlockK;
-    const Scheduler<kLayout> sched{p, n_tiles};
-    const int tiles = sched.num_tiles();
+    // Masked layout: one snapshot of masked_m per CTA (clamped rows and the tiles' prefix).
+    __shared__ int s_tile_prefix[kLayout == DK_GEMM_MASKED ? DK_GEMM_MAX_MASKED_GROUPS + 1 : 1];
+    __shared__ int s_rows[kLayout == DK_GEMM_MASKED ? DK_GEMM_MAX_MASKED_GROUPS : 1];
+    if constexpr (kLayout == DK_GEMM_MASKED) {
+        for (int g = threadIdx.x; g < p.groups; g += kThreads) {
+            const int rows = p.masked_m[g];
+            s_rows[g] = rows < 0 ? 0 : (rows > p.max_m ? p.max_m : rows);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int tiles = 0;
+            for (int g = 0; g < p.groups; ++g) {
+                s_tile_prefix[g] = tiles;
+                tiles += ceil_div(s_rows[g], kBlockM) * n_tiles;
+            }
+            s_tile_prefix[p.groups] = tiles;
+        }
+    }
     const int wg = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
@@ -187,6 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const __grid_cons
         ptx::prefetch_tensormap(&p.tma_sfa);
     }
     __syncthreads();
+    const Scheduler<kLayout> sched{p, n_tiles, s_tile_prefix, s_rows};
+    const int tiles = sched.num_tiles();
 
     if (wg == 0) {
         // NOTES: the producer needs few registers; give them to the consumers.
@@ -318,7 +336,8 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     if (p->layout == DK_GEMM_CONTIGUOUS && p->m_indices == nullptr) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    if (p->layout == DK_GEMM_MASKED && (p->masked_m == nullptr || p->max_m < 0 || int64_t(p->groups) * p->max_m != p->m)) {
+    if (p->layout == DK_GEMM_MASKED && (p->masked_m == nullptr || p->max_m < 0 || p->groups > DK_GEMM_MAX_MASKED_GROUPS ||
+                                        int64_t(p->groups) * p->max_m != p->m)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     if (p->layout != DK_GEMM_DENSE && p->layout != DK_GEMM_CONTIGUOUS && p->layout != DK_GEMM_MASKED) {

@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 7
+#define DK_ABI_VERSION 8
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -138,6 +138,8 @@ typedef struct dk_tensor_map {
 #define DK_GEMM_BLOCK_M 128
 #define DK_GEMM_BLOCK_N 128
 #define DK_GEMM_BLOCK_K 128
+/* Most groups of the masked layout (each CTA snapshots the per-group tile counts in shared memory). */
+#define DK_GEMM_MAX_MASKED_GROUPS 1024
 
 /*
  * Dense FP8 block-scaled GEMM, NT (DeepSeek-V3 recipe):
@@ -159,7 +161,9 @@ typedef struct dk_tensor_map {
  *   DK_GEMM_MASKED: A is [groups, max_m, k] (tma_a covers groups * max_m rows; tma_sfa the
  *     per-token quantiser's [groups, k/128, m_pad] scales as groups * k/128 rows), D is
  *     [groups, max_m, n]; only rows r < masked_m[g] (device memory, clamped to max_m) are computed
- *     and stored.
+ *     and stored. Every CTA reads masked_m once, at its start, into shared memory, so its producer
+ *     and consumers walk the same tiles even if masked_m changed during the launch;
+ *     groups <= DK_GEMM_MAX_MASKED_GROUPS.
  *
  * Contract (checked by the Rust wrapper, which also encodes the tensor maps): m, n >= 0;
  * k > 0 and k % 128 == 0; num_sms >= 1; groups >= 1 for the grouped layouts; masked: m ==
