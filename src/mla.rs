@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUtensorMapDataType, CUtensorMapSwizzle};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
@@ -320,14 +320,17 @@ pub fn decode<T: MlaElement>(
     let (max_pages32, num_pages32) = (int_arg::<i32>("max_pages", kv.max_pages)?, int_arg::<i32>("cache", num_pages)?);
     int_arg::<i32>("cache", num_pages * kv.page)?;
     int_arg::<i32>("q", batch * rows)?;
+    // TMA reads q and the cache in 16-byte units; the kernel stores out in 4-byte pairs and the
+    // combine in 16-byte vectors: all checked before the first launch (the schedule's).
+    check_aligned("q", q.device_ptr(stream).0, 16)?;
+    check_aligned("cache", kv.cache.device_ptr(stream).0, 16)?;
+    check_aligned("out", out.device_ptr(stream).0, 16)?;
 
     plan_on_device(stream, &kv.lens, &mut ws.schedule)?;
     {
         let mut launch = Launch::new("mla_decode", stream)?;
         let q_ptr = launch.input(q);
         let kv_ptr = launch.input(&kv.cache);
-        check_aligned("q", q_ptr, 16)?;
-        check_aligned("cache", kv_ptr, 16)?;
         let sw128 = CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
         let box_rows = kv.page.min(64) as u32;
         let params = ffi::dk_mla_decode_params {

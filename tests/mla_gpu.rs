@@ -359,9 +359,45 @@ fn decode_masks_invalid_pages(gpu: &Gpu) -> TestResult {
     let mut h = host_decode::<bf16>(&mut rng, DecodeShape { batch: 3, s_q: 1, h_q: 16 }, 32, vec![100, 64, 300]);
     // A page index past the cache inside request 2's length (slot 3 of its 10 pages).
     h.block_table[2 * h.max_pages + 3] = 1 << 20;
-    let (out, lse, invalid) = gpu_decode::<bf16>(gpu, &h, 0.05, false)?;
+    let scale = 0.05f32;
+    let (out, lse, invalid) = gpu_decode::<bf16>(gpu, &h, scale, false)?;
     ensure(invalid > 0, || "the invalid page index was not counted".into())?;
-    ensure(out.iter().all(|v| v.is_finite()) && lse.iter().all(|v| v.is_finite()), || "outputs are not finite".into())
+    ensure(out.iter().all(|v| v.is_finite()) && lse.iter().all(|v| v.is_finite()), || "outputs are not finite".into())?;
+    // The keys of the invalid page count as absent (not as keys of logit 0): attention over the
+    // remaining keys, in f64.
+    let num_pages = (h.cache.len() / (h.page * HEAD_DIM_K)) as i32;
+    let (mut want, mut want_lse) = (vec![0.0f64; out.len()], vec![0.0f64; lse.len()]);
+    for b in 0..h.shape.batch {
+        let len = h.lens[b] as usize;
+        let keys: Vec<usize> = (0..len).filter(|&t| (0..num_pages).contains(&h.block_table[b * h.max_pages + t / h.page])).collect();
+        for hq in 0..h.shape.h_q {
+            let row = b * h.shape.h_q + hq;
+            let qv = &h.q[row * HEAD_DIM_K..(row + 1) * HEAD_DIM_K];
+            let key = |t: usize| {
+                let at = (h.block_table[b * h.max_pages + t / h.page] as usize * h.page + t % h.page) * HEAD_DIM_K;
+                &h.cache[at..at + HEAD_DIM_K]
+            };
+            let logits: Vec<f64> = keys
+                .iter()
+                .map(|&t| f64::from(scale) * qv.iter().zip(key(t)).map(|(&a, &c)| f64::from(a) * f64::from(c)).sum::<f64>())
+                .collect();
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            for (&t, l) in keys.iter().zip(&logits) {
+                let p = (l - max).exp() / sum;
+                for (c, &v) in key(t)[..HEAD_DIM_V].iter().enumerate() {
+                    want[row * HEAD_DIM_V + c] += p * f64::from(v);
+                }
+            }
+            want_lse[row] = max + sum.ln();
+        }
+    }
+    let diff = calc_diff(&out, &want);
+    ensure(diff <= 1e-5, || format!("calc_diff {diff:.3e} against attention without the invalid page's keys"))?;
+    for (r, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
+        ensure((f64::from(g) - w).abs() <= 1e-3, || format!("lse of row {r}: {g} vs {w} (the invalid page's keys must not count)"))?;
+    }
+    Ok(())
 }
 
 fn decode_rejects_bad_input(gpu: &Gpu) -> TestResult {

@@ -250,10 +250,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
             const int piece = p.page < kBlockN ? p.page : kBlockN;
             // A tail inside the tile: loaded pieces may still hold keys past the length (the rest
             // of the last page), which must not reach P·V even with P = 0 (0 · NaN = NaN).
-            bool any_hole = (blk + 1) * kBlockN > len;
+            // Bit j: piece j of the tile was loaded (its page index was valid). Keys of other
+            // pieces are masked below like keys past the length, so they never enter the softmax.
+            uint32_t loaded = 0;
             for (int j = 0; j < kBlockN / piece; ++j) {
-                any_hole |= piece_row(p, req, len, blk, j, piece) < 0;
+                loaded |= uint32_t(piece_row(p, req, len, blk, j, piece) >= 0) << j;
             }
+            const bool any_hole = (blk + 1) * kBlockN > len || loaded != (1u << (kBlockN / piece)) - 1u;
             if (any_hole) {
                 for (int i = threadIdx.x; i < kBoxes * kBlockN * 8; i += kThreads) {
                     const int box = i / (kBlockN * 8), row = (i / 8) % kBlockN, chunk16 = i % 8;
@@ -266,8 +269,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
                 ptx::bar_sync(1, kThreads);
             }
 
-            // S = Q·Kᵀ for keys 32·wg .. 32·wg + 31 of the tile.
+            // S = Q·Kᵀ for keys 32·wg .. 32·wg + 31 of the tile. The accumulators are defined
+            // before the first wgmma (scale-d = 0 ignores them, but the operand is read-write) and
+            // pinned around the asynchronous section (ptx::fence_operands).
             float s[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                s[i] = 0.0f;
+            }
+            ptx::fence_operands(s);
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < kDimK / 16; ++kk) {
@@ -277,7 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
                 Elem<T>::qk(s, da, db, kk > 0);
             }
             ptx::wgmma_commit_group();
+            ptx::fence_operands(s);
             ptx::wgmma_wait_group<0>();
+            ptx::fence_operands(s);
 
             // Mask, scale, and this warpgroup's row maxima.
             float tile_max[2] = {-INFINITY, -INFINITY};
@@ -286,9 +298,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int h = e / 2;
-                    const int key = blk * kBlockN + wg * 32 + 8 * j + 2 * quad + (e % 2);
+                    const int in_tile = wg * 32 + 8 * j + 2 * quad + (e % 2);
+                    const int key = blk * kBlockN + in_tile;
                     float& v = s[4 * j + e];
-                    v = key < visible[h] ? v * p.scale_log2 : -INFINITY;
+                    const bool keep = key < visible[h] && ((loaded >> (in_tile / piece)) & 1u) != 0;
+                    v = keep ? v * p.scale_log2 : -INFINITY;
                     tile_max[h] = fmaxf(tile_max[h], v);
                 }
             }
@@ -346,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
             ptx::bar_sync(1, kThreads);
 
             // O[:, 256·wg ..] += P·V: V rows are the tile's keys, its columns boxes 4·wg .. 4·wg + 3.
+            ptx::fence_operands(o);
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -354,7 +369,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
                 Elem<T>::pv(o, da, db);
             }
             ptx::wgmma_commit_group();
+            ptx::fence_operands(o);
             ptx::wgmma_wait_group<0>();
+            ptx::fence_operands(o);
             stage ^= 1;
         }
 
@@ -426,6 +443,9 @@ extern "C" dk_status_t dk_mla_decode(const dk_mla_decode_params_t* p, dk_stream_
     const int64_t rows = int64_t(p->s_q) * p->h_q;
     if (rows > INT32_MAX / 2 || int64_t(p->batch) * rows > INT32_MAX) {
         return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (int64_t(p->num_pages) * p->page > INT32_MAX) {
+        return DK_STATUS_INVALID_ARGUMENT;  // TMA row coordinates of the cache are 32-bit
     }
     if (p->batch == 0) {
         return DK_STATUS_OK;
