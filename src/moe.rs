@@ -92,8 +92,17 @@ pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Di
             got: inputs.len().to_string(),
         });
     }
+    let quantised = quantise(group, inputs)?;
+    group.dispatch(&rank_inputs(inputs, &quantised, group.shape().hidden))
+}
+
+/// One rank's tokens in FP8 for a dispatch: e4m3 rows, their scales, and the scales' length.
+type Quantised = (CudaSlice<F8E4M3>, CudaSlice<f32>, usize);
+
+/// Quantises every local rank's tokens (1x128, f32 scales) on the group's stream.
+fn quantise(group: &Group, inputs: &[LayerInput]) -> Result<Vec<Quantised>> {
     let h = group.shape().hidden;
-    let stream = group.stream().clone();
+    let stream = group.stream();
     let mut quantised = Vec::with_capacity(inputs.len());
     for i in inputs {
         if i.x.len() != i.tokens * h {
@@ -104,13 +113,18 @@ pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Di
         let mut q = stream.alloc_zeros::<F8E4M3>((i.tokens * h).max(1))?;
         let mut sf = stream.alloc_zeros::<f32>(n_sf.max(1))?;
         if i.tokens > 0 {
-            quantize_per_token_group(&stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
+            quantize_per_token_group(stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
         }
         quantised.push((q, sf, n_sf));
     }
-    let rank_inputs: Vec<RankInput> = inputs
+    Ok(quantised)
+}
+
+/// The dispatch inputs of the quantised tokens.
+fn rank_inputs<'a>(inputs: &'a [LayerInput], quantised: &'a [Quantised], h: usize) -> Vec<RankInput<'a>> {
+    inputs
         .iter()
-        .zip(&quantised)
+        .zip(quantised)
         .map(|(i, (q, sf, n_sf))| RankInput {
             x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..*n_sf) },
             topk_idx: i.topk_idx.slice(..),
@@ -118,8 +132,7 @@ pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Di
             tokens: i.tokens,
             k: i.k,
         })
-        .collect();
-    group.dispatch(&rank_inputs)
+        .collect()
 }
 
 /// Stage 2 of the layer, on `stream`: every local rank's experts on the rows its normal dispatch
@@ -286,32 +299,8 @@ pub fn forward_low_latency(
     let (h, el, cap) = (shape.hidden, shape.experts_per_rank(), shape.ll_capacity());
     let stream = group.stream().clone();
     // Quantise, then the low-latency dispatch.
-    let mut quantised = Vec::with_capacity(inputs.len());
-    for i in inputs {
-        if i.x.len() != i.tokens * h {
-            return Err(Error::Shape { arg: "x", expected: format!("[{}, {h}] bf16", i.tokens), got: format!("{} elements", i.x.len()) });
-        }
-        let ts = TokenGroupShape::new(i.tokens, h);
-        let n_sf = ts.scale_elements().unwrap_or(0);
-        let mut q = stream.alloc_zeros::<F8E4M3>((i.tokens * h).max(1))?;
-        let mut sf = stream.alloc_zeros::<f32>(n_sf.max(1))?;
-        if i.tokens > 0 {
-            quantize_per_token_group(&stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
-        }
-        quantised.push((q, sf, n_sf));
-    }
-    let rank_inputs: Vec<RankInput> = inputs
-        .iter()
-        .zip(&quantised)
-        .map(|(i, (q, sf, n_sf))| RankInput {
-            x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..*n_sf) },
-            topk_idx: i.topk_idx.slice(..),
-            topk_weights: i.topk_weights.slice(..),
-            tokens: i.tokens,
-            k: i.k,
-        })
-        .collect();
-    let received = group.dispatch_low_latency(&rank_inputs)?;
+    let quantised = quantise(group, inputs)?;
+    let received = group.dispatch_low_latency(&rank_inputs(inputs, &quantised, h))?;
     // Experts on the masked layout: only the first masked_m[e] rows of each expert are computed.
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
