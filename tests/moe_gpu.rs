@@ -69,6 +69,36 @@ fn upload(
     (stream.clone_htod(&q).unwrap(), stream.clone_htod(&sf).unwrap())
 }
 
+/// Device weights of one rank: (w13 q, scales), (w2 q, scales).
+type DevExperts = ((CudaSlice<F8E4M3>, CudaSlice<f32>), (CudaSlice<F8E4M3>, CudaSlice<f32>));
+/// Device tokens of one rank: x, topk_idx, topk_weights (at least one element each).
+type DevTokens = (CudaSlice<bf16>, CudaSlice<i32>, CudaSlice<f32>);
+
+fn local_experts(dev_w: &[DevExperts]) -> Vec<LocalExperts<'_>> {
+    dev_w
+        .iter()
+        .map(|((q13, s13), (q2, s2))| LocalExperts {
+            w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
+            w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
+        })
+        .collect()
+}
+
+/// The layer inputs of `tokens[r]` tokens per rank (the buffers may hold a padding element).
+fn layer_inputs<'a>(dev_x: &'a [DevTokens], tokens: &[usize], hidden: usize, k: usize) -> Vec<LayerInput<'a>> {
+    dev_x
+        .iter()
+        .zip(tokens)
+        .map(|((x, i, w), &t)| LayerInput {
+            x: x.slice(..t * hidden),
+            topk_idx: i.slice(..t * k),
+            topk_weights: w.slice(..t * k),
+            tokens: t,
+            k,
+        })
+        .collect()
+}
+
 fn routing(rng: &mut StdRng, tokens: usize, k: usize, experts: usize) -> (Vec<i32>, Vec<f32>) {
     let mut idx = Vec::new();
     for _ in 0..tokens {
@@ -108,24 +138,8 @@ fn layer_matches_reference(gpu: &Gpu) -> TestResult {
                 )
             })
             .collect();
-        let local: Vec<LocalExperts> = dev_w
-            .iter()
-            .map(|((q13, s13), (q2, s2))| LocalExperts {
-                w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
-                w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
-            })
-            .collect();
-        let inputs: Vec<LayerInput> = dev_x
-            .iter()
-            .zip(&tokens)
-            .map(|((x, i, w), &t)| LayerInput {
-                x: x.slice(..t * hidden),
-                topk_idx: i.slice(..t * k),
-                topk_weights: w.slice(..t * k),
-                tokens: t,
-                k,
-            })
-            .collect();
+        let local = local_experts(&dev_w);
+        let inputs = layer_inputs(&dev_x, &tokens, hidden, k);
         let outs = forward(&mut group, inter, &local, &inputs).map_err(err)?;
         group.check().map_err(err)?;
         let refs: Vec<ExpertRef> = ex.w13.iter().zip(&ex.w2).map(|(a, b)| ExpertRef { w13: a, w2: b }).collect();
@@ -201,24 +215,8 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
                 (comm.clone_htod(&x).unwrap(), comm.clone_htod(&i).unwrap(), comm.clone_htod(&w).unwrap())
             })
             .collect();
-        let local: Vec<LocalExperts> = dev_w
-            .iter()
-            .map(|((q13, s13), (q2, s2))| LocalExperts {
-                w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
-                w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
-            })
-            .collect();
-        let inputs: Vec<LayerInput> = dev_x
-            .iter()
-            .zip(&tokens)
-            .map(|((x, i, w), &t)| LayerInput {
-                x: x.slice(..t * hidden),
-                topk_idx: i.slice(..t * k),
-                topk_weights: w.slice(..t * k),
-                tokens: t,
-                k,
-            })
-            .collect();
+        let local = local_experts(&dev_w);
+        let inputs = layer_inputs(&dev_x, &tokens, hidden, k);
         let a = forward(&mut seq, inter, &local, &inputs).map_err(err)?;
         let b = forward_two_batch([&mut ga, &mut gb], &compute, inter, &local, &inputs).map_err(err)?;
         let c = forward_two_batch([&mut ca, &mut cb], &compute, inter, &local, &inputs).map_err(err)?;
@@ -260,18 +258,8 @@ fn low_latency_equals_normal(gpu: &Gpu) -> TestResult {
             (stream.clone_htod(&x).unwrap(), stream.clone_htod(&i).unwrap(), stream.clone_htod(&w).unwrap())
         })
         .collect();
-    let local: Vec<LocalExperts> = dev_w
-        .iter()
-        .map(|((q13, s13), (q2, s2))| LocalExperts {
-            w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) },
-            w2: Fp8Weights { q: q2.slice(..), sf: s2.slice(..) },
-        })
-        .collect();
-    let inputs: Vec<LayerInput> = dev_x
-        .iter()
-        .zip(&tokens)
-        .map(|((x, i, w), &t)| LayerInput { x: x.slice(..), topk_idx: i.slice(..), topk_weights: w.slice(..), tokens: t, k })
-        .collect();
+    let local = local_experts(&dev_w);
+    let inputs = layer_inputs(&dev_x, &tokens, hidden, k);
     let a = forward(&mut group, inter, &local, &inputs).map_err(err)?;
     let b = forward_low_latency(&mut group, inter, &local, &inputs).map_err(err)?;
     for r in 0..ranks {
