@@ -21,7 +21,7 @@ use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::ep::{Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport};
 use deepkern::reference::ep::{EpConfig, Routing, dispatch};
 use deepkern::{F8E4M3, bf16};
-use harness::{GpuBench, Record};
+use harness::{GpuBench, Record, Xs};
 use serde_json::json;
 
 const HIDDEN: usize = 7168;
@@ -29,18 +29,6 @@ const EXPERTS: usize = 256;
 const TOPK: usize = 8;
 /// SMs each communication kernel may use (the budget).
 const SMS: usize = 24;
-
-/// xorshift: deterministic inputs without a generator crate in the timed process.
-struct Xs(u64);
-
-impl Xs {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Uniform top-k routing with distinct experts; weights in (0, 1].
 fn routing(rng: &mut Xs, tokens: usize) -> (Vec<i32>, Vec<f32>) {

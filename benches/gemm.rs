@@ -198,8 +198,6 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
             // contiguous layout's scales are already the dense layout; masked ones are not).
             let baseline = blas.filter(|_| contiguous).and_then(|blas| {
                 let (qb0, sb0) = (qb.slice(..n * k), sb.slice(..BlockShape::new(n, k).scale_elements().unwrap()));
-                let qb0 = stream.clone_dtoh(&qb0).ok().and_then(|v| stream.clone_htod(&v).ok())?;
-                let sb0 = stream.clone_dtoh(&sb0).ok().and_then(|v| stream.clone_htod(&v).ok())?;
                 let lt =
                     LtFp8::new(blas, &stream, shape, &sb0, &sa).map_err(|why| eprintln!("{case}: no cuBLASLt baseline: {why}")).ok()?;
                 let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
@@ -290,8 +288,8 @@ impl LtFp8 {
         blas: &CudaBlasLT,
         stream: &Arc<CudaStream>,
         shape: GemmShape,
-        sb: &deepkern::cudarc::driver::CudaSlice<f32>,
-        sa: &deepkern::cudarc::driver::CudaSlice<f32>,
+        sb: &impl DevicePtr<f32>,
+        sa: &impl DevicePtr<f32>,
     ) -> Result<Self, String> {
         use lt::sys::cublasLtMatmulDescAttributes_t as A;
         let GemmShape { m, n, k } = shape;
@@ -356,9 +354,9 @@ impl LtFp8 {
         &self,
         blas: &CudaBlasLT,
         stream: &Arc<CudaStream>,
-        b: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-        a: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-        d: &mut deepkern::cudarc::driver::CudaSlice<bf16>,
+        b: &impl DevicePtr<F8E4M3>,
+        a: &impl DevicePtr<F8E4M3>,
+        d: &mut impl DevicePtrMut<bf16>,
     ) -> Result<(), String> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (b_ptr, _g1) = b.device_ptr(stream);

@@ -33,7 +33,7 @@ use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
 use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
 use deepkern::{F8E4M3, bf16};
-use harness::{GpuBench, Record};
+use harness::{GpuBench, Record, Xs};
 use serde_json::json;
 
 const HIDDEN: usize = 7168;
@@ -41,16 +41,6 @@ const INTER: usize = 2048;
 const EXPERTS: usize = 256;
 const TOPK: usize = 8;
 const SMS: usize = 24;
-
-struct Xs(u64);
-impl Xs {
-    fn f(&mut self, lo: f32, hi: f32) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        lo + (hi - lo) * ((self.0 >> 40) as f32 / (1u64 << 24) as f32)
-    }
-}
 
 struct Rank {
     x: Vec<f32>,

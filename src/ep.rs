@@ -849,10 +849,7 @@ impl Group {
                 for &s in ranks {
                     for d in 0..r {
                         let (from, to, rows) = run(s, d);
-                        for &(src_off, dst_off, row) in &arrays {
-                            if rows == 0 {
-                                continue;
-                            }
+                        for &(src_off, dst_off, row) in arrays.iter().filter(|_| rows > 0) {
                             let src = self.peer_addrs[s] + (src_off + from * row) as u64;
                             let dst = self.peer_addrs[d] + (dst_off + to * row) as u64;
                             // SAFETY: both ranges lie inside live symmetric buffers: the runs tile

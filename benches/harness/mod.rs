@@ -35,6 +35,25 @@ pub struct GpuBench {
     out_dir: PathBuf,
 }
 
+/// xorshift: deterministic inputs without a generator crate in the timed process.
+#[allow(dead_code)] // not every bench uses it
+pub struct Xs(pub u64);
+
+#[allow(dead_code)]
+impl Xs {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in `lo .. hi` (24 bits of the next state).
+    pub fn f(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+}
+
 /// One line of `bench-results/<device-slug>.jsonl`.
 pub struct Record {
     pub kernel: &'static str,
