@@ -849,7 +849,9 @@ impl Group {
                 for &s in ranks {
                     for d in 0..r {
                         let (from, to, rows) = run(s, d);
-                        for &(src_off, dst_off, row) in arrays.iter().filter(|_| rows > 0) {
+                        // An empty run copies nothing (the signal below is still written).
+                        let copies = if rows > 0 { arrays.as_slice() } else { &[] };
+                        for &(src_off, dst_off, row) in copies {
                             let src = self.peer_addrs[s] + (src_off + from * row) as u64;
                             let dst = self.peer_addrs[d] + (dst_off + to * row) as u64;
                             // SAFETY: both ranges lie inside live symmetric buffers: the runs tile
