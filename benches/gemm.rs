@@ -10,6 +10,14 @@
 //!   baseline and the bench says why.
 //! - `gemm_fp8_dense_vs_bf16` against `cublaslt_bf16`: cuBLASLt's BF16 GEMM on the same shape, the
 //!   rate a user without FP8 gets.
+//! - `gemm_fp8_dense_planned_vs_fixed` against `deepkern_fixed_128x128`: the same kernel forced to
+//!   the first version's one shape (128x128, 6 stages): what the planner's tile choice buys.
+//!   Expected before measuring: most at m <= 128, where 128x128 tiles leave SMs idle and the
+//!   GEMM is bound by how many SMs pull weights (m = 64, n = 2112: 17 tiles against 132, so up to
+//!   ~4x); a few percent at m = 4096 from wave quantisation (n = 7168: 176-wide tiles fill 10 waves
+//!   to 99%, 128-wide ones fill 14 waves to 97%).
+//!
+//! Every record's shape names the tile the planner chose (`tile`: block_m x block_n / stages).
 //!
 //! Operands come from the GPU quantisers; every case is checked on a random sample of entries
 //! against the f64 reference before it is timed.
@@ -23,7 +31,10 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::CudaStream;
-use deepkern::gemm::{Fp8Activations, Fp8Weights, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked};
+use deepkern::gemm::{
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
+};
+use deepkern::plan::gemm::{GemmLayout, GemmProblem, plan};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
@@ -115,7 +126,23 @@ fn main() {
                 let us = gpu.median_us(|s| lt.run(blas, s, &qb, &qa, &mut out).expect("cuBLASLt FP8 matmul"));
                 Some(("cublaslt_fp8_blockscaled", us))
             });
-            let shape_json = json!({"m": m, "n": n, "k": k});
+            let shape_json = json!({"m": m, "n": n, "k": k, "tile": tile_name(&gpu, GemmProblem { m, n, k, layout: GemmLayout::Dense })});
+            let fixed = TileConfig { block_m: 128, block_n: 128, stages: 6 };
+            let fixed_us = gpu.median_us(|s| {
+                let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
+                let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
+                let options = GemmOptions { tile: Some(fixed), ..GemmOptions::default() };
+                gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm, fixed tile");
+            });
+            gpu.record(Record {
+                kernel: "gemm_fp8_dense_planned_vs_fixed",
+                case: case.clone(),
+                shape: shape_json.clone(),
+                median_us,
+                flops: Some(flops as f64),
+                bytes: Some(bytes as f64),
+                baseline: Some(("deepkern_fixed_128x128", fixed_us)),
+            });
             gpu.record(Record {
                 kernel: "gemm_fp8_dense",
                 case: case.clone(),
@@ -191,6 +218,16 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
             let bytes = m * k + groups * n * k + 2 * m * n + 4 * (ts.scale_elements().unwrap() + bs.scale_elements().unwrap());
             let layout = if contiguous { "contiguous" } else { "masked" };
             let case = format!("{layout}_g{groups}_m{rows}_n{n}_k{k}");
+            let problem = GemmProblem {
+                m,
+                n,
+                k,
+                layout: if contiguous {
+                    GemmLayout::GroupedContiguous { groups }
+                } else {
+                    GemmLayout::GroupedMasked { groups, max_m: rows, expected_m: rows }
+                },
+            };
             group.throughput(Throughput::Elements(flops as u64));
             group.bench_function(BenchmarkId::new(layout, &case), |b| b.iter_custom(|iters| gpu.time(iters, &mut launch)));
             let median_us = gpu.median_us(&mut launch);
@@ -210,7 +247,7 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
             gpu.record(Record {
                 kernel: "gemm_fp8_grouped",
                 case,
-                shape: json!({"layout": layout, "groups": groups, "m_per_group": rows, "n": n, "k": k}),
+                shape: json!({"layout": layout, "groups": groups, "m_per_group": rows, "n": n, "k": k, "tile": tile_name(gpu, problem)}),
                 median_us,
                 flops: Some(flops as f64),
                 bytes: Some(bytes as f64),
@@ -219,6 +256,14 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
         }
     }
     group.finish();
+}
+
+/// The planner's tile for `p` on this GPU, as `block_m x block_n / stages`.
+fn tile_name(gpu: &GpuBench, p: GemmProblem) -> String {
+    match plan(&p, gpu.device.info()) {
+        Ok(t) => format!("{}x{}/{}", t.block_m, t.block_n, t.stages),
+        Err(e) => format!("no plan: {e}"),
+    }
 }
 
 /// Refuses to time a wrong kernel: a sample of entries against the f64 reference on the same

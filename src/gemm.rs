@@ -7,7 +7,9 @@
 //!
 //! Layouts: dense ([`gemm_fp8`]) and the two M-grouped layouts of mixture-of-experts:
 //! contiguous ([`gemm_fp8_contiguous`], prefill) and masked ([`gemm_fp8_masked`], decode).
-//! Version 1: one tile configuration (128x128, 6 stages); the planner-driven ones come next.
+//! Every launch runs the tile shape, pipeline depth and L2 rasterisation that
+//! [`crate::plan::gemm::plan`] picks for the problem on this device and SM budget (or the one
+//! [`GemmOptions::tile`] forces), from the compiled menu `{64, 128} x` [`BLOCK_N_MENU`].
 
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
@@ -16,10 +18,12 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use float8::F8E4M3;
 use half::bf16;
 
+use crate::device::DeviceInfo;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::{Launch, check_aligned, ffi_call};
 use crate::layout::{GROUP, ceil_div, tma_aligned_rows};
+use crate::plan::gemm::{self as plan, BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_STAGES};
 
 /// Activations: E4M3 `[m, k]` and their 1x128 scales `[k / 128, round_up(m, 4)]` (transposed).
 pub struct Fp8Activations<'a> {
@@ -58,6 +62,30 @@ pub struct GemmOptions {
     /// Most SMs the persistent grid may occupy (`None`: all of them). Leave room here for
     /// communication kernels running beside the GEMM (see [`crate::ep::Group::set_num_sms`]).
     pub max_sms: Option<usize>,
+    /// Masked layout: the rows per group the planner should expect (`None`: `max_m`). A hint for
+    /// the tile choice only; the valid rows are read on the device.
+    pub expected_m: Option<usize>,
+    /// A tile shape to run instead of the planner's choice (benchmarks, tests of every compiled
+    /// shape). Must be in the compiled menu and fit the device's shared memory.
+    pub tile: Option<TileConfig>,
+}
+
+/// A tile shape of the compiled menu and a pipeline depth: `block_m` 64 or 128 (contiguous: 128),
+/// `block_n` from [`BLOCK_N_MENU`], `1 ..= 16` stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileConfig {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub stages: usize,
+}
+
+/// What one launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LaunchShape {
+    block_m: usize,
+    block_n: usize,
+    stages: usize,
+    swizzle_group: usize,
 }
 
 /// A GEMM to launch: the layout, sizes, and the expected length of every buffer.
@@ -75,6 +103,55 @@ struct Problem {
 impl Problem {
     fn dense(shape: GemmShape) -> Self {
         Self { layout: ffi::dk_gemm_layout::DK_GEMM_DENSE, m: shape.m, n: shape.n, k: shape.k, groups: 1, scale_rows: shape.m }
+    }
+
+    /// The tile shape to launch on `sms` SMs with `smem_limit` bytes of opt-in shared memory:
+    /// the planner's choice, or `options.tile` after checking it against the menu and the limit.
+    fn launch_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions) -> Result<LaunchShape> {
+        let (layout, masked_groups) = match self.layout {
+            ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => (GemmLayout::GroupedContiguous { groups: self.groups }, 0),
+            ffi::dk_gemm_layout::DK_GEMM_MASKED => {
+                let expected_m = options.expected_m.unwrap_or(self.scale_rows);
+                (GemmLayout::GroupedMasked { groups: self.groups, max_m: self.scale_rows, expected_m }, self.groups)
+            }
+            _ => (GemmLayout::Dense, 0),
+        };
+        let device = DeviceInfo {
+            ordinal: 0,
+            name: String::new(),
+            compute_capability: (9, 0),
+            sm_count: u32::try_from(sms).unwrap_or(u32::MAX),
+            l2_cache_bytes: 0,
+            max_shared_memory_per_block_optin: smem_limit,
+            total_memory_bytes: 0,
+        };
+        let chosen = plan::plan(&GemmProblem { m: self.m, n: self.n, k: self.k, layout }, &device)?;
+        let Some(TileConfig { block_m, block_n, stages }) = options.tile else {
+            return Ok(LaunchShape {
+                block_m: chosen.block_m,
+                block_n: chosen.block_n,
+                stages: chosen.stages,
+                swizzle_group: chosen.swizzle_group,
+            });
+        };
+        let contiguous = self.layout == ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS;
+        let bad = |reason: String| Err(Error::InvalidArgument { arg: "tile", reason });
+        if !(block_m == 128 || (block_m == 64 && !contiguous)) {
+            return bad(format!("block_m = {block_m}: 64 or 128 (the contiguous layout: 128)"));
+        }
+        if !BLOCK_N_MENU.contains(&block_n) {
+            return bad(format!("block_n = {block_n} is not compiled (menu: {BLOCK_N_MENU:?})"));
+        }
+        if !(1..=MAX_STAGES).contains(&stages) {
+            return bad(format!("stages = {stages}: 1 ..= {MAX_STAGES}"));
+        }
+        let smem = plan::smem_plan(block_m, block_n, stages, masked_groups).total;
+        if smem > smem_limit {
+            return bad(format!(
+                "{block_m}x{block_n} with {stages} stages needs {smem} bytes of shared memory; the device has {smem_limit}"
+            ));
+        }
+        Ok(LaunchShape { block_m, block_n, stages, swizzle_group: plan::swizzle_group(block_m, block_n, sms) })
     }
 
     /// Checks `k`, the sizes, and every buffer length (`index_len`: m_indices or masked_m).
@@ -293,6 +370,7 @@ fn launch(
 ) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;
     let device_sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let smem_limit = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
     let sms = match options.max_sms {
         None => device_sms,
         Some(n) if n >= 1 && n <= usize::try_from(device_sms).unwrap_or(0) => n as i32,
@@ -303,6 +381,7 @@ fn launch(
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
+    let shape = p.launch_shape(sms as usize, usize::try_from(smem_limit).unwrap_or(0), &options)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
     let (d_ptr, d_f32_ptr, accumulate) = match d {
@@ -321,7 +400,8 @@ fn launch(
     let scale_groups = p.m.checked_div(p.scale_rows).unwrap_or(1).max(1);
     let (u8_t, f32_t) = (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
     let (sw128, none) = (CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B, CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE);
-    let (block_m, block_n, block_k) = (ffi::DK_GEMM_BLOCK_M, ffi::DK_GEMM_BLOCK_N, ffi::DK_GEMM_BLOCK_K);
+    // Every menu size fits a TMA box dimension (<= 256).
+    let (block_m, block_n, block_k) = (shape.block_m as u32, shape.block_n as u32, ffi::DK_GEMM_BLOCK_K);
     let is = |l: ffi::dk_gemm_layout| p.layout == l;
     let params = ffi::dk_gemm_fp8_params {
         tma_a: tensor_map_2d(a_ptr, u8_t, 1, p.m, p.k, block_m, block_k, sw128)?,
@@ -340,6 +420,10 @@ fn launch(
         groups: p.groups as i32,
         max_m: if is(ffi::dk_gemm_layout::DK_GEMM_MASKED) { p.scale_rows as i32 } else { p.m as i32 },
         layout: p.layout,
+        block_m: shape.block_m as i32,
+        block_n: shape.block_n as i32,
+        stages: shape.stages as i32,
+        swizzle_group: shape.swizzle_group as i32,
     };
     let s = launch.stream();
     // SAFETY: the tensor maps and pointers describe live cudarc buffers of the validated lengths,
@@ -391,5 +475,56 @@ mod tests {
             Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..Problem::dense(GemmShape { m: 256, n: 64, k: 128 }) };
         assert!(contiguous.validate(256 * 128, 256, 2 * 64 * 128, 2, 256 * 64, Some(256)).is_ok());
         assert_eq!(arg(contiguous.validate(256 * 128, 256, 2 * 64 * 128, 2, 256 * 64, Some(255))), "m_indices");
+    }
+
+    #[test]
+    fn launch_shape_plans_or_checks_the_forced_tile() {
+        let dense = Problem::dense(GemmShape { m: 256, n: 7168, k: 7168 });
+        let planned = dense.launch_shape(132, 232_448, &GemmOptions::default()).unwrap();
+        assert_eq!((planned.block_m, planned.block_n), (128, 112), "{planned:?}");
+        let force =
+            |block_m, block_n, stages| GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), ..GemmOptions::default() };
+        let forced = dense.launch_shape(132, 232_448, &force(64, 16, 1)).unwrap();
+        assert_eq!((forced.block_m, forced.block_n, forced.stages), (64, 16, 1));
+        let reason = |r: Result<LaunchShape>| match r {
+            Err(Error::InvalidArgument { arg: "tile", reason }) => reason,
+            other => panic!("expected a tile error, got {other:?}"),
+        };
+        assert!(reason(dense.launch_shape(132, 232_448, &force(32, 128, 4))).contains("block_m"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 192, 4))).contains("not compiled"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 0))).contains("stages"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 176, 16))).contains("shared memory"));
+        let contiguous = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..dense };
+        assert!(reason(contiguous.launch_shape(132, 232_448, &force(64, 128, 4))).contains("block_m"));
+        // The masked layout's hint must not exceed max_m.
+        let masked = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m: 512, n: 4096, k: 7168, groups: 4, scale_rows: 128 };
+        let hint = GemmOptions { expected_m: Some(129), ..GemmOptions::default() };
+        assert!(matches!(masked.launch_shape(132, 232_448, &hint), Err(Error::InvalidArgument { arg: "expected_m", .. })));
+        assert!(masked.launch_shape(132, 232_448, &GemmOptions { expected_m: Some(8), ..GemmOptions::default() }).is_ok());
+    }
+
+    /// The compiled menu and the shared-memory formula of the C library agree with the planner's
+    /// (host-only functions: no GPU needed).
+    #[cfg(deepkern_kernels)]
+    #[test]
+    fn c_library_agrees_with_the_planner() {
+        use ffi::dk_gemm_layout as L;
+        for layout in [L::DK_GEMM_DENSE, L::DK_GEMM_CONTIGUOUS, L::DK_GEMM_MASKED] {
+            for block_m in [32usize, 64, 128, 256] {
+                for block_n in (8usize..=256).step_by(8) {
+                    let want = BLOCK_N_MENU.contains(&block_n) && (block_m == 128 || (block_m == 64 && layout != L::DK_GEMM_CONTIGUOUS));
+                    // SAFETY: host-only function.
+                    let got = unsafe { ffi::dk_gemm_fp8_config_supported(layout, block_m as i32, block_n as i32) };
+                    assert_eq!(got == 1, want, "{layout:?} {block_m}x{block_n}");
+                }
+            }
+        }
+        for (block_m, block_n, stages, groups) in [(64, 16, 1, 0), (128, 176, 5, 0), (128, 112, 16, 1024), (64, 144, 7, 3)] {
+            // SAFETY: host-only function.
+            let c = unsafe { ffi::dk_gemm_fp8_smem_bytes(block_m as i32, block_n as i32, stages as i32, groups as i32) };
+            assert_eq!(c, plan::smem_plan(block_m, block_n, stages, groups).total as i64, "{block_m}x{block_n} {stages} {groups}");
+        }
+        // SAFETY: host-only function; out-of-range arguments answer -1.
+        assert_eq!(unsafe { ffi::dk_gemm_fp8_smem_bytes(128, 128, 17, 0) }, -1);
     }
 }

@@ -121,7 +121,7 @@ impl SmBudget {
 
     /// GEMM options whose persistent grid stays within [`SmBudget::gemm_sms`].
     pub fn gemm_options(&self) -> GemmOptions {
-        GemmOptions { max_sms: Some(self.gemm_sms()) }
+        GemmOptions { max_sms: Some(self.gemm_sms()), ..GemmOptions::default() }
     }
 }
 

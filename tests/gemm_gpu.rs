@@ -12,6 +12,10 @@
 //! - `contiguous_matches_reference`, `masked_matches_reference`: the MoE layouts against the
 //!   grouped references (empty experts, one hot expert, ragged n); padding rows and rows past
 //!   `masked_m` stay poisoned.
+//! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
+//!   `GemmOptions::tile` with 1, 2 or 4 stages (the stage ring wraps), on a ragged n = 600 where
+//!   the 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
+//!   bit-exact on small integers, the grouped layouts against their references with poison kept.
 
 mod common;
 
@@ -22,10 +26,11 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::fp8::e4m3_encode;
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_f32, gemm_fp8_masked,
-    gemm_fp8_with,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_contiguous_with,
+    gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
+use deepkern::plan::gemm::BLOCK_N_MENU;
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
@@ -43,6 +48,7 @@ fn main() {
         ("masked_matches_reference", masked_matches_reference),
         ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
         ("f32_output_and_accumulate", f32_output_and_accumulate),
+        ("every_compiled_tile", every_compiled_tile),
     ]);
 }
 
@@ -369,13 +375,13 @@ fn sm_budget_changes_nothing_but_the_grid(gpu: &Gpu) -> TestResult {
     let stream = gpu.stream();
     let shape = GemmShape { m: 300, n: 1000, k: 512 };
     let (h, _, _) = random_host(&mut rng, shape);
-    let (want, _) = run_gemm(&stream, &h, 0).map_err(|e| e.to_string())?;
     let to_f8 = |v: &[u8]| v.iter().map(|&b| F8E4M3::from_bits(b)).collect::<Vec<_>>();
     let (d_a, d_b) = (stream.clone_htod(&to_f8(&h.a)).unwrap(), stream.clone_htod(&to_f8(&h.b)).unwrap());
     let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, shape.m, shape.k / 128, f32::NAN)).unwrap();
     let d_sb = stream.clone_htod(&h.sb).unwrap();
     let sms = gpu.device.info().sm_count as usize;
-    for budget in [Some(1), Some(7), Some(sms), Some(0), Some(sms + 1)] {
+    let mut want: Option<Vec<bf16>> = None;
+    for budget in [Some(sms), Some(1), Some(7), None, Some(0), Some(sms + 1)] {
         let mut d = stream.alloc_zeros::<bf16>(shape.m * shape.n).unwrap();
         let r = gemm_fp8_with(
             &stream,
@@ -383,7 +389,8 @@ fn sm_budget_changes_nothing_but_the_grid(gpu: &Gpu) -> TestResult {
             &Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() },
             &mut d.as_view_mut(),
             shape,
-            GemmOptions { max_sms: budget },
+            // The tile is forced: the planner would pick another one for a smaller budget.
+            GemmOptions { max_sms: budget, tile: Some(TileConfig { block_m: 128, block_n: 128, stages: 4 }), ..GemmOptions::default() },
         );
         match budget {
             Some(n) if n == 0 || n > sms => {
@@ -392,6 +399,7 @@ fn sm_budget_changes_nothing_but_the_grid(gpu: &Gpu) -> TestResult {
             _ => {
                 r.map_err(|e| e.to_string())?;
                 let got = stream.clone_dtoh(&d).unwrap();
+                let want = want.get_or_insert_with(|| got.clone());
                 ensure(got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())), || {
                     format!("budget {budget:?} changed the output")
                 })?;
@@ -465,6 +473,109 @@ fn f32_output_and_accumulate(gpu: &Gpu) -> TestResult {
         let want: Vec<f64> = at.iter().zip(product).map(|(&(r, col), p)| p + f64::from(c[r * n + col])).collect();
         let diff = calc_diff(&got, &want);
         ensure(diff < 1e-5, || format!("{shape:?}: calc_diff vs the f64 reference {diff:e}"))?;
+    }
+    Ok(())
+}
+
+/// Every compiled tile shape of every layout, forced (see the module docs).
+fn every_compiled_tile(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("every_compiled_tile");
+    let stream = gpu.stream();
+    let tile = |i: usize, block_m: usize, block_n: usize| {
+        let stages = [1, 2, 4][i % 3];
+        GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), ..GemmOptions::default() }
+    };
+
+    // Dense, bit-exact: m = 130 (two or three M blocks), n = 600, k = 384 (three k-blocks).
+    let shape = GemmShape { m: 130, n: 600, k: 384 };
+    let h = small_integer_host(&mut rng, shape);
+    let want: Vec<bf16> = gemm_entries(h.a_op(), h.b_op(), shape.k, &deepkern::reference::gemm::all_entries(shape.m, shape.n))
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, shape.m, shape.k / 128, f32::NAN)).unwrap();
+    let d_sb = stream.clone_htod(&h.sb).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let mut i = 0;
+    for block_m in [64, 128] {
+        for block_n in BLOCK_N_MENU {
+            let options = tile(i, block_m, block_n);
+            i += 1;
+            let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); shape.m * shape.n]).unwrap();
+            gemm_fp8_with(&stream, &a, &b, &mut d.as_view_mut(), shape, options).map_err(|e| format!("{options:?}: {e}"))?;
+            let got = stream.clone_dtoh(&d).unwrap();
+            if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
+                return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / shape.n, at % shape.n, got[at], want[at]).into());
+            }
+        }
+    }
+
+    // Grouped: 3 experts (one empty), n = 600, k = 256.
+    let (groups, n, k) = (3, 600, 256);
+    let (bq, bsf) = experts(&mut rng, groups, n, k);
+    let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+    let b = Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() };
+    let counts = [150, 0, 70];
+    let mut m_indices = Vec::new();
+    for (g, &c) in counts.iter().enumerate() {
+        m_indices.extend(std::iter::repeat_n(g as i32, c));
+        m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
+    }
+    let m = m_indices.len();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+    let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
+    let d_idx = stream.clone_htod(&m_indices).unwrap();
+    let a = Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() };
+    let want = grouped_contiguous(
+        Fp8Operand { q: &qa.q, scales: &qa.scales, rows: m },
+        Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
+        groups,
+        k,
+        &m_indices,
+    );
+    for block_n in BLOCK_N_MENU {
+        let options = tile(block_n / 16, 128, block_n);
+        let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+        gemm_fp8_contiguous_with(&stream, &a, &b, &d_idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, options)
+            .map_err(|e| format!("contiguous {options:?}: {e}"))?;
+        compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("contiguous {options:?}"))?;
+    }
+
+    // Masked: 3 groups of max_m = 140 with 140, 0 and 65 valid rows.
+    let max_m = 140;
+    let valid = [140usize, 0, 65];
+    let (mut aq, mut asf_tma, mut asf_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..groups {
+        let x: Vec<f32> = (0..max_m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let q = per_token_group(&x, max_m, k, ScaleFormat::F32);
+        asf_tma.extend(scales_to_tma_layout(&q.scales, max_m, k / 128, f32::NAN));
+        asf_rows.extend(q.scales);
+        aq.extend(q.q);
+    }
+    let (d_a, d_sa) = (stream.clone_htod(&f8(&aq)).unwrap(), stream.clone_htod(&asf_tma).unwrap());
+    let d_valid = stream.clone_htod(&valid.iter().map(|&v| v as i32).collect::<Vec<_>>()).unwrap();
+    let a = Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() };
+    let want = grouped_masked(
+        Fp8Operand { q: &aq, scales: &asf_rows, rows: groups * max_m },
+        Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
+        groups,
+        k,
+        &valid,
+    );
+    let mut i = 0;
+    for block_m in [64, 128] {
+        for block_n in BLOCK_N_MENU {
+            let options = tile(i, block_m, block_n);
+            i += 1;
+            let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); groups * max_m * n]).unwrap();
+            let shape = MaskedShape { groups, max_m, n, k };
+            gemm_fp8_masked_with(&stream, &a, &b, &d_valid.as_view(), &mut d.as_view_mut(), shape, options)
+                .map_err(|e| format!("masked {options:?}: {e}"))?;
+            compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {options:?}"))?;
+        }
     }
     Ok(())
 }

@@ -4,11 +4,12 @@
 //!   plus `block_m / 64` consumer warpgroups;
 //! - the tiles cover the problem, and the persistent grid uses every SM whenever there are at
 //!   least as many tiles as SMs;
-//! - the chosen plan is the cheapest feasible candidate (checked by brute force).
+//! - the chosen plan is the cheapest feasible candidate (checked by brute force);
+//! - the kernel's tile walk (`tile_coords`) visits every tile exactly once for any grouping.
 
 use deepkern::DeviceInfo;
 use deepkern::layout::ceil_div;
-use deepkern::plan::gemm::{GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, candidates, plan, smem_plan};
+use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, candidates, plan, smem_plan, tile_coords};
 use proptest::prelude::*;
 
 fn device(sms: u32, smem: usize) -> DeviceInfo {
@@ -47,8 +48,11 @@ proptest! {
         let p = GemmProblem { m, n, k: kb * 128, layout };
         let chosen = plan(&p, &dev).unwrap();
         prop_assert!(chosen.smem.total <= smem, "{chosen:?}");
-        prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, p.k, chosen.stages));
-        prop_assert!(chosen.block_n.is_multiple_of(8) && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
+        let masked_groups = match layout { GemmLayout::GroupedMasked { groups, .. } => groups, _ => 0 };
+        prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, chosen.stages, masked_groups));
+        prop_assert!(BLOCK_N_MENU.contains(&chosen.block_n));
+        prop_assert!(chosen.block_n.is_multiple_of(16) && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
+        prop_assert!([8, 16].contains(&chosen.swizzle_group));
         prop_assert!([64, 128].contains(&chosen.block_m));
         if let GemmLayout::GroupedContiguous { .. } = layout {
             prop_assert_eq!(chosen.block_m, 128);
@@ -73,6 +77,20 @@ proptest! {
         // Optimal under the model: no feasible candidate is strictly cheaper.
         for c in candidates(&p, &dev, TileCost::HOPPER).unwrap() {
             prop_assert!(c.cost >= chosen.cost, "{c:?} beats {chosen:?}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn tile_walk_is_a_bijection(m_tiles in 1usize..70, n_tiles in 1usize..70, group in 1usize..20) {
+        let mut seen = vec![false; m_tiles * n_tiles];
+        for t in 0..m_tiles * n_tiles {
+            let (mb, nb) = tile_coords(t, m_tiles, n_tiles, group);
+            prop_assert!(mb < m_tiles && nb < n_tiles, "{t} -> ({mb}, {nb})");
+            prop_assert!(!std::mem::replace(&mut seen[mb * n_tiles + nb], true), "({mb}, {nb}) twice");
         }
     }
 }

@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 8
+#define DK_ABI_VERSION 9
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -134,10 +134,12 @@ typedef struct dk_tensor_map {
     uint64_t opaque[16];
 } dk_tensor_map_t;
 
-/* Tile of the dense FP8 GEMM (version 1: one configuration). */
-#define DK_GEMM_BLOCK_M 128
-#define DK_GEMM_BLOCK_N 128
+/* K per pipeline stage of the FP8 GEMM (one scale block). Tile shapes (block_m x block_n) come from
+ * a compiled menu: block_m in {64, 128} (contiguous: 128), block_n in {16, 32, 64, 96, 112, 128,
+ * 144, 160, 176}; dk_gemm_fp8_config_supported answers for one shape. */
 #define DK_GEMM_BLOCK_K 128
+/* Deepest pipeline a launch may ask for. */
+#define DK_GEMM_MAX_STAGES 16
 /* Most groups of the masked layout (each CTA snapshots the per-group tile counts in shared memory). */
 #define DK_GEMM_MAX_MASKED_GROUPS 1024
 
@@ -146,9 +148,9 @@ typedef struct dk_tensor_map {
  *   D[r, c] = sum_kb ( sum_{j in block kb} A[r, j] * B[c, j] ) * sa[r, kb] * sb[c / 128, kb]   (bf16 out)
  * accumulated in f32 and promoted on CUDA cores after every 128 of K.
  *
- *   tma_a   A  [m, k] e4m3 row-major: dims {k, m}, box {128, DK_GEMM_BLOCK_M}, 128-byte swizzle
- *   tma_b   B  [n, k] e4m3 row-major: dims {k, n}, box {128, DK_GEMM_BLOCK_N}, 128-byte swizzle
- *   tma_sfa sa [k/128, m_pad] f32 (the per-token quantiser's layout): dims {m_pad, k/128}, box {DK_GEMM_BLOCK_M, 1}
+ *   tma_a   A  [m, k] e4m3 row-major: dims {k, m}, box {128, block_m}, 128-byte swizzle
+ *   tma_b   B  [n, k] e4m3 row-major: dims {k, n}, box {128, block_n}, 128-byte swizzle
+ *   tma_sfa sa [k/128, m_pad] f32 (the per-token quantiser's layout): dims {m_pad, k/128}, box {block_m, 1}
  *   sfb     sb [ceil(n/128), k/128] f32 row-major
  *   d       D  [m, n] bf16 row-major; every element is written, nothing outside
  *
@@ -164,6 +166,12 @@ typedef struct dk_tensor_map {
  *     and stored. Every CTA reads masked_m once, at its start, into shared memory, so its producer
  *     and consumers walk the same tiles even if masked_m changed during the launch;
  *     groups <= DK_GEMM_MAX_MASKED_GROUPS.
+ *
+ * Launch shape (chosen by deepkern::plan::gemm): a (block_m, block_n) of the menu for the layout,
+ * 1 <= stages <= DK_GEMM_MAX_STAGES pipeline stages, and swizzle_group >= 1 M blocks swept per N
+ * block (L2 reuse; the masked layout walks each group's tiles M-fastest instead). The dynamic
+ * shared memory is dk_gemm_fp8_smem_bytes(block_m, block_n, stages, masked ? groups : 0); a shape
+ * that exceeds the device's limit fails to launch (DK_STATUS_CUDA_ERROR or OUT_OF_RESOURCES).
  *
  * Contract (checked by the Rust wrapper, which also encodes the tensor maps): m, n >= 0;
  * k > 0 and k % 128 == 0; num_sms >= 1; groups >= 1 for the grouped layouts; masked: m ==
@@ -192,9 +200,22 @@ typedef struct dk_gemm_fp8_params {
     int32_t groups;  /* 1 for DK_GEMM_DENSE */
     int32_t max_m;   /* DK_GEMM_MASKED: rows per group */
     dk_gemm_layout_t layout;
+    int32_t block_m;       /* tile rows: 64 or 128 (contiguous: 128) */
+    int32_t block_n;       /* tile columns, from the menu */
+    int32_t stages;        /* pipeline depth, 1 ..= DK_GEMM_MAX_STAGES */
+    int32_t swizzle_group; /* M blocks per rasterisation group, >= 1 */
 } dk_gemm_fp8_params_t;
 
 dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);
+
+/* 1 when this build has a kernel for the (block_m, block_n) tile of `layout`, else 0. Host only: no
+ * CUDA call, no device needed. */
+int32_t dk_gemm_fp8_config_supported(dk_gemm_layout_t layout, int32_t block_m, int32_t block_n);
+
+/* Dynamic shared memory of one CTA in bytes (including 1024 bytes of alignment slack), or -1 for
+ * arguments outside 1 ..= 256 (block sizes), 1 ..= DK_GEMM_MAX_STAGES, 0 ..= DK_GEMM_MAX_MASKED_GROUPS.
+ * Host only; deepkern::plan::gemm::smem_plan is its mirror. */
+int64_t dk_gemm_fp8_smem_bytes(int32_t block_m, int32_t block_n, int32_t stages, int32_t masked_groups);
 
 /* Element types of 16-bit tensors. */
 typedef enum dk_dtype {

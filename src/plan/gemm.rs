@@ -1,11 +1,12 @@
 //! Tile, pipeline and grid choice for the FP8 block-scaled GEMMs (dense, M-grouped contiguous,
 //! M-grouped masked). Plain Rust, no CUDA: property-tested on the CPU.
 //!
-//! The kernel this plans for (Hopper, sm_90a): a persistent grid of one CTA per SM; a producer
-//! warpgroup issuing TMA loads of A, A's scales and B into a ring of `stages` shared-memory
-//! buffers; `block_m / 64` consumer warpgroups running `wgmma m64nNk32` (E4M3) with f32
-//! accumulators, promoted on CUDA cores every `BLOCK_K = 128` of K; a bf16 epilogue tile in shared
-//! memory stored by TMA.
+//! The kernel this plans for (Hopper, sm_90a; `csrc/gemm/fp8_kernel.cuh`): a persistent grid of
+//! one CTA per SM; a producer warpgroup issuing TMA loads of A, A's scales and B into a ring of
+//! `stages` shared-memory buffers; `block_m / 64` consumer warpgroups running `wgmma m64nNk32`
+//! (E4M3) with f32 accumulators, promoted on CUDA cores every `BLOCK_K = 128` of K; the tile stored
+//! from registers. Tile shapes come from a compiled menu ([`BLOCK_N_MENU`]); the stage count is a
+//! launch parameter; tiles are walked in groups of `swizzle_group` M blocks ([`tile_coords`]).
 //!
 //! Choice: among the legal `(block_m, block_n)` with the deepest pipeline that fits shared memory,
 //! take the one with the lowest estimated time `waves · tile_time`, where `tile_time` is a
@@ -14,19 +15,25 @@
 
 use crate::device::DeviceInfo;
 use crate::error::{Error, Result};
-use crate::layout::{GROUP, ceil_div, round_up};
+use crate::layout::{GROUP, ceil_div};
 
 /// K per pipeline stage: exactly one scale block along K.
 pub const BLOCK_K: usize = GROUP;
 /// TMA with 128-byte swizzle needs 1024-byte aligned shared-memory buffers.
 pub const SMEM_ALIGN: usize = 1024;
+/// The `block_n` the kernel library is compiled for (`DK_GEMM_FOR_EACH_BLOCK_N` in
+/// `csrc/gemm/fp8_kernel.cuh`; a test checks the two agree). Multiples of 16 (wgmma needs 8; 16
+/// keeps 8-column slices inside one of B's 128-column scale blocks); the ones that do not divide
+/// 128 fill the SMs better on some N (7168 / 112 = 64 tiles).
+pub const BLOCK_N_MENU: [usize; 9] = [16, 32, 64, 96, 112, 128, 144, 160, 176];
 /// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
-/// wgmma scratch and the promoted sum) must leave room under the 232-register budget.
-pub const MAX_BLOCK_N: usize = 192;
-/// `block_n` candidates step by 16 (wgmma needs a multiple of 8; 16 keeps the epilogue simple).
-pub const BLOCK_N_STEP: usize = 16;
+/// wgmma scratch and the promoted sum) must fit the 232-register budget; 192 spills.
+pub const MAX_BLOCK_N: usize = 176;
 pub const MIN_STAGES: usize = 3;
+/// `DK_GEMM_MAX_STAGES`.
 pub const MAX_STAGES: usize = 16;
+/// `DK_GEMM_MAX_MASKED_GROUPS`.
+pub const MAX_MASKED_GROUPS: usize = 1024;
 
 /// Which GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,12 +57,12 @@ pub struct GemmProblem {
     pub layout: GemmLayout,
 }
 
-/// Where a plan's shared memory goes, in bytes.
+/// Where a plan's shared memory goes, in bytes (the kernel's dynamic shared memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SmemPlan {
-    /// One pipeline stage: A tile, B tile, A's scales.
+    /// One pipeline stage: A tile, B tile, A's scales, its two barriers.
     pub per_stage: usize,
-    /// The bf16 output tile, B's scales for the tile's rows, the barriers.
+    /// The masked layout's per-group snapshot and 1024 bytes of slack to align the base.
     pub fixed: usize,
     pub total: usize,
 }
@@ -104,24 +111,34 @@ pub struct GemmPlan {
     pub cost: f64,
 }
 
-/// Shared memory of a `block_m x block_n` tile with `stages` stages over `k`.
-pub fn smem_plan(block_m: usize, block_n: usize, k: usize, stages: usize) -> SmemPlan {
-    // A and B tiles are multiples of 1024 bytes for the legal block sizes; A's scales are f32.
-    let per_stage = round_up(block_m * BLOCK_K, SMEM_ALIGN) + round_up(block_n * BLOCK_K, SMEM_ALIGN) + round_up(block_m * 4, 128);
-    // A tile of block_n rows can straddle two 128-row scale blocks of B unless block_n divides 128.
-    let sfb_rows = if GROUP.is_multiple_of(block_n) { 1 } else { block_n.div_ceil(GROUP) + 1 };
-    let sfb = round_up(ceil_div(k, BLOCK_K) * sfb_rows * 4, 16);
-    let d_tile = round_up(block_m * block_n * 2, SMEM_ALIGN);
-    let barriers = round_up(stages * 2 * 8, 16);
-    let fixed = d_tile + sfb + barriers;
+/// Dynamic shared memory of a `block_m x block_n` tile with `stages` stages; `masked_groups` is
+/// the masked layout's group count (0 for the others). The mirror of the kernel's `smem_layout`
+/// (`dk_gemm_fp8_smem_bytes`; a test checks the two agree): per stage the A tile (`block_m`
+/// rows of 128 bytes), the B tile, A's `block_m` f32 scales and two 8-byte barriers; the A and B
+/// tiles are multiples of 1024 bytes for every menu shape, as the 128-byte swizzle needs.
+pub fn smem_plan(block_m: usize, block_n: usize, stages: usize, masked_groups: usize) -> SmemPlan {
+    let per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + 2 * 8;
+    let fixed = if masked_groups > 0 { (2 * masked_groups + 1) * 4 } else { 0 } + SMEM_ALIGN;
     SmemPlan { per_stage, fixed, total: fixed + stages * per_stage }
 }
 
 /// The deepest pipeline (up to [`MAX_STAGES`]) that fits `limit` bytes, if at least the minimum does.
-pub fn max_stages(block_m: usize, block_n: usize, k: usize, limit: usize) -> Option<usize> {
+pub fn max_stages(block_m: usize, block_n: usize, masked_groups: usize, limit: usize) -> Option<usize> {
     // Small tiles finish a stage quickly and need more of them in flight to hide load latency.
-    let min = if block_m * block_n < 128 * 192 { MIN_STAGES + 1 } else { MIN_STAGES };
-    (min..=MAX_STAGES).rev().find(|&s| smem_plan(block_m, block_n, k, s).total <= limit)
+    let min = if block_m * block_n < 128 * 176 { MIN_STAGES + 1 } else { MIN_STAGES };
+    (min..=MAX_STAGES).rev().find(|&s| smem_plan(block_m, block_n, s, masked_groups).total <= limit)
+}
+
+/// Tile `tile` of a dense or contiguous launch as `(m_block, n_block)`: tiles come in groups of
+/// `group` M blocks (the last group may be shorter), and within a group M varies fastest, so
+/// consecutive CTAs share B tiles and a group's A rows stay in L2. The kernel's scheduler computes
+/// the same (`csrc/gemm/fp8_kernel.cuh`); every tile of `m_tiles x n_tiles` appears exactly once.
+pub fn tile_coords(tile: usize, m_tiles: usize, n_tiles: usize, group: usize) -> (usize, usize) {
+    let span = group * n_tiles;
+    let first_m = (tile / span) * group;
+    let rows = group.min(m_tiles - first_m);
+    let in_group = tile % span;
+    (first_m + in_group % rows, in_group / rows)
 }
 
 /// Rows of work per group that the tile count is based on, and the number of groups.
@@ -145,8 +162,16 @@ fn block_m_candidates(p: &GemmProblem) -> &'static [usize] {
 }
 
 /// DeepGEMM's rasterisation rule: the group size in {8, 16} minimising `g·block_m + ceil(sms/g)·block_n`.
-fn swizzle_group(block_m: usize, block_n: usize, sms: usize) -> usize {
+pub fn swizzle_group(block_m: usize, block_n: usize, sms: usize) -> usize {
     [8usize, 16].into_iter().min_by_key(|&g| g * block_m + sms.div_ceil(g) * block_n).expect("two candidates")
+}
+
+/// The masked layout's group count (0 for the others): its snapshot lives in shared memory.
+fn masked_groups(p: &GemmProblem) -> usize {
+    match p.layout {
+        GemmLayout::GroupedMasked { groups, .. } => groups,
+        _ => 0,
+    }
 }
 
 fn validate(p: &GemmProblem, dev: &DeviceInfo) -> Result<()> {
@@ -176,6 +201,12 @@ fn validate(p: &GemmProblem, dev: &DeviceInfo) -> Result<()> {
             if expected_m > max_m {
                 return Err(Error::InvalidArgument { arg: "expected_m", reason: format!("{expected_m} exceeds max_m = {max_m}") });
             }
+            if groups > MAX_MASKED_GROUPS {
+                return Err(Error::InvalidArgument {
+                    arg: "groups",
+                    reason: format!("{groups} exceeds the masked layout's {MAX_MASKED_GROUPS}"),
+                });
+            }
         }
         GemmLayout::Dense => {}
     }
@@ -189,8 +220,8 @@ pub fn candidates(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<V
     let (rows, groups) = m_work(p);
     let mut out = Vec::new();
     for &block_m in block_m_candidates(p) {
-        for block_n in (BLOCK_N_STEP..=MAX_BLOCK_N).step_by(BLOCK_N_STEP) {
-            let Some(stages) = max_stages(block_m, block_n, p.k, dev.max_shared_memory_per_block_optin) else { continue };
+        for block_n in BLOCK_N_MENU {
+            let Some(stages) = max_stages(block_m, block_n, masked_groups(p), dev.max_shared_memory_per_block_optin) else { continue };
             let tiles = groups * ceil_div(rows, block_m) * ceil_div(p.n, block_n);
             let waves = ceil_div(tiles, sms);
             out.push(GemmPlan {
@@ -199,7 +230,7 @@ pub fn candidates(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<V
                 stages,
                 math_warpgroups: block_m / 64,
                 threads: 128 * (1 + block_m / 64),
-                smem: smem_plan(block_m, block_n, p.k, stages),
+                smem: smem_plan(block_m, block_n, stages, masked_groups(p)),
                 tiles,
                 grid: tiles.min(sms),
                 waves,
@@ -257,10 +288,26 @@ mod tests {
 
     #[test]
     fn stage_bytes_match_the_kernel_layout() {
-        // 128x128: A 16 KiB + B 16 KiB + A scales 512 B per stage.
-        assert_eq!(smem_plan(128, 128, 7168, 1).per_stage, 16384 + 16384 + 512);
-        let s = max_stages(128, 128, 7168, 232_448).unwrap();
-        assert!(smem_plan(128, 128, 7168, s).total <= 232_448 && (s == MAX_STAGES || smem_plan(128, 128, 7168, s + 1).total > 232_448));
+        // 128x128: A 16 KiB + B 16 KiB + A scales 512 B + two barriers per stage.
+        assert_eq!(smem_plan(128, 128, 1, 0).per_stage, 16384 + 16384 + 512 + 16);
+        let s = max_stages(128, 128, 0, 232_448).unwrap();
+        assert_eq!(s, 6);
+        assert!(smem_plan(128, 128, s, 0).total <= 232_448 && smem_plan(128, 128, s + 1, 0).total > 232_448);
+        // The masked snapshot: 4 groups take 9 ints.
+        assert_eq!(smem_plan(64, 16, 2, 4).fixed, 36 + 1024);
+    }
+
+    #[test]
+    fn tile_walk_covers_every_tile_once() {
+        for (m_tiles, n_tiles, group) in [(1, 1, 8), (3, 5, 8), (17, 4, 8), (32, 41, 16), (9, 1, 16), (16, 3, 16)] {
+            let mut seen = vec![false; m_tiles * n_tiles];
+            for t in 0..m_tiles * n_tiles {
+                let (mb, nb) = tile_coords(t, m_tiles, n_tiles, group);
+                assert!(mb < m_tiles && nb < n_tiles && !std::mem::replace(&mut seen[mb * n_tiles + nb], true), "{t} -> {mb},{nb}");
+            }
+        }
+        // Within a group M varies fastest: tiles 0..8 of a 32x4 walk share N block 0.
+        assert!((0..8).all(|t| tile_coords(t, 32, 4, 8) == (t, 0)));
     }
 
     #[test]

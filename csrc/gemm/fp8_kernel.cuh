@@ -1,0 +1,408 @@
+// FP8 block-scaled GEMM for Hopper, dense and M-grouped (contiguous, masked) for MoE: the kernel
+// template, instantiated per layout by fp8_dense.cu, fp8_contiguous.cu and fp8_masked.cu; the C
+// entry point is in fp8.cu. Contract: csrc/include/deepkern.h, dk_gemm_fp8_params; CPU twins:
+// deepkern::reference::gemm; tile choice: deepkern::plan::gemm.
+//
+// Persistent CTAs of 1 + BLOCK_M / 64 warpgroups. Warpgroup 0 is the producer: one thread streams
+// the A, B and A-scale tiles of every (tile, k-block) through a ring of `stages` shared-memory
+// stages with TMA, signalling `full` barriers. Each consumer warpgroup owns 64 rows of the
+// BLOCK_M x BLOCK_N tile: per k-block it waits on `full`, issues four wgmma m64nNk32 (E4M3, f32
+// accumulate) over the 128 of K, waits for them, releases the stage on `empty`, then promotes:
+// final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's accumulator never runs
+// across scale blocks. A tile whose BLOCK_N does not divide 128 may straddle two or three of B's
+// 128-column scale blocks; each 8-column slice of the accumulator picks its own. The tile is
+// stored from registers with bounds checks (ragged m and n).
+//
+// Tiles are walked in an L2-friendly order: `swizzle_group` M blocks are swept for each N block
+// before the next group of M blocks (the mirror is deepkern::plan::gemm::tile_coords).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "common/math.cuh"
+#include "common/ptx.cuh"
+#include "common/status.cuh"
+#include "deepkern.h"
+
+namespace dk::gemm {
+
+constexpr int kBlockK = DK_GEMM_BLOCK_K;
+constexpr int kWgmmaK = 32;  // K of one FP8 wgmma
+static_assert(kBlockK == 128, "one scale block per stage: the promotion interval is 128 of K");
+// setmaxnreg moves registers inside the CTA's pool, fixed at launch (one CTA per SM, registers per
+// thread in multiples of 8): the producer's 40 and the consumers' 232 must fit it, or the
+// consumers' increase waits forever (checked per tile shape below).
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+
+struct KernelParams {
+    CUtensorMap tma_a;
+    CUtensorMap tma_b;
+    CUtensorMap tma_sfa;
+    const float* sfb;
+    __nv_bfloat16* d;
+    float* d_f32;     // instead of d: f32 output
+    bool accumulate;  // with d_f32: D += A·Bᵀ
+    const int32_t* m_indices;
+    const int32_t* masked_m;
+    int m, n, k;
+    int groups, max_m;
+    int stages;
+    int swizzle_group;
+};
+
+// Byte offsets of the dynamic shared memory, from a 1024-aligned base (the mirror is
+// deepkern::plan::gemm::smem_plan; dk_gemm_fp8_smem_bytes exposes `total`).
+struct SmemLayout {
+    uint32_t a, b, sfa, full, empty, tile_prefix, rows, total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int stages, int masked_groups) {
+    SmemLayout l{};
+    const uint32_t s = static_cast<uint32_t>(stages);
+    l.a = 0;                                                  // [stages][block_m * 128] e4m3, 128B swizzle
+    l.b = l.a + s * uint32_t(block_m) * kBlockK;              // [stages][block_n * 128] e4m3, 128B swizzle
+    l.sfa = l.b + s * uint32_t(block_n) * kBlockK;            // [stages][block_m] f32
+    l.full = l.sfa + s * uint32_t(block_m) * 4;               // [stages] mbarrier
+    l.empty = l.full + s * 8;                                 // [stages] mbarrier
+    l.tile_prefix = l.empty + s * 8;                          // masked: [groups + 1] i32
+    l.rows = l.tile_prefix + (masked_groups > 0 ? uint32_t(masked_groups + 1) * 4 : 0);  // masked: [groups] i32
+    l.total = l.rows + uint32_t(masked_groups) * 4 + 1024;    // + slack to align the base to 1024
+    return l;
+}
+
+// Where one output tile's operands live, for every layout.
+struct TileInfo {
+    int m0, n0;     // tile origin in its group's (or the whole) output
+    int a_row;      // first row of A (and D) in the tensor maps
+    int sfa_y;      // row of A's scale tensor map for k-block 0
+    int expert;     // group whose B rows and scales the tile uses
+    int row_limit;  // rows m0 + r < row_limit exist (dense and masked)
+    bool skip;      // contiguous: the block is padding or names no valid expert
+};
+
+// Maps tile indices to operands. Producer and consumers both use it, so they always agree; the
+// masked layout's per-group tiles come from a shared-memory snapshot of masked_m (`tile_prefix`,
+// groups + 1 entries: tiles of the groups before each; `rows`: the clamped rows of each group).
+template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
+struct Scheduler {
+    const KernelParams& p;
+    int n_tiles;
+    const int* tile_prefix;
+    const int* rows;
+
+    __device__ int num_tiles() const {
+        if constexpr (kLayout == DK_GEMM_MASKED) {
+            return tile_prefix[p.groups];
+        }
+        return ceil_div(p.m, kBlockM) * n_tiles;
+    }
+
+    __device__ TileInfo get(int tile) const {
+        TileInfo t{};
+        if constexpr (kLayout == DK_GEMM_MASKED) {
+            // The last group whose first tile is at or before `tile` (groups with no tiles share
+            // their successor's prefix and are passed over).
+            int lo = 0, hi = p.groups - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) / 2;
+                if (tile_prefix[mid] <= tile) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            const int g = lo;
+            tile -= tile_prefix[g];
+            const int m_tiles = ceil_div(rows[g], kBlockM);
+            t.m0 = (tile % m_tiles) * kBlockM;
+            t.n0 = (tile / m_tiles) * kBlockN;
+            t.a_row = g * p.max_m + t.m0;
+            t.sfa_y = g * (p.k / kBlockK);
+            t.expert = g;
+            t.row_limit = rows[g];
+        } else {
+            // Rasterisation: groups of `swizzle_group` M blocks; within a group, M varies fastest.
+            const int m_tiles = ceil_div(p.m, kBlockM);
+            const int64_t span = int64_t(p.swizzle_group) * n_tiles;
+            const int first_m = static_cast<int>(tile / span) * p.swizzle_group;
+            const int group_rows = min(p.swizzle_group, m_tiles - first_m);
+            const int in_group = static_cast<int>(tile - (tile / span) * span);
+            t.m0 = (first_m + in_group % group_rows) * kBlockM;
+            t.n0 = (in_group / group_rows) * kBlockN;
+            t.a_row = t.m0;
+            t.sfa_y = 0;
+            t.row_limit = p.m;
+            if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+                t.expert = p.m_indices[t.m0];
+                t.skip = t.expert < 0 || t.expert >= p.groups;
+            }
+        }
+        return t;
+    }
+};
+
+// Shared-memory matrix descriptor of a K-major operand tile with 128-byte swizzle: rows of 128
+// bytes, 8-row (1024-byte) swizzle atoms.
+__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* p) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    uint64_t desc = (addr & 0x3ffff) >> 4;  // start address, 16-byte units
+    desc |= uint64_t(1) << 16;              // leading byte offset (unused with this swizzle)
+    desc |= uint64_t(1024 >> 4) << 32;      // stride byte offset: one 8-row atom
+    desc |= uint64_t(1) << 62;              // layout: 128-byte swizzle
+    return desc;
+}
+
+// Position in the ring of pipeline stages: the stage index and the barrier phase parity, which
+// flips each time the ring wraps.
+struct PipelineState {
+    int stages;
+    int index = 0;
+    uint32_t phase = 0;
+
+    __device__ __forceinline__ void advance() {
+        if (++index == stages) {
+            index = 0;
+            phase ^= 1;
+        }
+    }
+};
+
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+    while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
+    }
+}
+
+template <int kBlockM>
+__host__ __device__ constexpr int threads_of() {
+    return 128 * (1 + kBlockM / 64);
+}
+
+template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
+__global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(const __grid_constant__ KernelParams p) {
+    constexpr int kMathWarpgroups = kBlockM / 64;
+    constexpr int kThreads = threads_of<kBlockM>();
+    constexpr uint32_t kTileABytes = kBlockM * kBlockK;
+    constexpr uint32_t kTileBBytes = kBlockN * kBlockK;
+    constexpr uint32_t kSfaBytes = kBlockM * sizeof(float);
+    // B's scale row is the same across the tile when BLOCK_N divides 128 (tiles start at
+    // multiples of BLOCK_N); otherwise up to three rows meet in one tile.
+    constexpr bool kUniformSfb = 128 % kBlockN == 0;
+    static_assert(kBlockM == 64 || kBlockM == 128, "one or two consumer warpgroups");
+    static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 176, "BLOCK_N of the menu (wider tiles spill)");
+    static_assert(128 * kProducerRegs + kMathWarpgroups * 128 * kConsumerRegs <= kThreads * ((65536 / kThreads) & ~7),
+                  "the register split exceeds the CTA's register pool");
+
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    const SmemLayout lay = smem_layout(kBlockM, kBlockN, p.stages, kLayout == DK_GEMM_MASKED ? p.groups : 0);
+    uint8_t* s_a = base + lay.a;
+    uint8_t* s_b = base + lay.b;
+    float* s_sfa = reinterpret_cast<float*>(base + lay.sfa);
+    uint64_t* s_full = reinterpret_cast<uint64_t*>(base + lay.full);
+    uint64_t* s_empty = reinterpret_cast<uint64_t*>(base + lay.empty);
+    int* s_tile_prefix = reinterpret_cast<int*>(base + lay.tile_prefix);
+    int* s_rows = reinterpret_cast<int*>(base + lay.rows);
+
+    const int n_tiles = ceil_div(p.n, kBlockN);
+    const int n_blocks = ceil_div(p.n, 128);  // B scale rows per expert
+    const int k_blocks = p.k / kBlockK;
+    // Masked layout: one snapshot of masked_m per CTA (clamped rows and the tiles' prefix).
+    if constexpr (kLayout == DK_GEMM_MASKED) {
+        for (int g = threadIdx.x; g < p.groups; g += kThreads) {
+            const int rows = p.masked_m[g];
+            s_rows[g] = rows < 0 ? 0 : (rows > p.max_m ? p.max_m : rows);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int tiles = 0;
+            for (int g = 0; g < p.groups; ++g) {
+                s_tile_prefix[g] = tiles;
+                tiles += ceil_div(s_rows[g], kBlockM) * n_tiles;
+            }
+            s_tile_prefix[p.groups] = tiles;
+        }
+    }
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < p.stages; ++i) {
+            ptx::mbarrier_init(&s_full[i], 1);
+            ptx::mbarrier_init(&s_empty[i], kMathWarpgroups * 4);  // one arrival per consumer warp
+        }
+        ptx::fence_mbarrier_init();
+        ptx::prefetch_tensormap(&p.tma_a);
+        ptx::prefetch_tensormap(&p.tma_b);
+        ptx::prefetch_tensormap(&p.tma_sfa);
+    }
+    __syncthreads();
+    const Scheduler<kLayout, kBlockM, kBlockN> sched{p, n_tiles, s_tile_prefix, s_rows};
+    const int tiles = sched.num_tiles();
+
+    if (wg == 0) {
+        // NOTES: the producer needs few registers; give them to the consumers.
+        ptx::setmaxnreg_dec<kProducerRegs>();
+        if (threadIdx.x != 0) {
+            return;
+        }
+        PipelineState ps{p.stages};
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const TileInfo t = sched.get(tile);
+            if (t.skip) {
+                continue;
+            }
+            const int b_row = t.expert * p.n + t.n0;
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                const int i = ps.index;
+                wait(&s_empty[i], ps.phase ^ 1);
+                // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes.
+                ptx::mbarrier_arrive_expect_tx(&s_full[i], kTileABytes + kTileBBytes + kSfaBytes);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s_a + i * kTileABytes, &p.tma_a, &s_full[i], kb * kBlockK, t.a_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s_b + i * kTileBBytes, &p.tma_b, &s_full[i], kb * kBlockK, b_row);
+                ptx::cp_async_bulk_tensor_2d_global_to_shared(s_sfa + i * kBlockM, &p.tma_sfa, &s_full[i], t.m0, t.sfa_y + kb);
+                ps.advance();
+            }
+        }
+        return;
+    }
+
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    const int math_wg = wg - 1;
+    const int t = threadIdx.x % 128;
+    const int warp = t / 32;
+    const int lane = t % 32;
+    // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's 64,
+    // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. N/8 - 1.
+    const int r = math_wg * 64 + warp * 16 + lane / 4;
+    constexpr int kAcc = kBlockN / 2;
+    // Defined before the first wgmma reads it (its scale-d = 0 ignores the value, but the asm
+    // operand is read-write).
+    float acc[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+        acc[i] = 0.0f;
+    }
+    PipelineState ps{p.stages};
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const TileInfo t = sched.get(tile);
+        if (t.skip) {
+            continue;
+        }
+        // B's scale rows for this tile: the first, and (straddling tiles) the next two, clamped to
+        // the last row that holds a real column so no read leaves this expert's scales.
+        const float* sfb = p.sfb + int64_t(t.expert) * n_blocks * k_blocks;
+        const int sfb_first = t.n0 / 128;
+        const int sfb_last = (min(t.n0 + kBlockN, p.n) - 1) / 128;
+        const float* sfb0 = sfb + int64_t(sfb_first) * k_blocks;
+        const float* sfb1 = sfb + int64_t(min(sfb_first + 1, sfb_last)) * k_blocks;
+        const float* sfb2 = sfb + int64_t(min(sfb_first + 2, sfb_last)) * k_blocks;
+        // Slices j >= j_next lie in the second scale block, j >= j_next + 16 in the third.
+        const int j_next = (128 - t.n0 % 128) / 8;
+        float sum[kAcc];
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) {
+            sum[i] = 0.0f;
+        }
+        for (int kb = 0; kb < k_blocks; ++kb) {
+            const int i = ps.index;
+            wait(&s_full[i], ps.phase);
+            const float sb0 = __ldg(sfb0 + kb);
+            const float sb1 = kUniformSfb ? sb0 : __ldg(sfb1 + kb);
+            const float sb2 = kUniformSfb ? sb0 : __ldg(sfb2 + kb);
+            const float sa0 = s_sfa[i * kBlockM + r];
+            const float sa1 = s_sfa[i * kBlockM + r + 8];
+            ptx::fence_operands(acc);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+                const uint64_t desc_a = smem_desc_k_major_sw128(s_a + i * kTileABytes + math_wg * 64 * kBlockK + kk * kWgmmaK);
+                const uint64_t desc_b = smem_desc_k_major_sw128(s_b + i * kTileBBytes + kk * kWgmmaK);
+                ptx::wgmma_m64k32_f32_e4m3_e4m3<kBlockN>(acc, desc_a, desc_b, kk > 0);
+            }
+            ptx::wgmma_commit_group();
+            ptx::fence_operands(acc);
+            ptx::wgmma_wait_group<0>();
+            ptx::fence_operands(acc);
+            __syncwarp();
+            if (lane == 0) {
+                ptx::mbarrier_arrive(&s_empty[i]);
+            }
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+                const float sb = kUniformSfb ? sb0 : (j < j_next ? sb0 : (j < j_next + 16 ? sb1 : sb2));
+                const float scale0 = sa0 * sb;
+                const float scale1 = sa1 * sb;
+                sum[4 * j + 0] += acc[4 * j + 0] * scale0;
+                sum[4 * j + 1] += acc[4 * j + 1] * scale0;
+                sum[4 * j + 2] += acc[4 * j + 2] * scale1;
+                sum[4 * j + 3] += acc[4 * j + 3] * scale1;
+            }
+            ps.advance();
+        }
+        // NOTES: direct bounds-checked stores; a TMA store of a swizzled smem tile comes later.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = t.m0 + r + 8 * half;  // within the group (masked) or the whole of D
+            bool keep = row < t.row_limit;
+            if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+                keep = keep && p.m_indices[row] == t.expert;
+            }
+            if (!keep) {
+                continue;
+            }
+            const int64_t row_offset = int64_t(t.a_row + r + 8 * half) * p.n;
+            // Writes this thread's columns of the row: value(sum, address) gives what to store.
+            const auto store = [&](auto* d_row, auto value) {
+#pragma unroll
+                for (int j = 0; j < kBlockN / 8; ++j) {
+                    const int col = t.n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        if (col + h < p.n) {
+                            d_row[col + h] = value(sum[4 * j + 2 * half + h], d_row + col + h);
+                        }
+                    }
+                }
+            };
+            if (p.d_f32 != nullptr) {
+                // f32 output; accumulate: each element is read and written by this thread only.
+                store(p.d_f32 + row_offset, [&](float v, const float* at) { return p.accumulate ? *at + v : v; });
+            } else {
+                store(p.d + row_offset, [](float v, const __nv_bfloat16*) { return __float2bfloat16_rn(v); });
+            }
+        }
+    }
+}
+
+// One launch of a compiled tile shape (shared memory attribute, then the kernel).
+template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
+dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaStream_t stream) {
+    const auto kernel = fp8_gemm_kernel<kLayout, kBlockM, kBlockN>;
+    const dk_status_t attr = status_from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    if (attr != DK_STATUS_OK) {
+        return attr;
+    }
+    return checked_launch([&] { kernel<<<grid, threads_of<kBlockM>(), smem, stream>>>(kp); });
+}
+
+// The compiled tile menu: X(block_m, block_n) for every shape a layout instantiates (contiguous:
+// block_m 128 only, every 128-row block belongs to one expert). Mirrors
+// deepkern::plan::gemm::BLOCK_N_MENU; dk_gemm_fp8_config_supported answers from it.
+#define DK_GEMM_FOR_EACH_BLOCK_N(X, BM) X(BM, 16) X(BM, 32) X(BM, 64) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176)
+
+// Entry points of the per-layout units: launch the (block_m, block_n) instantiation, or return
+// DK_STATUS_INVALID_ARGUMENT for a shape outside the menu.
+dk_status_t launch_dense(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
+dk_status_t launch_contiguous(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
+dk_status_t launch_masked(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
+
+// The body of a per-layout entry point: one branch per compiled shape.
+#define DK_GEMM_LAUNCH_CASE(LAYOUT, BM, BN)                       \
+    if (block_m == (BM) && block_n == (BN)) {                     \
+        return launch_shape<LAYOUT, BM, BN>(kp, grid, smem, stream); \
+    }
+
+}  // namespace dk::gemm
