@@ -32,10 +32,11 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked,
+    gemm_fp8_with,
 };
-use deepkern::plan::gemm::{GemmLayout, GemmProblem, plan};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
+use deepkern::plan::gemm::{GemmLayout, GemmProblem, plan};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use harness::{GpuBench, Record};

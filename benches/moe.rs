@@ -8,6 +8,11 @@
 //! - `seq`: `moe::forward`, every stage one after another;
 //! - `overlap-peer`, `overlap-copy-engine`: `moe::forward_two_batch` with peer-transport and
 //!   copy-engine-transport groups; their baseline is the lower bound max(T_comm, T_compute);
+//! - `overlap-peer-arrivals`, `overlap-copy-engine-arrivals`: the same with the fine-grained
+//!   hand-off (`Handoff::PerBlock`: the gate/up GEMM starts each tile as its 128 rows land).
+//!   Expected before measuring: it hides the receive kernel's tail behind the first GEMM, so it
+//!   should gain at most T_recv per micro-batch (the receive is a copy of the dispatched rows,
+//!   a small part of T_comm), and lose where the GEMM's tiles wait on late blocks;
 //! - `low-latency` (128 tokens): `moe::forward_low_latency`.
 //!
 //! Before timing, the sequential, overlapped and low-latency outputs are checked bit for bit
@@ -28,7 +33,9 @@ use deepkern::ep::{Group, GroupShape, Payload, Transport};
 use deepkern::gemm::{Fp8Weights, GemmOptions};
 use deepkern::moe::{
     LayerInput, LocalExperts, combine_stage, dispatch_stage, expert_stage, forward, forward_low_latency, forward_two_batch,
+    forward_two_batch_with,
 };
+use deepkern::overlap::Handoff;
 use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
 use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
@@ -147,10 +154,15 @@ fn case(gpu: &mut GpuBench, c: &mut Criterion, ranks: usize, tokens: usize, w13:
     // Check: every schedule gives the same bits; sampled tokens match the f64 reference.
     let want = download(&stream, &forward(&mut seq, INTER, &experts, &inputs).expect("forward"));
     for p in &mut pair {
-        let [a, b] = p;
-        let got = forward_two_batch([a, b], &compute, INTER, &experts, &inputs).expect("two-batch");
-        compute.synchronize().expect("sync");
-        assert!(download(&stream, &got) == want, "R={ranks} T={tokens}: the overlapped layer differs from the sequential one");
+        for handoff in [Handoff::AfterDispatch, Handoff::PerBlock] {
+            let [a, b] = p;
+            let got = forward_two_batch_with([a, b], &compute, INTER, &experts, &inputs, handoff).expect("two-batch");
+            compute.synchronize().expect("sync");
+            assert!(
+                download(&stream, &got) == want,
+                "R={ranks} T={tokens}: the overlapped layer ({handoff:?}) differs from the sequential one"
+            );
+        }
     }
     if ll > 0 {
         let got = forward_low_latency(&mut seq, INTER, &experts, &inputs).expect("low latency");
@@ -217,6 +229,14 @@ fn case(gpu: &mut GpuBench, c: &mut Criterion, ranks: usize, tokens: usize, w13:
         bench.bench_function(BenchmarkId::new(name, ranks), |bb| bb.iter_custom(|n| gpu.time(n, &mut run)));
         let t = gpu.median_us(&mut run);
         record(gpu, name, t, Some(("max_comm_compute", bound)));
+        eprintln!("R={ranks} T={tokens} {name}: {:.0} us, {:.2}x of the bound, {:.2}x faster than sequential", t, t / bound, t_seq / t);
+        let name = format!("{name}-arrivals");
+        let mut run = |_: &Arc<CudaStream>| {
+            forward_two_batch_with([&mut *a, &mut *b], &compute, INTER, &experts, &inputs, Handoff::PerBlock).expect("two-batch");
+        };
+        bench.bench_function(BenchmarkId::new(&name, ranks), |bb| bb.iter_custom(|n| gpu.time(n, &mut run)));
+        let t = gpu.median_us(&mut run);
+        record(gpu, &name, t, Some(("max_comm_compute", bound)));
         eprintln!("R={ranks} T={tokens} {name}: {:.0} us, {:.2}x of the bound, {:.2}x faster than sequential", t, t / bound, t_seq / t);
     }
     if ll > 0 {

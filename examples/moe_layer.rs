@@ -11,8 +11,9 @@
 //! 2. A DeepSeek-V3-sized layer scaled to one GPU (hidden 7168, intermediate 2048, 256 experts,
 //!    top-8, 4 ranks) is timed (wall clock, host synchronisation included): each stage alone, the
 //!    sequential schedule, and the two-micro-batch overlap with peer-transport and copy-engine
-//!    groups, with the overlap efficiency max(T_comm, T_compute) / T_overlap. The GPU-timed
-//!    figures are `cargo bench --bench moe` (bench-results).
+//!    groups, each with both hand-offs (after the whole dispatch; per 128-row block through
+//!    arrival counters), with the overlap efficiency max(T_comm, T_compute) / T_overlap. The
+//!    GPU-timed figures are `cargo bench --bench moe` (bench-results).
 //!
 //! Without a Hopper GPU it says so and runs the CPU reference part only.
 
@@ -23,7 +24,8 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::ep::{Group, GroupShape, Payload, Transport};
 use deepkern::gemm::{Fp8Weights, GemmOptions};
-use deepkern::moe::{LayerInput, LocalExperts, combine_stage, dispatch_stage, expert_stage, forward, forward_two_batch};
+use deepkern::moe::{LayerInput, LocalExperts, combine_stage, dispatch_stage, expert_stage, forward, forward_two_batch_with};
+use deepkern::overlap::Handoff;
 use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
 use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
@@ -220,17 +222,19 @@ fn main() -> Res<()> {
     let t_seq = time(&stream, 5, || forward(&mut seq, big.inter, &experts, &inputs).map(|_| ()).map_err(Into::into))?;
     let mut t_overlap = Vec::new();
     for transport in [Transport::Peer, Transport::CopyEngine] {
-        let mut ga = Group::new_virtual(&stream, GroupShape { transport, ..half })?;
-        let mut gb = Group::new_virtual(&stream, GroupShape { transport, ..half })?;
-        let t = time(&stream, 5, || {
-            let out = forward_two_batch([&mut ga, &mut gb], &compute, big.inter, &experts, &inputs)?;
-            compute.synchronize()?;
-            drop(out);
-            Ok(())
-        })?;
-        ga.check()?;
-        gb.check()?;
-        t_overlap.push((transport, t));
+        for handoff in [Handoff::AfterDispatch, Handoff::PerBlock] {
+            let mut ga = Group::new_virtual(&stream, GroupShape { transport, ..half })?;
+            let mut gb = Group::new_virtual(&stream, GroupShape { transport, ..half })?;
+            let t = time(&stream, 5, || {
+                let out = forward_two_batch_with([&mut ga, &mut gb], &compute, big.inter, &experts, &inputs, handoff)?;
+                compute.synchronize()?;
+                drop(out);
+                Ok(())
+            })?;
+            ga.check()?;
+            gb.check()?;
+            t_overlap.push((transport, handoff, t));
+        }
     }
     seq.check()?;
     let (t_comm, t_compute) = (t_dispatch + t_combine, t_experts);
@@ -247,9 +251,9 @@ fn main() -> Res<()> {
     println!("| T_comm = dispatch + combine | {t_comm:.3} |");
     println!("| lower bound max(T_comm, T_compute) | {bound:.3} |");
     println!("| sequential layer | {t_seq:.3} |");
-    for (transport, t) in &t_overlap {
+    for (transport, handoff, t) in &t_overlap {
         println!(
-            "| two-micro-batch overlap, {transport:?} transport | {t:.3} ({:.2}x faster, overlap efficiency {:.0}%) |",
+            "| two-micro-batch overlap, {transport:?} transport, hand-off {handoff:?} | {t:.3} ({:.2}x faster, overlap efficiency {:.0}%) |",
             t_seq / t,
             100.0 * bound / t
         );

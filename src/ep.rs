@@ -247,6 +247,10 @@ pub struct Dispatched {
     pub counts: Vec<usize>,
     /// Rows of the layout: Σ round_up(count, m_align).
     pub rows: usize,
+    /// [`Group::dispatch_with_arrivals`] only: `[rows / 128]` rows written per 128-row block (each
+    /// reaches 128 as the receive completes it), for
+    /// [`crate::gemm::gemm_fp8_contiguous_arrived`].
+    pub arrivals: Option<CudaSlice<i32>>,
     pub handle: Handle,
 }
 
@@ -732,6 +736,37 @@ impl Group {
     /// same counts, so all refuse together; an invalid index is seen by its own rank only, and
     /// the peers of a node group then time out waiting for it, which [`Group::check`] reports).
     pub fn dispatch(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<Dispatched>> {
+        self.dispatch_impl(inputs, None)
+    }
+
+    /// [`Group::dispatch`] for a consumer that starts before the receive ends: the receive also
+    /// counts, per 128-row block of each output, the rows it has written
+    /// ([`Dispatched::arrivals`], release semantics), and
+    /// [`crate::gemm::gemm_fp8_contiguous_arrived`] on `consumer` starts each tile as soon as its
+    /// block is complete, while the receive still runs on the group's stream.
+    ///
+    /// Ordering contract: `x`, `m_indices` and `arrivals` of the results are recorded (for
+    /// cudarc's cross-stream tracking) as written on `consumer` at this call, before the receive
+    /// has finished; their rows are only safe to read through the arrival counters, i.e. with
+    /// `gemm_fp8_contiguous_arrived` on `consumer`, or after `consumer` has waited for the group's
+    /// stream. Work enqueued on `consumer` after such a GEMM sees every row (the GEMM waits for
+    /// every block). `weights`, `counts` and the handle are ordinary outputs of the group's stream.
+    /// Requires `m_align` to be a multiple of 128 and `consumer` to be another stream of the
+    /// group's context.
+    pub fn dispatch_with_arrivals(&mut self, inputs: &[RankInput<'_>], consumer: &Arc<CudaStream>) -> Result<Vec<Dispatched>> {
+        if !self.shape.m_align.is_multiple_of(128) {
+            return Err(Error::InvalidArgument {
+                arg: "m_align",
+                reason: format!("{} is not a multiple of the arrival counters' 128-row blocks", self.shape.m_align),
+            });
+        }
+        if **consumer == *self.stream || !Arc::ptr_eq(consumer.context(), self.stream.context()) {
+            return Err(Error::InvalidArgument { arg: "consumer", reason: "must be another stream of the group's context".into() });
+        }
+        self.dispatch_impl(inputs, Some(consumer))
+    }
+
+    fn dispatch_impl(&mut self, inputs: &[RankInput<'_>], consumer: Option<&Arc<CudaStream>>) -> Result<Vec<Dispatched>> {
         let local = self.check_local_count("inputs", inputs.len())?;
         inputs.iter().try_for_each(|i| self.validate_input(i, false))?;
         let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
@@ -798,7 +833,7 @@ impl Group {
         let mut out = Vec::with_capacity(local.len());
         for (&rank, prep) in local.iter().zip(preps) {
             let plan = &plans[rank];
-            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone(), &counts)?);
+            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone(), &counts, consumer)?);
         }
         Ok(out)
     }
@@ -916,7 +951,15 @@ impl Group {
         Ok(())
     }
 
-    fn dispatch_recv(&mut self, rank: usize, prep: Prepared, rows: usize, counts: Vec<usize>, all_counts: &[i32]) -> Result<Dispatched> {
+    fn dispatch_recv(
+        &mut self,
+        rank: usize,
+        prep: Prepared,
+        rows: usize,
+        counts: Vec<usize>,
+        all_counts: &[i32],
+        consumer: Option<&Arc<CudaStream>>,
+    ) -> Result<Dispatched> {
         let epoch = self.epochs[rank][DISPATCH];
         let h = self.shape.hidden;
         let mut x = match self.shape.payload {
@@ -929,23 +972,43 @@ impl Group {
         let mut d_counts = alloc::<i32>(&self.stream, self.shape.experts_per_rank())?;
         let staged = self.shape.transport.staged();
         let mut stage_rows = alloc::<i32>(&self.stream, if staged { rows } else { 0 })?;
+        let mut arrivals = match consumer {
+            Some(_) => Some(alloc::<i32>(&self.stream, rows / 128)?),
+            None => None,
+        };
         {
             let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
             let peers = launch.input(&self.peers);
-            let (xp, sfp) = match &mut x {
-                Rows::Bf16(x) => (launch.output(x), 0),
-                Rows::Fp8 { q, sf } => (launch.output(q), launch.output(sf)),
+            // With a consumer, what its GEMM reads is tracked as written on its stream (see
+            // dispatch_with_arrivals): the GEMM must not wait for this launch to finish.
+            let (xp, sfp, mp, ap) = match consumer {
+                None => {
+                    let (xp, sfp) = match &mut x {
+                        Rows::Bf16(x) => (launch.output(x), 0),
+                        Rows::Fp8 { q, sf } => (launch.output(q), launch.output(sf)),
+                    };
+                    (xp, sfp, launch.output(&mut m_indices), 0)
+                }
+                Some(c) => {
+                    let (xp, sfp) = match &mut x {
+                        Rows::Bf16(x) => (launch.output_tracked_on(x, c), 0),
+                        Rows::Fp8 { q, sf } => (launch.output_tracked_on(q, c), launch.output_tracked_on(sf, c)),
+                    };
+                    let ap = arrivals.as_mut().map_or(0, |a| launch.output_tracked_on(a, c));
+                    (xp, sfp, launch.output_tracked_on(&mut m_indices, c), ap)
+                }
             };
             let params = ffi::dk_ep_dispatch_recv_params {
                 group: self.params(rank, epoch, peers),
                 x: xp as *mut std::os::raw::c_void,
                 sf: sfp as *mut f32,
-                m_indices: launch.output(&mut m_indices) as *mut i32,
+                m_indices: mp as *mut i32,
                 weights: launch.output(&mut weights) as *mut f32,
                 src: launch.output(&mut src) as *mut i32,
                 counts: launch.output(&mut d_counts) as *mut i32,
                 stage_rows: if staged { launch.output(&mut stage_rows) as *mut i32 } else { std::ptr::null_mut() },
                 rows: rows as i64,
+                arrivals: ap as *mut i32,
             };
             let s = launch.stream();
             // SAFETY: every output holds `rows` rows (sf: hidden/128 × rows), counts E_local;
@@ -969,7 +1032,7 @@ impl Group {
                 tokens_per_expert: prep.layout.tokens_per_expert,
             }),
         };
-        Ok(Dispatched { x, m_indices, weights, counts, rows, handle })
+        Ok(Dispatched { x, m_indices, weights, counts, rows, arrivals, handle })
     }
 
     /// Low-latency dispatch, send phase of `rank`: no host synchronisation, nothing waits. Each

@@ -125,8 +125,8 @@ impl Problem {
             max_shared_memory_per_block_optin: smem_limit,
             total_memory_bytes: 0,
         };
-        let chosen = plan::plan(&GemmProblem { m: self.m, n: self.n, k: self.k, layout }, &device)?;
         let Some(TileConfig { block_m, block_n, stages }) = options.tile else {
+            let chosen = plan::plan(&GemmProblem { m: self.m, n: self.n, k: self.k, layout }, &device)?;
             return Ok(LaunchShape {
                 block_m: chosen.block_m,
                 block_n: chosen.block_n,
@@ -134,6 +134,12 @@ impl Problem {
                 swizzle_group: chosen.swizzle_group,
             });
         };
+        // A forced tile is checked here, not planned (the planner's minimum depth does not apply).
+        if let GemmLayout::GroupedMasked { max_m, expected_m, .. } = layout
+            && expected_m > max_m
+        {
+            return Err(Error::InvalidArgument { arg: "expected_m", reason: format!("{expected_m} exceeds max_m = {max_m}") });
+        }
         let contiguous = self.layout == ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS;
         let bad = |reason: String| Err(Error::InvalidArgument { arg: "tile", reason });
         if !(block_m == 128 || (block_m == 64 && !contiguous)) {
@@ -260,7 +266,7 @@ pub fn gemm_fp8_with(
 ) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, Output::Bf16(d), None, options)
+    launch(stream, &p, a, b, Output::Bf16(d), None, None, options)
 }
 
 /// The f32 variant for weight gradients: `d = a · bᵀ` in f32, or with `accumulate`, `d += a · bᵀ`
@@ -276,7 +282,7 @@ pub fn gemm_fp8_f32(
 ) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, Output::F32 { d, accumulate }, None, GemmOptions::default())
+    launch(stream, &p, a, b, Output::F32 { d, accumulate }, None, None, GemmOptions::default())
 }
 
 /// Where a launch writes.
@@ -323,7 +329,60 @@ pub fn gemm_fp8_contiguous_with(
     }
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), options)
+    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), None, options)
+}
+
+/// [`gemm_fp8_contiguous_with`] on rows that are still arriving: `arrivals[b]` counts the rows of
+/// 128-row block `b` written so far by a kernel running beside this one (the expert-parallel
+/// receive of [`crate::ep::Group::dispatch_with_arrivals`], which also writes `a`, its scales and
+/// `m_indices`). Each tile waits on the device until its block's count reaches 128, then reads
+/// `m_indices` and A, so the experts' tiles start as their rows land instead of after the whole
+/// dispatch. `arrivals` has `m / 128` elements.
+///
+/// The writer must be able to run beside the GEMM: `options.max_sms` must leave it SMs (fewer than
+/// the device's; [`crate::overlap::SmBudget::gemm_options`] does), and it must already be enqueued
+/// on its stream, not behind work that waits for this GEMM. A block that never completes makes the
+/// kernel trap after 30 s (a launch error) instead of hanging. A forced tile must have
+/// `block_m = 128`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fp8_contiguous_arrived(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    m_indices: &CudaView<i32>,
+    arrivals: &CudaView<i32>,
+    d: &mut CudaViewMut<bf16>,
+    shape: GemmShape,
+    groups: usize,
+    options: GemmOptions,
+) -> Result<()> {
+    if !shape.m.is_multiple_of(GROUP) {
+        return Err(Error::Shape {
+            arg: "m",
+            expected: format!("a multiple of {GROUP} (segments padded per expert)"),
+            got: shape.m.to_string(),
+        });
+    }
+    if arrivals.len() != shape.m / GROUP {
+        return Err(Error::Shape {
+            arg: "arrivals",
+            expected: format!("{} elements (one per 128-row block)", shape.m / GROUP),
+            got: format!("{} elements", arrivals.len()),
+        });
+    }
+    let device_sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    match options.max_sms {
+        Some(n) if n < usize::try_from(device_sms).unwrap_or(0) => {}
+        _ => {
+            return Err(Error::InvalidArgument {
+                arg: "max_sms",
+                reason: format!("must leave the rows' writer SMs: fewer than the device's {device_sms}"),
+            });
+        }
+    }
+    let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
+    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), Some(arrivals), options)
 }
 
 /// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the
@@ -355,10 +414,11 @@ pub fn gemm_fp8_masked_with(
     let m = groups.checked_mul(max_m).ok_or(Error::InvalidArgument { arg: "max_m", reason: format!("{groups} x {max_m} overflows") })?;
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m, n, k, groups, scale_rows: max_m };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(masked_m.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(masked_m), options)
+    launch(stream, &p, a, b, Output::Bf16(d), Some(masked_m), None, options)
 }
 
 /// The one launch path of every layout: pointers, alignment, tensor maps, params, the call.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     stream: &CudaStream,
     p: &Problem,
@@ -366,6 +426,7 @@ fn launch(
     b: &Fp8Weights,
     d: Output,
     index: Option<&CudaView<i32>>,
+    arrivals: Option<&CudaView<i32>>,
     options: GemmOptions,
 ) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;
@@ -384,6 +445,7 @@ fn launch(
     let shape = p.launch_shape(sms as usize, usize::try_from(smem_limit).unwrap_or(0), &options)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
+    let arrivals_ptr = arrivals.map_or(0, |v| launch.input(v));
     let (d_ptr, d_f32_ptr, accumulate) = match d {
         Output::Bf16(d) => (launch.output(d), 0, false),
         Output::F32 { d, accumulate } => (0, launch.output(d), accumulate),
@@ -424,6 +486,7 @@ fn launch(
         block_n: shape.block_n as i32,
         stages: shape.stages as i32,
         swizzle_group: shape.swizzle_group as i32,
+        arrivals: arrivals_ptr as *const i32,
     };
     let s = launch.stream();
     // SAFETY: the tensor maps and pointers describe live cudarc buffers of the validated lengths,

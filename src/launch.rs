@@ -63,6 +63,16 @@ impl<'a> Launch<'a> {
         ptr
     }
 
+    /// Raw device address of a buffer the kernel writes, whose write cudarc records on `on`
+    /// instead of the launch's stream (after `on` waited for the buffer's earlier uses). For an
+    /// output a kernel on `on` consumes while this launch still writes it, ordered on the device
+    /// (arrival counters) rather than by the streams; see [`crate::ep::Group::dispatch_with_arrivals`].
+    pub fn output_tracked_on<T>(&mut self, buf: &'a mut impl DevicePtrMut<T>, on: &'a CudaStream) -> u64 {
+        let (ptr, guard) = buf.device_ptr_mut(on);
+        self.guards.push(guard);
+        ptr
+    }
+
     /// The stream as the C ABI's `dk_stream_t`.
     pub fn stream(&self) -> ffi::dk_stream_t {
         self.stream.cu_stream() as ffi::dk_stream_t

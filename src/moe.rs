@@ -18,9 +18,11 @@ use half::bf16;
 
 use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
-use crate::gemm::{Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_with, gemm_fp8_masked};
+use crate::gemm::{
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_masked,
+};
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
-use crate::overlap::{SmBudget, Streams, two_micro_batches};
+use crate::overlap::{Handoff, SmBudget, Streams, two_micro_batches_with};
 use crate::quant::{quantize_per_token_group, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
 
@@ -96,6 +98,20 @@ pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Di
     group.dispatch(&rank_inputs(inputs, &quantised, group.shape().hidden))
 }
 
+/// [`dispatch_stage`] through [`Group::dispatch_with_arrivals`]: the results carry arrival
+/// counters, and [`expert_stage`] on `consumer` then starts each gate/up tile as its rows land.
+pub fn dispatch_stage_with_arrivals(group: &mut Group, inputs: &[LayerInput], consumer: &Arc<CudaStream>) -> Result<Vec<Dispatched>> {
+    if inputs.len() != group.local_ranks().len() {
+        return Err(Error::Shape {
+            arg: "inputs",
+            expected: format!("one per local rank ({})", group.local_ranks().len()),
+            got: inputs.len().to_string(),
+        });
+    }
+    let quantised = quantise(group, inputs)?;
+    group.dispatch_with_arrivals(&rank_inputs(inputs, &quantised, group.shape().hidden), consumer)
+}
+
 /// One rank's tokens in FP8 for a dispatch: e4m3 rows, their scales, and the scales' length.
 type Quantised = (CudaSlice<F8E4M3>, CudaSlice<f32>, usize);
 
@@ -158,7 +174,15 @@ pub fn expert_stage(
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
             let m_idx = d.m_indices.slice(..m);
             let mut h13 = stream.alloc_zeros::<bf16>(m * 2 * inter)?;
-            gemm_fp8_contiguous_with(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), GemmShape { m, n: 2 * inter, k: h }, el, options)?;
+            let gate_up = GemmShape { m, n: 2 * inter, k: h };
+            match &d.arrivals {
+                // Rows still landing: each tile waits for its own block on the device.
+                Some(arrivals) => {
+                    let arrivals = arrivals.slice(..m / GROUP);
+                    gemm_fp8_contiguous_arrived(stream, &a, &e.w13, &m_idx, &arrivals, &mut h13.slice_mut(..), gate_up, el, options)?
+                }
+                None => gemm_fp8_contiguous_with(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), gate_up, el, options)?,
+            }
             let ts = TokenGroupShape::new(m, inter);
             let mut q2 = stream.alloc_zeros::<F8E4M3>(m * inter)?;
             let mut sf2 = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap_or(1))?;
@@ -217,6 +241,23 @@ pub fn forward_two_batch(
     experts: &[LocalExperts],
     inputs: &[LayerInput],
 ) -> Result<Vec<CudaSlice<bf16>>> {
+    forward_two_batch_with(groups, compute, inter, experts, inputs, Handoff::AfterDispatch)
+}
+
+/// [`forward_two_batch`] with a choice of [`Handoff`]. [`Handoff::PerBlock`] is the fine-grained
+/// path: each micro-batch's dispatch counts its arrived rows per 128-row block
+/// ([`Group::dispatch_with_arrivals`]) and the gate/up grouped GEMM starts each tile as its block
+/// lands ([`crate::gemm::gemm_fp8_contiguous_arrived`]), overlapping the receive with the first
+/// GEMM; the rest of the micro-batch's computation follows in stream order. Results are
+/// bit-identical to [`forward`]'s.
+pub fn forward_two_batch_with(
+    groups: [&mut Group; 2],
+    compute: &Arc<CudaStream>,
+    inter: usize,
+    experts: &[LocalExperts],
+    inputs: &[LayerInput],
+    handoff: Handoff,
+) -> Result<Vec<CudaSlice<bf16>>> {
     let [ga, gb] = groups;
     validate(ga, inter, experts, inputs.len())?;
     validate(gb, inter, experts, inputs.len())?;
@@ -260,9 +301,13 @@ pub fn forward_two_batch(
     let [out_a, out_b] = {
         // Each stage borrows its own micro-batch's group; the closures run one at a time.
         let groups = std::cell::RefCell::new(&mut groups);
-        two_micro_batches(
+        two_micro_batches_with(
             &streams,
-            |i| dispatch_stage(groups.borrow_mut()[i], &halves[i]),
+            handoff,
+            |i| match handoff {
+                Handoff::AfterDispatch => dispatch_stage(groups.borrow_mut()[i], &halves[i]),
+                Handoff::PerBlock => dispatch_stage_with_arrivals(groups.borrow_mut()[i], &halves[i], compute),
+            },
             |_, received: &Vec<Dispatched>| expert_stage(compute, &shape, inter, options, experts, received),
             |i, received, ys| combine_stage(groups.borrow_mut()[i], &ys, &received),
         )?

@@ -13,6 +13,10 @@
 //! compute:             | compute 0  | compute 1   |
 //! ```
 //!
+//! - [`Handoff`]: when a micro-batch's computation may start. After its whole dispatch (stream
+//!   order), or per 128-row block as rows land: the fine-grained path, where the dispatch's receive
+//!   counts arrived rows ([`crate::ep::Group::dispatch_with_arrivals`]) and the grouped GEMM
+//!   ([`crate::gemm::gemm_fp8_contiguous_arrived`]) waits for each tile's own block on the device.
 //! - The zero-SM path: a group built with [`crate::ep::Transport::CopyEngine`] moves its
 //!   payloads with copy engines and signals with stream memory operations; its kernels only pack
 //!   and unpack rows locally, so they need a few SMs for a short time ([`SmBudget::new`] with a
@@ -125,6 +129,18 @@ impl SmBudget {
     }
 }
 
+/// When a micro-batch's computation may start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Handoff {
+    /// The compute stream waits for everything the dispatch enqueued (stream order).
+    #[default]
+    AfterDispatch,
+    /// The compute stream does not wait: the dispatch itself orders what the computation reads
+    /// (device-side arrival counters; see the module docs). The computation must only read
+    /// dispatched rows through them.
+    PerBlock,
+}
+
 /// Runs two micro-batches with the two-micro-batch schedule (see the module docs). The stage
 /// closures enqueue work and return its handles:
 /// - `dispatch(i)` enqueues micro-batch `i`'s dispatch on `streams.comm()`;
@@ -137,16 +153,29 @@ impl SmBudget {
 /// own stream (normal dispatch reads counts back to the host); it must not synchronise the other.
 pub fn two_micro_batches<D, Y, O>(
     streams: &Streams,
+    dispatch: impl FnMut(usize) -> Result<D>,
+    compute: impl FnMut(usize, &D) -> Result<Y>,
+    combine: impl FnMut(usize, D, Y) -> Result<O>,
+) -> Result<[O; 2]> {
+    two_micro_batches_with(streams, Handoff::AfterDispatch, dispatch, compute, combine)
+}
+
+/// [`two_micro_batches`] with a choice of [`Handoff`]. With [`Handoff::PerBlock`] the compute
+/// stream does not wait for the dispatch; each combine still waits for its own compute.
+pub fn two_micro_batches_with<D, Y, O>(
+    streams: &Streams,
+    handoff: Handoff,
     mut dispatch: impl FnMut(usize) -> Result<D>,
     mut compute: impl FnMut(usize, &D) -> Result<Y>,
     mut combine: impl FnMut(usize, D, Y) -> Result<O>,
 ) -> Result<[O; 2]> {
+    let handoff = |s: &Streams| if handoff == Handoff::AfterDispatch { s.compute_after_comm() } else { Ok(()) };
     let d0 = dispatch(0)?;
-    streams.compute_after_comm()?;
+    handoff(streams)?;
     let y0 = compute(0, &d0)?;
     let done0 = streams.compute_checkpoint()?;
     let d1 = dispatch(1)?;
-    streams.compute_after_comm()?;
+    handoff(streams)?;
     let y1 = compute(1, &d1)?;
     let done1 = streams.compute_checkpoint()?;
     streams.comm_after(&done0)?;

@@ -12,6 +12,10 @@
 //! - `contiguous_matches_reference`, `masked_matches_reference`: the MoE layouts against the
 //!   grouped references (empty experts, one hot expert, ragged n); padding rows and rows past
 //!   `masked_m` stay poisoned.
+//! - `arrivals_complete_and_checked`: the arrival-gated contiguous GEMM with every block's count
+//!   already at 128 gives the ungated GEMM's bytes; a wrong-length counter array and an SM budget
+//!   that leaves the writer no SM are errors before launch. (Rows landing while it runs are
+//!   exercised by `moe_gpu`'s per-block schedule, whose writer is the real dispatch.)
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
 //!   `GemmOptions::tile` with 1, 2 or 4 stages (the stage ring wraps), on a ragged n = 600 where
 //!   the 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
@@ -26,8 +30,8 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaStream;
 use deepkern::fp8::e4m3_encode;
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_contiguous_with,
-    gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous,
+    gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
 use deepkern::plan::gemm::BLOCK_N_MENU;
@@ -49,6 +53,7 @@ fn main() {
         ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
         ("f32_output_and_accumulate", f32_output_and_accumulate),
         ("every_compiled_tile", every_compiled_tile),
+        ("arrivals_complete_and_checked", arrivals_complete_and_checked),
     ]);
 }
 
@@ -576,6 +581,53 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
                 .map_err(|e| format!("masked {options:?}: {e}"))?;
             compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {options:?}"))?;
         }
+    }
+    Ok(())
+}
+
+fn arrivals_complete_and_checked(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("arrivals_complete_and_checked");
+    let stream = gpu.stream();
+    let (groups, n, k) = (3, 300, 256);
+    let counts = [200, 0, 90];
+    let mut m_indices = Vec::new();
+    for (g, &c) in counts.iter().enumerate() {
+        m_indices.extend(std::iter::repeat_n(g as i32, c));
+        m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
+    }
+    let m = m_indices.len();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+    let (bq, bsf) = experts(&mut rng, groups, n, k);
+    let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
+    let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+    let d_idx = stream.clone_htod(&m_indices).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let shape = GemmShape { m, n, k };
+    let sms = gpu.device.info().sm_count as usize;
+    let options = GemmOptions { max_sms: Some(sms - 1), ..GemmOptions::default() };
+    let mut want = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+    gemm_fp8_contiguous_with(&stream, &a, &b, &d_idx.as_view(), &mut want.as_view_mut(), shape, groups, options)
+        .map_err(|e| e.to_string())?;
+    let full = stream.clone_htod(&vec![128i32; m / 128]).unwrap();
+    let mut got = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+    gemm_fp8_contiguous_arrived(&stream, &a, &b, &d_idx.as_view(), &full.as_view(), &mut got.as_view_mut(), shape, groups, options)
+        .map_err(|e| e.to_string())?;
+    let (want, got) = (stream.clone_dtoh(&want).unwrap(), stream.clone_dtoh(&got).unwrap());
+    ensure(want.iter().map(|v| v.to_bits()).eq(got.iter().map(|v| v.to_bits())), || "the gated GEMM differs from the ungated one".into())?;
+    let arg = |r: Result<(), Error>| match r {
+        Err(Error::Shape { arg, .. } | Error::InvalidArgument { arg, .. }) => Ok(arg),
+        other => Err(format!("expected an argument error, got {other:?}")),
+    };
+    let mut d = stream.alloc_zeros::<bf16>(m * n).unwrap();
+    let short = full.slice(..m / 128 - 1);
+    let r = gemm_fp8_contiguous_arrived(&stream, &a, &b, &d_idx.as_view(), &short, &mut d.as_view_mut(), shape, groups, options);
+    ensure(arg(r)? == "arrivals", || "a short counter array accepted".into())?;
+    for budget in [None, Some(sms)] {
+        let all = GemmOptions { max_sms: budget, ..GemmOptions::default() };
+        let r = gemm_fp8_contiguous_arrived(&stream, &a, &b, &d_idx.as_view(), &full.as_view(), &mut d.as_view_mut(), shape, groups, all);
+        ensure(arg(r)? == "max_sms", || format!("budget {budget:?} (no SM left to the writer) accepted"))?;
     }
     Ok(())
 }

@@ -4,7 +4,9 @@
 //!   rank without tokens): calc_diff < 1e-3 per rank, no NaN.
 //! - `two_batch_is_bit_identical`: the two-micro-batch overlapped schedule (communication and
 //!   experts on two streams) gives the sequential schedule's bytes, on fresh random inputs, five
-//!   times over (race hunting).
+//!   times over (race hunting), with both hand-offs (after the whole dispatch; per 128-row block
+//!   through arrival counters, the gate/up GEMM running while the receive still writes) and both
+//!   transports (peer, copy engine).
 //! - `low_latency_equals_normal`: the decode variant (low-latency dispatch, masked GEMMs) gives
 //!   the normal layer's bytes for every token.
 //! - `layer_rejects_bad_input`: weights of the wrong shape, a bf16 group, a bad intermediate size.
@@ -16,7 +18,8 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaSlice;
 use deepkern::ep::{Group, GroupShape, Payload, Transport};
 use deepkern::gemm::Fp8Weights;
-use deepkern::moe::{LayerInput, LocalExperts, forward, forward_low_latency, forward_two_batch};
+use deepkern::moe::{LayerInput, LocalExperts, forward, forward_low_latency, forward_two_batch, forward_two_batch_with};
+use deepkern::overlap::Handoff;
 use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
 use deepkern::reference::quant::{QuantizedBlocks, ScaleFormat, per_block};
@@ -220,10 +223,15 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
         let a = forward(&mut seq, inter, &local, &inputs).map_err(err)?;
         let b = forward_two_batch([&mut ga, &mut gb], &compute, inter, &local, &inputs).map_err(err)?;
         let c = forward_two_batch([&mut ca, &mut cb], &compute, inter, &local, &inputs).map_err(err)?;
+        let per_block = Handoff::PerBlock;
+        let d = forward_two_batch_with([&mut ga, &mut gb], &compute, inter, &local, &inputs, per_block).map_err(err)?;
+        let e = forward_two_batch_with([&mut ca, &mut cb], &compute, inter, &local, &inputs, per_block).map_err(err)?;
         for r in 0..ranks {
             let n = tokens[r] * hidden;
             let x = comm.clone_dtoh(&a[r]).map_err(err)?;
-            for (what, out) in [("peer", &b[r]), ("copy-engine", &c[r])] {
+            for (what, out) in
+                [("peer", &b[r]), ("copy-engine", &c[r]), ("peer, per-block arrivals", &d[r]), ("copy-engine, per-block arrivals", &e[r])]
+            {
                 let y = comm.clone_dtoh(out).map_err(err)?;
                 ensure(x[..n].iter().map(|v| v.to_bits()).eq(y[..n].iter().map(|v| v.to_bits())), || {
                     format!(

@@ -66,6 +66,45 @@ __device__ __forceinline__ void st_release_sys_global_u32(uint32_t* ptr, uint32_
 #endif
 }
 
+// ---- Producer/consumer counters between concurrent kernels of one GPU -----------------------
+
+// ld.acquire.gpu.global.s32: read a counter another kernel on this GPU increments; later reads and
+// writes of this thread are ordered after it, at GPU scope.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#memory-consistency-model
+__device__ __forceinline__ int32_t ld_acquire_gpu_global_s32(const int32_t* ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    int32_t v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// red.release.gpu.global.add.s32: add to a counter; earlier reads and writes of this thread (and,
+// after a barrier, of the threads it synchronised with) are visible at GPU scope before the add.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-red
+__device__ __forceinline__ void red_release_gpu_global_add_s32(int32_t* ptr, int32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// mov.u64 %globaltimer: the GPU's nanosecond timer (for timeouts, not for timing kernels).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#special-registers-globaltimer
+__device__ __forceinline__ uint64_t globaltimer() {
+#if defined(__CUDA_ARCH__)
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+#else
+    return 0;
+#endif
+}
+
 // ---- Hopper (sm_90a) asynchronous machinery -------------------------------------------------
 // Each function below compiles only for sm_90a (arch-specific features); elsewhere it traps.
 
@@ -136,6 +175,17 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 __device__ __forceinline__ void fence_proxy_async_shared_cta() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// fence.proxy.async.global: order generic-proxy global-memory accesses (e.g. rows another kernel
+// wrote, observed through an acquire) before this thread's later async-proxy (TMA) reads.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-membar
+__device__ __forceinline__ void fence_proxy_async_global() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.global;" ::: "memory");
 #else
     __trap();
 #endif

@@ -24,6 +24,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // About 10 s at Hopper clocks: a peer that never signals is reported, not waited on forever.
 constexpr long long kTimeoutCycles = 1LL << 34;
+// Rows per arrival counter of the receive (the contiguous GEMM's 128-row block).
+constexpr int kArrivalRows = 128;
 
 static_assert(DK_EP_MAX_RANKS <= kThreads, "one waiting thread per rank");
 static_assert(DK_EP_MAX_TOPK <= 32, "one lane per top-k slot");
@@ -432,6 +434,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
         } else {
             warp_zero(x, bytes, lane);
         }
+        if (p.arrivals != nullptr) {
+            // The whole warp's writes of this row, then one release per row: a GEMM acquiring the
+            // block's count of 128 sees every row of it.
+            __syncwarp();
+            if (lane == 0) {
+                __threadfence();
+                ptx::red_release_gpu_global_add_s32(p.arrivals + r / kArrivalRows, 1);
+            }
+        }
     }
 }
 
@@ -696,6 +707,9 @@ extern "C" dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* p
     if (p->rows > 0 && (p->x == nullptr || p->m_indices == nullptr || p->weights == nullptr || p->src == nullptr ||
                         (p->group.payload == DK_EP_PAYLOAD_FP8 && p->sf == nullptr) ||
                         (p->group.staged && p->stage_rows == nullptr))) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->arrivals != nullptr && p->rows % kArrivalRows != 0) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     return dk::checked_launch(

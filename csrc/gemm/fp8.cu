@@ -38,7 +38,10 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
         p->swizzle_group < 1) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    if (p->layout == DK_GEMM_CONTIGUOUS && p->m_indices == nullptr) {
+    if (p->layout == DK_GEMM_CONTIGUOUS && (p->m_indices == nullptr || (p->arrivals != nullptr && p->block_m != kArrivalRows))) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    if (p->layout != DK_GEMM_CONTIGUOUS && p->arrivals != nullptr) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     if (p->layout == DK_GEMM_MASKED && (p->masked_m == nullptr || p->max_m < 0 || p->groups > DK_GEMM_MAX_MASKED_GROUPS ||
@@ -69,6 +72,7 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     kp.max_m = p->max_m;
     kp.stages = p->stages;
     kp.swizzle_group = p->swizzle_group;
+    kp.arrivals = p->arrivals;
     // Upper bound on tiles (the masked layout's real count is read on the device); the tile walk
     // computes in 32 bits below this bound.
     const int64_t tiles =

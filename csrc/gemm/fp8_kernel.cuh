@@ -15,6 +15,13 @@
 //
 // Tiles are walked in an L2-friendly order: `swizzle_group` M blocks are swept for each N block
 // before the next group of M blocks (the mirror is deepkern::plan::gemm::tile_coords).
+//
+// Contiguous layout with arrival counters (`arrivals`, one per 128-row block of A): a kernel
+// running beside this one (the expert-parallel dispatch's receive) writes A's rows, their scales and
+// m_indices and adds 1 to the block's counter per row, with release semantics. Before a tile's
+// m_indices or A rows are touched, every thread that walks the tile waits (acquire) until its
+// block's counter reaches 128, so a tile starts as soon as its own rows are in, not when the whole
+// dispatch is. The producer then orders those generic-proxy writes before its TMA reads.
 #pragma once
 
 #include <cuda.h>
@@ -52,7 +59,29 @@ struct KernelParams {
     int groups, max_m;
     int stages;
     int swizzle_group;
+    const int32_t* arrivals;  // contiguous only, or null: [m / 128] rows arrived per block
 };
+
+// Rows per arrival counter (the contiguous layout's block).
+constexpr int kArrivalRows = 128;
+// A block whose rows never arrive means the writer is not running (the GEMM's persistent grid left
+// it no SM, or it failed): trap after this long instead of hanging the GPU.
+constexpr uint64_t kArrivalTimeoutNs = 30ull * 1000 * 1000 * 1000;
+
+// Waits until `counter` reaches kArrivalRows (acquire), then orders what it observed before this
+// thread's later TMA reads.
+__device__ __forceinline__ void wait_rows_arrived(const int32_t* counter) {
+    if (ptx::ld_acquire_gpu_global_s32(counter) < kArrivalRows) {
+        const uint64_t start = ptx::globaltimer();
+        while (ptx::ld_acquire_gpu_global_s32(counter) < kArrivalRows) {
+            if (ptx::globaltimer() - start > kArrivalTimeoutNs) {
+                __trap();
+            }
+            __nanosleep(128);
+        }
+    }
+    ptx::fence_proxy_async_global();
+}
 
 // Byte offsets of the dynamic shared memory, from a 1024-aligned base (the mirror is
 // deepkern::plan::gemm::smem_plan; dk_gemm_fp8_smem_bytes exposes `total`).
@@ -137,6 +166,9 @@ struct Scheduler {
             t.sfa_y = 0;
             t.row_limit = p.m;
             if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+                if (p.arrivals != nullptr) {
+                    wait_rows_arrived(p.arrivals + t.m0 / kArrivalRows);
+                }
                 t.expert = p.m_indices[t.m0];
                 t.skip = t.expert < 0 || t.expert >= p.groups;
             }

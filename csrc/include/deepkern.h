@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 9
+#define DK_ABI_VERSION 10
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -204,6 +204,13 @@ typedef struct dk_gemm_fp8_params {
     int32_t block_n;       /* tile columns, from the menu */
     int32_t stages;        /* pipeline depth, 1 ..= DK_GEMM_MAX_STAGES */
     int32_t swizzle_group; /* M blocks per rasterisation group, >= 1 */
+    /* DK_GEMM_CONTIGUOUS only, or NULL: [m / 128] counters of rows arrived per 128-row block,
+     * incremented with release semantics by a kernel running concurrently (the EP dispatch's
+     * receive with its own `arrivals`). Each tile waits (acquire) for its block to reach 128 before
+     * reading m_indices and A, so tiles start as their rows land; block_m must be 128. The writer
+     * must be able to run beside the GEMM (num_sms leaves it SMs); a block still short after 30 s
+     * traps (a launch error) rather than hanging. */
+    const int32_t* arrivals;
 } dk_gemm_fp8_params_t;
 
 dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);
@@ -515,6 +522,10 @@ typedef struct dk_ep_dispatch_recv_params {
     int32_t* counts;    /* [experts_per_rank] */
     int32_t* stage_rows; /* staged only: [rows], the inbox row each row came from, -1 on padding */
     int64_t rows;
+    /* Or NULL: [rows / 128] zeroed counters; after writing a row (payload, scales, m_indices,
+     * weight, src) the kernel adds 1 to its 128-row block's counter with release semantics, for a
+     * contiguous GEMM running concurrently (dk_gemm_fp8_params.arrivals). rows % 128 == 0. */
+    int32_t* arrivals;
 } dk_ep_dispatch_recv_params_t;
 
 dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* params, dk_stream_t stream);
