@@ -202,7 +202,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     int stage = 0;
 
     for (int req = begin_req; req <= end_req; ++req) {
-        const int len = max(p.lens[req], 0);
+        // Keys walked: the length, clamped to what the block table can address (keys past it have no
+        // page and would be masked anyway) and below INT32_MAX - kBlockN, so key indices and the
+        // tile count stay in 32 bits whatever the device array holds. The causal window below
+        // uses the real length.
+        const int64_t len_real = max(p.lens[req], 0);
+        const int len = static_cast<int>(min(len_real, min(int64_t(p.max_pages) * p.page, int64_t(INT32_MAX - kBlockN))));
         const int n_blocks = ceil_div(len, kBlockN);
         const int b0 = min(req == begin_req ? begin_block : 0, n_blocks);
         const int b1 = max(min(req == end_req ? end_block : n_blocks, n_blocks), b0);
@@ -228,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + r_local + 8 * h;
             const int s_idx = row < p.rows ? row / p.h_q : p.s_q - 1;
-            visible[h] = min(len - p.s_q + s_idx + 1, len);
+            visible[h] = static_cast<int>(min(len_real - p.s_q + s_idx + 1, int64_t(len)));
         }
         float o[128];
 #pragma unroll
