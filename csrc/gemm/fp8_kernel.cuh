@@ -413,6 +413,19 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
 template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
 dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaStream_t stream) {
     const auto kernel = fp8_gemm_kernel<kLayout, kBlockM, kBlockN>;
+    // setmaxnreg only moves registers inside the pool allocated at launch (registers per thread x
+    // threads): a build that gave the kernel fewer than the static_assert assumes would make the
+    // consumers' increase wait forever, so refuse it here (once per shape) instead of hanging.
+    static const int regs = [] {
+        cudaFuncAttributes a{};
+        return cudaFuncGetAttributes(&a, fp8_gemm_kernel<kLayout, kBlockM, kBlockN>) == cudaSuccess ? a.numRegs : -1;
+    }();
+    if (regs < 0) {
+        return status_from_cuda(cudaErrorInvalidDeviceFunction);
+    }
+    if (int64_t(regs) * threads_of<kBlockM>() < 128 * kProducerRegs + (kBlockM / 64) * 128 * kConsumerRegs) {
+        return DK_STATUS_OUT_OF_RESOURCES;
+    }
     const dk_status_t attr = status_from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (attr != DK_STATUS_OK) {
         return attr;
