@@ -331,6 +331,18 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(stream
     Ok(stream.alloc_zeros::<T>(n.max(1))?)
 }
 
+/// The outputs of one rank's normal receive, allocated before any receive runs.
+struct RecvBuffers {
+    rows: usize,
+    x: Rows,
+    m_indices: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    src: CudaSlice<i32>,
+    counts: CudaSlice<i32>,
+    stage_rows: CudaSlice<i32>,
+    arrivals: Option<CudaSlice<i32>>,
+}
+
 fn expect_len(arg: &'static str, got: usize, want: usize, what: impl FnOnce() -> String) -> Result<()> {
     if got == want { Ok(()) } else { Err(Error::Shape { arg, expected: what(), got: format!("{got} elements") }) }
 }
@@ -745,9 +757,9 @@ impl Group {
     /// [`crate::gemm::gemm_fp8_contiguous_arrived`] on `consumer` starts each tile as soon as its
     /// block is complete, while the receive still runs on the group's stream.
     ///
-    /// Ordering contract: `x`, `m_indices` and `arrivals` of the results are recorded (for
-    /// cudarc's cross-stream tracking) as written on `consumer` at this call, before the receive
-    /// has finished; their rows are only safe to read through the arrival counters, i.e. with
+    /// Ordering: `consumer` waits (an event) for the outputs' allocation, never for a receive.
+    /// `x`, `m_indices` and `arrivals` of the results are recorded (for cudarc's cross-stream
+    /// tracking) as written on `consumer` at this call, before the receive has finished; their rows are only safe to read through the arrival counters, i.e. with
     /// `gemm_fp8_contiguous_arrived` on `consumer`, or after `consumer` has waited for the group's
     /// stream. Work enqueued on `consumer` after such a GEMM sees every row (the GEMM waits for
     /// every block). `weights`, `counts` and the handle are ordinary outputs of the group's stream.
@@ -823,6 +835,13 @@ impl Group {
                 reason: format!("rank {d} would receive {} rows, more than the group's recv_rows = {}", p.rows, self.shape.recv_rows),
             });
         }
+        // Every local rank's outputs exist before the first send: with a consumer, its stream
+        // waits here (explicitly, whatever cudarc tracks) for these allocations only, not for any
+        // receive.
+        let buffers = local.iter().map(|&rank| self.alloc_recv(plans[rank].rows, consumer.is_some())).collect::<Result<Vec<_>>>()?;
+        if let Some(c) = consumer {
+            c.wait(&self.stream.record_event(None)?)?;
+        }
         for (&rank, (input, prep)) in local.iter().zip(inputs.iter().zip(&preps)) {
             let epoch = self.bump(rank, DISPATCH);
             self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
@@ -831,11 +850,30 @@ impl Group {
             self.move_runs(&local, &counts, Direction::Dispatch)?;
         }
         let mut out = Vec::with_capacity(local.len());
-        for (&rank, prep) in local.iter().zip(preps) {
+        for ((&rank, prep), bufs) in local.iter().zip(preps).zip(buffers) {
             let plan = &plans[rank];
-            out.push(self.dispatch_recv(rank, prep, plan.rows, plan.counts.clone(), &counts, consumer)?);
+            out.push(self.dispatch_recv(rank, prep, bufs, plan.counts.clone(), &counts, consumer)?);
         }
         Ok(out)
+    }
+
+    /// Zeroed outputs of one rank's receive of `rows` rows (with `arrivals`: its counters too).
+    fn alloc_recv(&self, rows: usize, arrivals: bool) -> Result<RecvBuffers> {
+        let h = self.shape.hidden;
+        let staged = self.shape.transport.staged();
+        Ok(RecvBuffers {
+            rows,
+            x: match self.shape.payload {
+                Payload::Bf16 => Rows::Bf16(alloc(&self.stream, rows * h)?),
+                Payload::Fp8 => Rows::Fp8 { q: alloc(&self.stream, rows * h)?, sf: alloc(&self.stream, h / GROUP * rows)? },
+            },
+            m_indices: alloc(&self.stream, rows)?,
+            weights: alloc(&self.stream, rows)?,
+            src: alloc(&self.stream, rows)?,
+            counts: alloc(&self.stream, self.shape.experts_per_rank())?,
+            stage_rows: alloc(&self.stream, if staged { rows } else { 0 })?,
+            arrivals: if arrivals { Some(alloc(&self.stream, rows / 128)?) } else { None },
+        })
     }
 
     /// Staged transports: moves every local rank's runs (dispatch: outbox → peers' inboxes;
@@ -955,27 +993,14 @@ impl Group {
         &mut self,
         rank: usize,
         prep: Prepared,
-        rows: usize,
+        bufs: RecvBuffers,
         counts: Vec<usize>,
         all_counts: &[i32],
         consumer: Option<&Arc<CudaStream>>,
     ) -> Result<Dispatched> {
         let epoch = self.epochs[rank][DISPATCH];
-        let h = self.shape.hidden;
-        let mut x = match self.shape.payload {
-            Payload::Bf16 => Rows::Bf16(alloc(&self.stream, rows * h)?),
-            Payload::Fp8 => Rows::Fp8 { q: alloc(&self.stream, rows * h)?, sf: alloc(&self.stream, h / GROUP * rows)? },
-        };
-        let mut m_indices = alloc::<i32>(&self.stream, rows)?;
-        let mut weights = alloc::<f32>(&self.stream, rows)?;
-        let mut src = alloc::<i32>(&self.stream, rows)?;
-        let mut d_counts = alloc::<i32>(&self.stream, self.shape.experts_per_rank())?;
+        let RecvBuffers { rows, mut x, mut m_indices, mut weights, mut src, counts: mut d_counts, mut stage_rows, mut arrivals } = bufs;
         let staged = self.shape.transport.staged();
-        let mut stage_rows = alloc::<i32>(&self.stream, if staged { rows } else { 0 })?;
-        let mut arrivals = match consumer {
-            Some(_) => Some(alloc::<i32>(&self.stream, rows / 128)?),
-            None => None,
-        };
         {
             let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
             let peers = launch.input(&self.peers);

@@ -341,8 +341,10 @@ pub fn gemm_fp8_contiguous_with(
 ///
 /// The writer must be able to run beside the GEMM: `options.max_sms` must leave it SMs (fewer than
 /// the device's; [`crate::overlap::SmBudget::gemm_options`] does), and it must already be enqueued
-/// on its stream, not behind work that waits for this GEMM. A block that never completes makes the
-/// kernel trap after 30 s (a launch error) instead of hanging. A forced tile must have
+/// on its stream, not behind work that waits for this GEMM; CUDA does not promise that kernels of
+/// two streams run at once, so avoid graph capture, MPS SM limits or another persistent kernel
+/// taking the spare SMs. A block that never completes makes the kernel trap after 30 s instead of
+/// hanging: a sticky error after which the CUDA context is unusable. A forced tile must have
 /// `block_m = 128`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_fp8_contiguous_arrived(

@@ -295,7 +295,8 @@ pub fn forward_two_batch_with(
     };
     let halves = [split(false), split(true)];
     let streams = Streams::new(ga.stream(), compute)?;
-    let options = SmBudget::for_stream(compute, ga.num_sms())?.gemm_options();
+    // The GEMMs leave the larger of the two groups' communication grids free.
+    let options = SmBudget::for_stream(compute, ga.num_sms().max(gb.num_sms()))?.gemm_options();
     let shape = *ga.shape();
     let mut groups = [ga, gb];
     let [out_a, out_b] = {

@@ -1,7 +1,8 @@
 //! Overlap primitives: communication hidden behind computation, usable without the MoE layer.
 //!
 //! - [`Streams`]: a communication stream and a compute stream of one device, with explicit
-//!   event hand-offs between them (the schedule never depends on implicit per-buffer tracking).
+//!   event hand-offs between them (the schedule never depends on cudarc's implicit per-buffer
+//!   tracking; the per-block hand-off orders its buffers' allocation with an explicit event too).
 //! - [`SmBudget`]: the device's SMs split between communication kernels and the persistent GEMMs
 //!   (whose grids shrink by what communication holds: [`crate::gemm::GemmOptions::max_sms`]).
 //! - [`two_micro_batches`]: the two-micro-batch schedule. Micro-batch 1's dispatch runs on the

@@ -435,11 +435,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
             warp_zero(x, bytes, lane);
         }
         if (p.arrivals != nullptr) {
-            // The whole warp's writes of this row, then one release per row: a GEMM acquiring the
-            // block's count of 128 sees every row of it.
+            // The whole warp's writes of this row (ordered before lane 0 by the warp barrier), then
+            // one release add per row, cumulative over them: a GEMM acquiring the block's count of
+            // 128 sees every row of it.
             __syncwarp();
             if (lane == 0) {
-                __threadfence();
                 ptx::red_release_gpu_global_add_s32(p.arrivals + r / kArrivalRows, 1);
             }
         }

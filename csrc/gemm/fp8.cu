@@ -38,7 +38,8 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
         p->swizzle_group < 1) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    if (p->layout == DK_GEMM_CONTIGUOUS && (p->m_indices == nullptr || (p->arrivals != nullptr && p->block_m != kArrivalRows))) {
+    if (p->layout == DK_GEMM_CONTIGUOUS &&
+        (p->m_indices == nullptr || (p->arrivals != nullptr && (p->block_m != kArrivalRows || p->m % kArrivalRows != 0)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     if (p->layout != DK_GEMM_CONTIGUOUS && p->arrivals != nullptr) {

@@ -207,9 +207,10 @@ typedef struct dk_gemm_fp8_params {
     /* DK_GEMM_CONTIGUOUS only, or NULL: [m / 128] counters of rows arrived per 128-row block,
      * incremented with release semantics by a kernel running concurrently (the EP dispatch's
      * receive with its own `arrivals`). Each tile waits (acquire) for its block to reach 128 before
-     * reading m_indices and A, so tiles start as their rows land; block_m must be 128. The writer
-     * must be able to run beside the GEMM (num_sms leaves it SMs); a block still short after 30 s
-     * traps (a launch error) rather than hanging. */
+     * reading m_indices and A, so tiles start as their rows land; block_m must be 128 and
+     * m % 128 == 0. The writer must be able to run beside the GEMM (num_sms leaves it SMs); a
+     * block still short after 30 s traps rather than hanging: a sticky error that leaves the
+     * CUDA context unusable. */
     const int32_t* arrivals;
 } dk_gemm_fp8_params_t;
 
