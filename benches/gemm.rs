@@ -17,6 +17,13 @@
 //!   ~4x); a few percent at m = 4096 from wave quantisation (n = 7168: 176-wide tiles fill 10 waves
 //!   to 99%, 128-wide ones fill 14 waves to 97%).
 //!
+//! - `gemm_fp8_dense_tma_store_vs_direct` against `deepkern_direct_store`: the opt-in TMA-store
+//!   epilogue (`GemmOptions::tma_store`) against the default bounds-checked stores from
+//!   registers, both planned. Expected before measuring: near 0 where the operands dominate the
+//!   traffic; a gain where D does (m = 4096, n = 32768, k = 512: D is 256 MiB against 18 MiB of
+//!   operands, and each warp's direct store fills half of every 32-byte sector); a loss where
+//!   the staging tile costs a pipeline stage the main loop needed (small m, large k).
+//!
 //! Every record's shape names the tile the planner chose (`tile`: block_m x block_n / stages).
 //!
 //! Operands come from the GPU quantisers; every case is checked on a random sample of entries
@@ -134,6 +141,23 @@ fn main() {
                 let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
                 let options = GemmOptions { tile: Some(fixed), ..GemmOptions::default() };
                 gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm, fixed tile");
+            });
+            let tma_us = gpu.median_us(|s| {
+                let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
+                let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
+                let options = GemmOptions { tma_store: true, ..GemmOptions::default() };
+                gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm, TMA store");
+            });
+            // The TMA-store output is checked like the default one before its time is recorded.
+            check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
+            gpu.record(Record {
+                kernel: "gemm_fp8_dense_tma_store_vs_direct",
+                case: case.clone(),
+                shape: shape_json.clone(),
+                median_us: tma_us,
+                flops: Some(flops as f64),
+                bytes: Some(bytes as f64),
+                baseline: Some(("deepkern_direct_store", median_us)),
             });
             gpu.record(Record {
                 kernel: "gemm_fp8_dense_planned_vs_fixed",

@@ -68,6 +68,11 @@ pub struct GemmOptions {
     /// A tile shape to run instead of the planner's choice (benchmarks, tests of every compiled
     /// shape). Must be in the compiled menu and fit the device's shared memory.
     pub tile: Option<TileConfig>,
+    /// Dense bf16 GEMM only: stage each output tile in shared memory and write it with one TMA
+    /// store (the plan gives the staging tile's bytes up from the pipeline), instead of
+    /// bounds-checked stores from registers. Off by default until measurements say where it pays
+    /// (`benches/gemm.rs`, `gemm_fp8_dense_tma_store_vs_direct`).
+    pub tma_store: bool,
 }
 
 /// A tile shape of the compiled menu and a pipeline depth: `block_m` 64 or 128 (contiguous: 128),
@@ -107,7 +112,8 @@ impl Problem {
 
     /// The tile shape to launch on `sms` SMs with `smem_limit` bytes of opt-in shared memory:
     /// the planner's choice, or `options.tile` after checking it against the menu and the limit.
-    fn launch_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions) -> Result<LaunchShape> {
+    /// `tma_store`: reserve the TMA-store epilogue's staging tile (the caller checked it applies).
+    fn launch_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions, tma_store: bool) -> Result<LaunchShape> {
         let (layout, masked_groups) = match self.layout {
             ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => (GemmLayout::GroupedContiguous { groups: self.groups }, 0),
             ffi::dk_gemm_layout::DK_GEMM_MASKED => {
@@ -126,7 +132,8 @@ impl Problem {
             total_memory_bytes: 0,
         };
         let Some(TileConfig { block_m, block_n, stages }) = options.tile else {
-            let chosen = plan::plan(&GemmProblem { m: self.m, n: self.n, k: self.k, layout }, &device)?;
+            let problem = GemmProblem { m: self.m, n: self.n, k: self.k, layout };
+            let chosen = plan::plan_epilogue(&problem, &device, plan::TileCost::HOPPER, tma_store)?;
             return Ok(LaunchShape {
                 block_m: chosen.block_m,
                 block_n: chosen.block_n,
@@ -151,7 +158,7 @@ impl Problem {
         if !(1..=MAX_STAGES).contains(&stages) {
             return bad(format!("stages = {stages}: 1 ..= {MAX_STAGES}"));
         }
-        let smem = plan::smem_plan(block_m, block_n, stages, masked_groups).total;
+        let smem = plan::smem_plan(block_m, block_n, stages, masked_groups, tma_store).total;
         if smem > smem_limit {
             return bad(format!(
                 "{block_m}x{block_n} with {stages} stages needs {smem} bytes of shared memory; the device has {smem_limit}"
@@ -441,10 +448,14 @@ fn launch(
             return Err(Error::InvalidArgument { arg: "max_sms", reason: format!("{n} is outside 1..={device_sms} (the device's SMs)") });
         }
     };
+    let tma_store = options.tma_store;
+    if tma_store && (p.layout != ffi::dk_gemm_layout::DK_GEMM_DENSE || matches!(d, Output::F32 { .. })) {
+        return Err(Error::InvalidArgument { arg: "tma_store", reason: "the TMA-store epilogue is for the dense bf16 GEMM only".into() });
+    }
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
-    let shape = p.launch_shape(sms as usize, usize::try_from(smem_limit).unwrap_or(0), &options)?;
+    let shape = p.launch_shape(sms as usize, usize::try_from(smem_limit).unwrap_or(0), &options, tma_store)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
     let arrivals_ptr = arrivals.map_or(0, |v| launch.input(v));
@@ -489,6 +500,14 @@ fn launch(
         stages: shape.stages as i32,
         swizzle_group: shape.swizzle_group as i32,
         arrivals: arrivals_ptr as *const i32,
+        tma_store: i32::from(tma_store),
+        tma_d: if tma_store {
+            // D [m, n] bf16, one box per output tile, no swizzle (the staging tile is row-major).
+            let bf16_t = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+            tensor_map_2d(d_ptr, bf16_t, 2, p.m, p.n, block_m, block_n, none)?
+        } else {
+            ffi::dk_tensor_map { opaque: [0; 16] }
+        },
     };
     let s = launch.stream();
     // SAFETY: the tensor maps and pointers describe live cudarc buffers of the validated lengths,
@@ -545,27 +564,32 @@ mod tests {
     #[test]
     fn launch_shape_plans_or_checks_the_forced_tile() {
         let dense = Problem::dense(GemmShape { m: 256, n: 7168, k: 7168 });
-        let planned = dense.launch_shape(132, 232_448, &GemmOptions::default()).unwrap();
+        let planned = dense.launch_shape(132, 232_448, &GemmOptions::default(), false).unwrap();
         assert_eq!((planned.block_m, planned.block_n), (128, 112), "{planned:?}");
         let force =
             |block_m, block_n, stages| GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), ..GemmOptions::default() };
-        let forced = dense.launch_shape(132, 232_448, &force(64, 16, 1)).unwrap();
+        let forced = dense.launch_shape(132, 232_448, &force(64, 16, 1), false).unwrap();
         assert_eq!((forced.block_m, forced.block_n, forced.stages), (64, 16, 1));
         let reason = |r: Result<LaunchShape>| match r {
             Err(Error::InvalidArgument { arg: "tile", reason }) => reason,
             other => panic!("expected a tile error, got {other:?}"),
         };
-        assert!(reason(dense.launch_shape(132, 232_448, &force(32, 128, 4))).contains("block_m"));
-        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 192, 4))).contains("not compiled"));
-        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 0))).contains("stages"));
-        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 176, 16))).contains("shared memory"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(32, 128, 4), false)).contains("block_m"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 192, 4), false)).contains("not compiled"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 0), false)).contains("stages"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 176, 16), false)).contains("shared memory"));
         let contiguous = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..dense };
-        assert!(reason(contiguous.launch_shape(132, 232_448, &force(64, 128, 4))).contains("block_m"));
+        assert!(reason(contiguous.launch_shape(132, 232_448, &force(64, 128, 4), false)).contains("block_m"));
         // The masked layout's hint must not exceed max_m.
         let masked = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m: 512, n: 4096, k: 7168, groups: 4, scale_rows: 128 };
         let hint = GemmOptions { expected_m: Some(129), ..GemmOptions::default() };
-        assert!(matches!(masked.launch_shape(132, 232_448, &hint), Err(Error::InvalidArgument { arg: "expected_m", .. })));
-        assert!(masked.launch_shape(132, 232_448, &GemmOptions { expected_m: Some(8), ..GemmOptions::default() }).is_ok());
+        assert!(matches!(masked.launch_shape(132, 232_448, &hint, false), Err(Error::InvalidArgument { arg: "expected_m", .. })));
+        assert!(masked.launch_shape(132, 232_448, &GemmOptions { expected_m: Some(8), ..GemmOptions::default() }, false).is_ok());
+        // The TMA-store staging tile comes out of the pipeline: one stage fewer for 128x128.
+        let plain = dense.launch_shape(132, 232_448, &force(128, 128, 6), false).unwrap();
+        assert_eq!(plain.stages, 6);
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 6), true)).contains("shared memory"));
+        assert!(dense.launch_shape(132, 232_448, &force(128, 128, 5), true).is_ok());
     }
 
     /// The compiled menu and the shared-memory formula of the C library agree with the planner's
@@ -584,12 +608,18 @@ mod tests {
                 }
             }
         }
-        for (block_m, block_n, stages, groups) in [(64, 16, 1, 0), (128, 176, 5, 0), (128, 112, 16, 1024), (64, 144, 7, 3)] {
+        for (block_m, block_n, stages, groups, tma) in
+            [(64, 16, 1, 0, false), (128, 176, 5, 0, false), (128, 112, 16, 1024, false), (64, 144, 7, 3, false), (128, 176, 4, 0, true)]
+        {
             // SAFETY: host-only function.
-            let c = unsafe { ffi::dk_gemm_fp8_smem_bytes(block_m as i32, block_n as i32, stages as i32, groups as i32) };
-            assert_eq!(c, plan::smem_plan(block_m, block_n, stages, groups).total as i64, "{block_m}x{block_n} {stages} {groups}");
+            let c = unsafe { ffi::dk_gemm_fp8_smem_bytes(block_m as i32, block_n as i32, stages as i32, groups as i32, i32::from(tma)) };
+            assert_eq!(
+                c,
+                plan::smem_plan(block_m, block_n, stages, groups, tma).total as i64,
+                "{block_m}x{block_n} {stages} {groups} {tma}"
+            );
         }
         // SAFETY: host-only function; out-of-range arguments answer -1.
-        assert_eq!(unsafe { ffi::dk_gemm_fp8_smem_bytes(128, 128, 17, 0) }, -1);
+        assert_eq!(unsafe { ffi::dk_gemm_fp8_smem_bytes(128, 128, 17, 0, 0) }, -1);
     }
 }

@@ -19,7 +19,8 @@
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
 //!   `GemmOptions::tile` with 1, 2 or 4 stages (the stage ring wraps), on a ragged n = 600 where
 //!   the 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
-//!   bit-exact on small integers, the grouped layouts against their references with poison kept.
+//!   bit-exact on small integers with both epilogues (registers; TMA store) inside NaN guards, the
+//!   grouped layouts against their references with poison kept.
 
 mod common;
 
@@ -503,15 +504,23 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     let d_sb = stream.clone_htod(&h.sb).unwrap();
     let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
     let mut i = 0;
+    let guard = 300;
     for block_m in [64, 128] {
         for block_n in BLOCK_N_MENU {
-            let options = tile(i, block_m, block_n);
-            i += 1;
-            let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); shape.m * shape.n]).unwrap();
-            gemm_fp8_with(&stream, &a, &b, &mut d.as_view_mut(), shape, options).map_err(|e| format!("{options:?}: {e}"))?;
-            let got = stream.clone_dtoh(&d).unwrap();
-            if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
-                return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / shape.n, at % shape.n, got[at], want[at]).into());
+            for tma_store in [false, true] {
+                let options = GemmOptions { tma_store, ..tile(i, block_m, block_n) };
+                i += 1;
+                // D inside NaN guards: every entry written, nothing outside (TMA clips at D's edges).
+                let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); shape.m * shape.n + 2 * guard]).unwrap();
+                let mut d = all.slice_mut(guard..guard + shape.m * shape.n);
+                gemm_fp8_with(&stream, &a, &b, &mut d, shape, options).map_err(|e| format!("{options:?}: {e}"))?;
+                let all = stream.clone_dtoh(&all).unwrap();
+                let got = &all[guard..guard + shape.m * shape.n];
+                if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
+                    return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / shape.n, at % shape.n, got[at], want[at]).into());
+                }
+                let guards_ok = all[..guard].iter().chain(&all[guard + shape.m * shape.n..]).all(|v| v.to_bits() == NAN_BF16);
+                ensure(guards_ok, || format!("dense {options:?}: wrote outside D"))?;
             }
         }
     }
@@ -621,6 +630,9 @@ fn arrivals_complete_and_checked(gpu: &Gpu) -> TestResult {
         other => Err(format!("expected an argument error, got {other:?}")),
     };
     let mut d = stream.alloc_zeros::<bf16>(m * n).unwrap();
+    let tma = GemmOptions { tma_store: true, ..options };
+    let r = gemm_fp8_contiguous_with(&stream, &a, &b, &d_idx.as_view(), &mut d.as_view_mut(), shape, groups, tma);
+    ensure(arg(r)? == "tma_store", || "the TMA-store epilogue accepted on a grouped layout".into())?;
     let short = full.slice(..m / 128 - 1);
     let r = gemm_fp8_contiguous_arrived(&stream, &a, &b, &d_idx.as_view(), &short, &mut d.as_view_mut(), shape, groups, options);
     ensure(arg(r)? == "arrivals", || "a short counter array accepted".into())?;

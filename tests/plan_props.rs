@@ -9,7 +9,9 @@
 
 use deepkern::DeviceInfo;
 use deepkern::layout::ceil_div;
-use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, candidates, plan, smem_plan, tile_coords};
+use deepkern::plan::gemm::{
+    BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, candidates, plan, plan_epilogue, smem_plan, tile_coords,
+};
 use proptest::prelude::*;
 
 fn device(sms: u32, smem: usize) -> DeviceInfo {
@@ -49,7 +51,7 @@ proptest! {
         let chosen = plan(&p, &dev).unwrap();
         prop_assert!(chosen.smem.total <= smem, "{chosen:?}");
         let masked_groups = match layout { GemmLayout::GroupedMasked { groups, .. } => groups, _ => 0 };
-        prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, chosen.stages, masked_groups));
+        prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, chosen.stages, masked_groups, false));
         prop_assert!(BLOCK_N_MENU.contains(&chosen.block_n));
         prop_assert!(chosen.block_n.is_multiple_of(16) && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
         prop_assert!([8, 16].contains(&chosen.swizzle_group));
@@ -74,6 +76,11 @@ proptest! {
         if chosen.tiles > 0 {
             prop_assert!(chosen.last_wave_tiles >= 1);
         }
+        // The TMA-store epilogue's plan reserves its staging tile (dense only) and still fits.
+        let t = plan_epilogue(&p, &dev, TileCost::HOPPER, true).unwrap();
+        prop_assert_eq!(t.tma_store, layout == GemmLayout::Dense);
+        prop_assert!(t.smem.total <= smem);
+        prop_assert_eq!(t.smem, smem_plan(t.block_m, t.block_n, t.stages, masked_groups, t.tma_store));
         // Optimal under the model: no feasible candidate is strictly cheaper.
         for c in candidates(&p, &dev, TileCost::HOPPER).unwrap() {
             prop_assert!(c.cost >= chosen.cost, "{c:?} beats {chosen:?}");

@@ -219,6 +219,55 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_global_to_shared(void* d
 #endif
 }
 
+// cp.async.bulk.tensor.2d (TMA store): shared memory `src` to the box at (x, y) of `map`, in the
+// calling thread's bulk async-group; elements outside the tensor are not written.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-tensor
+__device__ __forceinline__ void cp_async_bulk_tensor_2d_shared_to_global(const void* map, const void* src, int32_t x, int32_t y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(reinterpret_cast<uint64_t>(map)),
+                 "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))),
+                 "r"(x),
+                 "r"(y)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+// cp.async.bulk.commit_group: close the calling thread's bulk async-group of operations so far.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-commit-group
+__device__ __forceinline__ void cp_async_bulk_commit_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// cp.async.bulk.wait_group.read N: wait until at most N of the calling thread's bulk groups still
+// read their shared-memory sources (the sources may then be overwritten).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-wait-group
+template <int N>
+__device__ __forceinline__ void cp_async_bulk_wait_group_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// cp.async.bulk.wait_group N: wait until at most N of the calling thread's bulk groups are
+// incomplete (their writes done).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-wait-group
+template <int N>
+__device__ __forceinline__ void cp_async_bulk_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+#else
+    __trap();
+#endif
+}
+
 // wgmma.fence: order register and shared-memory accesses before the next wgmma.
 // https://docs.nvidia.com/cuda/parallel-thread-execution/#asynchronous-warpgroup-level-matrix-instructions-wgmma-fence
 __device__ __forceinline__ void wgmma_fence() {

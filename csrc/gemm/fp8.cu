@@ -18,12 +18,12 @@ extern "C" int32_t dk_gemm_fp8_config_supported(dk_gemm_layout_t layout, int32_t
     return found ? 1 : 0;
 }
 
-extern "C" int64_t dk_gemm_fp8_smem_bytes(int32_t block_m, int32_t block_n, int32_t stages, int32_t masked_groups) {
+extern "C" int64_t dk_gemm_fp8_smem_bytes(int32_t block_m, int32_t block_n, int32_t stages, int32_t masked_groups, int32_t tma_store) {
     if (block_m < 1 || block_m > 256 || block_n < 1 || block_n > 256 || stages < 1 || stages > DK_GEMM_MAX_STAGES || masked_groups < 0 ||
         masked_groups > DK_GEMM_MAX_MASKED_GROUPS) {
         return -1;
     }
-    return dk::gemm::smem_layout(block_m, block_n, stages, masked_groups).total;
+    return dk::gemm::smem_layout(block_m, block_n, stages, masked_groups, tma_store != 0).total;
 }
 
 extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t stream) {
@@ -55,6 +55,9 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     if (p->sfb == nullptr || (p->d == nullptr) == (p->d_f32 == nullptr) || (p->accumulate != 0 && p->d_f32 == nullptr)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
+    if (p->tma_store != 0 && (p->layout != DK_GEMM_DENSE || p->d == nullptr)) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
     KernelParams kp;
     static_assert(sizeof(CUtensorMap) == sizeof(dk_tensor_map_t), "tensor map size");
     std::memcpy(&kp.tma_a, &p->tma_a, sizeof(CUtensorMap));
@@ -74,6 +77,8 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     kp.stages = p->stages;
     kp.swizzle_group = p->swizzle_group;
     kp.arrivals = p->arrivals;
+    std::memcpy(&kp.tma_d, &p->tma_d, sizeof(CUtensorMap));
+    kp.tma_store = p->tma_store != 0;
     // Upper bound on tiles (the masked layout's real count is read on the device); the tile walk
     // computes in 32 bits below this bound.
     const int64_t tiles =
@@ -82,7 +87,7 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
         return DK_STATUS_INVALID_ARGUMENT;
     }
     const dim3 grid(static_cast<unsigned>(tiles < p->num_sms ? tiles : p->num_sms));
-    const uint32_t smem = smem_layout(p->block_m, p->block_n, p->stages, p->layout == DK_GEMM_MASKED ? p->groups : 0).total;
+    const uint32_t smem = smem_layout(p->block_m, p->block_n, p->stages, p->layout == DK_GEMM_MASKED ? p->groups : 0, kp.tma_store).total;
     auto s = reinterpret_cast<cudaStream_t>(stream);
     switch (p->layout) {
         case DK_GEMM_CONTIGUOUS:

@@ -11,7 +11,9 @@
 // final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's accumulator never runs
 // across scale blocks. A tile whose BLOCK_N does not divide 128 may straddle two or three of B's
 // 128-column scale blocks; each 8-column slice of the accumulator picks its own. The tile is
-// stored from registers with bounds checks (ragged m and n).
+// stored from registers with bounds checks (ragged m and n), or, for the dense bf16 output on
+// request (`tma_store`), staged in shared memory and written by one TMA store per tile (the tensor
+// map clips ragged edges).
 //
 // Tiles are walked in an L2-friendly order: `swizzle_group` M blocks are swept for each N block
 // before the next group of M blocks (the mirror is deepkern::plan::gemm::tile_coords).
@@ -60,6 +62,8 @@ struct KernelParams {
     int stages;
     int swizzle_group;
     const int32_t* arrivals;  // contiguous only, or null: [m / 128] rows arrived per block
+    CUtensorMap tma_d;        // with tma_store: D [m, n] bf16, box {block_n, block_m}
+    bool tma_store;           // dense bf16 only: the tile leaves through shared memory and TMA
 };
 
 // Rows per arrival counter (the contiguous layout's block).
@@ -86,16 +90,17 @@ __device__ __forceinline__ void wait_rows_arrived(const int32_t* counter) {
 // Byte offsets of the dynamic shared memory, from a 1024-aligned base (the mirror is
 // deepkern::plan::gemm::smem_plan; dk_gemm_fp8_smem_bytes exposes `total`).
 struct SmemLayout {
-    uint32_t a, b, sfa, full, empty, tile_prefix, rows, total;
+    uint32_t a, b, sfa, d, full, empty, tile_prefix, rows, total;
 };
 
-__host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int stages, int masked_groups) {
+__host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int stages, int masked_groups, bool d_tile) {
     SmemLayout l{};
     const uint32_t s = static_cast<uint32_t>(stages);
     l.a = 0;                                                  // [stages][block_m * 128] e4m3, 128B swizzle
     l.b = l.a + s * uint32_t(block_m) * kBlockK;              // [stages][block_n * 128] e4m3, 128B swizzle
     l.sfa = l.b + s * uint32_t(block_n) * kBlockK;            // [stages][block_m] f32
-    l.full = l.sfa + s * uint32_t(block_m) * 4;               // [stages] mbarrier
+    l.d = l.sfa + s * uint32_t(block_m) * 4;                  // TMA store: [block_m][block_n] bf16
+    l.full = l.d + (d_tile ? uint32_t(block_m) * block_n * 2 : 0);  // [stages] mbarrier
     l.empty = l.full + s * 8;                                 // [stages] mbarrier
     l.tile_prefix = l.empty + s * 8;                          // masked: [groups + 1] i32
     l.rows = l.tile_prefix + (masked_groups > 0 ? uint32_t(masked_groups + 1) * 4 : 0);  // masked: [groups] i32
@@ -230,10 +235,11 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
 
     extern __shared__ uint8_t smem_raw[];
     uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    const SmemLayout lay = smem_layout(kBlockM, kBlockN, p.stages, kLayout == DK_GEMM_MASKED ? p.groups : 0);
+    const SmemLayout lay = smem_layout(kBlockM, kBlockN, p.stages, kLayout == DK_GEMM_MASKED ? p.groups : 0, p.tma_store);
     uint8_t* s_a = base + lay.a;
     uint8_t* s_b = base + lay.b;
     float* s_sfa = reinterpret_cast<float*>(base + lay.sfa);
+    uint32_t* s_d = reinterpret_cast<uint32_t*>(base + lay.d);  // bf16 pairs
     uint64_t* s_full = reinterpret_cast<uint64_t*>(base + lay.full);
     uint64_t* s_empty = reinterpret_cast<uint64_t*>(base + lay.empty);
     int* s_tile_prefix = reinterpret_cast<int*>(base + lay.tile_prefix);
@@ -269,6 +275,9 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         ptx::prefetch_tensormap(&p.tma_a);
         ptx::prefetch_tensormap(&p.tma_b);
         ptx::prefetch_tensormap(&p.tma_sfa);
+        if (p.tma_store) {
+            ptx::prefetch_tensormap(&p.tma_d);
+        }
     }
     __syncthreads();
     const Scheduler<kLayout, kBlockM, kBlockN> sched{p, n_tiles, s_tile_prefix, s_rows};
@@ -374,7 +383,37 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
             }
             ps.advance();
         }
-        // NOTES: direct bounds-checked stores; a TMA store of a swizzled smem tile comes later.
+        if constexpr (kLayout == DK_GEMM_DENSE) {
+            if (p.tma_store) {
+                // Through shared memory: one consumer thread owns the bulk stores. The previous
+                // tile's store must have read the staging tile before it is overwritten.
+                constexpr uint32_t kConsumers = kMathWarpgroups * 128;
+                const bool issuer = threadIdx.x == 128;
+                if (issuer) {
+                    ptx::cp_async_bulk_wait_group_read<0>();
+                }
+                ptx::bar_sync(1, kConsumers);
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    uint32_t* row = s_d + (r + 8 * half) * (kBlockN / 2);
+#pragma unroll
+                    for (int j = 0; j < kBlockN / 8; ++j) {
+                        const __nv_bfloat162 v = __floats2bfloat162_rn(sum[4 * j + 2 * half], sum[4 * j + 2 * half + 1]);
+                        row[4 * j + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+                    }
+                }
+                // Generic-proxy writes, then the async proxy reads them.
+                ptx::fence_proxy_async_shared_cta();
+                ptx::bar_sync(1, kConsumers);
+                if (issuer) {
+                    // Rows past m and columns past n are clipped by the tensor map.
+                    ptx::cp_async_bulk_tensor_2d_shared_to_global(&p.tma_d, s_d, t.n0, t.m0);
+                    ptx::cp_async_bulk_commit_group();
+                }
+                continue;
+            }
+        }
+        // Direct bounds-checked stores (every layout; the grouped ones leave rows untouched).
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int row = t.m0 + r + 8 * half;  // within the group (masked) or the whole of D
@@ -406,6 +445,10 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                 store(p.d + row_offset, [](float v, const __nv_bfloat16*) { return __float2bfloat16_rn(v); });
             }
         }
+    }
+    if (kLayout == DK_GEMM_DENSE && p.tma_store && threadIdx.x == 128) {
+        // The staging tile must stay valid (and the writes land) before the CTA exits.
+        ptx::cp_async_bulk_wait_group<0>();
     }
 }
 

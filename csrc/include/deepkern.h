@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct layout or a signature in this header changes. */
-#define DK_ABI_VERSION 10
+#define DK_ABI_VERSION 11
 
 /* Elements per FP8 quantisation group along K (1x128 activations, 128x128 weights). */
 #define DK_QUANT_GROUP 128
@@ -212,6 +212,12 @@ typedef struct dk_gemm_fp8_params {
      * block still short after 30 s traps rather than hanging: a sticky error that leaves the
      * CUDA context unusable. */
     const int32_t* arrivals;
+    /* DK_GEMM_DENSE with d (bf16) only: 1 stages each output tile in shared memory and writes it
+     * with one TMA store through tma_d (D [m, n] bf16: dims {n, m}, box {block_n, block_m}, no
+     * swizzle), instead of bounds-checked stores from registers; the tile takes
+     * block_m * block_n * 2 bytes of shared memory. 0: tma_d is unused. */
+    int32_t tma_store;
+    dk_tensor_map_t tma_d;
 } dk_gemm_fp8_params_t;
 
 dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);
@@ -221,9 +227,9 @@ dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);
 int32_t dk_gemm_fp8_config_supported(dk_gemm_layout_t layout, int32_t block_m, int32_t block_n);
 
 /* Dynamic shared memory of one CTA in bytes (including 1024 bytes of alignment slack), or -1 for
- * arguments outside 1 ..= 256 (block sizes), 1 ..= DK_GEMM_MAX_STAGES, 0 ..= DK_GEMM_MAX_MASKED_GROUPS.
- * Host only; deepkern::plan::gemm::smem_plan is its mirror. */
-int64_t dk_gemm_fp8_smem_bytes(int32_t block_m, int32_t block_n, int32_t stages, int32_t masked_groups);
+ * arguments outside 1 ..= 256 (block sizes), 1 ..= DK_GEMM_MAX_STAGES, 0 ..= DK_GEMM_MAX_MASKED_GROUPS;
+ * tma_store != 0 adds the staging tile. Host only; deepkern::plan::gemm::smem_plan is its mirror. */
+int64_t dk_gemm_fp8_smem_bytes(int32_t block_m, int32_t block_n, int32_t stages, int32_t masked_groups, int32_t tma_store);
 
 /* Element types of 16-bit tensors. */
 typedef enum dk_dtype {

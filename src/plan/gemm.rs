@@ -57,6 +57,14 @@ pub struct GemmProblem {
     pub layout: GemmLayout,
 }
 
+impl GemmProblem {
+    /// Whether the plan reserves the TMA-store epilogue's staging tile: the dense layout with
+    /// `tma_store` requested (the grouped layouts always store from registers).
+    fn tma_store(&self, requested: bool) -> bool {
+        requested && self.layout == GemmLayout::Dense
+    }
+}
+
 /// Where a plan's shared memory goes, in bytes (the kernel's dynamic shared memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SmemPlan {
@@ -109,24 +117,28 @@ pub struct GemmPlan {
     pub swizzle_group: usize,
     /// `waves · tile clocks`: what the choice minimised.
     pub cost: f64,
+    /// The plan reserves the TMA-store epilogue's staging tile (dense, on request).
+    pub tma_store: bool,
 }
 
 /// Dynamic shared memory of a `block_m x block_n` tile with `stages` stages; `masked_groups` is
-/// the masked layout's group count (0 for the others). The mirror of the kernel's `smem_layout`
+/// the masked layout's group count (0 for the others); `tma_store` adds the bf16 staging tile of
+/// the TMA-store epilogue. The mirror of the kernel's `smem_layout`
 /// (`dk_gemm_fp8_smem_bytes`; a test checks the two agree): per stage the A tile (`block_m`
 /// rows of 128 bytes), the B tile, A's `block_m` f32 scales and two 8-byte barriers; the A and B
 /// tiles are multiples of 1024 bytes for every menu shape, as the 128-byte swizzle needs.
-pub fn smem_plan(block_m: usize, block_n: usize, stages: usize, masked_groups: usize) -> SmemPlan {
+pub fn smem_plan(block_m: usize, block_n: usize, stages: usize, masked_groups: usize, tma_store: bool) -> SmemPlan {
     let per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + 2 * 8;
-    let fixed = if masked_groups > 0 { (2 * masked_groups + 1) * 4 } else { 0 } + SMEM_ALIGN;
+    let d_tile = if tma_store { block_m * block_n * 2 } else { 0 };
+    let fixed = if masked_groups > 0 { (2 * masked_groups + 1) * 4 } else { 0 } + d_tile + SMEM_ALIGN;
     SmemPlan { per_stage, fixed, total: fixed + stages * per_stage }
 }
 
 /// The deepest pipeline (up to [`MAX_STAGES`]) that fits `limit` bytes, if at least the minimum does.
-pub fn max_stages(block_m: usize, block_n: usize, masked_groups: usize, limit: usize) -> Option<usize> {
+pub fn max_stages(block_m: usize, block_n: usize, masked_groups: usize, tma_store: bool, limit: usize) -> Option<usize> {
     // Small tiles finish a stage quickly and need more of them in flight to hide load latency.
     let min = if block_m * block_n < 128 * 176 { MIN_STAGES + 1 } else { MIN_STAGES };
-    (min..=MAX_STAGES).rev().find(|&s| smem_plan(block_m, block_n, s, masked_groups).total <= limit)
+    (min..=MAX_STAGES).rev().find(|&s| smem_plan(block_m, block_n, s, masked_groups, tma_store).total <= limit)
 }
 
 /// Tile `tile` of a dense or contiguous launch as `(m_block, n_block)`: tiles come in groups of
@@ -215,13 +227,21 @@ fn validate(p: &GemmProblem, dev: &DeviceInfo) -> Result<()> {
 
 /// Every feasible plan for `p` on `dev`, in candidate order.
 pub fn candidates(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<Vec<GemmPlan>> {
+    candidates_with(p, dev, cost, false)
+}
+
+/// [`candidates`], reserving the TMA-store staging tile when `tma_store` (dense only).
+pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_store: bool) -> Result<Vec<GemmPlan>> {
     validate(p, dev)?;
+    let tma_store = p.tma_store(tma_store);
     let sms = dev.sm_count as usize;
     let (rows, groups) = m_work(p);
     let mut out = Vec::new();
     for &block_m in block_m_candidates(p) {
         for block_n in BLOCK_N_MENU {
-            let Some(stages) = max_stages(block_m, block_n, masked_groups(p), dev.max_shared_memory_per_block_optin) else { continue };
+            let Some(stages) = max_stages(block_m, block_n, masked_groups(p), tma_store, dev.max_shared_memory_per_block_optin) else {
+                continue;
+            };
             let tiles = groups * ceil_div(rows, block_m) * ceil_div(p.n, block_n);
             let waves = ceil_div(tiles, sms);
             out.push(GemmPlan {
@@ -230,7 +250,8 @@ pub fn candidates(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<V
                 stages,
                 math_warpgroups: block_m / 64,
                 threads: 128 * (1 + block_m / 64),
-                smem: smem_plan(block_m, block_n, stages, masked_groups(p)),
+                smem: smem_plan(block_m, block_n, stages, masked_groups(p), tma_store),
+                tma_store,
                 tiles,
                 grid: tiles.min(sms),
                 waves,
@@ -250,7 +271,13 @@ pub fn plan(p: &GemmProblem, dev: &DeviceInfo) -> Result<GemmPlan> {
 
 /// [`plan`] under another cost model.
 pub fn plan_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost) -> Result<GemmPlan> {
-    let all = candidates(p, dev, cost)?;
+    plan_epilogue(p, dev, cost, false)
+}
+
+/// [`plan_with`], reserving the TMA-store epilogue's staging tile when `tma_store` (dense only):
+/// the same choice with the tile's bytes taken from the pipeline.
+pub fn plan_epilogue(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_store: bool) -> Result<GemmPlan> {
+    let all = candidates_with(p, dev, cost, tma_store)?;
     all.into_iter()
         .min_by(|a, b| {
             a.cost.total_cmp(&b.cost).then((b.block_m * b.block_n).cmp(&(a.block_m * a.block_n))).then(b.block_n.cmp(&a.block_n))
@@ -289,12 +316,15 @@ mod tests {
     #[test]
     fn stage_bytes_match_the_kernel_layout() {
         // 128x128: A 16 KiB + B 16 KiB + A scales 512 B + two barriers per stage.
-        assert_eq!(smem_plan(128, 128, 1, 0).per_stage, 16384 + 16384 + 512 + 16);
-        let s = max_stages(128, 128, 0, 232_448).unwrap();
+        assert_eq!(smem_plan(128, 128, 1, 0, false).per_stage, 16384 + 16384 + 512 + 16);
+        let s = max_stages(128, 128, 0, false, 232_448).unwrap();
         assert_eq!(s, 6);
-        assert!(smem_plan(128, 128, s, 0).total <= 232_448 && smem_plan(128, 128, s + 1, 0).total > 232_448);
+        assert!(smem_plan(128, 128, s, 0, false).total <= 232_448 && smem_plan(128, 128, s + 1, 0, false).total > 232_448);
         // The masked snapshot: 4 groups take 9 ints.
-        assert_eq!(smem_plan(64, 16, 2, 4).fixed, 36 + 1024);
+        assert_eq!(smem_plan(64, 16, 2, 4, false).fixed, 36 + 1024);
+        // The TMA-store staging tile costs 128x128 bf16 = one stage here.
+        assert_eq!(smem_plan(128, 128, 1, 0, true).fixed, 32768 + 1024);
+        assert_eq!(max_stages(128, 128, 0, true, 232_448), Some(5));
     }
 
     #[test]
