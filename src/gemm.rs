@@ -68,10 +68,11 @@ pub struct GemmOptions {
     /// A tile shape to run instead of the planner's choice (benchmarks, tests of every compiled
     /// shape). Must be in the compiled menu and fit the device's shared memory.
     pub tile: Option<TileConfig>,
-    /// Dense bf16 GEMM only: stage each output tile in shared memory and write it with one TMA
-    /// store (the plan gives the staging tile's bytes up from the pipeline), instead of
-    /// bounds-checked stores from registers. Off by default until measurements say where it pays
-    /// (`benches/gemm.rs`, `gemm_fp8_dense_tma_store_vs_direct`).
+    /// Dense bf16 GEMM only, with `n % 8 == 0` and D 16-byte aligned (an error otherwise):
+    /// stage each output tile in shared memory and write it with one TMA store (the plan gives
+    /// the staging tile's bytes up from the pipeline), instead of bounds-checked stores from
+    /// registers. Off by default until measurements say where it pays (`benches/gemm.rs`,
+    /// `gemm_fp8_dense_tma_store_vs_direct`).
     pub tma_store: bool,
 }
 
@@ -452,6 +453,12 @@ fn launch(
     if tma_store && (p.layout != ffi::dk_gemm_layout::DK_GEMM_DENSE || matches!(d, Output::F32 { .. })) {
         return Err(Error::InvalidArgument { arg: "tma_store", reason: "the TMA-store epilogue is for the dense bf16 GEMM only".into() });
     }
+    if tma_store && !p.n.is_multiple_of(8) {
+        return Err(Error::InvalidArgument {
+            arg: "tma_store",
+            reason: format!("needs n % 8 == 0 (D's rows 16-byte aligned for the tensor map); n = {}", p.n),
+        });
+    }
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
@@ -467,7 +474,8 @@ fn launch(
         check_aligned(arg, addr, 16)?;
     }
     if d_f32_ptr == 0 {
-        check_aligned("d", d_ptr, 2)?;
+        // The TMA store's tensor map needs D 16-byte aligned.
+        check_aligned("d", d_ptr, if tma_store { 16 } else { 2 })?;
     } else {
         check_aligned("d", d_f32_ptr, 4)?;
     }

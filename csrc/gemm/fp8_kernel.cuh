@@ -234,7 +234,9 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                   "the register split exceeds the CTA's register pool");
 
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    // Aligned to 1024 by offsetting the shared array itself (not through an integer), so the
+    // compiler keeps the address space and emits shared-memory loads and stores.
+    uint8_t* base = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
     const SmemLayout lay = smem_layout(kBlockM, kBlockN, p.stages, kLayout == DK_GEMM_MASKED ? p.groups : 0, p.tma_store);
     uint8_t* s_a = base + lay.a;
     uint8_t* s_b = base + lay.b;

@@ -158,7 +158,9 @@ __device__ void load_tile(const KernelParams& p, uint8_t* dst, uint64_t* bar, in
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ KernelParams p) {
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    // Aligned to 1024 by offsetting the shared array itself (not through an integer), so the
+    // compiler keeps the address space and emits shared-memory loads and stores.
+    uint8_t* smem = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
     uint8_t* s_q = smem + kOffQ;
     uint8_t* s_kv = smem + kOffKv;
     uint8_t* s_p = smem + kOffP;
