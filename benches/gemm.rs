@@ -24,6 +24,11 @@
 //!   operands, and each warp's direct store fills half of every 32-byte sector); a loss where
 //!   the staging tile costs a pipeline stage the main loop needed (small m, large k).
 //!
+//! - `gemm_fp8_dense_tile_sweep` against `deepkern_planned`: every compiled dense tile on three
+//!   shapes (memory-bound m = 64, mid m = 128, compute-bound m = 4096), each against the
+//!   planner's choice in the same run: how good the planner's ranking is, and the data to fit its
+//!   cost model.
+//!
 //! Every record's shape names the tile the planner chose (`tile`: block_m x block_n / stages).
 //!
 //! Operands come from the GPU quantisers; every case is checked on a random sample of entries
@@ -43,7 +48,7 @@ use deepkern::gemm::{
     gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
-use deepkern::plan::gemm::{GemmLayout, GemmProblem, plan};
+use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, max_stages, plan};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use harness::{GpuBench, Record};
@@ -198,7 +203,58 @@ fn main() {
     }
     group.finish();
     grouped(&mut gpu, &mut c, blas.as_ref());
+    tile_sweep(&mut gpu);
     c.final_summary();
+}
+
+/// Every compiled dense tile (deepest pipeline that fits) on three shapes, against the planner's
+/// choice: the data to calibrate `plan::gemm::TileCost` (an initial model, never fitted yet).
+/// One `gemm_fp8_dense_tile_sweep` line per tile, baseline `deepkern_planned`.
+fn tile_sweep(gpu: &mut GpuBench) {
+    let stream = gpu.stream.clone();
+    let limit = gpu.device.info().max_shared_memory_per_block_optin;
+    for (m, n, k) in [(64, 2112, 7168), (128, 7168, 2048), (4096, 7168, 2048)] {
+        let shape = GemmShape { m, n, k };
+        let (ts, bs) = (TokenGroupShape::new(m, k), BlockShape::new(n, k));
+        let d_x = stream.clone_htod(&random_bf16(m * k, 4.0, (m + k) as u64)).expect("upload x");
+        let d_w = stream.clone_htod(&random_bf16(n * k, 0.2, (n + k) as u64)).expect("upload w");
+        let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).expect("alloc");
+        let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
+        let mut qb = stream.alloc_zeros::<F8E4M3>(n * k).expect("alloc");
+        let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
+        quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::F32).expect("quantise x");
+        quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::F32).expect("quantise w");
+        let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+        let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>, options: GemmOptions| {
+            let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
+            let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
+            gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm");
+        };
+        let planned_us = gpu.median_us(|s| run(s, &mut d, GemmOptions::default()));
+        let planned = tile_name(gpu, GemmProblem { m, n, k, layout: GemmLayout::Dense });
+        let mut best = (f64::INFINITY, String::new());
+        for block_m in [64, 128] {
+            for block_n in BLOCK_N_MENU {
+                let Some(stages) = max_stages(block_m, block_n, 0, false, limit) else { continue };
+                let tile = TileConfig { block_m, block_n, stages };
+                let us = gpu.median_us(|s| run(s, &mut d, GemmOptions { tile: Some(tile), ..GemmOptions::default() }));
+                let name = format!("{block_m}x{block_n}/{stages}");
+                if us < best.0 {
+                    best = (us, name.clone());
+                }
+                gpu.record(Record {
+                    kernel: "gemm_fp8_dense_tile_sweep",
+                    case: format!("m{m}_n{n}_k{k}_{block_m}x{block_n}"),
+                    shape: json!({"m": m, "n": n, "k": k, "tile": name, "planned": planned}),
+                    median_us: us,
+                    flops: Some((2 * m * n * k) as f64),
+                    bytes: None,
+                    baseline: Some(("deepkern_planned", planned_us)),
+                });
+            }
+        }
+        eprintln!("tile sweep m{m} n{n} k{k}: planned {planned} {planned_us:.1} us; fastest {} {:.1} us", best.1, best.0);
+    }
 }
 
 /// MoE shapes: contiguous (groups, rows per group) and masked (groups, rows per group), each with
