@@ -299,6 +299,15 @@ enum Output<'v, 'a> {
     F32 { d: &'v mut CudaViewMut<'a, f32>, accumulate: bool },
 }
 
+/// The contiguous layout's rows: every expert's segment is padded to 128.
+fn check_contiguous_m(m: usize) -> Result<()> {
+    if m.is_multiple_of(GROUP) {
+        Ok(())
+    } else {
+        Err(Error::Shape { arg: "m", expected: format!("a multiple of {GROUP} (segments padded per expert)"), got: m.to_string() })
+    }
+}
+
 /// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
 /// (`[m, k]`, each expert's segment padded to a multiple of 128 rows, so `m % 128 == 0`),
 /// `m_indices[r]` is row `r`'s expert (-1 on padding), `b` holds the experts' weights. Rows whose
@@ -328,13 +337,7 @@ pub fn gemm_fp8_contiguous_with(
     groups: usize,
     options: GemmOptions,
 ) -> Result<()> {
-    if !shape.m.is_multiple_of(GROUP) {
-        return Err(Error::Shape {
-            arg: "m",
-            expected: format!("a multiple of {GROUP} (segments padded per expert)"),
-            got: shape.m.to_string(),
-        });
-    }
+    check_contiguous_m(shape.m)?;
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
     launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), None, options)
@@ -366,13 +369,7 @@ pub fn gemm_fp8_contiguous_arrived(
     groups: usize,
     options: GemmOptions,
 ) -> Result<()> {
-    if !shape.m.is_multiple_of(GROUP) {
-        return Err(Error::Shape {
-            arg: "m",
-            expected: format!("a multiple of {GROUP} (segments padded per expert)"),
-            got: shape.m.to_string(),
-        });
-    }
+    check_contiguous_m(shape.m)?;
     if arrivals.len() != shape.m / GROUP {
         return Err(Error::Shape {
             arg: "arrivals",

@@ -87,13 +87,6 @@ fn validate_experts(shape: &GroupShape, local: usize, inter: usize, experts: &[L
 /// scales) and dispatches them in FP8. With [`expert_stage`] and [`combine_stage`], the pieces a
 /// framework (or a benchmark timing each stage) composes into its own schedule.
 pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispatched>> {
-    if inputs.len() != group.local_ranks().len() {
-        return Err(Error::Shape {
-            arg: "inputs",
-            expected: format!("one per local rank ({})", group.local_ranks().len()),
-            got: inputs.len().to_string(),
-        });
-    }
     let quantised = quantise(group, inputs)?;
     group.dispatch(&rank_inputs(inputs, &quantised, group.shape().hidden))
 }
@@ -101,13 +94,6 @@ pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Di
 /// [`dispatch_stage`] through [`Group::dispatch_with_arrivals`]: the results carry arrival
 /// counters, and [`expert_stage`] on `consumer` then starts each gate/up tile as its rows land.
 pub fn dispatch_stage_with_arrivals(group: &mut Group, inputs: &[LayerInput], consumer: &Arc<CudaStream>) -> Result<Vec<Dispatched>> {
-    if inputs.len() != group.local_ranks().len() {
-        return Err(Error::Shape {
-            arg: "inputs",
-            expected: format!("one per local rank ({})", group.local_ranks().len()),
-            got: inputs.len().to_string(),
-        });
-    }
     let quantised = quantise(group, inputs)?;
     group.dispatch_with_arrivals(&rank_inputs(inputs, &quantised, group.shape().hidden), consumer)
 }
@@ -115,8 +101,16 @@ pub fn dispatch_stage_with_arrivals(group: &mut Group, inputs: &[LayerInput], co
 /// One rank's tokens in FP8 for a dispatch: e4m3 rows, their scales, and the scales' length.
 type Quantised = (CudaSlice<F8E4M3>, CudaSlice<f32>, usize);
 
-/// Quantises every local rank's tokens (1x128, f32 scales) on the group's stream.
+/// Quantises every local rank's tokens (1x128, f32 scales) on the group's stream; one input per
+/// local rank.
 fn quantise(group: &Group, inputs: &[LayerInput]) -> Result<Vec<Quantised>> {
+    if inputs.len() != group.local_ranks().len() {
+        return Err(Error::Shape {
+            arg: "inputs",
+            expected: format!("one per local rank ({})", group.local_ranks().len()),
+            got: inputs.len().to_string(),
+        });
+    }
     let h = group.shape().hidden;
     let stream = group.stream();
     let mut quantised = Vec::with_capacity(inputs.len());

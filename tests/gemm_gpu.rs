@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
-use deepkern::cudarc::driver::CudaStream;
+use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::fp8::e4m3_encode;
 use deepkern::gemm::{
     Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous,
@@ -37,7 +37,7 @@ use deepkern::gemm::{
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
 use deepkern::plan::gemm::BLOCK_N_MENU;
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
-use deepkern::reference::quant::{per_block, per_token_group};
+use deepkern::reference::quant::{QuantizedRows, per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -255,6 +255,54 @@ fn empty_and_bad_input(gpu: &Gpu) -> TestResult {
     ensure(untouched, || "a rejected or empty call wrote D".into())
 }
 
+/// The contiguous layout of `counts` rows per expert (each segment padded to a multiple of 128 rows
+/// of expert -1, at least 128 rows in all) with random activations, quantised on the CPU and
+/// uploaded (A's scales in the TMA layout, NaN in their padding).
+struct Contiguous {
+    m_indices: Vec<i32>,
+    qa: QuantizedRows,
+    a: CudaSlice<F8E4M3>,
+    sa: CudaSlice<f32>,
+    idx: CudaSlice<i32>,
+}
+
+impl Contiguous {
+    fn new(stream: &Arc<CudaStream>, rng: &mut StdRng, counts: &[usize], k: usize) -> Self {
+        let mut m_indices = Vec::new();
+        for (g, &c) in counts.iter().enumerate() {
+            m_indices.extend(std::iter::repeat_n(g as i32, c));
+            m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
+        }
+        let m = m_indices.len().max(128);
+        m_indices.resize(m, -1);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+        let a = stream.clone_htod(&f8(&qa.q)).unwrap();
+        let sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
+        let idx = stream.clone_htod(&m_indices).unwrap();
+        Self { m_indices, qa, a, sa, idx }
+    }
+
+    fn m(&self) -> usize {
+        self.m_indices.len()
+    }
+
+    fn activations(&self) -> Fp8Activations<'_> {
+        Fp8Activations { q: self.a.as_view(), sf: self.sa.as_view() }
+    }
+
+    /// The grouped reference on `groups` experts' weights (`bq`: `[groups · n, k]`).
+    fn reference(&self, bq: &[u8], bsf: &[f32], groups: usize, k: usize) -> Vec<Option<f64>> {
+        grouped_contiguous(
+            Fp8Operand { q: &self.qa.q, scales: &self.qa.scales, rows: self.m() },
+            Fp8Operand { q: bq, scales: bsf, rows: bq.len() / k },
+            groups,
+            k,
+            &self.m_indices,
+        )
+    }
+}
+
 /// Quantised expert weights `[groups, n, k]` (CPU per-block quantiser per expert).
 fn experts(rng: &mut StdRng, groups: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
     let (mut q, mut sf) = (Vec::new(), Vec::new());
@@ -304,31 +352,15 @@ fn contiguous_matches_reference(gpu: &Gpu) -> TestResult {
                 }
             })
             .collect();
-        let mut m_indices = Vec::new();
-        for (g, &c) in counts.iter().enumerate() {
-            m_indices.extend(std::iter::repeat_n(g as i32, c));
-            m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
-        }
-        let m = m_indices.len().max(128);
-        m_indices.resize(m, -1);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+        let input = Contiguous::new(&stream, &mut rng, &counts, k);
+        let m = input.m();
         let (bq, bsf) = experts(&mut rng, groups, n, k);
-        let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
-        let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
         let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
-        let d_idx = stream.clone_htod(&m_indices).unwrap();
         let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
         let shape = GemmShape { m, n, k };
-        let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
-        gemm_fp8_contiguous(&stream, &a, &b, &d_idx.as_view(), &mut d.as_view_mut(), shape, groups).map_err(|e| e.to_string())?;
-        let want = grouped_contiguous(
-            Fp8Operand { q: &qa.q, scales: &qa.scales, rows: m },
-            Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
-            groups,
-            k,
-            &m_indices,
-        );
+        let (a, b) = (input.activations(), Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+        gemm_fp8_contiguous(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), shape, groups).map_err(|e| e.to_string())?;
+        let want = input.reference(&bq, &bsf, groups, k);
         compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("contiguous {groups} experts {counts:?}"))?;
     }
     Ok(())
@@ -531,30 +563,13 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     let (bq, bsf) = experts(&mut rng, groups, n, k);
     let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
     let b = Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() };
-    let counts = [150, 0, 70];
-    let mut m_indices = Vec::new();
-    for (g, &c) in counts.iter().enumerate() {
-        m_indices.extend(std::iter::repeat_n(g as i32, c));
-        m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
-    }
-    let m = m_indices.len();
-    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let qa = per_token_group(&x, m, k, ScaleFormat::F32);
-    let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
-    let d_idx = stream.clone_htod(&m_indices).unwrap();
-    let a = Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() };
-    let want = grouped_contiguous(
-        Fp8Operand { q: &qa.q, scales: &qa.scales, rows: m },
-        Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
-        groups,
-        k,
-        &m_indices,
-    );
+    let input = Contiguous::new(&stream, &mut rng, &[150, 0, 70], k);
+    let (m, a) = (input.m(), input.activations());
+    let want = input.reference(&bq, &bsf, groups, k);
     for block_n in BLOCK_N_MENU {
         let options = tile(block_n / 16, 128, block_n);
         let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
-        gemm_fp8_contiguous_with(&stream, &a, &b, &d_idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, options)
+        gemm_fp8_contiguous_with(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, options)
             .map_err(|e| format!("contiguous {options:?}: {e}"))?;
         compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("contiguous {options:?}"))?;
     }
@@ -599,21 +614,12 @@ fn arrivals_complete_and_checked(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("arrivals_complete_and_checked");
     let stream = gpu.stream();
     let (groups, n, k) = (3, 300, 256);
-    let counts = [200, 0, 90];
-    let mut m_indices = Vec::new();
-    for (g, &c) in counts.iter().enumerate() {
-        m_indices.extend(std::iter::repeat_n(g as i32, c));
-        m_indices.extend(std::iter::repeat_n(-1, c.next_multiple_of(128) - c));
-    }
-    let m = m_indices.len();
-    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let qa = per_token_group(&x, m, k, ScaleFormat::F32);
+    let input = Contiguous::new(&stream, &mut rng, &[200, 0, 90], k);
+    let m = input.m();
     let (bq, bsf) = experts(&mut rng, groups, n, k);
-    let d_a = stream.clone_htod(&f8(&qa.q)).unwrap();
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&qa.scales, m, k / 128, f32::NAN)).unwrap();
     let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
-    let d_idx = stream.clone_htod(&m_indices).unwrap();
-    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let d_idx = &input.idx;
+    let (a, b) = (input.activations(), Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
     let shape = GemmShape { m, n, k };
     let sms = gpu.device.info().sm_count as usize;
     let options = GemmOptions { max_sms: Some(sms - 1), ..GemmOptions::default() };
