@@ -303,6 +303,21 @@ impl Contiguous {
     }
 }
 
+/// Random activations of the masked layout, quantised on the CPU per group: E4M3 `[groups, max_m,
+/// k]`, the scales in the TMA layout `[groups, k / 128, round_up(max_m, 4)]` (NaN padding), and
+/// row-major `[groups · max_m, k / 128]` for the reference.
+fn masked_activations(rng: &mut StdRng, groups: usize, max_m: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    let (mut aq, mut asf_tma, mut asf_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..groups {
+        let x: Vec<f32> = (0..max_m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let q = per_token_group(&x, max_m, k, ScaleFormat::F32);
+        asf_tma.extend(scales_to_tma_layout(&q.scales, max_m, k / 128, f32::NAN));
+        asf_rows.extend(q.scales);
+        aq.extend(q.q);
+    }
+    (aq, asf_tma, asf_rows)
+}
+
 /// Quantised expert weights `[groups, n, k]` (CPU per-block quantiser per expert).
 fn experts(rng: &mut StdRng, groups: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
     let (mut q, mut sf) = (Vec::new(), Vec::new());
@@ -377,14 +392,7 @@ fn masked_matches_reference(gpu: &Gpu) -> TestResult {
                 _ => 0,
             })
             .collect();
-        let (mut aq, mut asf_tma, mut asf_rows) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..groups {
-            let x: Vec<f32> = (0..max_m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let q = per_token_group(&x, max_m, k, ScaleFormat::F32);
-            asf_tma.extend(scales_to_tma_layout(&q.scales, max_m, k / 128, f32::NAN));
-            asf_rows.extend(q.scales);
-            aq.extend(q.q);
-        }
+        let (aq, asf_tma, asf_rows) = masked_activations(&mut rng, groups, max_m, k);
         let (bq, bsf) = experts(&mut rng, groups, n, k);
         let d_a = stream.clone_htod(&f8(&aq)).unwrap();
         let d_sa = stream.clone_htod(&asf_tma).unwrap();
@@ -577,14 +585,7 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     // Masked: 3 groups of max_m = 140 with 140, 0 and 65 valid rows.
     let max_m = 140;
     let valid = [140usize, 0, 65];
-    let (mut aq, mut asf_tma, mut asf_rows) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..groups {
-        let x: Vec<f32> = (0..max_m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let q = per_token_group(&x, max_m, k, ScaleFormat::F32);
-        asf_tma.extend(scales_to_tma_layout(&q.scales, max_m, k / 128, f32::NAN));
-        asf_rows.extend(q.scales);
-        aq.extend(q.q);
-    }
+    let (aq, asf_tma, asf_rows) = masked_activations(&mut rng, groups, max_m, k);
     let (d_a, d_sa) = (stream.clone_htod(&f8(&aq)).unwrap(), stream.clone_htod(&asf_tma).unwrap());
     let d_valid = stream.clone_htod(&valid.iter().map(|&v| v as i32).collect::<Vec<_>>()).unwrap();
     let a = Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() };
