@@ -161,6 +161,9 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 # deepkern GPU bundle: every test (a GPU is required: DEEPKERN_REQUIRE_GPU=1), then every bench.
 # Usage: ./run.sh [RESULTS_DIR]   (default: ./results). Bench lines go to RESULTS_DIR/<device>.jsonl,
 # logs to RESULTS_DIR/logs/. Exits non-zero if anything failed, or if there is no GPU.
+# DEEPKERN_ONLY="gemm_gpu bench:gemm ..." runs only the named tests and benches ("name" or
+# "test:name" for a test, "bench:name" for a bench); DEEPKERN_STEP_TIMEOUT (seconds, default 480)
+# stops any one executable that runs longer, so a hang cannot use up a GPU session.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-results}"
@@ -237,17 +240,32 @@ export LD_LIBRARY_PATH="$lib_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 summary=()
 status=0
+only="${DEEPKERN_ONLY:-}"
+step_timeout="${DEEPKERN_STEP_TIMEOUT:-480}"
+selected() { # selected KIND NAME: whether DEEPKERN_ONLY (if set) names it
+    local w
+    [ -z "$only" ] && return 0
+    for w in $only; do
+        [ "$w" = "$2" ] && [ "$1" = test ] && return 0
+        [ "$w" = "$1:$2" ] && return 0
+    done
+    return 1
+}
 run_one() { # run_one KIND EXE ARGS...
     local kind="$1" exe="$2" name log rc
     shift 2
     name="$(basename "$exe")"
+    selected "$kind" "$name" || return 0
     log="$out/logs/$kind-$name.log"
     echo
     echo "== $kind $name"
-    "$exe" "$@" 2>&1 | tee "$log"
+    timeout -k 10 "$step_timeout" "$exe" "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
         summary+=("ok      $kind $name")
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        summary+=("FAILED  $kind $name (stopped after ${step_timeout} s; $log)")
+        status=1
     else
         summary+=("FAILED  $kind $name (exit $rc; $log)")
         status=1
@@ -375,6 +393,30 @@ mod tests {
         let (code, stdout, stderr) = s.run();
         assert_eq!(code, 0, "{stdout}\n{stderr}");
         assert!(stdout.contains("all passed"), "{stdout}");
+    }
+
+    #[test]
+    fn run_sh_runs_only_what_is_named_and_stops_hangs() {
+        let s = Scratch::new("only", true);
+        s.exe("bin/tests/gemm_gpu", "echo t-gemm");
+        s.exe("bin/tests/ep_gpu", "echo t-ep");
+        s.exe("bin/tests/slow", "sleep 30");
+        s.exe("bin/benches/gemm", "echo b-gemm");
+        s.exe("bin/benches/ep", "echo b-ep");
+        let path = format!("{}:/usr/bin:/bin", s.dir.join("fakebin").display());
+        let out = Command::new("bash")
+            .arg(s.dir.join("run.sh"))
+            .arg(s.dir.join("res"))
+            .env("PATH", path)
+            .env("DEEPKERN_ONLY", "gemm_gpu test:slow bench:gemm")
+            .env("DEEPKERN_STEP_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("ok      test gemm_gpu") && stdout.contains("ok      bench gemm"), "{stdout}");
+        assert!(stdout.contains("FAILED  test slow (stopped after 1 s;"), "{stdout}");
+        assert!(!stdout.contains("t-ep") && !stdout.contains("b-ep"), "{stdout}");
     }
 
     #[test]
