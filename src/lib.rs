@@ -6,6 +6,7 @@
 //! | module | what | CUDA? |
 //! |---|---|---|
 //! | [`quant`], [`gemm`], [`mla`], [`ep`], [`moe`] | safe entry points: validate, then one launch through the C ABI | yes |
+//! | [`overlap`] | communication beside computation: two streams, an SM budget, the two-micro-batch schedule and its hand-offs | yes |
 //! | [`device`] | open a GPU, query what the planners need, check the build can run on it | yes |
 //! | [`layout`], [`fp8`], [`reference`](mod@reference), [`check`] | layouts, FP8 numerics, f64/f32 CPU references, comparators | no |
 //! | [`plan`] | host-side tile, pipeline and grid choices | no |
