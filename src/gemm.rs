@@ -377,9 +377,9 @@ pub fn gemm_fp8_contiguous_arrived(
             got: format!("{} elements", arrivals.len()),
         });
     }
-    let device_sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let device_sms = crate::launch::device_facts(stream)?.sm_count;
     match options.max_sms {
-        Some(n) if n < usize::try_from(device_sms).unwrap_or(0) => {}
+        Some(n) if n < device_sms => {}
         _ => {
             return Err(Error::InvalidArgument {
                 arg: "max_sms",
@@ -437,11 +437,10 @@ fn launch(
     options: GemmOptions,
 ) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;
-    let device_sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let smem_limit = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    let (device_sms, smem_limit) = (launch.device().sm_count, launch.device().smem_optin);
     let sms = match options.max_sms {
         None => device_sms,
-        Some(n) if n >= 1 && n <= usize::try_from(device_sms).unwrap_or(0) => n as i32,
+        Some(n) if n >= 1 && n <= device_sms => n,
         Some(n) => {
             return Err(Error::InvalidArgument { arg: "max_sms", reason: format!("{n} is outside 1..={device_sms} (the device's SMs)") });
         }
@@ -459,7 +458,7 @@ fn launch(
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
-    let shape = p.launch_shape(sms as usize, usize::try_from(smem_limit).unwrap_or(0), &options, tma_store)?;
+    let shape = p.launch_shape(sms, smem_limit, &options, tma_store)?;
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
     let arrivals_ptr = arrivals.map_or(0, |v| launch.input(v));
@@ -496,7 +495,7 @@ fn launch(
         m: p.m as i32,
         n: p.n as i32,
         k: p.k as i32,
-        num_sms: sms,
+        num_sms: sms as i32,
         groups: p.groups as i32,
         max_m: if is(ffi::dk_gemm_layout::DK_GEMM_MASKED) { p.scale_rows as i32 } else { p.m as i32 },
         layout: p.layout,

@@ -32,21 +32,55 @@ pub(crate) use ffi_call;
 /// The status [`ffi_call!`] yields in a build without kernels (outside `dk_status_t`'s range).
 pub(crate) const NOT_BUILT: ffi::dk_status_t = ffi::dk_status_t(u32::MAX);
 
+/// What the launchers ask of a device on every call, read once per device ordinal (the values of
+/// a device never change while the process runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DeviceFacts {
+    pub compute_capability: (u32, u32),
+    pub sm_count: usize,
+    pub smem_optin: usize,
+}
+
+/// [`DeviceFacts`] of `stream`'s device, from a process-wide cache.
+pub(crate) fn device_facts(stream: &CudaStream) -> Result<DeviceFacts> {
+    use cudarc::driver::sys::CUdevice_attribute as Attr;
+    static CACHE: std::sync::Mutex<Vec<(usize, DeviceFacts)>> = std::sync::Mutex::new(Vec::new());
+    let ctx = stream.context();
+    let ordinal = ctx.ordinal();
+    if let Some(&(_, f)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
+        return Ok(f);
+    }
+    let (major, minor) = ctx.compute_capability()?;
+    let attr = |a| -> Result<usize> { Ok(usize::try_from(ctx.attribute(a)?).unwrap_or(0)) };
+    let facts = DeviceFacts {
+        compute_capability: (u32::try_from(major).unwrap_or(0), u32::try_from(minor).unwrap_or(0)),
+        sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        smem_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+    };
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, facts));
+    Ok(facts)
+}
+
 /// One kernel launch in preparation. See the module docs.
 pub(crate) struct Launch<'a> {
     kernel: &'static str,
     stream: &'a CudaStream,
     guards: Vec<SyncOnDrop<'a>>,
+    facts: DeviceFacts,
 }
 
 impl<'a> Launch<'a> {
     /// Starts a launch of `kernel` on `stream`: kernels built, GPU supported, context bound.
     pub fn new(kernel: &'static str, stream: &'a CudaStream) -> Result<Self> {
-        let ctx = stream.context();
-        let (major, minor) = ctx.compute_capability()?;
-        crate::device::check_supported((u32::try_from(major).unwrap_or(0), u32::try_from(minor).unwrap_or(0)))?;
-        ctx.bind_to_thread()?;
-        Ok(Self { kernel, stream, guards: Vec::with_capacity(8) })
+        let facts = device_facts(stream)?;
+        crate::device::check_supported(facts.compute_capability)?;
+        stream.context().bind_to_thread()?;
+        Ok(Self { kernel, stream, guards: Vec::with_capacity(8), facts })
+    }
+
+    /// The launch's device (cached facts).
+    pub fn device(&self) -> DeviceFacts {
+        self.facts
     }
 
     /// Raw device address of a buffer the kernel reads.

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUtensorMapDataType, CUtensorMapSwizzle};
+use cudarc::driver::sys::{CUtensorMapDataType, CUtensorMapSwizzle};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::{bf16, f16};
 
@@ -222,7 +222,7 @@ impl DecodeWorkspace {
         if shape.s_q == 0 || shape.h_q == 0 {
             return Err(Error::InvalidArgument { arg: "shape", reason: format!("{shape:?}: s_q and h_q must be at least 1") });
         }
-        let sms = usize::try_from(stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?).unwrap_or(1);
+        let sms = crate::launch::device_facts(stream)?.sm_count;
         let parts = num_parts(sms.max(1), shape.s_q, shape.h_q);
         // Each part boundary splits at most one request: at most batch + parts - 1 chunks.
         let num_chunks = shape.batch + parts;

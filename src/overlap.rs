@@ -107,8 +107,7 @@ impl SmBudget {
 
     /// The budget on `stream`'s device.
     pub fn for_stream(stream: &Arc<CudaStream>, comm_sms: usize) -> Result<Self> {
-        let sms = stream.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        Self::new(usize::try_from(sms).unwrap_or(0), comm_sms)
+        Self::new(crate::launch::device_facts(stream)?.sm_count, comm_sms)
     }
 
     pub fn device_sms(&self) -> usize {
