@@ -331,6 +331,53 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(stream
     Ok(stream.alloc_zeros::<T>(n.max(1))?)
 }
 
+/// Enqueues every `(dst, src, bytes)` device-to-device copy on `stream`: one `cuMemcpyBatchAsync`
+/// (copy engines preferred) where the driver has it (CUDA 13+), else, or if the driver refuses the
+/// batch, one `cuMemcpyAsync` each. A copy enqueued twice is harmless: nothing writes the sources
+/// before the signals that follow the copies.
+///
+/// # Safety
+/// Every range must lie inside live device memory that `stream`'s context can address.
+unsafe fn enqueue_copies(stream: cudarc::driver::sys::CUstream, copies: &[(u64, u64, usize)]) -> Result<()> {
+    use cudarc::driver::sys;
+    static BATCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if copies.is_empty() {
+        return Ok(());
+    }
+    if *BATCH.get_or_init(|| crate::device::driver_version().is_ok_and(|v| v >= (13, 0))) {
+        let mut dsts: Vec<u64> = copies.iter().map(|c| c.0).collect();
+        let mut srcs: Vec<u64> = copies.iter().map(|c| c.1).collect();
+        let mut sizes: Vec<usize> = copies.iter().map(|c| c.2).collect();
+        // SAFETY: plain C struct; zero is a valid (no) location hint.
+        let mut attrs: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+        attrs.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+        attrs.flags = sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
+        let mut attrs_idx = [0usize];
+        // SAFETY: the three arrays hold `copies.len()` entries; one attribute applies from index
+        // 0 to all of them; the ranges are valid (the caller's contract); the driver is 13.0+.
+        let r = unsafe {
+            sys::cuMemcpyBatchAsync_v2(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                copies.len(),
+                &mut attrs,
+                attrs_idx.as_mut_ptr(),
+                1,
+                stream,
+            )
+        };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+    }
+    for &(dst, src, bytes) in copies {
+        // SAFETY: the caller's contract.
+        unsafe { sys::cuMemcpyAsync(dst, src, bytes, stream) }.result()?;
+    }
+    Ok(())
+}
+
 /// The outputs of one rank's normal receive, allocated before any receive runs.
 struct RecvBuffers {
     rows: usize,
@@ -920,18 +967,25 @@ impl Group {
         match &mut self.storage {
             Storage::Virtual(_) | Storage::Node(_) => {
                 for &s in ranks {
+                    // Every run and array of source s, as one batch of copies.
+                    let mut copies = Vec::with_capacity(r * arrays.len());
                     for d in 0..r {
                         let (from, to, rows) = run(s, d);
-                        // An empty run copies nothing (the signal below is still written).
-                        let copies = if rows > 0 { arrays.as_slice() } else { &[] };
-                        for &(src_off, dst_off, row) in copies {
+                        // An empty run copies nothing (its signal below is still written).
+                        if rows == 0 {
+                            continue;
+                        }
+                        for &(src_off, dst_off, row) in &arrays {
                             let src = self.peer_addrs[s] + (src_off + from * row) as u64;
                             let dst = self.peer_addrs[d] + (dst_off + to * row) as u64;
-                            // SAFETY: both ranges lie inside live symmetric buffers: the runs tile
-                            // the outbox / return region and the inbox / comb region, whose sizes
-                            // the layout planned for the worst case (checked against recv_rows).
-                            unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, rows * row, stream) }.result()?;
+                            copies.push((dst, src, rows * row));
                         }
+                    }
+                    // SAFETY: every range lies inside a live symmetric buffer: the runs tile the
+                    // outbox / return region and the inbox / comb region, whose sizes the layout
+                    // planned for the worst case (checked against recv_rows).
+                    unsafe { enqueue_copies(stream, &copies) }?;
+                    for d in 0..r {
                         let epoch = self.epochs[s][kind];
                         // SAFETY: the signal word lies in rank d's live buffer; the write is
                         // ordered after the copies above (default flags include the fence).
