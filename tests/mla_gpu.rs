@@ -15,6 +15,9 @@
 //! - `decode_is_deterministic`: the same step twice gives the same bits.
 //! - `decode_masks_invalid_pages`: without host lengths, an out-of-range page index inside a length
 //!   is counted, never dereferenced, and every output stays finite.
+//! - `decode_counts_lengths_past_the_table`: without host lengths, a device length past what the
+//!   block table addresses: the keys beyond it are absent (f64 attention over the table's keys)
+//!   and the violation is counted.
 //! - `decode_rejects_bad_input`: wrong last dimension, unsupported page, block table too short for
 //!   a length, mismatched batch: errors before any launch.
 
@@ -43,6 +46,7 @@ fn main() {
         ("decode_matches_reference", decode_matches_reference),
         ("decode_is_deterministic", decode_is_deterministic),
         ("decode_masks_invalid_pages", decode_masks_invalid_pages),
+        ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
         ("decode_rejects_bad_input", decode_rejects_bad_input),
     ]);
 }
@@ -365,16 +369,30 @@ fn decode_masks_invalid_pages(gpu: &Gpu) -> TestResult {
     ensure(out.iter().all(|v| v.is_finite()) && lse.iter().all(|v| v.is_finite()), || "outputs are not finite".into())?;
     // The keys of the invalid page count as absent (not as keys of logit 0): attention over the
     // remaining keys, in f64.
+    let (want, want_lse) = attention_over_addressable_keys(&h, scale);
+    let diff = calc_diff(&out, &want);
+    ensure(diff <= 1e-5, || format!("calc_diff {diff:.3e} against attention without the invalid page's keys"))?;
+    for (r, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
+        ensure((f64::from(g) - w).abs() <= 1e-3, || format!("lse of row {r}: {g} vs {w} (the invalid page's keys must not count)"))?;
+    }
+    Ok(())
+}
+
+/// f64 attention (s_q = 1) of every row over the keys the block table addresses with a valid page
+/// (slots past `max_pages` and out-of-range page indices are absent): `(out, lse)`.
+fn attention_over_addressable_keys(h: &HostDecode, scale: f32) -> (Vec<f64>, Vec<f64>) {
     let num_pages = (h.cache.len() / (h.page * HEAD_DIM_K)) as i32;
-    let (mut want, mut want_lse) = (vec![0.0f64; out.len()], vec![0.0f64; lse.len()]);
+    let rows = h.shape.batch * h.shape.h_q;
+    let (mut want, mut want_lse) = (vec![0.0f64; rows * HEAD_DIM_V], vec![0.0f64; rows]);
     for b in 0..h.shape.batch {
         let len = h.lens[b] as usize;
-        let keys: Vec<usize> = (0..len).filter(|&t| (0..num_pages).contains(&h.block_table[b * h.max_pages + t / h.page])).collect();
+        let page_of = |t: usize| if t / h.page < h.max_pages { h.block_table[b * h.max_pages + t / h.page] } else { -1 };
+        let keys: Vec<usize> = (0..len).filter(|&t| (0..num_pages).contains(&page_of(t))).collect();
         for hq in 0..h.shape.h_q {
             let row = b * h.shape.h_q + hq;
             let qv = &h.q[row * HEAD_DIM_K..(row + 1) * HEAD_DIM_K];
             let key = |t: usize| {
-                let at = (h.block_table[b * h.max_pages + t / h.page] as usize * h.page + t % h.page) * HEAD_DIM_K;
+                let at = (page_of(t) as usize * h.page + t % h.page) * HEAD_DIM_K;
                 &h.cache[at..at + HEAD_DIM_K]
             };
             let logits: Vec<f64> = keys
@@ -392,10 +410,28 @@ fn decode_masks_invalid_pages(gpu: &Gpu) -> TestResult {
             want_lse[row] = max + sum.ln();
         }
     }
+    (want, want_lse)
+}
+
+/// Without host lengths, a device length past what the block table addresses: the keys beyond
+/// the table are absent, and the violation is counted.
+fn decode_counts_lengths_past_the_table(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("decode_counts_lengths_past_the_table");
+    // Request 0 fills 4 pages of 32 exactly; the table keeps only those 4 slots per request.
+    let mut h = host_decode::<bf16>(&mut rng, DecodeShape { batch: 2, s_q: 1, h_q: 16 }, 32, vec![128, 64]);
+    let slots = h.max_pages - 1;
+    h.block_table = (0..h.shape.batch).flat_map(|b| h.block_table[b * h.max_pages..b * h.max_pages + slots].to_vec()).collect();
+    h.max_pages = slots;
+    // The device says 168 keys: 40 past the table.
+    h.lens[0] = 168;
+    let scale = 0.05f32;
+    let (out, lse, invalid) = gpu_decode::<bf16>(gpu, &h, scale, false)?;
+    ensure(invalid > 0, || "a length past the block table was not counted".into())?;
+    let (want, want_lse) = attention_over_addressable_keys(&h, scale);
     let diff = calc_diff(&out, &want);
-    ensure(diff <= 1e-5, || format!("calc_diff {diff:.3e} against attention without the invalid page's keys"))?;
+    ensure(diff <= 1e-5, || format!("calc_diff {diff:.3e} against attention over the table's keys"))?;
     for (r, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
-        ensure((f64::from(g) - w).abs() <= 1e-3, || format!("lse of row {r}: {g} vs {w} (the invalid page's keys must not count)"))?;
+        ensure((f64::from(g) - w).abs() <= 1e-3, || format!("lse of row {r}: {g} vs {w}"))?;
     }
     Ok(())
 }

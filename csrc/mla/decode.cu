@@ -211,6 +211,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
         const int64_t len_real = max(p.lens[req], 0);
         const int len = static_cast<int>(min(len_real, min(int64_t(p.max_pages) * p.page, int64_t(INT32_MAX - kBlockN))));
         const int n_blocks = ceil_div(len, kBlockN);
+        // A length past its block table is a caller error (masked keys): counted once per request,
+        // by the part that holds its first block, in the first M tile.
+        if (len < len_real && threadIdx.x == 0 && blockIdx.y == 0 && (req != begin_req || begin_block == 0)) {
+            atomicAdd(p.num_invalid, 1);
+        }
         const int b0 = min(req == begin_req ? begin_block : 0, n_blocks);
         const int b1 = max(min(req == end_req ? end_block : n_blocks, n_blocks), b0);
         const int split = req == begin_req ? begin_split : 0;
