@@ -228,16 +228,24 @@ fn tile_sweep(gpu: &mut GpuBench) {
         let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>, options: GemmOptions| {
             let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
             let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
-            gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm");
+            gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options)
         };
-        let planned_us = gpu.median_us(|s| run(s, &mut d, GemmOptions::default()));
+        let planned_us = gpu.median_us(|s| run(s, &mut d, GemmOptions::default()).expect("gemm"));
         let planned = tile_name(gpu, GemmProblem { m, n, k, layout: GemmLayout::Dense });
         let mut best = (f64::INFINITY, String::new());
         for block_m in [64, 128] {
             for block_n in BLOCK_N_MENU {
                 let Some(stages) = max_stages(block_m, block_n, 0, false, limit) else { continue };
                 let tile = TileConfig { block_m, block_n, stages };
-                let us = gpu.median_us(|s| run(s, &mut d, GemmOptions { tile: Some(tile), ..GemmOptions::default() }));
+                let options = GemmOptions { tile: Some(tile), ..GemmOptions::default() };
+                // A shape this device or build refuses is reported and skipped, not timed.
+                stream.memcpy_htod(&vec![bf16::NAN; m * n], &mut d).expect("poison d");
+                if let Err(e) = run(&stream, &mut d, options) {
+                    eprintln!("tile sweep m{m} n{n} k{k}: {block_m}x{block_n}/{stages} refused: {e}");
+                    continue;
+                }
+                check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
+                let us = gpu.median_us(|s| run(s, &mut d, options).expect("gemm"));
                 let name = format!("{block_m}x{block_n}/{stages}");
                 if us < best.0 {
                     best = (us, name.clone());

@@ -340,11 +340,14 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(stream
 /// Every range must lie inside live device memory that `stream`'s context can address.
 unsafe fn enqueue_copies(stream: cudarc::driver::sys::CUstream, copies: &[(u64, u64, usize)]) -> Result<()> {
     use cudarc::driver::sys;
+    use std::sync::atomic::{AtomicBool, Ordering};
     static BATCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // Set once the driver refused a batch (e.g. on the legacy default stream): not asked again.
+    static REFUSED: AtomicBool = AtomicBool::new(false);
     if copies.is_empty() {
         return Ok(());
     }
-    if *BATCH.get_or_init(|| crate::device::driver_version().is_ok_and(|v| v >= (13, 0))) {
+    if *BATCH.get_or_init(|| crate::device::driver_version().is_ok_and(|v| v >= (13, 0))) && !REFUSED.load(Ordering::Relaxed) {
         let mut dsts: Vec<u64> = copies.iter().map(|c| c.0).collect();
         let mut srcs: Vec<u64> = copies.iter().map(|c| c.1).collect();
         let mut sizes: Vec<usize> = copies.iter().map(|c| c.2).collect();
@@ -370,6 +373,7 @@ unsafe fn enqueue_copies(stream: cudarc::driver::sys::CUstream, copies: &[(u64, 
         if r == sys::CUresult::CUDA_SUCCESS {
             return Ok(());
         }
+        REFUSED.store(true, Ordering::Relaxed);
     }
     for &(dst, src, bytes) in copies {
         // SAFETY: the caller's contract.

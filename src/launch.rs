@@ -32,8 +32,8 @@ pub(crate) use ffi_call;
 /// The status [`ffi_call!`] yields in a build without kernels (outside `dk_status_t`'s range).
 pub(crate) const NOT_BUILT: ffi::dk_status_t = ffi::dk_status_t(u32::MAX);
 
-/// What the launchers ask of a device on every call, read once per device ordinal (the values of
-/// a device never change while the process runs).
+/// What the launchers ask of a device on every call, read once per device (the values of a device
+/// never change while the process runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DeviceFacts {
     pub compute_capability: (u32, u32),
@@ -44,10 +44,11 @@ pub(crate) struct DeviceFacts {
 /// [`DeviceFacts`] of `stream`'s device, from a process-wide cache.
 pub(crate) fn device_facts(stream: &CudaStream) -> Result<DeviceFacts> {
     use cudarc::driver::sys::CUdevice_attribute as Attr;
-    static CACHE: std::sync::Mutex<Vec<(usize, DeviceFacts)>> = std::sync::Mutex::new(Vec::new());
+    // Keyed by the driver's device handle (a context's ordinal is whatever its creator said).
+    static CACHE: std::sync::Mutex<Vec<(cudarc::driver::sys::CUdevice, DeviceFacts)>> = std::sync::Mutex::new(Vec::new());
     let ctx = stream.context();
-    let ordinal = ctx.ordinal();
-    if let Some(&(_, f)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
+    let device = ctx.cu_device();
+    if let Some(&(_, f)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, _)| *d == device) {
         return Ok(f);
     }
     let (major, minor) = ctx.compute_capability()?;
@@ -57,7 +58,7 @@ pub(crate) fn device_facts(stream: &CudaStream) -> Result<DeviceFacts> {
         sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         smem_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
     };
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, facts));
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((device, facts));
     Ok(facts)
 }
 
