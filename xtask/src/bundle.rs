@@ -163,7 +163,9 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 # logs to RESULTS_DIR/logs/. Exits non-zero if anything failed, or if there is no GPU.
 # DEEPKERN_ONLY="gemm_gpu bench:gemm ..." runs only the named tests and benches ("name" or
 # "test:name" for a test, "bench:name" for a bench); DEEPKERN_STEP_TIMEOUT (seconds, default 480)
-# stops any one executable that runs longer, so a hang cannot use up a GPU session.
+# stops any one executable that runs longer, so a hang cannot use up a GPU session;
+# DEEPKERN_BENCH_ARGS is appended to every bench's arguments (e.g. "--quick" for criterion's short
+# mode; the recorded medians are measured the same way either way).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-results}"
@@ -276,7 +278,8 @@ for t in "$here"/bin/tests/*; do
 done
 if [ "$gpu" -eq 1 ]; then
     for b in "$here"/bin/benches/*; do
-        [ -e "$b" ] && run_one bench "$b" --bench
+        # shellcheck disable=SC2086 # the extra arguments are meant to split
+        [ -e "$b" ] && run_one bench "$b" --bench ${DEEPKERN_BENCH_ARGS:-}
     done
 else
     summary+=("FAILED  no GPU on this host: benches not run")
@@ -401,7 +404,7 @@ mod tests {
         s.exe("bin/tests/gemm_gpu", "echo t-gemm");
         s.exe("bin/tests/ep_gpu", "echo t-ep");
         s.exe("bin/tests/slow", "sleep 30");
-        s.exe("bin/benches/gemm", "echo b-gemm");
+        s.exe("bin/benches/gemm", "echo \"b-gemm $*\"");
         s.exe("bin/benches/ep", "echo b-ep");
         let path = format!("{}:/usr/bin:/bin", s.dir.join("fakebin").display());
         let out = Command::new("bash")
@@ -409,6 +412,7 @@ mod tests {
             .arg(s.dir.join("res"))
             .env("PATH", path)
             .env("DEEPKERN_ONLY", "gemm_gpu test:slow bench:gemm")
+            .env("DEEPKERN_BENCH_ARGS", "--quick")
             .env("DEEPKERN_STEP_TIMEOUT", "1")
             .output()
             .unwrap();
@@ -417,6 +421,7 @@ mod tests {
         assert!(stdout.contains("ok      test gemm_gpu") && stdout.contains("ok      bench gemm"), "{stdout}");
         assert!(stdout.contains("FAILED  test slow (stopped after 1 s;"), "{stdout}");
         assert!(!stdout.contains("t-ep") && !stdout.contains("b-ep"), "{stdout}");
+        assert!(stdout.contains("b-gemm --bench --quick"), "{stdout}");
     }
 
     #[test]
