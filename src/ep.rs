@@ -47,6 +47,7 @@ use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::gemm::ARRIVAL_ROWS;
 use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
 use crate::layout::{GROUP, tma_aligned_rows};
 pub use crate::plan::ep::{GroupShape, Payload, SymmetricLayout, Transport};
@@ -247,8 +248,8 @@ pub struct Dispatched {
     pub counts: Vec<usize>,
     /// Rows of the layout: Σ round_up(count, m_align).
     pub rows: usize,
-    /// [`Group::dispatch_with_arrivals`] only: `[rows / 128]` rows written per 128-row block (each
-    /// reaches 128 as the receive completes it), for
+    /// [`Group::dispatch_with_arrivals`] only: `[rows / ARRIVAL_ROWS]` rows written per block of
+    /// [`ARRIVAL_ROWS`] (each reaches it as the receive completes the block), for
     /// [`crate::gemm::gemm_fp8_contiguous_arrived`].
     pub arrivals: Option<CudaSlice<i32>>,
     pub handle: Handle,
@@ -810,17 +811,18 @@ impl Group {
     ///
     /// Ordering: `consumer` waits (an event) for the outputs' allocation, never for a receive.
     /// `x`, `m_indices` and `arrivals` of the results are recorded (for cudarc's cross-stream
-    /// tracking) as written on `consumer` at this call, before the receive has finished; their rows are only safe to read through the arrival counters, i.e. with
+    /// tracking) as written on `consumer` at this call, before the receive has finished; their
+    /// rows are only safe to read through the arrival counters, i.e. with
     /// `gemm_fp8_contiguous_arrived` on `consumer`, or after `consumer` has waited for the group's
     /// stream. Work enqueued on `consumer` after such a GEMM sees every row (the GEMM waits for
     /// every block). `weights`, `counts` and the handle are ordinary outputs of the group's stream.
-    /// Requires `m_align` to be a multiple of 128 and `consumer` to be another stream of the
-    /// group's context.
+    /// Requires `m_align` to be a multiple of [`ARRIVAL_ROWS`] and `consumer` to be another stream
+    /// of the group's context.
     pub fn dispatch_with_arrivals(&mut self, inputs: &[RankInput<'_>], consumer: &Arc<CudaStream>) -> Result<Vec<Dispatched>> {
-        if !self.shape.m_align.is_multiple_of(128) {
+        if !self.shape.m_align.is_multiple_of(ARRIVAL_ROWS) {
             return Err(Error::InvalidArgument {
                 arg: "m_align",
-                reason: format!("{} is not a multiple of the arrival counters' 128-row blocks", self.shape.m_align),
+                reason: format!("{} is not a multiple of the arrival counters' {ARRIVAL_ROWS}-row blocks", self.shape.m_align),
             });
         }
         if **consumer == *self.stream || !Arc::ptr_eq(consumer.context(), self.stream.context()) {
@@ -923,7 +925,7 @@ impl Group {
             src: alloc(&self.stream, rows)?,
             counts: alloc(&self.stream, self.shape.experts_per_rank())?,
             stage_rows: alloc(&self.stream, if staged { rows } else { 0 })?,
-            arrivals: if arrivals { Some(alloc(&self.stream, rows / 128)?) } else { None },
+            arrivals: if arrivals { Some(alloc(&self.stream, rows / ARRIVAL_ROWS)?) } else { None },
         })
     }
 

@@ -39,6 +39,10 @@ pub struct Fp8Weights<'a> {
     pub sf: CudaView<'a, f32>,
 }
 
+/// Rows per arrival counter of [`gemm_fp8_contiguous_arrived`] (and of the expert-parallel
+/// receive that writes them): one 128-row block of the contiguous layout.
+pub const ARRIVAL_ROWS: usize = ffi::DK_ARRIVAL_ROWS as usize;
+
 /// Problem size of a dense GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmShape {
@@ -299,15 +303,6 @@ enum Output<'v, 'a> {
     F32 { d: &'v mut CudaViewMut<'a, f32>, accumulate: bool },
 }
 
-/// The contiguous layout's rows: every expert's segment is padded to 128.
-fn check_contiguous_m(m: usize) -> Result<()> {
-    if m.is_multiple_of(GROUP) {
-        Ok(())
-    } else {
-        Err(Error::Shape { arg: "m", expected: format!("a multiple of {GROUP} (segments padded per expert)"), got: m.to_string() })
-    }
-}
-
 /// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
 /// (`[m, k]`, each expert's segment padded to a multiple of 128 rows, so `m % 128 == 0`),
 /// `m_indices[r]` is row `r`'s expert (-1 on padding), `b` holds the experts' weights. Rows whose
@@ -337,10 +332,7 @@ pub fn gemm_fp8_contiguous_with(
     groups: usize,
     options: GemmOptions,
 ) -> Result<()> {
-    check_contiguous_m(shape.m)?;
-    let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
-    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), None, options)
+    contiguous(stream, a, b, m_indices, None, d, shape, groups, options)
 }
 
 /// [`gemm_fp8_contiguous_with`] on rows that are still arriving: `arrivals[b]` counts the rows of
@@ -348,7 +340,7 @@ pub fn gemm_fp8_contiguous_with(
 /// receive of [`crate::ep::Group::dispatch_with_arrivals`], which also writes `a`, its scales and
 /// `m_indices`). Each tile waits on the device until its block's count reaches 128, then reads
 /// `m_indices` and A, so the experts' tiles start as their rows land instead of after the whole
-/// dispatch. `arrivals` has `m / 128` elements.
+/// dispatch. `arrivals` has `m / ARRIVAL_ROWS` elements.
 ///
 /// The writer must be able to run beside the GEMM: `options.max_sms` must leave it SMs (fewer than
 /// the device's; [`crate::overlap::SmBudget::gemm_options`] does), and it must already be enqueued
@@ -369,18 +361,40 @@ pub fn gemm_fp8_contiguous_arrived(
     groups: usize,
     options: GemmOptions,
 ) -> Result<()> {
-    check_contiguous_m(shape.m)?;
-    if arrivals.len() != shape.m / GROUP {
+    contiguous(stream, a, b, m_indices, Some(arrivals), d, shape, groups, options)
+}
+
+/// The contiguous layout's one path, with or without arrival counters: its checks, then [`launch`].
+#[allow(clippy::too_many_arguments)]
+fn contiguous(
+    stream: &CudaStream,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    m_indices: &CudaView<i32>,
+    arrivals: Option<&CudaView<i32>>,
+    d: &mut CudaViewMut<bf16>,
+    shape: GemmShape,
+    groups: usize,
+    options: GemmOptions,
+) -> Result<()> {
+    if !shape.m.is_multiple_of(GROUP) {
         return Err(Error::Shape {
-            arg: "arrivals",
-            expected: format!("{} elements (one per 128-row block)", shape.m / GROUP),
-            got: format!("{} elements", arrivals.len()),
+            arg: "m",
+            expected: format!("a multiple of {GROUP} (segments padded per expert)"),
+            got: shape.m.to_string(),
         });
     }
-    let device_sms = crate::launch::device_facts(stream)?.sm_count;
-    match options.max_sms {
-        Some(n) if n < device_sms => {}
-        _ => {
+    if let Some(arrivals) = arrivals {
+        let blocks = shape.m / ARRIVAL_ROWS;
+        if arrivals.len() != blocks {
+            return Err(Error::Shape {
+                arg: "arrivals",
+                expected: format!("{blocks} elements (one per {ARRIVAL_ROWS}-row block)"),
+                got: format!("{} elements", arrivals.len()),
+            });
+        }
+        let device_sms = crate::launch::device_facts(stream)?.sm_count;
+        if options.max_sms.is_none_or(|n| n >= device_sms) {
             return Err(Error::InvalidArgument {
                 arg: "max_sms",
                 reason: format!("must leave the rows' writer SMs: fewer than the device's {device_sms}"),
@@ -389,7 +403,7 @@ pub fn gemm_fp8_contiguous_arrived(
     }
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), Some(arrivals), options)
+    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), arrivals, options)
 }
 
 /// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the

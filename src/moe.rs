@@ -19,7 +19,8 @@ use half::bf16;
 use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Rows, Tokens};
 use crate::error::{Error, Result};
 use crate::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_masked,
+    ARRIVAL_ROWS, Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with,
+    gemm_fp8_masked,
 };
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
 use crate::overlap::{Handoff, SmBudget, Streams, two_micro_batches_with};
@@ -172,7 +173,7 @@ pub fn expert_stage(
             match &d.arrivals {
                 // Rows still landing: each tile waits for its own block on the device.
                 Some(arrivals) => {
-                    let arrivals = arrivals.slice(..m / GROUP);
+                    let arrivals = arrivals.slice(..m / ARRIVAL_ROWS);
                     gemm_fp8_contiguous_arrived(stream, &a, &e.w13, &m_idx, &arrivals, &mut h13.slice_mut(..), gate_up, el, options)?
                 }
                 None => gemm_fp8_contiguous_with(stream, &a, &e.w13, &m_idx, &mut h13.slice_mut(..), gate_up, el, options)?,

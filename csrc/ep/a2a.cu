@@ -25,7 +25,7 @@ constexpr int kWarps = kThreads / 32;
 // About 10 s at Hopper clocks: a peer that never signals is reported, not waited on forever.
 constexpr long long kTimeoutCycles = 1LL << 34;
 // Rows per arrival counter of the receive (the contiguous GEMM's 128-row block).
-constexpr int kArrivalRows = 128;
+constexpr int kArrivalRows = DK_ARRIVAL_ROWS;
 
 static_assert(DK_EP_MAX_RANKS <= kThreads, "one waiting thread per rank");
 static_assert(DK_EP_MAX_TOPK <= 32, "one lane per top-k slot");

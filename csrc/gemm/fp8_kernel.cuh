@@ -66,8 +66,8 @@ struct KernelParams {
     bool tma_store;           // dense bf16 only: the tile leaves through shared memory and TMA
 };
 
-// Rows per arrival counter (the contiguous layout's block).
-constexpr int kArrivalRows = 128;
+// Rows per arrival counter (the contiguous layout's block; the EP receive counts in the same).
+constexpr int kArrivalRows = DK_ARRIVAL_ROWS;
 // A block whose rows never arrive means the writer is not running (the GEMM's persistent grid left
 // it no SM, or it failed): trap after this long instead of hanging the GPU.
 constexpr uint64_t kArrivalTimeoutNs = 30ull * 1000 * 1000 * 1000;

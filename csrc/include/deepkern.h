@@ -140,6 +140,8 @@ typedef struct dk_tensor_map {
 #define DK_GEMM_BLOCK_K 128
 /* Deepest pipeline a launch may ask for. */
 #define DK_GEMM_MAX_STAGES 16
+/* Rows per arrival counter shared by the EP receive and the contiguous GEMM (its 128-row block). */
+#define DK_ARRIVAL_ROWS 128
 /* Most groups of the masked layout (each CTA snapshots the per-group tile counts in shared memory). */
 #define DK_GEMM_MAX_MASKED_GROUPS 1024
 

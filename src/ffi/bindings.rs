@@ -6,6 +6,7 @@ pub const DK_ABI_VERSION: u32 = 11;
 pub const DK_QUANT_GROUP: u32 = 128;
 pub const DK_GEMM_BLOCK_K: u32 = 128;
 pub const DK_GEMM_MAX_STAGES: u32 = 16;
+pub const DK_ARRIVAL_ROWS: u32 = 128;
 pub const DK_GEMM_MAX_MASKED_GROUPS: u32 = 1024;
 pub const DK_MLA_HEAD_DIM_V: u32 = 512;
 pub const DK_MLA_PART_WORDS: u32 = 5;
