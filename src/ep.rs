@@ -1065,24 +1065,15 @@ impl Group {
             let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
             let peers = launch.input(&self.peers);
             // With a consumer, what its GEMM reads is tracked as written on its stream (see
-            // dispatch_with_arrivals): the GEMM must not wait for this launch to finish.
-            let (xp, sfp, mp, ap) = match consumer {
-                None => {
-                    let (xp, sfp) = match &mut x {
-                        Rows::Bf16(x) => (launch.output(x), 0),
-                        Rows::Fp8 { q, sf } => (launch.output(q), launch.output(sf)),
-                    };
-                    (xp, sfp, launch.output(&mut m_indices), 0)
-                }
-                Some(c) => {
-                    let (xp, sfp) = match &mut x {
-                        Rows::Bf16(x) => (launch.output_tracked_on(x, c), 0),
-                        Rows::Fp8 { q, sf } => (launch.output_tracked_on(q, c), launch.output_tracked_on(sf, c)),
-                    };
-                    let ap = arrivals.as_mut().map_or(0, |a| launch.output_tracked_on(a, c));
-                    (xp, sfp, launch.output_tracked_on(&mut m_indices, c), ap)
-                }
+            // dispatch_with_arrivals): the GEMM must not wait for this launch to finish. Without
+            // one, that is this launch's own stream.
+            let on: &CudaStream = consumer.map_or(&self.stream, |c| c);
+            let (xp, sfp) = match &mut x {
+                Rows::Bf16(x) => (launch.output_tracked_on(x, on), 0),
+                Rows::Fp8 { q, sf } => (launch.output_tracked_on(q, on), launch.output_tracked_on(sf, on)),
             };
+            let mp = launch.output_tracked_on(&mut m_indices, on);
+            let ap = arrivals.as_mut().map_or(0, |a| launch.output_tracked_on(a, on));
             let params = ffi::dk_ep_dispatch_recv_params {
                 group: self.params(rank, epoch, peers),
                 x: xp as *mut std::os::raw::c_void,

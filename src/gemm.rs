@@ -127,16 +127,17 @@ impl Problem {
             }
             _ => (GemmLayout::Dense, 0),
         };
-        let device = DeviceInfo {
-            ordinal: 0,
-            name: String::new(),
-            compute_capability: (9, 0),
-            sm_count: u32::try_from(sms).unwrap_or(u32::MAX),
-            l2_cache_bytes: 0,
-            max_shared_memory_per_block_optin: smem_limit,
-            total_memory_bytes: 0,
-        };
         let Some(TileConfig { block_m, block_n, stages }) = options.tile else {
+            // What the planner reads of a device.
+            let device = DeviceInfo {
+                ordinal: 0,
+                name: String::new(),
+                compute_capability: (9, 0),
+                sm_count: u32::try_from(sms).unwrap_or(u32::MAX),
+                l2_cache_bytes: 0,
+                max_shared_memory_per_block_optin: smem_limit,
+                total_memory_bytes: 0,
+            };
             let problem = GemmProblem { m: self.m, n: self.n, k: self.k, layout };
             let chosen = plan::plan_epilogue(&problem, &device, plan::TileCost::HOPPER, tma_store)?;
             return Ok(LaunchShape {
@@ -152,10 +153,10 @@ impl Problem {
         {
             return Err(Error::InvalidArgument { arg: "expected_m", reason: format!("{expected_m} exceeds max_m = {max_m}") });
         }
-        let contiguous = self.layout == ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS;
         let bad = |reason: String| Err(Error::InvalidArgument { arg: "tile", reason });
-        if !(block_m == 128 || (block_m == 64 && !contiguous)) {
-            return bad(format!("block_m = {block_m}: 64 or 128 (the contiguous layout: 128)"));
+        let compiled = plan::compiled_block_m(&layout);
+        if !compiled.contains(&block_m) {
+            return bad(format!("block_m = {block_m} is not compiled for this layout ({compiled:?})"));
         }
         if !BLOCK_N_MENU.contains(&block_n) {
             return bad(format!("block_n = {block_n} is not compiled (menu: {BLOCK_N_MENU:?})"));
@@ -619,7 +620,9 @@ mod tests {
         for layout in [L::DK_GEMM_DENSE, L::DK_GEMM_CONTIGUOUS, L::DK_GEMM_MASKED] {
             for block_m in [32usize, 64, 128, 256] {
                 for block_n in (8usize..=256).step_by(8) {
-                    let want = BLOCK_N_MENU.contains(&block_n) && (block_m == 128 || (block_m == 64 && layout != L::DK_GEMM_CONTIGUOUS));
+                    let planned =
+                        if layout == L::DK_GEMM_CONTIGUOUS { GemmLayout::GroupedContiguous { groups: 1 } } else { GemmLayout::Dense };
+                    let want = BLOCK_N_MENU.contains(&block_n) && plan::compiled_block_m(&planned).contains(&block_m);
                     // SAFETY: host-only function.
                     let got = unsafe { ffi::dk_gemm_fp8_config_supported(layout, block_m as i32, block_n as i32) };
                     assert_eq!(got == 1, want, "{layout:?} {block_m}x{block_n}");

@@ -169,13 +169,14 @@ pub fn two_micro_batches_with<D, Y, O>(
     mut compute: impl FnMut(usize, &D) -> Result<Y>,
     mut combine: impl FnMut(usize, D, Y) -> Result<O>,
 ) -> Result<[O; 2]> {
-    let handoff = |s: &Streams| if handoff == Handoff::AfterDispatch { s.compute_after_comm() } else { Ok(()) };
+    // What the compute stream waits for before a micro-batch's computation.
+    let hand_over = || if handoff == Handoff::AfterDispatch { streams.compute_after_comm() } else { Ok(()) };
     let d0 = dispatch(0)?;
-    handoff(streams)?;
+    hand_over()?;
     let y0 = compute(0, &d0)?;
     let done0 = streams.compute_checkpoint()?;
     let d1 = dispatch(1)?;
-    handoff(streams)?;
+    hand_over()?;
     let y1 = compute(1, &d1)?;
     let done1 = streams.compute_checkpoint()?;
     streams.comm_after(&done0)?;

@@ -162,14 +162,21 @@ fn m_work(p: &GemmProblem) -> (usize, usize) {
     }
 }
 
-/// `block_m` candidates for a problem.
+/// The `block_m` the kernel library is compiled for in `layout` (the mirror of the C menu): 64
+/// and 128, except the contiguous layout, where every 128-row block belongs to one expert.
+pub fn compiled_block_m(layout: &GemmLayout) -> &'static [usize] {
+    match layout {
+        GemmLayout::GroupedContiguous { .. } => &[128],
+        _ => &[64, 128],
+    }
+}
+
+/// `block_m` candidates for a problem: the compiled ones, only 64 when that already covers the rows.
 fn block_m_candidates(p: &GemmProblem) -> &'static [usize] {
     let (rows, _) = m_work(p);
-    match p.layout {
-        // Every 128-row block of the contiguous layout belongs to one expert.
-        GemmLayout::GroupedContiguous { .. } => &[128],
-        _ if rows <= 64 => &[64],
-        _ => &[64, 128],
+    match compiled_block_m(&p.layout) {
+        both @ [64, 128] if rows <= 64 => &both[..1],
+        compiled => compiled,
     }
 }
 
