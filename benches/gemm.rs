@@ -42,7 +42,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
-use deepkern::cudarc::driver::CudaStream;
+use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::gemm::{
     Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked,
     gemm_fp8_with,
@@ -56,6 +56,29 @@ use serde_json::json;
 
 const MS: [usize; 3] = [64, 128, 4096];
 const NKS: [(usize, usize); 6] = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
+
+/// Device operands of a benchmark case: the bf16 values and their FP8 quantisation.
+type Quantised = (CudaSlice<bf16>, CudaSlice<F8E4M3>, CudaSlice<f32>);
+
+/// Random activations in `ts`'s layout (values up to `4.0`, seeded), quantised 1x128 on the GPU.
+fn quantised_activations(stream: &Arc<CudaStream>, ts: TokenGroupShape, seed: u64) -> Quantised {
+    let len = ts.num_groups * ts.m * ts.k;
+    let x = stream.clone_htod(&random_bf16(len, 4.0, seed)).expect("upload x");
+    let mut q = stream.alloc_zeros::<F8E4M3>(len).expect("alloc");
+    let mut sf = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
+    quantize_per_token_group(stream, &x, &mut q, &mut sf, ts, ScaleFormat::F32).expect("quantise x");
+    (x, q, sf)
+}
+
+/// Random weights in `bs`'s layout (values up to `0.2`, seeded), quantised 128x128 on the GPU.
+fn quantised_weights(stream: &Arc<CudaStream>, bs: BlockShape, seed: u64) -> Quantised {
+    let len = bs.num_groups * bs.n * bs.k;
+    let w = stream.clone_htod(&random_bf16(len, 0.2, seed)).expect("upload w");
+    let mut q = stream.alloc_zeros::<F8E4M3>(len).expect("alloc");
+    let mut sf = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
+    quantize_per_block(stream, &w, &mut q, &mut sf, bs, ScaleFormat::F32).expect("quantise w");
+    (w, q, sf)
+}
 
 fn random_bf16(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
     let mut s = seed | 1;
@@ -84,22 +107,14 @@ fn main() {
         .configure_from_args();
     let mut group = c.benchmark_group("gemm_fp8_dense");
     for &(n, k) in &NKS {
-        let w = random_bf16(n * k, 0.2, (n * 31 + k) as u64);
-        let d_w = stream.clone_htod(&w).expect("upload w");
         let bs = BlockShape::new(n, k);
-        let mut qb = stream.alloc_zeros::<F8E4M3>(n * k).expect("alloc");
-        let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
-        quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::F32).expect("quantise w");
+        let (d_w, qb, sb) = quantised_weights(&stream, bs, (n * 31 + k) as u64);
         for &m in &MS {
             let shape = GemmShape { m, n, k };
-            let x = random_bf16(m * k, 4.0, (m * 7 + k) as u64);
-            let d_x = stream.clone_htod(&x).expect("upload x");
             let ts = TokenGroupShape::new(m, k);
-            let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).expect("alloc");
-            let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
-            quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::F32).expect("quantise x");
+            let (d_x, qa, sa) = quantised_activations(&stream, ts, (m * 7 + k) as u64);
             let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>| {
+            let run = |s: &Arc<CudaStream>, d: &mut CudaSlice<bf16>| {
                 let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
                 let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
                 gemm_fp8(s, &a, &b, &mut d.as_view_mut(), shape).expect("gemm");
@@ -216,16 +231,10 @@ fn tile_sweep(gpu: &mut GpuBench) {
     for (m, n, k) in [(64, 2112, 7168), (128, 7168, 2048), (4096, 7168, 2048)] {
         let shape = GemmShape { m, n, k };
         let (ts, bs) = (TokenGroupShape::new(m, k), BlockShape::new(n, k));
-        let d_x = stream.clone_htod(&random_bf16(m * k, 4.0, (m + k) as u64)).expect("upload x");
-        let d_w = stream.clone_htod(&random_bf16(n * k, 0.2, (n + k) as u64)).expect("upload w");
-        let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).expect("alloc");
-        let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
-        let mut qb = stream.alloc_zeros::<F8E4M3>(n * k).expect("alloc");
-        let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
-        quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::F32).expect("quantise x");
-        quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::F32).expect("quantise w");
+        let (_, qa, sa) = quantised_activations(&stream, ts, (m + k) as u64);
+        let (_, qb, sb) = quantised_weights(&stream, bs, (n + k) as u64);
         let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-        let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>, options: GemmOptions| {
+        let run = |s: &Arc<CudaStream>, d: &mut CudaSlice<bf16>, options: GemmOptions| {
             let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
             let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
             gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options)
@@ -277,22 +286,14 @@ fn grouped(gpu: &mut GpuBench, c: &mut Criterion, blas: Option<&CudaBlasLT>) {
         for (contiguous, groups, rows) in cases {
             let m = groups * rows;
             let shape = GemmShape { m, n, k };
-            let w = random_bf16(groups * n * k, 0.2, (groups * n + k) as u64);
-            let d_w = stream.clone_htod(&w).expect("upload w");
             let bs = BlockShape::batched(groups, n, k);
-            let mut qb = stream.alloc_zeros::<F8E4M3>(groups * n * k).expect("alloc");
-            let mut sb = stream.alloc_zeros::<f32>(bs.scale_elements().unwrap()).expect("alloc");
-            quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::F32).expect("quantise w");
-            let x = random_bf16(m * k, 4.0, (m * 3 + k) as u64);
-            let d_x = stream.clone_htod(&x).expect("upload x");
+            let (_, qb, sb) = quantised_weights(&stream, bs, (groups * n + k) as u64);
             let ts = if contiguous { TokenGroupShape::new(m, k) } else { TokenGroupShape::batched(groups, rows, k) };
-            let mut qa = stream.alloc_zeros::<F8E4M3>(m * k).expect("alloc");
-            let mut sa = stream.alloc_zeros::<f32>(ts.scale_elements().unwrap()).expect("alloc");
-            quantize_per_token_group(&stream, &d_x, &mut qa, &mut sa, ts, ScaleFormat::F32).expect("quantise x");
+            let (_, qa, sa) = quantised_activations(&stream, ts, (m * 3 + k) as u64);
             let index: Vec<i32> = if contiguous { (0..m).map(|r| (r / rows) as i32).collect() } else { vec![rows as i32; groups] };
             let d_index = stream.clone_htod(&index).expect("upload index");
             let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let run = |s: &Arc<CudaStream>, d: &mut deepkern::cudarc::driver::CudaSlice<bf16>| {
+            let run = |s: &Arc<CudaStream>, d: &mut CudaSlice<bf16>| {
                 let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
                 let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
                 if contiguous {
@@ -362,11 +363,11 @@ fn tile_name(gpu: &GpuBench, p: GemmProblem) -> String {
 #[allow(clippy::too_many_arguments)]
 fn check_grouped(
     stream: &Arc<CudaStream>,
-    qa: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-    sa: &deepkern::cudarc::driver::CudaSlice<f32>,
-    qb: &deepkern::cudarc::driver::CudaSlice<F8E4M3>,
-    sb: &deepkern::cudarc::driver::CudaSlice<f32>,
-    d: &deepkern::cudarc::driver::CudaSlice<bf16>,
+    qa: &CudaSlice<F8E4M3>,
+    sa: &CudaSlice<f32>,
+    qb: &CudaSlice<F8E4M3>,
+    sb: &CudaSlice<f32>,
+    d: &CudaSlice<bf16>,
     shape: GemmShape,
     groups: usize,
     rows: usize,
@@ -410,7 +411,7 @@ struct LtFp8 {
     desc: lt::sys::cublasLtMatmulDesc_t,
     layouts: [lt::sys::cublasLtMatrixLayout_t; 3],
     algo: lt::sys::cublasLtMatmulAlgo_t,
-    workspace: deepkern::cudarc::driver::CudaSlice<u8>,
+    workspace: CudaSlice<u8>,
 }
 
 use deepkern::cudarc::cublaslt as lt;
