@@ -44,8 +44,7 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous, gemm_fp8_masked,
-    gemm_fp8_with,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
 use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, max_stages, plan};
@@ -114,15 +113,15 @@ fn main() {
             let ts = TokenGroupShape::new(m, k);
             let (d_x, qa, sa) = quantised_activations(&stream, ts, (m * 7 + k) as u64);
             let mut d = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let run = |s: &Arc<CudaStream>, d: &mut CudaSlice<bf16>| {
+            let run = |s: &Arc<CudaStream>, d: &mut CudaSlice<bf16>, options: GemmOptions, what: &str| {
                 let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
                 let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
-                gemm_fp8(s, &a, &b, &mut d.as_view_mut(), shape).expect("gemm");
+                gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).unwrap_or_else(|e| panic!("{what}: {e}"));
             };
-            run(&stream, &mut d);
+            run(&stream, &mut d, GemmOptions::default(), "gemm");
             // A dense GEMM is one group of all the rows.
             check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
-            let mut launch = |s: &Arc<CudaStream>| run(s, &mut d);
+            let mut launch = |s: &Arc<CudaStream>| run(s, &mut d, GemmOptions::default(), "gemm");
 
             let flops = 2 * m * n * k;
             let bytes = m * k + n * k + 2 * m * n + 4 * (ts.scale_elements().unwrap() + bs.scale_elements().unwrap());
@@ -156,20 +155,11 @@ fn main() {
             });
             let shape_json = json!({"m": m, "n": n, "k": k, "tile": tile_name(&gpu, GemmProblem { m, n, k, layout: GemmLayout::Dense })});
             let fixed = TileConfig { block_m: 128, block_n: 128, stages: 6 };
-            let fixed_us = gpu.median_us(|s| {
-                let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
-                let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
-                let options = GemmOptions { tile: Some(fixed), ..GemmOptions::default() };
-                gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm, fixed tile");
-            });
+            let fixed_us =
+                gpu.median_us(|s| run(s, &mut d, GemmOptions { tile: Some(fixed), ..GemmOptions::default() }, "gemm, fixed tile"));
             // D poisoned first, so the check below sees what the TMA-store epilogue wrote.
             stream.memcpy_htod(&vec![bf16::NAN; m * n], &mut d).expect("poison d");
-            let tma_us = gpu.median_us(|s| {
-                let a = Fp8Activations { q: qa.as_view(), sf: sa.as_view() };
-                let b = Fp8Weights { q: qb.as_view(), sf: sb.as_view() };
-                let options = GemmOptions { tma_store: true, ..GemmOptions::default() };
-                gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options).expect("gemm, TMA store");
-            });
+            let tma_us = gpu.median_us(|s| run(s, &mut d, GemmOptions { tma_store: true, ..GemmOptions::default() }, "gemm, TMA store"));
             // The TMA-store output is checked like the default one before its time is recorded.
             check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
             gpu.record(Record {
