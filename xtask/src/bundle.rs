@@ -347,12 +347,18 @@ mod tests {
 
         /// Runs run.sh with the results in `<dir>/res`: (exit code, stdout, stderr).
         fn run(&self) -> (i32, String, String) {
+            self.run_with(&[])
+        }
+
+        /// [`Scratch::run`] with extra environment variables.
+        fn run_with(&self, env: &[(&str, &str)]) -> (i32, String, String) {
             let path = format!("{}:/usr/bin:/bin", self.dir.join("fakebin").display());
             let out = Command::new("bash")
                 .arg(self.dir.join("run.sh"))
                 .arg(self.dir.join("res"))
                 .env("PATH", path)
                 .env_remove("LD_LIBRARY_PATH")
+                .envs(env.iter().copied())
                 .output()
                 .unwrap();
             let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -406,18 +412,12 @@ mod tests {
         s.exe("bin/tests/slow", "sleep 30");
         s.exe("bin/benches/gemm", "echo \"b-gemm $*\"");
         s.exe("bin/benches/ep", "echo b-ep");
-        let path = format!("{}:/usr/bin:/bin", s.dir.join("fakebin").display());
-        let out = Command::new("bash")
-            .arg(s.dir.join("run.sh"))
-            .arg(s.dir.join("res"))
-            .env("PATH", path)
-            .env("DEEPKERN_ONLY", "gemm_gpu test:slow bench:gemm")
-            .env("DEEPKERN_BENCH_ARGS", "--quick")
-            .env("DEEPKERN_STEP_TIMEOUT", "1")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        let (code, stdout, _) = s.run_with(&[
+            ("DEEPKERN_ONLY", "gemm_gpu test:slow bench:gemm"),
+            ("DEEPKERN_BENCH_ARGS", "--quick"),
+            ("DEEPKERN_STEP_TIMEOUT", "1"),
+        ]);
+        assert_eq!(code, 1, "{stdout}");
         assert!(stdout.contains("ok      test gemm_gpu") && stdout.contains("ok      bench gemm"), "{stdout}");
         assert!(stdout.contains("FAILED  test slow (stopped after 1 s;"), "{stdout}");
         assert!(!stdout.contains("t-ep") && !stdout.contains("b-ep"), "{stdout}");
