@@ -1,6 +1,12 @@
 //! Compiles every `.cu` under `csrc/` with nvcc into `libdeepkern_kernels.a` (C ABI, static CUDA
 //! runtime) and records ptxas' resource report for each unit.
 //!
+//! With `DEEPKERN_SIM=1` it builds the simulator instead (docs/simulator.md): the same sources are
+//! compiled a second time by the host C++ compiler (`CXX`, else `c++`) with the shim
+//! `sim/include/dksim/kernel.h`, archived as `libdeepkern_kernels.a`, and linked against the
+//! driver stand-in `libcuda.so` built from `sim/src/`. nvcc still compiles every unit, because
+//! the simulator takes each kernel's registers and static shared memory from ptxas' report.
+//!
 //! nvcc is looked up in `NVCC`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, `PATH`, then the project-local
 //! toolchain that `cargo xtask setup` installs. Without nvcc the crate still builds: a cargo warning
 //! says so and every GPU entry point returns `Error::KernelsNotBuilt`. This script never touches
@@ -24,9 +30,11 @@ const LOCAL_NVCC: &str = ".toolchain/cuda/nvidia/cu13/bin/nvcc";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(deepkern_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(deepkern_sim)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=csrc");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN", "DEEPKERN_CUDA_ARCHS", "DEEPKERN_SKIP_KERNELS"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN", "DEEPKERN_CUDA_ARCHS", "DEEPKERN_SKIP_KERNELS", "DEEPKERN_SIM", "CXX", "AR"]
+    {
         println!("cargo::rerun-if-env-changed={var}");
     }
 
@@ -52,6 +60,24 @@ fn main() {
     let jobs = env::var("NUM_JOBS").ok().and_then(|j| j.parse::<usize>().ok()).unwrap_or(1).max(1);
     let compiled = compile_all(&nvcc, &root, &out, &units, &flags, header_hash ^ hash_of(&version), jobs);
     let library = out.join(format!("lib{LIB_NAME}.a"));
+    if env::var("DEEPKERN_SIM").is_ok_and(|v| v == "1") {
+        println!("cargo::rerun-if-changed=sim");
+        sim::build(&root, &out, &nvcc, &units, &compiled, header_hash, jobs, &library);
+        println!("cargo::rustc-cfg=deepkern_kernels");
+        println!("cargo::rustc-cfg=deepkern_sim");
+        write_manifest(
+            &out,
+            &Manifest {
+                nvcc: Some(&nvcc),
+                version: Some(&version),
+                archs: &archs,
+                library: Some(&library),
+                units: &compiled,
+                reason: None,
+            },
+        );
+        return;
+    }
     archive(&nvcc, &library, compiled.iter().map(|u| u.object.as_path()));
 
     println!("cargo::rustc-cfg=deepkern_kernels");
@@ -69,6 +95,11 @@ fn main() {
         &Manifest { nvcc: Some(&nvcc), version: Some(&version), archs: &archs, library: Some(&library), units: &compiled, reason: None },
     );
 }
+
+/// The simulator's build (DEEPKERN_SIM=1): host objects of the kernel sources, the ptxas resource
+/// table, and the driver stand-in.
+#[path = "sim/build.rs"]
+mod sim;
 
 /// A compiled translation unit.
 struct Unit {

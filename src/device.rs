@@ -36,6 +36,30 @@ pub const fn kernels_built() -> bool {
     cfg!(deepkern_kernels)
 }
 
+/// Whether this build runs its kernels on the deepkern simulator instead of a GPU: it was built
+/// with `DEEPKERN_SIM=1`, the kernels were compiled for the host, and the CUDA driver is the
+/// simulator's stand-in (docs/simulator.md). What a simulated build computes is checked the same
+/// way, but it is never a GPU result, and it measures no GPU time.
+pub const fn simulated() -> bool {
+    cfg!(deepkern_sim)
+}
+
+/// The simulator's scheduling seed (`DEEPKERN_SIM_SEED`, or the one it drew for this process) in a
+/// simulated build; `None` otherwise. The same seed gives the same interleaving of simulated
+/// threads for the same sequence of host calls.
+pub fn simulator_seed() -> Option<u64> {
+    #[cfg(deepkern_sim)]
+    {
+        unsafe extern "C" {
+            fn dksim_seed() -> u64;
+        }
+        // SAFETY: a plain query of the simulator library this build links.
+        Some(unsafe { dksim_seed() })
+    }
+    #[cfg(not(deepkern_sim))]
+    None
+}
+
 /// The installed CUDA driver's version as (major, minor), e.g. (13, 0) for a 580 driver.
 pub fn driver_version() -> Result<(u32, u32)> {
     if !cuda_available() {

@@ -17,6 +17,9 @@
 //!
 //! Without nvcc at build time the crate still builds: [`kernels_built`] is false and GPU entry
 //! points return [`Error::KernelsNotBuilt`].
+//!
+//! Built with `DEEPKERN_SIM=1`, the same kernel sources run on the deepkern simulator, on the CPU,
+//! through this same API ([`simulated`]; docs/simulator.md): how the tests run without a GPU.
 
 pub mod check;
 pub mod fp8;
@@ -36,7 +39,7 @@ pub mod overlap;
 pub mod quant;
 
 pub use cudarc;
-pub use device::{Device, DeviceInfo, HOPPER, cuda_available, device_count, driver_version, kernels_built};
+pub use device::{Device, DeviceInfo, HOPPER, cuda_available, device_count, driver_version, kernels_built, simulated, simulator_seed};
 pub use error::{Error, KernelStatus, Result};
 pub use float8::F8E4M3;
 pub use half::bf16;

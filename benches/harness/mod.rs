@@ -205,6 +205,9 @@ fn open_device() -> Result<Device, String> {
     if !deepkern::kernels_built() {
         return Err("kernels not built (no nvcc at build time)".into());
     }
+    if deepkern::simulated() {
+        return Err("this is a simulated build (DEEPKERN_SIM=1): the simulator measures no GPU time".into());
+    }
     if !deepkern::cuda_available() {
         return Err("no CUDA device".into());
     }

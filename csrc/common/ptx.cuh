@@ -1,6 +1,8 @@
 // The only file in csrc/ with inline PTX: one small function per instruction, named after it.
 // Every function compiles only for the architectures that have the instruction; elsewhere it traps,
-// so a wrong-architecture build fails loudly instead of computing garbage.
+// so a wrong-architecture build fails loudly instead of computing garbage. In the simulator's host
+// build (DEEPKERN_SIM) each calls the simulator's model of its instruction instead (dksim/abi.h);
+// instructions it does not model yet fail the kernel with their name.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +19,8 @@ __device__ __forceinline__ uint16_t cvt_rn_satfinite_e4m3x2_f32(float hi, float 
     uint16_t packed;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
     return packed;
+#elif defined(DEEPKERN_SIM)
+    return ::dksim::cvt_rn_satfinite_e4m3x2(hi, lo);
 #else
     __trap();
     return 0;
@@ -33,6 +37,8 @@ __device__ __forceinline__ uint4 ld_global_nc_no_allocate_v4(const void* ptr) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(ptr));
     return v;
+#elif defined(DEEPKERN_SIM)
+    return *static_cast<const uint4*>(ptr);
 #else
     __trap();
     return uint4{};
@@ -50,6 +56,8 @@ __device__ __forceinline__ uint32_t ld_acquire_sys_global_u32(const uint32_t* pt
     uint32_t v;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
     return v;
+#elif defined(DEEPKERN_SIM)
+    return ::dksim::ld_acquire_b32(ptr, ::dksim::Scope::Sys);
 #else
     __trap();
     return 0;
@@ -61,6 +69,8 @@ __device__ __forceinline__ uint32_t ld_acquire_sys_global_u32(const uint32_t* pt
 __device__ __forceinline__ void st_release_sys_global_u32(uint32_t* ptr, uint32_t v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::st_release_b32(ptr, v, ::dksim::Scope::Sys);
 #else
     __trap();
 #endif
@@ -76,6 +86,8 @@ __device__ __forceinline__ int32_t ld_acquire_gpu_global_s32(const int32_t* ptr)
     int32_t v;
     asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
     return v;
+#elif defined(DEEPKERN_SIM)
+    return static_cast<int32_t>(::dksim::ld_acquire_b32(ptr, ::dksim::Scope::Gpu));
 #else
     __trap();
     return 0;
@@ -88,6 +100,8 @@ __device__ __forceinline__ int32_t ld_acquire_gpu_global_s32(const int32_t* ptr)
 __device__ __forceinline__ void red_release_gpu_global_add_s32(int32_t* ptr, int32_t v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::red_release(ptr, ::dksim::Type::S32, ::dksim::Rmw::Add, static_cast<uint32_t>(v), ::dksim::Scope::Gpu);
 #else
     __trap();
 #endif
@@ -100,6 +114,8 @@ __device__ __forceinline__ uint64_t globaltimer() {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
+#elif defined(DEEPKERN_SIM)
+    return ::dksim::globaltimer();
 #else
     return 0;
 #endif
@@ -113,6 +129,8 @@ __device__ __forceinline__ uint64_t globaltimer() {
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(count) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("mbarrier.init");
 #else
     __trap();
 #endif
@@ -124,6 +142,8 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(bytes)
                  : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("mbarrier.arrive.expect_tx");
 #else
     __trap();
 #endif
@@ -134,6 +154,8 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("mbarrier.arrive");
 #else
     __trap();
 #endif
@@ -154,6 +176,8 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t
         : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(parity)
         : "memory");
     return done != 0;
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("mbarrier.try_wait.parity");
 #else
     __trap();
     return false;
@@ -165,6 +189,8 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t
 __device__ __forceinline__ void fence_mbarrier_init() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("fence.mbarrier_init");
 #else
     __trap();
 #endif
@@ -175,6 +201,8 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 __device__ __forceinline__ void fence_proxy_async_shared_cta() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("fence.proxy.async.shared::cta");
 #else
     __trap();
 #endif
@@ -186,6 +214,8 @@ __device__ __forceinline__ void fence_proxy_async_shared_cta() {
 __device__ __forceinline__ void fence_proxy_async_global() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.global;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("fence.proxy.async.global");
 #else
     __trap();
 #endif
@@ -196,6 +226,8 @@ __device__ __forceinline__ void fence_proxy_async_global() {
 __device__ __forceinline__ void prefetch_tensormap(const void* map) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("prefetch.tensormap");
 #else
     __trap();
 #endif
@@ -214,6 +246,8 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_global_to_shared(void* d
         "r"(x),
         "r"(y)
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("cp.async.bulk.tensor.2d (load)");
 #else
     __trap();
 #endif
@@ -229,6 +263,8 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_shared_to_global(const v
                  "r"(x),
                  "r"(y)
                  : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("cp.async.bulk.tensor.2d (store)");
 #else
     __trap();
 #endif
@@ -239,6 +275,8 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_shared_to_global(const v
 __device__ __forceinline__ void cp_async_bulk_commit_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("cp.async.bulk.commit_group");
 #else
     __trap();
 #endif
@@ -251,6 +289,8 @@ template <int N>
 __device__ __forceinline__ void cp_async_bulk_wait_group_read() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("cp.async.bulk.wait_group.read");
 #else
     __trap();
 #endif
@@ -263,6 +303,8 @@ template <int N>
 __device__ __forceinline__ void cp_async_bulk_wait_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("cp.async.bulk.wait_group");
 #else
     __trap();
 #endif
@@ -273,6 +315,8 @@ __device__ __forceinline__ void cp_async_bulk_wait_group() {
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.fence");
 #else
     __trap();
 #endif
@@ -283,7 +327,11 @@ __device__ __forceinline__ void wgmma_fence() {
 // on every accumulator before wgmma.fence, after commit_group and after wait_group, so no
 // arithmetic on the accumulators lands between an issue and its wait.
 __device__ __forceinline__ void fence_operand(float& r) {
+#if defined(DEEPKERN_SIM)
+    (void)r;  // the simulator's wgmma is an ordinary call: nothing can move across it
+#else
     asm volatile("" : "+f"(r)::"memory");
+#endif
 }
 
 template <int N>
@@ -299,6 +347,8 @@ __device__ __forceinline__ void fence_operands(float (&r)[N]) {
 __device__ __forceinline__ void wgmma_commit_group() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.commit_group");
 #else
     __trap();
 #endif
@@ -310,6 +360,8 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait_group() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.wait_group");
 #else
     __trap();
 #endif
@@ -321,6 +373,8 @@ template <uint32_t N>
 __device__ __forceinline__ void setmaxnreg_inc() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("setmaxnreg.inc");
 #else
     __trap();
 #endif
@@ -329,6 +383,8 @@ template <uint32_t N>
 __device__ __forceinline__ void setmaxnreg_dec() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("setmaxnreg.dec");
 #else
     __trap();
 #endif
@@ -353,6 +409,8 @@ __device__ __forceinline__ void wgmma_m64n16k32_f32_e4m3_e4m3(float (&d)[8], uin
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n16k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -371,6 +429,8 @@ __device__ __forceinline__ void wgmma_m64n32k32_f32_e4m3_e4m3(float (&d)[16], ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n32k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -389,6 +449,8 @@ __device__ __forceinline__ void wgmma_m64n64k32_f32_e4m3_e4m3(float (&d)[32], ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n64k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -407,6 +469,8 @@ __device__ __forceinline__ void wgmma_m64n96k32_f32_e4m3_e4m3(float (&d)[48], ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n96k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -425,6 +489,8 @@ __device__ __forceinline__ void wgmma_m64n112k32_f32_e4m3_e4m3(float (&d)[56], u
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n112k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -443,6 +509,8 @@ __device__ __forceinline__ void wgmma_m64n128k32_f32_e4m3_e4m3(float (&d)[64], u
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n128k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -461,6 +529,8 @@ __device__ __forceinline__ void wgmma_m64n144k32_f32_e4m3_e4m3(float (&d)[72], u
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n144k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -479,6 +549,8 @@ __device__ __forceinline__ void wgmma_m64n160k32_f32_e4m3_e4m3(float (&d)[80], u
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n160k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -497,6 +569,8 @@ __device__ __forceinline__ void wgmma_m64n176k32_f32_e4m3_e4m3(float (&d)[88], u
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n176k32_f32_e4m3_e4m3)");
 #else
     __trap();
 #endif
@@ -535,6 +609,8 @@ __device__ __forceinline__ void wgmma_m64k32_f32_e4m3_e4m3(float (&d)[N / 2], ui
 __device__ __forceinline__ void bar_sync(uint32_t id, uint32_t count) {
 #if defined(__CUDA_ARCH__)
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::bar_sync(id, count);
 #endif
 }
 
@@ -555,6 +631,8 @@ __device__ __forceinline__ void wgmma_m64n32k16_f32_bf16_bf16(float (&d)[16], ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n32k16_f32_bf16_bf16)");
 #else
     __trap();
 #endif
@@ -577,6 +655,8 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_bf16_bf16_tb(float (&d)[128
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n256k16_f32_bf16_bf16_tb)");
 #else
     __trap();
 #endif
@@ -599,6 +679,8 @@ __device__ __forceinline__ void wgmma_m64n32k16_f32_f16_f16(float (&d)[16], uint
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n32k16_f32_f16_f16)");
 #else
     __trap();
 #endif
@@ -621,6 +703,8 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_f16_f16_tb(float (&d)[128],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::unsupported("wgmma.mma_async (m64n256k16_f32_f16_f16_tb)");
 #else
     __trap();
 #endif

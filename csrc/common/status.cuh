@@ -30,11 +30,4 @@ inline dk_status_t status_from_cuda(cudaError_t err) {
     }
 }
 
-// The launch itself: enqueue with `launch()` then read back the launch error.
-template <typename Launch>
-dk_status_t checked_launch(Launch&& launch) {
-    launch();
-    return status_from_cuda(cudaGetLastError());
-}
-
 }  // namespace dk

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -70,7 +71,7 @@ __device__ __forceinline__ void wait_all(const dk_ep_group_t& g, int kind) {
 // True in every thread of the last block of the grid to get here (all other blocks' writes are
 // then visible system-wide); resets the completion counter for the next launch.
 __device__ __forceinline__ bool last_block_done(const dk_ep_group_t& g, int kind) {
-    __shared__ bool s_last;
+    DK_SHARED(bool, s_last);
     __syncthreads();
     if (threadIdx.x == 0) {
         uint32_t* done = own_signals(g) + DK_EP_DONE_WORD + kind;
@@ -120,7 +121,7 @@ __device__ __forceinline__ bool valid_expert(int32_t e, int num_experts) {
 
 // Inclusive sum over the block of one value per thread; `total` gets the block's sum.
 __device__ __forceinline__ int block_inclusive_sum(int v, int& total) {
-    __shared__ int s_warp[kWarps];
+    DK_SHARED(int[kWarps], s_warp);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int o = 1; o < 32; o <<= 1) {
         const int n = __shfl_up_sync(0xffffffffu, v, o);
@@ -308,9 +309,9 @@ __device__ __forceinline__ void send_tokens(const dk_ep_group_t& g, const dk_ep_
 }
 
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(dk_ep_group_t g, dk_ep_tokens_t in) {
-    __shared__ int s_base[DK_EP_MAX_EXPERTS];
-    __shared__ int s_pad[DK_EP_MAX_EXPERTS];
-    __shared__ int64_t s_rows[DK_EP_MAX_RANKS];
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_base);
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_pad);
+    DK_SHARED(int64_t[DK_EP_MAX_RANKS], s_rows);
     if (g.staged) {
         // Nothing to wait for and nothing to signal: the caller moves the outbox.
         outbox_prefix(g, in.tokens_per_expert, s_base);
@@ -353,11 +354,11 @@ __device__ __forceinline__ int64_t inbox_row(const dk_ep_group_t& g, const int* 
 
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
-    __shared__ int64_t s_off[DK_EP_MAX_EXPERTS];
-    __shared__ int s_cnt[DK_EP_MAX_EXPERTS];
-    __shared__ int s_before[DK_EP_MAX_EXPERTS];  // staged only, [le, s]
-    __shared__ int s_inner[DK_EP_MAX_EXPERTS];   // staged only, [s, le]
-    __shared__ int64_t s_inbase[DK_EP_MAX_RANKS];  // staged only
+    DK_SHARED(int64_t[DK_EP_MAX_EXPERTS], s_off);
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_cnt);
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_before);  // staged only, [le, s]
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_inner);   // staged only, [s, le]
+    DK_SHARED(int64_t[DK_EP_MAX_RANKS], s_inbase);  // staged only
     wait_all(g, DK_EP_SIGNAL_DISPATCH);
     const int el = g.num_experts / g.ranks;
     const int32_t* counts = region<int32_t>(peer(g, g.rank), g.off_counts);
@@ -462,8 +463,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(dk_ep_group_
 
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(dk_ep_ll_dispatch_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
-    __shared__ int s_prefix[DK_EP_MAX_EXPERTS];  // [le, s]: rows of sources before s
-    __shared__ int s_total[DK_EP_MAX_EXPERTS];
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_prefix);  // [le, s]: rows of sources before s
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_total);
     wait_all(g, DK_EP_SIGNAL_LL_DISPATCH);
     void* base = peer(g, g.rank);
     const int el = g.num_experts / g.ranks;
@@ -565,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(dk_ep_combine_se
 
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
-    __shared__ int s_prefix[DK_EP_MAX_EXPERTS];  // staged only
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_prefix);  // staged only
     wait_all(g, DK_EP_SIGNAL_COMBINE);
     if (g.staged) {
         outbox_prefix(g, p.tokens_per_expert, s_prefix);
@@ -677,27 +678,21 @@ extern "C" dk_status_t dk_ep_pair_positions(const dk_ep_pair_positions_params_t*
         return DK_STATUS_INVALID_ARGUMENT;
     }
     const unsigned blocks = static_cast<unsigned>(p->num_experts);
-    return dk::checked_launch([&] {
-        pair_positions_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->topk_idx, p->pair_pos, p->tokens,
-                                                                                              p->k, p->num_experts);
-    });
+    return dk::launch<pair_positions_kernel>(blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->topk_idx, p->pair_pos, p->tokens, p->k, p->num_experts);
 }
 
 extern "C" dk_status_t dk_ep_dispatch_notify(const dk_ep_notify_params_t* p, dk_stream_t stream) {
     if (p == nullptr || !group_ok(p->group) || p->tokens_per_expert == nullptr) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch(
-        [&] { notify_kernel<<<1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->group, p->tokens_per_expert); });
+    return dk::launch<notify_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->tokens_per_expert);
 }
 
 extern "C" dk_status_t dk_ep_dispatch_send(const dk_ep_dispatch_send_params_t* p, dk_stream_t stream) {
     if (p == nullptr || !group_ok(p->group) || !tokens_ok(p->group, p->tokens, false)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch([&] {
-        dispatch_send_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->group, p->tokens);
-    });
+    return dk::launch<dispatch_send_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->tokens);
 }
 
 extern "C" dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* p, dk_stream_t stream) {
@@ -712,17 +707,14 @@ extern "C" dk_status_t dk_ep_dispatch_recv(const dk_ep_dispatch_recv_params_t* p
     if (p->arrivals != nullptr && p->rows % kArrivalRows != 0) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch(
-        [&] { dispatch_recv_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(*p); });
+    return dk::launch<dispatch_recv_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), *p);
 }
 
 extern "C" dk_status_t dk_ep_ll_dispatch_send(const dk_ep_dispatch_send_params_t* p, dk_stream_t stream) {
     if (p == nullptr || !group_ok(p->group) || !tokens_ok(p->group, p->tokens, true)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch([&] {
-        ll_dispatch_send_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->group, p->tokens);
-    });
+    return dk::launch<ll_dispatch_send_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->tokens);
 }
 
 extern "C" dk_status_t dk_ep_ll_dispatch_recv(const dk_ep_ll_dispatch_recv_params_t* p, dk_stream_t stream) {
@@ -734,8 +726,7 @@ extern "C" dk_status_t dk_ep_ll_dispatch_recv(const dk_ep_ll_dispatch_recv_param
                          (p->group.payload == DK_EP_PAYLOAD_FP8 && (p->sf == nullptr || p->sf_stride < capacity)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch(
-        [&] { ll_dispatch_recv_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(*p); });
+    return dk::launch<ll_dispatch_recv_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), *p);
 }
 
 extern "C" dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* p, dk_stream_t stream) {
@@ -743,8 +734,7 @@ extern "C" dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* p, 
         (p->rows > 0 && (p->y == nullptr || p->src == nullptr || (p->group.staged && p->stage_rows == nullptr)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch(
-        [&] { combine_send_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(*p); });
+    return dk::launch<combine_send_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), *p);
 }
 
 extern "C" dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* p, dk_stream_t stream) {
@@ -756,13 +746,12 @@ extern "C" dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* p, 
                           (p->group.staged && (p->pair_pos == nullptr || p->tokens_per_expert == nullptr)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch(
-        [&] { combine_recv_kernel<<<data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(*p); });
+    return dk::launch<combine_recv_kernel>(data_grid(p->group), kThreads, 0, reinterpret_cast<cudaStream_t>(stream), *p);
 }
 
 extern "C" dk_status_t dk_ep_wait(const dk_ep_wait_params_t* p, dk_stream_t stream) {
     if (p == nullptr || !group_ok(p->group) || p->kind < 0 || p->kind >= DK_EP_SIGNAL_KINDS) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch([&] { wait_kernel<<<1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p->group, p->kind); });
+    return dk::launch<wait_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->kind);
 }

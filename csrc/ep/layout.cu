@@ -5,6 +5,7 @@
 // per non-zero counter per block. Integer sums, so the result does not depend on the order.
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/status.cuh"
 #include "deepkern.h"
@@ -24,9 +25,9 @@ __global__ void __launch_bounds__(kThreads) layout_kernel(const int32_t* __restr
                                                           int k,
                                                           int ranks,
                                                           int num_experts) {
-    __shared__ int s_expert[DK_EP_MAX_EXPERTS];
-    __shared__ int s_rank[DK_EP_MAX_RANKS];
-    __shared__ int s_invalid;
+    DK_SHARED(int[DK_EP_MAX_EXPERTS], s_expert);
+    DK_SHARED(int[DK_EP_MAX_RANKS], s_rank);
+    DK_SHARED(int, s_invalid);
     for (int i = threadIdx.x; i < num_experts; i += kThreads) {
         s_expert[i] = 0;
     }
@@ -102,15 +103,5 @@ extern "C" dk_status_t dk_ep_layout(const dk_ep_layout_params_t* p, dk_stream_t 
     }
     const int64_t blocks = dk::ceil_div<int64_t>(p->tokens, kThreads);
     const dim3 grid(static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks));
-    return dk::checked_launch([&] {
-        layout_kernel<<<grid, kThreads, 0, s>>>(p->topk_idx,
-                                                 p->tokens_per_rank,
-                                                 p->tokens_per_expert,
-                                                 p->is_token_in_rank,
-                                                 p->num_invalid,
-                                                 p->tokens,
-                                                 p->k,
-                                                 p->ranks,
-                                                 p->num_experts);
-    });
+    return dk::launch<layout_kernel>(grid, kThreads, 0, s, p->topk_idx, p->tokens_per_rank, p->tokens_per_expert, p->is_token_in_rank, p->num_invalid, p->tokens, p->k, p->ranks, p->num_experts);
 }

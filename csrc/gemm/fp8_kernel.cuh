@@ -31,6 +31,7 @@
 
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     static_assert(128 * kProducerRegs + kMathWarpgroups * 128 * kConsumerRegs <= kThreads * ((65536 / kThreads) & ~7),
                   "the register split exceeds the CTA's register pool");
 
-    extern __shared__ uint8_t smem_raw[];
+    DK_DYNAMIC_SHARED(uint8_t, smem_raw);
     // Aligned to 1024 by offsetting the shared array itself (not through an integer), so the
     // compiler keeps the address space and emits shared-memory loads and stores.
     uint8_t* base = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
@@ -475,7 +476,7 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaS
     if (attr != DK_STATUS_OK) {
         return attr;
     }
-    return checked_launch([&] { kernel<<<grid, threads_of<kBlockM>(), smem, stream>>>(kp); });
+    return launch<fp8_gemm_kernel<kLayout, kBlockM, kBlockN>>(grid, threads_of<kBlockM>(), smem, stream, kp);
 }
 
 // The compiled tile menu: X(block_m, block_n) for every shape a layout instantiates (contiguous:

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/status.cuh"
 #include "deepkern.h"
@@ -128,13 +129,10 @@ extern "C" dk_status_t dk_mla_combine(const dk_mla_combine_params_t* p, dk_strea
     if (grid.y > 65535) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::checked_launch([&] {
-        if (p->dtype == DK_DTYPE_BF16) {
-            combine_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-                p->o_partial, p->lse_partial, p->splits, static_cast<__nv_bfloat16*>(p->out), p->lse, p->num_invalid, p->rows, p->num_chunks);
-        } else {
-            combine_kernel<__half><<<grid, kThreads, 0, s>>>(
-                p->o_partial, p->lse_partial, p->splits, static_cast<__half*>(p->out), p->lse, p->num_invalid, p->rows, p->num_chunks);
-        }
-    });
+    if (p->dtype == DK_DTYPE_BF16) {
+        return dk::launch<combine_kernel<__nv_bfloat16>>(grid, kThreads, 0, s, p->o_partial, p->lse_partial, p->splits,
+                                                         static_cast<__nv_bfloat16*>(p->out), p->lse, p->num_invalid, p->rows, p->num_chunks);
+    }
+    return dk::launch<combine_kernel<__half>>(grid, kThreads, 0, s, p->o_partial, p->lse_partial, p->splits, static_cast<__half*>(p->out),
+                                              p->lse, p->num_invalid, p->rows, p->num_chunks);
 }

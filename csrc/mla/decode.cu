@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -157,7 +158,7 @@ __device__ void load_tile(const KernelParams& p, uint8_t* dst, uint64_t* bar, in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ KernelParams p) {
-    extern __shared__ uint8_t smem_raw[];
+    DK_DYNAMIC_SHARED(uint8_t, smem_raw);
     // Aligned to 1024 by offsetting the shared array itself (not through an integer), so the
     // compiler keeps the address space and emits shared-memory loads and stores.
     uint8_t* smem = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
@@ -438,6 +439,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     }
 }
 
+// Opts the kernel in to its shared memory, then launches it.
+template <auto Kernel>
+dk_status_t launch_decode(dim3 grid, cudaStream_t stream, const KernelParams& kp) {
+    const dk_status_t attr = status_from_cuda(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    if (attr != DK_STATUS_OK) {
+        return attr;
+    }
+    return launch<Kernel>(grid, kThreads, kSmemBytes, stream, kp);
+}
+
 }  // namespace dk::mla
 
 extern "C" dk_status_t dk_mla_decode(const dk_mla_decode_params_t* p, dk_stream_t stream) {
@@ -492,12 +503,6 @@ extern "C" dk_status_t dk_mla_decode(const dk_mla_decode_params_t* p, dk_stream_
     const dim3 grid(static_cast<unsigned>(p->num_parts), static_cast<unsigned>(dk::ceil_div<int64_t>(rows, kBlockM)));
     auto s = reinterpret_cast<cudaStream_t>(stream);
     cudaMemsetAsync(p->num_invalid, 0, sizeof(int32_t), s);
-    auto launch = [&](auto kernel) -> dk_status_t {
-        const dk_status_t attr = dk::status_from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-        if (attr != DK_STATUS_OK) {
-            return attr;
-        }
-        return dk::checked_launch([&] { kernel<<<grid, kThreads, kSmemBytes, s>>>(kp); });
-    };
-    return p->dtype == DK_DTYPE_F16 ? launch(mla_decode_kernel<__half>) : launch(mla_decode_kernel<__nv_bfloat16>);
+    return p->dtype == DK_DTYPE_F16 ? launch_decode<mla_decode_kernel<__half>>(grid, s, kp)
+                                    : launch_decode<mla_decode_kernel<__nv_bfloat16>>(grid, s, kp);
 }

@@ -6,6 +6,7 @@
 // touches a few words per request).
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/status.cuh"
 #include "deepkern.h"
@@ -91,5 +92,5 @@ extern "C" dk_status_t dk_mla_schedule(const dk_mla_schedule_params_t* p, dk_str
         return DK_STATUS_INVALID_ARGUMENT;
     }
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    return dk::checked_launch([&] { dk::mla::schedule_kernel<<<1, 32, 0, s>>>(p->lens, p->parts, p->splits, p->batch, p->num_parts); });
+    return dk::launch<dk::mla::schedule_kernel>(1, 32, 0, s, p->lens, p->parts, p->splits, p->batch, p->num_parts);
 }

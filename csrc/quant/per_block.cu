@@ -9,6 +9,7 @@
 // SASS-EXPECT: per_block_kernel F2FP
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -32,7 +33,7 @@ __global__ void __launch_bounds__(kBlockThreads) per_block_kernel(const uint16_t
                                                                   int64_t k,
                                                                   int64_t n_blocks,
                                                                   int64_t k_blocks) {
-    __shared__ float warp_amax[kBlockWarps];
+    DK_SHARED(float[kBlockWarps], warp_amax);
     // Flat block index (g * n_blocks + nb) * k_blocks + kb is also the scale's index.
     const int64_t block = blockIdx.x;
     const int64_t kb = block % k_blocks;
@@ -102,11 +103,8 @@ extern "C" dk_status_t dk_quant_per_block(const dk_quant_per_block_params_t* p, 
     }
     const dim3 grid(static_cast<unsigned>(blocks));
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    return dk::checked_launch([&] {
-        if (p->ue8m0) {
-            per_block_kernel<true><<<grid, kBlockThreads, 0, s>>>(p->w, p->q, p->sf, p->n, p->k, n_blocks, k_blocks);
-        } else {
-            per_block_kernel<false><<<grid, kBlockThreads, 0, s>>>(p->w, p->q, p->sf, p->n, p->k, n_blocks, k_blocks);
-        }
-    });
+    if (p->ue8m0) {
+        return dk::launch<per_block_kernel<true>>(grid, kBlockThreads, 0, s, p->w, p->q, p->sf, p->n, p->k, n_blocks, k_blocks);
+    }
+    return dk::launch<per_block_kernel<false>>(grid, kBlockThreads, 0, s, p->w, p->q, p->sf, p->n, p->k, n_blocks, k_blocks);
 }

@@ -8,6 +8,7 @@
 // SASS-EXPECT: per_token_group_kernel F2FP
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -81,11 +82,8 @@ extern "C" dk_status_t dk_quant_per_token_group(const dk_quant_per_token_group_p
     const dim3 grid(static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks));
     const int64_t m_pad = dk::tma_aligned_rows(p->m);
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    return dk::checked_launch([&] {
-        if (p->ue8m0) {
-            per_token_group_kernel<true><<<grid, kThreads, 0, s>>>(p->x, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
-        } else {
-            per_token_group_kernel<false><<<grid, kThreads, 0, s>>>(p->x, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
-        }
-    });
+    if (p->ue8m0) {
+        return dk::launch<per_token_group_kernel<true>>(grid, kThreads, 0, s, p->x, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
+    }
+    return dk::launch<per_token_group_kernel<false>>(grid, kThreads, 0, s, p->x, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
 }

@@ -9,6 +9,7 @@
 // SASS-EXPECT: silu_mul_quant_kernel F2FP
 #include <cstdint>
 
+#include "common/kernel.cuh"
 #include "common/math.cuh"
 #include "common/ptx.cuh"
 #include "common/status.cuh"
@@ -78,11 +79,8 @@ extern "C" dk_status_t dk_silu_mul_quant(const dk_silu_mul_quant_params_t* p, dk
     const dim3 grid(static_cast<unsigned>(blocks < kMax ? blocks : kMax));
     const int64_t m_pad = dk::tma_aligned_rows(p->m);
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    return dk::checked_launch([&] {
-        if (p->ue8m0) {
-            silu_mul_quant_kernel<true><<<grid, kSiluThreads, 0, s>>>(p->h, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
-        } else {
-            silu_mul_quant_kernel<false><<<grid, kSiluThreads, 0, s>>>(p->h, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
-        }
-    });
+    if (p->ue8m0) {
+        return dk::launch<silu_mul_quant_kernel<true>>(grid, kSiluThreads, 0, s, p->h, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
+    }
+    return dk::launch<silu_mul_quant_kernel<false>>(grid, kSiluThreads, 0, s, p->h, p->q, p->sf, p->m, k_blocks, m_pad, total_groups);
 }

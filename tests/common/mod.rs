@@ -4,6 +4,11 @@
 //! "kernels not built", ...), so the skip count shows in the summary line. With
 //! `DEEPKERN_REQUIRE_GPU=1` the same situation is a failure: a GPU host can never pass by skipping.
 //!
+//! In a simulated build (`DEEPKERN_SIM=1`, docs/simulator.md) the same tests run on the simulator:
+//! the header line says so, each test picks its simulated problem sizes with [`Gpu::pick`], and a
+//! test the simulator cannot run is declared with its reason in [`run_with`] and reported as
+//! ignored there (and only there).
+//!
 //! Inputs are random with a fresh seed per run, printed at the start; `DEEPKERN_SEED=<n>`
 //! reproduces a run.
 
@@ -27,12 +32,20 @@ pub type GpuTest = (&'static str, fn(&Gpu) -> TestResult);
 pub struct Gpu {
     pub device: Device,
     pub seed: u64,
+    /// The device is the deepkern simulator, not a GPU.
+    pub simulated: bool,
 }
 
 impl Gpu {
     /// A fresh stream for one test (tests run in parallel threads).
     pub fn stream(&self) -> Arc<CudaStream> {
         self.device.new_stream().expect("create a CUDA stream")
+    }
+
+    /// `hardware` on a GPU, `simulated` on the simulator: a test's problem sizes, chosen so that the
+    /// simulated suite stays within its time budget while still covering every layout and edge.
+    pub fn pick<T>(&self, hardware: T, simulated: T) -> T {
+        if self.simulated { simulated } else { hardware }
     }
 
     /// A random generator for one test, derived from the run's seed and the test's name.
@@ -72,16 +85,34 @@ fn seed() -> u64 {
 
 /// Runs `tests` as libtest-mimic trials and exits with the harness' status.
 pub fn run(tests: Vec<GpuTest>) -> ! {
+    run_with(tests, &[])
+}
+
+/// As [`run`], with the tests the simulator cannot run and why (e.g. they need NCCL): on a
+/// simulated build those are reported as ignored with the reason; on a GPU they run.
+pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)]) -> ! {
+    for (name, _) in not_simulated {
+        assert!(tests.iter().any(|(t, _)| t == name), "not_simulated names `{name}`, which is not a test of this binary");
+    }
     let args = Arguments::from_args();
     let gpu = match open_gpu() {
         Ok(device) => {
             let seed = seed();
             let i = device.info();
-            eprintln!(
-                "GPU tests on {} (sm_{}{}, {} SMs), DEEPKERN_SEED={seed}",
-                i.name, i.compute_capability.0, i.compute_capability.1, i.sm_count
-            );
-            Ok(Arc::new(Gpu { device, seed }))
+            if deepkern::simulated() {
+                eprintln!(
+                    "SIMULATED GPU tests: {} ({} SMs), DEEPKERN_SIM_SEED={} DEEPKERN_SEED={seed}; these results come from the simulator, not from a GPU",
+                    i.name,
+                    i.sm_count,
+                    deepkern::simulator_seed().unwrap_or_default()
+                );
+            } else {
+                eprintln!(
+                    "GPU tests on {} (sm_{}{}, {} SMs), DEEPKERN_SEED={seed}",
+                    i.name, i.compute_capability.0, i.compute_capability.1, i.sm_count
+                );
+            }
+            Ok(Arc::new(Gpu { device, seed, simulated: deepkern::simulated() }))
         }
         Err(reason) => {
             if gpu_required() {
@@ -96,7 +127,11 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
         .into_iter()
         .map(|(name, test)| {
             let gpu = gpu.clone();
+            let skip = not_simulated.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
             Trial::ignorable_test(name, move || match gpu {
+                Ok(gpu) if gpu.simulated && skip.is_some() => {
+                    Ok(Completion::ignored_with(format!("not simulated: {}", skip.unwrap_or_default())))
+                }
                 Ok(gpu) => test(&gpu).map(|()| Completion::Completed),
                 Err(reason) if gpu_required() => Err(format!("DEEPKERN_REQUIRE_GPU=1 but {reason}").into()),
                 Err(reason) => Ok(Completion::ignored_with(reason)),

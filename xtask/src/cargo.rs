@@ -14,6 +14,9 @@ pub fn cargo(tc: &Toolchain) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(project_root());
     c.envs(tc.cargo_env());
+    // The simulated build is asked for explicitly (simulate.rs), never inherited: the GPU build,
+    // its SASS check and the bundle are always real kernels.
+    c.env_remove("DEEPKERN_SIM");
     c
 }
 

@@ -7,6 +7,7 @@ pub mod cargo;
 pub mod cmd;
 pub mod report;
 pub mod sass;
+pub mod simulate;
 pub mod toolchain;
 
 use std::path::PathBuf;

@@ -3,13 +3,16 @@
 use std::process::{Command, ExitCode};
 
 use xtask::toolchain::{self, Toolchain};
-use xtask::{Result, bundle, cargo, cmd, project_root, report, sass};
+use xtask::{Result, bundle, cargo, cmd, project_root, report, sass, simulate};
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task> [args]
 
   setup     find or install nvcc (CUDA 13.0, PyPI), cuobjdump/nvdisasm 13.2+, libclang
-  test      setup, `cargo test --workspace [args]`, then the sass check
+  test      setup, `cargo test --workspace [args]`, the sass check, then (without a GPU, or with
+            DEEPKERN_SIM=1) the GPU tests on the simulator; args after `--` go to every test
+            binary, DEEPKERN_SIM_RUNS=n runs the simulated suite with n seeds
+  sim       only the simulated GPU suite (args after `--` go to every test binary)
   sass      every kernel: no spills, no stack frame, declared SASS instructions present
   bench     setup, `cargo bench -p deepkern [args]` (GPU benches skip without a GPU), then
             report if bench-results/ has results
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         "setup" => setup().map(|_| ()),
         "test" => test(rest),
         "sass" => setup().and_then(|tc| sass::run(&tc)),
+        "sim" => setup().and_then(|tc| simulate::run(&tc, rest.iter().position(|a| a == "--").map(|i| &rest[i + 1..]).unwrap_or(rest))),
         "bench" => bench(rest),
         "bundle" => setup().and_then(|tc| bundle::run(&tc)).map(|_| ()),
         "report" => report::run(),
@@ -60,9 +64,17 @@ fn test(extra: &[String]) -> Result<()> {
     let mut c = cargo::cargo(&tc);
     c.args(["test", "--workspace"]).args(extra);
     let tests = cmd::run(&mut c);
-    // The sass check runs even when a test failed, so one run shows both.
+    // The sass check and the simulated suite run even when a test failed, so one run shows all.
     let checked = sass::run(&tc);
-    tests.and(checked)
+    let forced = std::env::var("DEEPKERN_SIM").is_ok_and(|v| v == "1");
+    let simulated = if gpu_present() && !forced {
+        eprintln!("a GPU is present: the GPU tests ran on it (DEEPKERN_SIM=1 runs them on the simulator as well)");
+        Ok(())
+    } else {
+        let test_args = extra.iter().position(|a| a == "--").map(|i| &extra[i + 1..]).unwrap_or(&[]);
+        simulate::run(&tc, test_args)
+    };
+    tests.and(checked).and(simulated)
 }
 
 /// Whether an NVIDIA GPU is visible: `nvidia-smi -L` runs and lists one.

@@ -1,0 +1,160 @@
+// Simulated memory. Device memory is host memory: a device pointer is the host address of the
+// allocation, so kernels compiled for the host dereference it directly. Every allocation gets its
+// own mapping whose data ends exactly at an inaccessible guard page, and freed allocations stay
+// mapped inaccessible for a while, so reading or writing past the end of an allocation, or after it
+// was freed, faults at the instruction that did it (memcheck.cpp turns that into a report).
+// Fresh memory is filled with a poison byte (0xff: NaN in every float format) so that reading what
+// was never written shows up in results.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "sim.hpp"
+
+namespace dksim {
+
+namespace {
+
+size_t page_size() {
+    static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return p;
+}
+
+size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
+
+// Every region by the start of its mapping (including freed ones still in quarantine).
+std::map<uintptr_t, Region*>& regions() {
+    static std::map<uintptr_t, Region*> m;
+    return m;
+}
+std::deque<Region*>& quarantine() {
+    static std::deque<Region*> q;
+    return q;
+}
+size_t g_quarantined = 0;
+size_t g_in_use = 0;
+uint64_t g_serial = 0;
+constexpr size_t kQuarantineBytes = size_t(8) << 30;  // of address space
+
+Region* map_region(MemKind kind, size_t bytes, size_t align) {
+    const size_t page = page_size();
+    align = align < 16 ? 16 : align;
+    const size_t span = round_up(bytes == 0 ? 1 : bytes, align < 256 ? 256 : align);
+    // [guard][slack + data rounded to pages][guard]
+    const size_t body = round_up(span, page) + (align > page ? align : 0);
+    const size_t len = body + 2 * page;
+    void* m = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        return nullptr;
+    }
+    const uintptr_t start = reinterpret_cast<uintptr_t>(m);
+    const uintptr_t back_guard = start + len - page;
+    const uintptr_t data = back_guard - span;
+    if (data % align != 0) {
+        munmap(m, len);
+        return nullptr;  // cannot happen: span is a multiple of align, back_guard of the page
+    }
+    if (mprotect(reinterpret_cast<void*>(start + page), body, PROT_READ | PROT_WRITE) != 0) {
+        munmap(m, len);
+        return nullptr;
+    }
+    auto* r = new Region{};
+    r->kind = kind;
+    r->map_start = start;
+    r->map_len = len;
+    r->data = data;
+    r->size = bytes;
+    r->span = span;
+    r->serial = ++g_serial;
+    regions()[start] = r;
+    return r;
+}
+
+void unmap_region(Region* r) {
+    regions().erase(r->map_start);
+    munmap(reinterpret_cast<void*>(r->map_start), r->map_len);
+    delete r;
+}
+
+}  // namespace
+
+Region* mem_alloc(MemKind kind, size_t bytes, size_t align, bool poison) {
+    Region* r = map_region(kind, bytes, align);
+    if (r == nullptr) {
+        return nullptr;
+    }
+    const int byte = config().poison;
+    // The slack before the data is poisoned too: it is inside the mapping but outside the
+    // allocation, so a read there returns poison rather than zeros.
+    std::memset(reinterpret_cast<void*>(r->map_start + page_size()), poison && byte >= 0 ? byte : 0,
+                r->data + r->span - (r->map_start + page_size()));
+    g_in_use += r->span;
+    return r;
+}
+
+CUresult mem_free(uintptr_t base, MemKind kind) {
+    auto& m = regions();
+    auto it = m.upper_bound(base);
+    if (it == m.begin()) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    Region* r = std::prev(it)->second;
+    if (r->data != base || r->kind != kind || r->freed) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    r->freed = true;
+    g_in_use -= r->span;
+    // Keep the address range reserved and inaccessible, so a stale pointer faults (reported as a
+    // use after free) instead of reaching a later allocation; give the memory back.
+    const size_t page = page_size();
+    madvise(reinterpret_cast<void*>(r->map_start + page), r->map_len - 2 * page, MADV_DONTNEED);
+    mprotect(reinterpret_cast<void*>(r->map_start), r->map_len, PROT_NONE);
+    quarantine().push_back(r);
+    g_quarantined += r->map_len;
+    while (g_quarantined > kQuarantineBytes && !quarantine().empty()) {
+        Region* old = quarantine().front();
+        quarantine().pop_front();
+        g_quarantined -= old->map_len;
+        unmap_region(old);
+    }
+    return CUDA_SUCCESS;
+}
+
+const Region* mem_find(uintptr_t p, size_t bytes) {
+    auto& m = regions();
+    auto it = m.upper_bound(p);
+    if (it == m.begin()) {
+        return nullptr;
+    }
+    const Region* r = std::prev(it)->second;
+    if (r->freed || (r->kind != MemKind::Device && r->kind != MemKind::Host)) {
+        return nullptr;
+    }
+    if (p < r->data || p + bytes > r->data + r->size || p + bytes < p) {
+        return nullptr;
+    }
+    return r;
+}
+
+const Region* mem_find_mapping(uintptr_t p) {
+    auto& m = regions();
+    auto it = m.upper_bound(p);
+    if (it == m.begin()) {
+        return nullptr;
+    }
+    const Region* r = std::prev(it)->second;
+    return p < r->map_start + r->map_len ? r : nullptr;
+}
+
+Region* mem_map(MemKind kind, size_t bytes, size_t align) { return map_region(kind, bytes, align); }
+
+void mem_release(Region* r) {
+    if (r != nullptr) {
+        unmap_region(r);
+    }
+}
+
+size_t mem_in_use() { return g_in_use; }
+
+}  // namespace dksim

@@ -1,0 +1,394 @@
+// Internal structures of the simulator: the device model, streams and their operations, kernels,
+// CTAs, warps and simulated threads, and the scheduler that runs them as fibers.
+//
+// Concurrency: one mutex (`g.mu`) guards everything. Host threads take it in every driver call.
+// All simulated threads run as fibers on one dedicated OS thread (the "GPU thread"), which holds
+// the mutex while a fiber runs; the operations in thread_ops.cpp therefore run with it held.
+#pragma once
+
+#include <cuda.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dksim/abi.h"
+
+namespace dksim {
+
+// ---- Configuration (environment, read once) ---------------------------------------------------
+
+struct Config {
+    uint64_t seed = 0;           // DEEPKERN_SIM_SEED
+    bool seed_from_env = false;
+    int sms = 132;               // DEEPKERN_SIM_SMS
+    int devices = 1;             // DEEPKERN_SIM_DEVICES
+    int live_ctas = 8;           // DEEPKERN_SIM_LIVE_CTAS: CTAs whose threads run interleaved
+    int poison = 0xff;           // DEEPKERN_SIM_POISON: byte fresh memory is filled with (-1: off)
+    int yield_percent = 25;      // DEEPKERN_SIM_YIELD: chance to switch threads at a non-blocking op
+    int watchdog_s = 120;        // DEEPKERN_SIM_WATCHDOG: seconds one thread may run without an op
+    int grace_ms = 3000;         // how long a stuck device waits for more host work
+    size_t memory = size_t(80) << 30;  // reported device memory
+    bool verbose = false;        // DEEPKERN_SIM_VERBOSE
+};
+const Config& config();
+
+// ---- Random numbers (deterministic per seed) -----------------------------------------------
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {
+        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    uint64_t below(uint64_t n) { return n == 0 ? 0 : next() % n; }
+    bool percent(int p) { return below(100) < uint64_t(p); }
+};
+
+// ---- Memory ------------------------------------------------------------------------------------
+
+enum class MemKind : uint8_t { Device, Host, Shared, Stack };
+
+// One mapping with guard pages: [guard][slack][data ... end][guard]. `data` ends where the back
+// guard page begins, so running off the end faults at once.
+struct Region {
+    MemKind kind;
+    uintptr_t map_start = 0;
+    size_t map_len = 0;
+    uintptr_t data = 0;
+    size_t size = 0;      // bytes the caller asked for
+    size_t span = 0;      // bytes from data to the back guard (size rounded up)
+    bool freed = false;
+    uint64_t serial = 0;  // allocation number, for reports
+};
+
+// Device and host allocations (cuMemAlloc, cuMemHostAlloc).
+Region* mem_alloc(MemKind kind, size_t bytes, size_t align, bool poison);
+CUresult mem_free(uintptr_t base, MemKind kind);
+// The live allocation containing [p, p + bytes), or null.
+const Region* mem_find(uintptr_t p, size_t bytes);
+// Any region (live, freed or guard) whose mapping contains p, for fault reports.
+const Region* mem_find_mapping(uintptr_t p);
+// A fresh mapping for a CTA's shared window or a thread's stack; not in the allocation map's
+// device view. Released with mem_release.
+Region* mem_map(MemKind kind, size_t bytes, size_t align);
+void mem_release(Region* r);
+size_t mem_in_use();
+
+// ---- Fibers --------------------------------------------------------------------------------------
+
+struct Stack {
+    Region* region = nullptr;
+    uintptr_t top = 0;
+};
+Stack stack_get();
+void stack_put(Stack s);
+// Prepares `sp` so that switching to it calls fn(arg) on the stack.
+void* fiber_init(const Stack& s, void (*fn)(void*), void* arg);
+extern "C" void dksim_fiber_switch(void** save_sp, void* next_sp);
+
+// ---- Device model -------------------------------------------------------------------------------
+
+constexpr int kSmMaxThreads = 2048;
+constexpr int kSmMaxWarps = 64;
+constexpr int kSmMaxCtas = 32;
+constexpr int kSmRegisters = 65536;
+constexpr int kSmSharedBytes = 233472;       // 228 KiB
+constexpr int kCtaReservedShared = 1024;     // per CTA, for the system
+constexpr int kMaxSharedPerCta = 232448;     // 227 KiB: the opt-in limit
+constexpr int kDefaultMaxDynamicShared = 49152;
+
+struct Sm {
+    int threads = 0, warps = 0, ctas = 0, registers = 0, shared = 0;
+};
+
+struct KernelInfo;
+struct Kernel;
+struct Cta;
+struct Warp;
+struct Thread;
+struct Stream;
+struct Context;
+
+// What a kernel function is, from the resource table and cudaFuncSetAttribute.
+struct KernelInfo {
+    const void* fn = nullptr;
+    std::string name;
+    int registers = 0;  // 0: unknown (no ptxas entry)
+    int static_smem = 0;
+    int stack_frame = 0;
+    bool from_table = false;
+    int max_dynamic_smem = kDefaultMaxDynamicShared;
+};
+KernelInfo& kernel_info(const void* fn, const char* pretty);
+
+// ---- Streams and their operations ---------------------------------------------------------------
+
+enum class OpKind : uint8_t { Kernel, Copy, Memset, Record, WaitEvent, WriteValue, WaitValue, HostFunc, Barrier };
+
+struct Copy {
+    uintptr_t dst, src;
+    size_t bytes;
+};
+
+struct Op {
+    uint64_t id = 0;
+    OpKind kind = OpKind::Barrier;
+    Stream* stream = nullptr;
+    std::vector<std::shared_ptr<Op>> deps;  // must be done before this starts (besides stream order)
+    bool started = false;
+    bool done = false;
+    CUresult result = CUDA_SUCCESS;
+    uint64_t done_at_ns = 0;  // virtual time of completion
+    const char* api = "";     // the API call that enqueued it, for reports
+    // payloads
+    std::vector<Copy> copies;
+    std::vector<uint8_t> staging;  // pageable host sources, copied when the copy was enqueued
+    uintptr_t addr = 0;
+    uint64_t value = 0;
+    uint32_t elem = 1;    // memset element size
+    size_t count = 0;     // memset elements
+    uint32_t flags = 0;   // wait/write value flags
+    bool value64 = false;
+    CUhostFn host_fn = nullptr;
+    void* host_data = nullptr;
+    Kernel* kernel = nullptr;
+};
+using OpPtr = std::shared_ptr<Op>;
+
+struct Stream {
+    uint64_t id = 0;
+    Context* ctx = nullptr;
+    bool blocking = true;  // synchronises with the legacy default stream
+    bool legacy = false;   // the legacy default stream (handle 0)
+    std::deque<OpPtr> queue;  // not yet done, in order
+    OpPtr last;               // most recently enqueued
+    CUresult error = CUDA_SUCCESS;  // sticky: the first failure of an operation here
+    bool destroyed = false;
+};
+
+struct Event {
+    OpPtr record;  // the latest cuEventRecord
+    unsigned flags = 0;
+    Context* ctx = nullptr;
+};
+
+struct Context {
+    int device = 0;
+    bool primary = true;
+    int refs = 0;
+    Stream* legacy = nullptr;
+    std::vector<Stream*> streams;
+};
+
+// ---- Kernels, CTAs, warps, threads -----------------------------------------------------------
+
+enum class ThreadState : uint8_t { Runnable, Blocked, Parked, Exited };
+
+// What a blocked or polling thread waits on, for deadlock reports.
+struct WaitInfo {
+    const char* what = "";  // e.g. "bar.sync", "shfl.sync", "ld.acquire (spinning)"
+    uint64_t a = 0, b = 0, c = 0;
+    void* where = nullptr;  // return address inside kernel code
+};
+
+struct Thread {
+    ThreadCtx ctx;  // first: dksim_current points here
+    Cta* cta = nullptr;
+    Warp* warp = nullptr;
+    uint32_t linear = 0, lane = 0;
+    ThreadState state = ThreadState::Runnable;
+    Stack stack;
+    void* sp = nullptr;
+    size_t runnable_slot = SIZE_MAX;
+    WaitInfo wait;
+    // Spin detection: the last poll, and the device's progress count when it happened.
+    const void* poll_addr = nullptr;
+    uint64_t poll_value = 0;
+    uint64_t poll_progress = UINT64_MAX;
+    uint32_t poll_streak = 0;
+    uint32_t coll_result = 0;
+    bool started = false;
+};
+
+// A warp collective (shfl, vote, syncwarp) waiting for the lanes of its mask.
+struct Collective {
+    int kind = 0;  // 1 + Shfl, 10 + Vote, 20 syncwarp
+    uint32_t mask = 0;
+    uint32_t arrived = 0;
+    uint32_t values[32] = {};
+    int b[32] = {};
+    int c = 0;
+    void* where = nullptr;
+};
+
+struct Warp {
+    Cta* cta = nullptr;
+    uint32_t index = 0;
+    uint32_t lanes = 0;   // mask of lanes that exist (the last warp may be partial)
+    uint32_t exited = 0;  // lanes that returned
+    std::vector<Collective> pending;
+};
+
+// A named barrier (bar.sync id): arrivals per warp; a warp has arrived when all its non-exited
+// lanes have.
+struct NamedBarrier {
+    uint32_t count = 0;  // declared threads (0: the whole CTA); fixed by the first arrival
+    std::vector<uint32_t> arrived;  // per warp: lanes arrived
+    uint32_t warps_arrived = 0;
+    std::vector<Thread*> waiters;
+    void* where = nullptr;
+};
+
+struct Cta {
+    Kernel* kernel = nullptr;
+    uint3 idx{};
+    uint64_t linear = 0;
+    int sm = -1;
+    bool live = false;
+    std::vector<std::unique_ptr<Thread>> threads;
+    std::vector<Warp> warps;
+    NamedBarrier bars[16];
+    uint32_t running = 0;  // threads not exited
+    // Shared memory: [reserved 1 KiB][static][dynamic], shared addresses from 0.
+    Region* window = nullptr;
+    uint32_t window_bytes = 0;
+    uint32_t static_base = 0, static_top = 0, static_end = 0, dynamic_base = 0;
+    std::vector<std::pair<const void*, uint32_t>> statics;  // declaration tag -> offset
+};
+
+struct Kernel {
+    uint64_t serial = 0;
+    KernelInfo* info = nullptr;
+    std::string name;
+    KernelEntry entry = nullptr;
+    void* args = nullptr;
+    ArgsDeleter deleter = nullptr;
+    dim3 grid{}, block{};
+    uint32_t threads_per_cta = 0;
+    uint32_t dynamic_smem = 0;
+    uint64_t ctas_total = 0;
+    uint64_t next_cta = 0;   // next to make resident
+    uint64_t ctas_done = 0;
+    std::vector<Cta*> resident;  // resident CTAs (live or waiting to start)
+    int device = 0;
+    OpPtr op;
+    bool failed = false;
+    // SM resources one CTA takes
+    int cta_threads = 0, cta_warps = 0, cta_registers = 0, cta_shared = 0;
+    ~Kernel();
+};
+
+// ---- The engine -------------------------------------------------------------------------------
+
+struct Waiter {
+    std::function<bool()> ready;
+    bool query = false;  // answered as soon as the device cannot progress (a query, not a wait)
+    bool done = false;
+    std::condition_variable cv;
+};
+
+// A failure of a kernel (fault, trap, deadlock, bad operation), reported once.
+struct Failure {
+    CUresult code = CUDA_ERROR_LAUNCH_FAILED;
+    std::string title;   // one line: what happened
+    std::string detail;  // further lines
+    void* where = nullptr;  // kernel-code address to symbolize
+};
+
+struct Engine {
+    std::mutex mu;
+    std::condition_variable gpu_cv;  // wakes the GPU thread
+    std::thread gpu;
+    bool gpu_started = false;
+    std::thread::id gpu_id;
+    std::vector<Waiter*> waiters;
+
+    Rng rng{1};
+    uint64_t next_op_id = 1;
+    uint64_t next_kernel_serial = 1;
+    uint64_t next_stream_id = 1;
+
+    std::vector<Sm> sms;  // devices × config().sms
+    std::vector<Context*> primary;  // per device
+    std::vector<Kernel*> active;    // kernels whose op has started, in start order
+    std::vector<Thread*> runnable;
+    std::vector<Thread*> parked;
+    size_t live_ctas = 0;
+    std::vector<Stream*> streams;
+
+    // Progress accounting for stuck detection: bumped by every operation that changes state.
+    uint64_t progress = 0;
+    uint64_t parked_progress = 0;  // progress when the parked threads were last woken
+    int time_jumps = 0;
+    uint64_t vtime_ns = 1'000'000'000;  // virtual time
+    uint64_t steps = 0;                 // fiber segments run (watchdog)
+    std::chrono::steady_clock::time_point host_activity;
+
+    std::vector<Cta*> waiting_ctas;  // resident, not yet live
+    size_t sm_cursor = 0;
+    bool pump_needed = true;       // an operation was enqueued or finished: look at the streams
+    int wait_values = 0;           // cuStreamWaitValue operations waiting
+    // Host callbacks (cuLaunchHostFunc) run on a thread of their own, as the driver's do.
+    std::deque<OpPtr> callbacks;
+    std::condition_variable callback_cv;
+    int callbacks_running = 0;
+    int blocking_waiters = 0;
+
+    Thread* running = nullptr;  // the fiber now running, if any
+    void* sched_sp = nullptr;   // the GPU thread's own context while a fiber runs
+    Failure* pending_failure = nullptr;  // set by a fiber that must end its kernel
+    uint64_t failures = 0;
+};
+Engine& eng();
+
+// Marks a state change (wakes spinning threads, resets the stuck counters).
+inline void made_progress() { ++eng().progress; }
+
+// Host side (lock held): enqueue and wait.
+void host_activity();
+OpPtr enqueue(Stream* s, OpKind kind, const char* api);
+// Blocks the calling host thread until `ready()` holds (the GPU thread runs meanwhile).
+void wait_until(std::unique_lock<std::mutex>& lock, std::function<bool()> ready);
+// Runs the device until `ready()` holds or nothing can progress without more host work.
+void drive(std::unique_lock<std::mutex>& lock, std::function<bool()> ready);
+Stream* stream_of(CUstream s);  // null for invalid handles
+Context* current_context();
+void ensure_started();
+
+// Thread side (called from fibers).
+Thread* self();
+void yield_maybe();
+void block_self(const WaitInfo& w);
+void wake(Thread* t);
+void poll_self(const void* addr, uint64_t value, const WaitInfo& w);
+[[noreturn]] void fail_self(Failure* f);
+void exit_self();
+
+// When a thread exits: the warp collectives that now cannot complete (a failure, returned in
+// *out), and the named barriers its exit completes.
+bool collectives_on_exit(Thread* t, Failure** out);
+void named_barriers_on_exit(Thread* t);
+
+// Reports.
+std::string describe_thread(const Thread* t);
+// One line per address: file:line (function), inlined frames joined by " <- ".
+std::string symbolize(void* const* addrs, size_t n);
+void report_failure(const Failure& f, const Kernel* k, const Thread* t);
+std::string hex(uint64_t v);
+
+// Installs the fault handlers (on the GPU thread, after the host program's own).
+void install_fault_handlers();
+void gpu_thread_signal_stack();
+
+}  // namespace dksim
