@@ -30,6 +30,8 @@ const KERNEL_FLAGS: &[&str] = &[
     "-fno-strict-aliasing",
     "-fwrapv",
     "-fno-omit-frame-pointer",
+    // Calls into the simulator stay calls, so every report names the kernel line that made them.
+    "-fno-optimize-sibling-calls",
     "-Wall",
     "-Wno-unknown-pragmas",
     "-Wno-sign-compare",
@@ -228,6 +230,9 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
         }
     });
     engine_objects.sort();
+    // The simulator's self-test program (tests/simulator.rs runs it).
+    let selftest_obj = sim_out.join("obj/selftest.o");
+    jobs_list.push((root.join("sim/tests/selftest.cu"), selftest_obj.clone(), kernel_args.clone()));
     compile(jobs_list, jobs);
 
     archive(library, &objects);
@@ -240,6 +245,19 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
         .status()
         .unwrap_or_else(|e| panic!("cannot link the simulator: {e}"));
     assert!(status.success(), "linking {} failed", stand_in.display());
+    let selftest = sim_out.join("dksim-selftest");
+    let status = Command::new(cxx())
+        .arg("-o")
+        .arg(&selftest)
+        .arg(&selftest_obj)
+        .arg(library)
+        .arg(format!("-L{}", sim_out.display()))
+        .arg(format!("-Wl,-rpath,{}", sim_out.display()))
+        .args(["-lcuda", "-pthread"])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot link the simulator's self-test: {e}"));
+    assert!(status.success(), "linking {} failed", selftest.display());
+    println!("cargo::rustc-env=DKSIM_SELFTEST={}", selftest.display());
 
     println!("cargo::rustc-link-search=native={}", out.display());
     println!("cargo::rustc-link-lib=static={}", super::LIB_NAME);

@@ -92,14 +92,15 @@ std::string hex(uint64_t v) {
 
 namespace {
 
+// Never destroyed (as the engine): kernels may still run at exit.
 std::vector<std::pair<const KernelResources*, size_t>>& tables() {
-    static std::vector<std::pair<const KernelResources*, size_t>> t;
-    return t;
+    static auto* t = new std::vector<std::pair<const KernelResources*, size_t>>();
+    return *t;
 }
 
 std::map<const void*, std::unique_ptr<KernelInfo>>& infos() {
-    static std::map<const void*, std::unique_ptr<KernelInfo>> m;
-    return m;
+    static auto* m = new std::map<const void*, std::unique_ptr<KernelInfo>>();
+    return *m;
 }
 
 std::string demangled_name(const char* mangled);
@@ -529,6 +530,19 @@ bool make_one_live() {
 
 void complete_kernel(Kernel* k, CUresult result) {
     Engine& g = eng();
+    if (result == CUDA_SUCCESS) {
+        const std::string overwritten = mem_check_canaries();
+        if (!overwritten.empty()) {
+            Failure f;
+            f.code = CUDA_ERROR_ILLEGAL_ADDRESS;
+            f.title = overwritten;
+            f.detail = "    found when the kernel completed (this kernel, or one that ran beside it, wrote there; the GPU would not fault "
+                       "inside a 256-byte allocation granule)";
+            report_failure(f, k, nullptr);
+            ++g.failures;
+            result = f.code;
+        }
+    }
     g.active.erase(std::remove(g.active.begin(), g.active.end(), k), g.active.end());
     OpPtr op = k->op;
     op->kernel = nullptr;
@@ -902,6 +916,19 @@ namespace {
 // with it (or ignored the error): no simulated failure goes unnoticed.
 void check_at_exit() {
     Engine& g = eng();
+    {
+        // A GPU runs what was enqueued whether or not the program waits for it: so does the
+        // simulator, before the process ends.
+        std::unique_lock<std::mutex> lock(g.mu);
+        wait_until(lock, [] {
+            for (Stream* s : eng().streams) {
+                if (!s->queue.empty()) {
+                    return false;
+                }
+            }
+            return true;
+        });
+    }
     const uint64_t failures = g.failures;
     if (failures > 0 && std::getenv("DEEPKERN_SIM_ALLOW_FAILURES") == nullptr) {
         std::fprintf(stderr,
@@ -991,30 +1018,29 @@ void deadlock() {
         os << " (also after " << g.time_jumps << " s of virtual time)";
     }
     os << "\n";
-    std::vector<void*> where;
-    struct Line {
-        std::string text;
-        size_t where_index;
+    // Warps grouped by kernel, what their lanes wait on and where: one line per group, with up to
+    // four examples, so a grid of identical waiters reads as one line.
+    struct Group {
+        const Kernel* kernel;
+        std::string what;
+        void* where;
+        std::vector<std::string> warps;
     };
-    std::vector<Line> lines;
+    std::vector<Group> groups;
     for (Kernel* k : g.active) {
-        os << "  kernel " << k->name << " (launch #" << k->serial << ", grid (" << k->grid.x << ", " << k->grid.y << ", " << k->grid.z
-           << "), " << k->ctas_done << " of " << k->ctas_total << " CTAs done, " << k->resident.size() << " resident)\n";
         for (Cta* c : k->resident) {
             if (!c->live) {
                 continue;
             }
             for (Warp& w : c->warps) {
-                // Lanes grouped by what they wait on.
-                std::map<std::string, std::pair<uint32_t, void*>> groups;
+                std::map<std::pair<std::string, void*>, uint32_t> lanes_of;
                 for (uint32_t lane = 0; lane < 32; ++lane) {
-                    const uint32_t i = w.index * 32 + lane;
                     if (((w.lanes >> lane) & 1) == 0 || ((w.exited >> lane) & 1) != 0) {
                         continue;
                     }
-                    const Thread* t = c->threads[i].get();
+                    const Thread* t = c->threads[w.index * 32 + lane].get();
                     std::ostringstream what;
-                    what << (t->state == ThreadState::Parked ? "spins on " : "waits at ") << t->wait.what;
+                    what << (t->state == ThreadState::Parked ? "spinning on " : "waiting at ") << t->wait.what;
                     if (std::strncmp(t->wait.what, "bar.sync", 8) == 0) {
                         const NamedBarrier& b = c->bars[t->wait.a];
                         what << " " << t->wait.a << " (" << (b.count == 0 ? "all threads" : std::to_string(b.count) + " threads") << "; "
@@ -1022,35 +1048,52 @@ void deadlock() {
                     } else if (t->wait.a != 0) {
                         what << " [" << hex(t->wait.a) << "] = " << t->wait.b;
                     }
-                    auto& grp = groups[what.str()];
-                    grp.first |= 1u << lane;
-                    grp.second = t->wait.where;
+                    lanes_of[{what.str(), t->wait.where}] |= 1u << lane;
                 }
-                for (auto& [text, grp] : groups) {
-                    std::ostringstream l;
-                    l << "    CTA (" << c->idx.x << ", " << c->idx.y << ", " << c->idx.z << ") warp " << w.index << " lanes " << hex(grp.first)
-                      << ": " << text;
-                    lines.push_back({l.str(), where.size()});
-                    where.push_back(grp.second);
+                for (auto& [key, lanes] : lanes_of) {
+                    std::ostringstream ex;
+                    ex << "CTA (" << c->idx.x << ", " << c->idx.y << ", " << c->idx.z << ") warp " << w.index << " lanes " << hex(lanes);
+                    auto it = std::find_if(groups.begin(), groups.end(),
+                                           [&](const Group& gr) { return gr.kernel == k && gr.what == key.first && gr.where == key.second; });
+                    if (it == groups.end()) {
+                        groups.push_back(Group{k, key.first, key.second, {}});
+                        it = groups.end() - 1;
+                    }
+                    it->warps.push_back(ex.str());
                 }
             }
         }
     }
-    const std::string places = symbolize(where.data(), where.size());
-    std::vector<std::string> place_lines;
+    std::vector<void*> where;
+    for (const Group& gr : groups) {
+        where.push_back(gr.where);
+    }
+    std::vector<std::string> places;
     {
-        std::istringstream in(places);
+        std::istringstream in(symbolize(where.data(), where.size()));
         std::string l;
         while (std::getline(in, l)) {
-            place_lines.push_back(l);
+            places.push_back(l);
         }
     }
-    for (const Line& l : lines) {
-        os << l.text;
-        if (l.where_index < place_lines.size() && !place_lines[l.where_index].empty()) {
-            os << "\n        at " << place_lines[l.where_index];
+    for (Kernel* k : g.active) {
+        os << "  kernel " << k->name << " (launch #" << k->serial << ", grid (" << k->grid.x << ", " << k->grid.y << ", " << k->grid.z
+           << "): " << k->ctas_done << " of " << k->ctas_total << " CTAs done, " << k->resident.size() << " resident on SMs)\n";
+        for (size_t i = 0; i < groups.size(); ++i) {
+            const Group& gr = groups[i];
+            if (gr.kernel != k) {
+                continue;
+            }
+            os << "    " << gr.warps.size() << (gr.warps.size() == 1 ? " warp " : " warps ") << gr.what << "\n";
+            if (i < places.size() && !places[i].empty()) {
+                os << "      at " << places[i] << "\n";
+            }
+            os << "      e.g. ";
+            for (size_t j = 0; j < gr.warps.size() && j < 4; ++j) {
+                os << (j > 0 ? "; " : "") << gr.warps[j];
+            }
+            os << (gr.warps.size() > 4 ? "; ..." : "") << "\n";
         }
-        os << "\n";
     }
     for (Stream* s : g.streams) {
         if (!s->queue.empty() && s->queue.front()->kind == OpKind::WaitValue && s->queue.front()->started) {

@@ -9,13 +9,16 @@ namespace dksim {
 
 namespace {
 constexpr size_t kStackBytes = size_t(256) << 10;
-std::vector<Stack> g_free_stacks;
+std::vector<Stack>& free_stacks() {
+    static auto* v = new std::vector<Stack>();  // never destroyed, as the engine
+    return *v;
+}
 }  // namespace
 
 Stack stack_get() {
-    if (!g_free_stacks.empty()) {
-        Stack s = g_free_stacks.back();
-        g_free_stacks.pop_back();
+    if (!free_stacks().empty()) {
+        Stack s = free_stacks().back();
+        free_stacks().pop_back();
         return s;
     }
     Region* r = mem_map(MemKind::Stack, kStackBytes, 64);
@@ -24,7 +27,7 @@ Stack stack_get() {
 
 void stack_put(Stack s) {
     if (s.region != nullptr) {
-        g_free_stacks.push_back(s);
+        free_stacks().push_back(s);
     }
 }
 

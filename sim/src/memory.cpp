@@ -8,6 +8,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "sim.hpp"
@@ -24,13 +26,14 @@ size_t page_size() {
 size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
 
 // Every region by the start of its mapping (including freed ones still in quarantine).
+// Never destroyed: the exit-time drain (engine.cpp) still runs kernels and reports on them.
 std::map<uintptr_t, Region*>& regions() {
-    static std::map<uintptr_t, Region*> m;
-    return m;
+    static auto* m = new std::map<uintptr_t, Region*>();
+    return *m;
 }
 std::deque<Region*>& quarantine() {
-    static std::deque<Region*> q;
-    return q;
+    static auto* q = new std::deque<Region*>();
+    return *q;
 }
 size_t g_quarantined = 0;
 size_t g_in_use = 0;
@@ -156,5 +159,49 @@ void mem_release(Region* r) {
 }
 
 size_t mem_in_use() { return g_in_use; }
+
+std::string mem_check_canaries() {
+    const int byte = config().poison;
+    if (byte < 0) {
+        return "";
+    }
+    const auto fill = static_cast<uint8_t>(byte);
+    std::string report;
+    for (auto& [start, r] : regions()) {
+        if (r->freed || r->kind != MemKind::Device) {
+            continue;
+        }
+        // The bytes between the allocation's end and its aligned span, and before its start inside
+        // the first page: inside the mapping, so no fault, but no kernel may write them.
+        const auto check = [&](uintptr_t from, uintptr_t to, bool after) {
+            auto* p = reinterpret_cast<uint8_t*>(from);
+            size_t first = SIZE_MAX, last = 0;
+            for (uintptr_t i = 0; i < to - from; ++i) {
+                if (p[i] != fill) {
+                    first = std::min<size_t>(first, i);
+                    last = i;
+                    p[i] = fill;  // reported once
+                }
+            }
+            if (first == SIZE_MAX) {
+                return;
+            }
+            char buf[320];
+            if (after) {
+                std::snprintf(buf, sizeof buf, "out-of-bounds global write: bytes %zu..%zu past the end of device allocation #%llu of %zu bytes at %p",
+                              first, last, static_cast<unsigned long long>(r->serial), r->size, reinterpret_cast<void*>(r->data));
+            } else {
+                std::snprintf(buf, sizeof buf, "out-of-bounds global write: bytes %zu..%zu before the start of device allocation #%llu of %zu bytes at %p",
+                              (to - from) - last, (to - from) - first, static_cast<unsigned long long>(r->serial), r->size,
+                              reinterpret_cast<void*>(r->data));
+            }
+            report += report.empty() ? "" : "\n";
+            report += buf;
+        };
+        check(r->data + r->size, r->data + r->span, true);
+        check(r->map_start + page_size(), r->data, false);
+    }
+    return report;
+}
 
 }  // namespace dksim

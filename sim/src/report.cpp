@@ -52,6 +52,68 @@ std::vector<std::string> addr2line(const std::string& file, const std::vector<ui
     return out;
 }
 
+// "func(args) at /abs/path/csrc/ep/a2a.cu:42" -> "csrc/ep/a2a.cu:42 (func)"; empty for frames of the
+// C++ library and the simulator's own launch plumbing, which say nothing about the kernel.
+std::string tidy_frame(const std::string& frame) {
+    const size_t at = frame.rfind(" at ");
+    if (at == std::string::npos) {
+        return frame;
+    }
+    std::string func = frame.substr(0, at);
+    std::string place = frame.substr(at + 4);
+    for (size_t a; (a = func.find("(anonymous namespace)::")) != std::string::npos;) {
+        func.erase(a, 23);
+    }
+    if (place.rfind("/usr/", 0) == 0 || place.find("dksim/kernel.h") != std::string::npos || place.find("/include/c++/") != std::string::npos) {
+        return "";
+    }
+    for (const char* root : {"/csrc/", "/sim/", "/tests/", "/src/"}) {
+        const size_t r = place.find(root);
+        if (r != std::string::npos) {
+            place = place.substr(r + 1);
+            break;
+        }
+    }
+    // Drop the parameter list and return type: the name is enough next to the line.
+    int depth = 0;
+    for (size_t i = 0; i < func.size(); ++i) {
+        if (func[i] == '<') {
+            ++depth;
+        } else if (func[i] == '>') {
+            --depth;
+        } else if (func[i] == '(' && depth == 0 && i > 0) {
+            func = func.substr(0, i);
+            break;
+        }
+    }
+    const size_t space = func.rfind(' ', func.find('<') == std::string::npos ? std::string::npos : func.find('<'));
+    if (space != std::string::npos && func.find("operator") == std::string::npos) {
+        func = func.substr(space + 1);
+    }
+    if (func.size() > 80) {
+        func = func.substr(0, 77) + "...";
+    }
+    return place + " (" + func + ")";
+}
+
+// An inline chain "inner <- outer <- ..." with the uninformative frames dropped.
+std::string tidy_chain(const std::string& chain) {
+    std::string out;
+    size_t from = 0;
+    while (from <= chain.size()) {
+        size_t to = chain.find(" <- ", from);
+        if (to == std::string::npos) {
+            to = chain.size();
+        }
+        const std::string f = tidy_frame(chain.substr(from, to - from));
+        if (!f.empty()) {
+            out += out.empty() ? f : " <- " + f;
+        }
+        from = to + 4;
+    }
+    return out.empty() ? chain : out;
+}
+
 }  // namespace
 
 std::string symbolize(void* const* addrs, size_t n) {
@@ -94,7 +156,7 @@ std::string symbolize(void* const* addrs, size_t n) {
         const std::vector<std::string> lines = addr2line(file, offs);
         for (size_t k = 0; k < items.size(); ++k) {
             if (!lines[k].empty()) {
-                result[items[k].index] = lines[k];
+                result[items[k].index] = tidy_chain(lines[k]);
             }
         }
     }

@@ -84,6 +84,10 @@ const Region* mem_find_mapping(uintptr_t p);
 Region* mem_map(MemKind kind, size_t bytes, size_t align);
 void mem_release(Region* r);
 size_t mem_in_use();
+// Device allocations whose alignment slack (the bytes past the end up to the next 256 bytes, and
+// before the start inside its first page: no guard page can catch those) no longer holds the
+// poison byte: one line per allocation, empty if none. Restores the bytes.
+std::string mem_check_canaries();
 
 // ---- Fibers --------------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ use crate::{Result, cargo, cmd, project_root};
 pub const TARGET_DIR: &str = "target/sim";
 /// The cargo profile of the simulated suite (optimised, assertions on; see Cargo.toml).
 pub const PROFILE: &str = "sim";
+/// The simulator's self-test target (tests/simulator.rs).
+pub const SELF_TEST: &str = "simulator";
 
 /// The GPU test targets: the stems of `tests/*_gpu.rs`, sorted.
 pub fn gpu_test_targets(root: &Path) -> Result<Vec<String>> {
@@ -63,6 +65,8 @@ pub fn run(tc: &Toolchain, test_args: &[String]) -> Result<()> {
         );
         let mut c = cargo::cargo(tc);
         c.args(["test", "-p", "deepkern", "--profile", PROFILE, "--target-dir", TARGET_DIR]);
+        // The simulator's own checks first, then every GPU test on it.
+        c.args(["--test", SELF_TEST]);
         for t in &targets {
             c.args(["--test", t]);
         }
@@ -88,5 +92,6 @@ mod tests {
             assert!(targets.iter().any(|x| x == t), "{t} missing from {targets:?}");
         }
         assert!(targets.iter().all(|t| t.ends_with("_gpu")));
+        assert!(project_root().join("tests").join(format!("{SELF_TEST}.rs")).is_file());
     }
 }

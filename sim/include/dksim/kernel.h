@@ -28,6 +28,9 @@
 // Launch bounds only matter to ptxas; the simulator reads the resulting registers from ptxas'
 // report instead.
 #define __launch_bounds__(...)
+// A kernel stays a function of its own (never inlined into the launch), so reports name it.
+#undef __global__
+#define __global__ __attribute__((noinline))
 
 // ---- Built-in variables ------------------------------------------------------------------------
 

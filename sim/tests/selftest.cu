@@ -1,0 +1,442 @@
+// The simulator's own tests: small kernels that break one rule each (or rely on one guarantee),
+// run on the simulator through the same launch path as deepkern's kernels. One scenario per
+// invocation (`dksim-selftest <scenario>`), because a failed kernel fails the whole process; the
+// Rust test tests/simulator.rs runs each and checks its exit status and report.
+//
+// Each scenario prints "RESULT <name of the CUresult the host saw>" on stdout.
+#include <cuda.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/kernel.cuh"
+#include "common/ptx.cuh"
+
+namespace {
+
+const char* name_of(CUresult r) {
+    const char* s = nullptr;
+    cuGetErrorName(r, &s);
+    return s != nullptr ? s : "?";
+}
+
+int report(CUresult r) {
+    std::printf("RESULT %s\n", name_of(r));
+    std::fflush(stdout);
+    return 0;
+}
+
+#define CHECK(x)                                                                   \
+    do {                                                                           \
+        CUresult r_ = (x);                                                         \
+        if (r_ != CUDA_SUCCESS) {                                                  \
+            std::printf("SETUP FAILED %s: %s at line %d\n", #x, name_of(r_), __LINE__); \
+            std::exit(3);                                                          \
+        }                                                                          \
+    } while (0)
+
+CUstream g_stream = nullptr;
+
+void setup() {
+    CUcontext ctx;
+    CHECK(cuInit(0));
+    CHECK(cuDevicePrimaryCtxRetain(&ctx, 0));
+    CHECK(cuCtxSetCurrent(ctx));
+    CHECK(cuStreamCreate(&g_stream, CU_STREAM_NON_BLOCKING));
+}
+
+template <typename T>
+T* alloc(size_t n) {
+    CUdeviceptr p;
+    CHECK(cuMemAlloc(&p, n * sizeof(T)));
+    return reinterpret_cast<T*>(p);
+}
+
+template <auto Kernel, typename... A>
+void launch(dim3 grid, dim3 block, const A&... args) {
+    const dk_status_t s = dk::launch<Kernel>(grid, block, 0, reinterpret_cast<cudaStream_t>(g_stream), args...);
+    if (s != DK_STATUS_OK) {
+        std::printf("LAUNCH %d\n", static_cast<int>(s));
+    }
+}
+
+CUresult sync() { return cuStreamSynchronize(g_stream); }
+
+// ---- kernels -------------------------------------------------------------------------------------
+
+__global__ void write_at(float* p, int64_t index) {
+    if (threadIdx.x == 0) {
+        p[index] = 1.0f;
+    }
+}
+
+__global__ void read_at(const float* p, int64_t index, float* out) {
+    if (threadIdx.x == 0) {
+        out[0] = p[index];
+    }
+}
+
+__global__ void copy_words(const uint32_t* in, uint32_t* out, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        out[i] = in[i];
+    }
+}
+
+__global__ void shared_out_of_bounds(int index) {
+    DK_SHARED(int[64], s);
+    s[threadIdx.x % 64] = 1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        reinterpret_cast<volatile int*>(s)[index] = 2;
+    }
+}
+
+__global__ void barrier_counts_differ() {
+    // Warps 0-1 declare 64 threads, warps 2-3 declare 128, at the same barrier.
+    dk::ptx::bar_sync(1, threadIdx.x < 64 ? 64 : 128);
+}
+
+__global__ void barriers_never_meet() {
+    // Two halves, each waiting for 128 threads at its own barrier: neither ever completes.
+    dk::ptx::bar_sync(threadIdx.x < 64 ? 1 : 2, 128);
+}
+
+__global__ void partial_warp_exit_then_syncthreads(int* out) {
+    // Lanes 16..31 of every warp leave; __syncthreads waits for the threads that did not exit.
+    if (threadIdx.x % 32 >= 16) {
+        return;
+    }
+    __syncthreads();
+    atomicAdd(out, 1);
+}
+
+__global__ void shuffle_with_exited_lanes(int* out) {
+    if (threadIdx.x >= 16) {
+        return;
+    }
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+}
+
+__global__ void shuffles_and_votes(int* out) {
+    const int lane = threadIdx.x % 32;
+    int v = lane;
+    for (int o = 16; o > 0; o /= 2) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    const int up = __shfl_up_sync(0xffffffffu, lane, 3);
+    const int down = __shfl_down_sync(0xffffffffu, lane, 5, 16);
+    const int idx = __shfl_sync(0xffffffffu, lane * 10, 7);
+    const unsigned ballot = __ballot_sync(0xffffffffu, lane % 3 == 0);
+    out[threadIdx.x * 5 + 0] = v;
+    out[threadIdx.x * 5 + 1] = up;
+    out[threadIdx.x * 5 + 2] = down;
+    out[threadIdx.x * 5 + 3] = idx;
+    out[threadIdx.x * 5 + 4] = static_cast<int>(ballot);
+}
+
+__global__ void spin_on_flag(const uint32_t* flag) {
+    while (dk::ptx::ld_acquire_sys_global_u32(flag) == 0) {
+    }
+}
+
+__global__ void spin_with_timeout(const uint32_t* flag, int* timed_out) {
+    const long long start = clock64();
+    while (dk::ptx::ld_acquire_sys_global_u32(flag) == 0) {
+        if (clock64() - start > (1LL << 34)) {
+            atomicOr(timed_out, 1);
+            break;
+        }
+    }
+}
+
+__global__ void set_flag(uint32_t* flag) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        dk::ptx::st_release_sys_global_u32(flag, 1);
+    }
+}
+
+__global__ void trap_in_block(int block) {
+    if (blockIdx.x == static_cast<unsigned>(block) && threadIdx.x == 5) {
+        __trap();
+    }
+}
+
+__global__ void misaligned_atomic(int* p) {
+    if (threadIdx.x == 0) {
+        atomicAdd(reinterpret_cast<int*>(reinterpret_cast<char*>(p) + 2), 1);
+    }
+}
+
+__global__ void take_tickets(int* counter, int* order) {
+    order[blockIdx.x * blockDim.x + threadIdx.x] = atomicAdd(counter, 1);
+}
+
+// ---- scenarios -----------------------------------------------------------------------------------
+
+int oob_write_past_guard() {
+    float* p = alloc<float>(1024);  // 4096 bytes: the guard page starts right after
+    launch<write_at>(1, 32, p, int64_t(1024 + 7));
+    return report(sync());
+}
+
+int oob_write_in_slack() {
+    float* p = alloc<float>(100);  // 400 bytes: bytes 400..511 are slack inside the granule
+    launch<write_at>(1, 32, p, int64_t(101));
+    return report(sync());
+}
+
+int oob_read_before_start() {
+    float* p = alloc<float>(1024);
+    float* out = alloc<float>(1);
+    launch<read_at>(1, 32, p, int64_t(-1), out);
+    return report(sync());
+}
+
+int use_after_free() {
+    float* p = alloc<float>(256);
+    float* out = alloc<float>(1);
+    CHECK(cuMemFree(reinterpret_cast<CUdeviceptr>(p)));
+    launch<read_at>(1, 32, p, int64_t(3), out);
+    return report(sync());
+}
+
+int null_pointer() {
+    float* out = alloc<float>(1);
+    launch<read_at>(1, 32, static_cast<const float*>(nullptr), int64_t(0), out);
+    return report(sync());
+}
+
+int fresh_memory_is_poisoned() {
+    uint32_t* fresh = alloc<uint32_t>(64);
+    uint32_t* out = alloc<uint32_t>(64);
+    launch<copy_words>(1, 64, static_cast<const uint32_t*>(fresh), out, 64);
+    const CUresult r = sync();
+    std::vector<uint32_t> host(64);
+    CHECK(cuMemcpyDtoH(host.data(), reinterpret_cast<CUdeviceptr>(out), 64 * 4));
+    int poisoned = 0;
+    for (uint32_t w : host) {
+        poisoned += w == 0xffffffffu;
+    }
+    std::printf("POISONED %d of 64\n", poisoned);
+    return report(r);
+}
+
+int shared_oob() {
+    // s is the first static variable (shared address 1024); the window ends at 1024 + 48 KiB.
+    launch<shared_out_of_bounds>(1, 64, (48 << 10) / 4 + 1);
+    return report(sync());
+}
+
+int barrier_mismatch() {
+    launch<barrier_counts_differ>(1, 128);
+    return report(sync());
+}
+
+int barrier_deadlock() {
+    launch<barriers_never_meet>(1, 128);
+    return report(sync());
+}
+
+int partial_warp_exit() {
+    int* out = alloc<int>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(out), 0, 1));
+    launch<partial_warp_exit_then_syncthreads>(1, 128, out);
+    const CUresult r = sync();
+    int host = 0;
+    CHECK(cuMemcpyDtoH(&host, reinterpret_cast<CUdeviceptr>(out), 4));
+    std::printf("ARRIVED %d\n", host);
+    return report(r);
+}
+
+int shuffle_exited() {
+    int* out = alloc<int>(32);
+    launch<shuffle_with_exited_lanes>(1, 32, out);
+    return report(sync());
+}
+
+int warp_collectives() {
+    int* out = alloc<int>(64 * 5);
+    launch<shuffles_and_votes>(1, 64, out);
+    const CUresult r = sync();
+    std::vector<int> h(64 * 5);
+    CHECK(cuMemcpyDtoH(h.data(), reinterpret_cast<CUdeviceptr>(out), h.size() * 4));
+    int wrong = 0;
+    unsigned want_ballot = 0;
+    for (int l = 0; l < 32; l += 3) {
+        want_ballot |= 1u << l;
+    }
+    for (int t = 0; t < 64; ++t) {
+        const int lane = t % 32;
+        const int seg = lane & ~15;
+        const int want[5] = {496, lane >= 3 ? lane - 3 : lane, lane + 5 < seg + 16 ? lane + 5 : lane, 70, static_cast<int>(want_ballot)};
+        for (int i = 0; i < 5; ++i) {
+            wrong += h[t * 5 + i] != want[i];
+        }
+    }
+    std::printf("WRONG %d\n", wrong);
+    return report(r);
+}
+
+int spin_deadlock() {
+    uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    launch<spin_on_flag>(2, 64, static_cast<const uint32_t*>(flag));
+    return report(sync());
+}
+
+int timeout_fires() {
+    uint32_t* flag = alloc<uint32_t>(1);
+    int* timed_out = alloc<int>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(timed_out), 0, 1));
+    launch<spin_with_timeout>(1, 32, static_cast<const uint32_t*>(flag), timed_out);
+    const CUresult r = sync();
+    int host = 0;
+    CHECK(cuMemcpyDtoH(&host, reinterpret_cast<CUdeviceptr>(timed_out), 4));
+    std::printf("TIMED_OUT %d\n", host);
+    return report(r);
+}
+
+// A kernel that waits for one launched after it on another stream: fine while both fit the SMs.
+// Each waiting CTA takes 150 KiB of shared memory, so one fits an SM.
+int concurrent_kernels(unsigned waiting_ctas) {
+    uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    CUstream other;
+    CHECK(cuStreamCreate(&other, CU_STREAM_NON_BLOCKING));
+    constexpr uint32_t kSmem = 150 << 10;
+    if (cudaFuncSetAttribute(spin_on_flag, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+        std::printf("SETUP FAILED cudaFuncSetAttribute\n");
+        return 3;
+    }
+    const dk_status_t w = dk::launch<spin_on_flag>(waiting_ctas, 32, kSmem, reinterpret_cast<cudaStream_t>(g_stream), static_cast<const uint32_t*>(flag));
+    if (w != DK_STATUS_OK) {
+        std::printf("LAUNCH %d\n", static_cast<int>(w));
+    }
+    const dk_status_t s = dk::launch<set_flag>(1, 32, 0, reinterpret_cast<cudaStream_t>(other), flag);
+    if (s != DK_STATUS_OK) {
+        std::printf("LAUNCH %d\n", static_cast<int>(s));
+    }
+    const CUresult a = sync();
+    const CUresult b = cuStreamSynchronize(other);
+    return report(a != CUDA_SUCCESS ? a : b);
+}
+
+int trap() {
+    launch<trap_in_block>(4, 64, 2);
+    return report(sync());
+}
+
+int misaligned() {
+    int* p = alloc<int>(4);
+    launch<misaligned_atomic>(1, 32, p);
+    return report(sync());
+}
+
+int unsynchronised_failure() {
+    float* p = alloc<float>(1024);
+    launch<write_at>(1, 32, p, int64_t(1024 + 7));
+    std::printf("EXITING without synchronising\n");
+    std::fflush(stdout);
+    return 0;
+}
+
+int ticket_order() {
+    int* counter = alloc<int>(1);
+    int* order = alloc<int>(256);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(counter), 0, 1));
+    launch<take_tickets>(4, 64, counter, order);
+    const CUresult r = sync();
+    std::vector<int> h(256);
+    CHECK(cuMemcpyDtoH(h.data(), reinterpret_cast<CUdeviceptr>(order), h.size() * 4));
+    unsigned long long hash = 1469598103934665603ull;
+    for (int v : h) {
+        hash = (hash ^ static_cast<unsigned>(v)) * 1099511628211ull;
+    }
+    std::printf("ORDER %llx\n", hash);
+    return report(r);
+}
+
+int launch_limits() {
+    const dk_status_t big = dk::launch<copy_words>(1, 2048, 0, reinterpret_cast<cudaStream_t>(g_stream), static_cast<const uint32_t*>(nullptr),
+                                                  static_cast<uint32_t*>(nullptr), 0);
+    const dk_status_t smem = dk::launch<copy_words>(1, 32, 64 << 10, reinterpret_cast<cudaStream_t>(g_stream),
+                                                   static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr), 0);
+    std::printf("BLOCK_2048 %d DYNAMIC_64K %d\n", static_cast<int>(big), static_cast<int>(smem));
+    return report(sync());
+}
+
+int tensor_map_rules() {
+    CUtensorMap map;
+    uint8_t* base = alloc<uint8_t>(1 << 20);
+    const cuuint64_t dims[2] = {256, 64};
+    const cuuint32_t box[2] = {128, 32};
+    const cuuint32_t estr[2] = {1, 1};
+    const auto encode = [&](void* addr, cuuint64_t stride, CUtensorMapSwizzle swz, cuuint32_t box0) {
+        const cuuint64_t strides[1] = {stride};
+        const cuuint32_t b[2] = {box0, box[1]};
+        return cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, addr, dims, strides, b, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, swz,
+                                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    };
+    std::printf("OK %s\n", name_of(encode(base, 256, CU_TENSOR_MAP_SWIZZLE_128B, 128)));
+    std::printf("MISALIGNED_ADDRESS %s\n", name_of(encode(base + 8, 256, CU_TENSOR_MAP_SWIZZLE_128B, 128)));
+    std::printf("STRIDE_NOT_16 %s\n", name_of(encode(base, 264 - 1, CU_TENSOR_MAP_SWIZZLE_128B, 128)));
+    std::printf("BOX_OVER_SWIZZLE %s\n", name_of(encode(base, 256, CU_TENSOR_MAP_SWIZZLE_64B, 128)));
+    std::printf("INNER_BOX_NOT_16 %s\n", name_of(encode(base, 256, CU_TENSOR_MAP_SWIZZLE_NONE, 24)));
+    (void)box;
+    return report(sync());
+}
+
+struct Scenario {
+    const char* name;
+    int (*run)();
+};
+
+const Scenario kScenarios[] = {
+    {"oob_write_past_guard", oob_write_past_guard},
+    {"oob_write_in_slack", oob_write_in_slack},
+    {"oob_read_before_start", oob_read_before_start},
+    {"use_after_free", use_after_free},
+    {"null_pointer", null_pointer},
+    {"fresh_memory_is_poisoned", fresh_memory_is_poisoned},
+    {"shared_oob", shared_oob},
+    {"barrier_mismatch", barrier_mismatch},
+    {"barrier_deadlock", barrier_deadlock},
+    {"partial_warp_exit", partial_warp_exit},
+    {"shuffle_exited", shuffle_exited},
+    {"warp_collectives", warp_collectives},
+    {"spin_deadlock", spin_deadlock},
+    {"timeout_fires", timeout_fires},
+    {"concurrent_kernels_fit", [] { return concurrent_kernels(64); }},
+    {"concurrent_kernels_starve", [] { return concurrent_kernels(132 * 2); }},
+    {"trap", trap},
+    {"misaligned", misaligned},
+    {"unsynchronised_failure", unsynchronised_failure},
+    {"ticket_order", ticket_order},
+    {"launch_limits", launch_limits},
+    {"tensor_map_rules", tensor_map_rules},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s <scenario>\nscenarios:", argv[0]);
+        for (const Scenario& s : kScenarios) {
+            std::fprintf(stderr, " %s", s.name);
+        }
+        std::fprintf(stderr, "\n");
+        return 2;
+    }
+    for (const Scenario& s : kScenarios) {
+        if (std::strcmp(s.name, argv[1]) == 0) {
+            setup();
+            return s.run();
+        }
+    }
+    std::fprintf(stderr, "unknown scenario %s\n", argv[1]);
+    return 2;
+}

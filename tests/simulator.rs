@@ -1,0 +1,214 @@
+//! The simulator's own checks (a simulated build only: `DEEPKERN_SIM=1`, docs/simulator.md). Each
+//! test runs one scenario of `sim/tests/selftest.cu`, a small kernel that breaks one rule or relies
+//! on one guarantee, in a process of its own, and checks what the simulator reported: the kernel,
+//! CTA, thread and source line of the offending operation, the error the host saw, and that a
+//! failed kernel fails the process. A check the simulator claims but never fires would be worse
+//! than none; these keep each one honest.
+#![cfg(deepkern_sim)]
+
+use std::process::Command;
+
+/// What one scenario printed and how it ended.
+struct Run {
+    stdout: String,
+    stderr: String,
+    status: Option<i32>,
+}
+
+fn scenario(name: &str, seed: u64) -> Run {
+    let out = Command::new(env!("DKSIM_SELFTEST"))
+        .arg(name)
+        .env("DEEPKERN_SIM_SEED", seed.to_string())
+        .env_remove("DEEPKERN_SIM_ALLOW_FAILURES")
+        .output()
+        .expect("run the simulator's self-test");
+    Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        status: out.status.code(),
+    }
+}
+
+/// A scenario whose kernel must fail with `result`, the process with 101, and whose report must
+/// hold every one of `report`.
+fn fails(name: &str, result: &str, report: &[&str]) {
+    let r = scenario(name, 7);
+    assert!(r.stdout.contains(&format!("RESULT {result}\n")), "{name}: host saw {:?}, want {result}\nstderr:\n{}", r.stdout, r.stderr);
+    for want in report.iter().chain(&["DEEPKERN_SIM_SEED=7", "simulated kernel failure"]) {
+        assert!(r.stderr.contains(want), "{name}: the report lacks {want:?}:\n{}", r.stderr);
+    }
+    assert_eq!(r.status, Some(101), "{name}: a failed kernel must fail the process\n{}", r.stderr);
+}
+
+/// A scenario that must succeed, print every one of `stdout`, and report nothing.
+fn passes(name: &str, stdout: &[&str]) -> Run {
+    let r = scenario(name, 7);
+    assert_eq!(r.status, Some(0), "{name}: exit status\nstdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    for want in stdout.iter().chain(&["RESULT CUDA_SUCCESS"]) {
+        assert!(r.stdout.contains(want), "{name}: stdout lacks {want:?}:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    }
+    assert!(!r.stderr.contains("deepkern simulator:"), "{name}: unexpected report:\n{}", r.stderr);
+    r
+}
+
+#[test]
+fn write_past_the_end_faults_at_the_instruction() {
+    fails(
+        "oob_write_past_guard",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        &[
+            "out-of-bounds global write",
+            "28 bytes past the end of device allocation #1 of 4096 bytes",
+            "write_at",
+            "CTA (0, 0, 0), thread (0, 0, 0)",
+            "selftest.cu:",
+        ],
+    );
+}
+
+#[test]
+fn write_into_the_alignment_slack_is_found_when_the_kernel_ends() {
+    fails(
+        "oob_write_in_slack",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        &["bytes 4..7 past the end of device allocation #1 of 400 bytes", "write_at"],
+    );
+}
+
+#[test]
+fn read_before_the_start_faults() {
+    fails("oob_read_before_start", "CUDA_ERROR_ILLEGAL_ADDRESS", &["out-of-bounds global read", "4 bytes before the start", "read_at"]);
+}
+
+#[test]
+fn use_after_free_is_named() {
+    fails(
+        "use_after_free",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        &["use after free: read", "12 bytes into device allocation #1", "which was freed"],
+    );
+}
+
+#[test]
+fn null_pointers_are_named() {
+    fails("null_pointer", "CUDA_ERROR_ILLEGAL_ADDRESS", &["invalid global read", "a null pointer"]);
+}
+
+#[test]
+fn fresh_memory_reads_as_poison() {
+    passes("fresh_memory_is_poisoned", &["POISONED 64 of 64"]);
+}
+
+#[test]
+fn shared_memory_outside_the_window_faults() {
+    fails("shared_oob", "CUDA_ERROR_ILLEGAL_ADDRESS", &["out-of-bounds shared write at shared address 50180", "shared_out_of_bounds"]);
+}
+
+#[test]
+fn a_barrier_declared_with_two_counts_is_refused() {
+    fails(
+        "barrier_mismatch",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        &["bar.sync 1 reached by a different set of threads than declared", "barrier_counts_differ"],
+    );
+}
+
+#[test]
+fn barriers_that_never_meet_are_a_deadlock_report() {
+    fails(
+        "barrier_deadlock",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        &[
+            "deadlock",
+            "waiting at bar.sync 1 (128 threads; 2 warps arrived)",
+            "waiting at bar.sync 2 (128 threads; 2 warps arrived)",
+            "barriers_never_meet",
+        ],
+    );
+}
+
+#[test]
+fn exited_lanes_do_not_hold_up_syncthreads() {
+    passes("partial_warp_exit", &["ARRIVED 64"]);
+}
+
+#[test]
+fn a_shuffle_naming_an_exited_lane_is_refused() {
+    let r = scenario("shuffle_exited", 7);
+    assert!(r.stderr.contains("have already exited") || r.stderr.contains("exited while lanes"), "{}", r.stderr);
+    assert!(r.stdout.contains("RESULT CUDA_ERROR_LAUNCH_FAILED") && r.status == Some(101), "{}\n{}", r.stdout, r.stderr);
+}
+
+#[test]
+fn shuffles_and_votes_follow_ptx() {
+    passes("warp_collectives", &["WRONG 0"]);
+}
+
+#[test]
+fn a_spin_nobody_ends_is_a_deadlock_report() {
+    fails(
+        "spin_deadlock",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        &["deadlock", "4 warps spinning on ld.acquire.sys", "ptx.cuh", "selftest.cu", "(spin_on_flag)", "virtual time"],
+    );
+}
+
+#[test]
+fn timeouts_fire_in_virtual_time() {
+    passes("timeout_fires", &["TIMED_OUT 1"]);
+}
+
+#[test]
+fn a_kernel_may_wait_for_a_later_one_that_fits_beside_it() {
+    passes("concurrent_kernels_fit", &[]);
+}
+
+#[test]
+fn a_kernel_waiting_for_one_with_no_room_left_is_a_deadlock() {
+    fails("concurrent_kernels_starve", "CUDA_ERROR_LAUNCH_TIMEOUT", &["deadlock", "0 of 264 CTAs done, 132 resident on SMs", "set_flag"]);
+}
+
+#[test]
+fn traps_name_the_thread() {
+    fails("trap", "CUDA_ERROR_LAUNCH_FAILED", &["__trap()", "CTA (2, 0, 0), thread (5, 0, 0)", "trap_in_block"]);
+}
+
+#[test]
+fn misaligned_atomics_are_refused() {
+    fails("misaligned", "CUDA_ERROR_MISALIGNED_ADDRESS", &["misaligned address: atomic of 4 bytes"]);
+}
+
+#[test]
+fn a_failure_nobody_waited_for_still_fails_the_process() {
+    let r = scenario("unsynchronised_failure", 7);
+    assert!(r.stderr.contains("past the end of device allocation") && r.stderr.contains("1 simulated kernel failure"), "{}", r.stderr);
+    assert_eq!(r.status, Some(101));
+}
+
+#[test]
+fn the_seed_decides_the_interleaving() {
+    let order = |seed| {
+        let r = scenario("ticket_order", seed);
+        assert_eq!(r.status, Some(0), "{}", r.stderr);
+        r.stdout.lines().find(|l| l.starts_with("ORDER ")).expect("an ORDER line").to_string()
+    };
+    assert_eq!(order(11), order(11), "one seed, two interleavings");
+    let distinct: std::collections::BTreeSet<String> = (20..26).map(order).collect();
+    assert!(distinct.len() > 1, "six seeds, one interleaving: the scheduler does not vary");
+}
+
+#[test]
+fn launch_configurations_are_checked_at_launch() {
+    // DK_STATUS_CUDA_ERROR (5) for a 2048-thread block and for 64 KiB of dynamic shared memory
+    // without the attribute, as the runtime refuses both.
+    let r = scenario("launch_limits", 7);
+    assert!(r.stdout.contains("BLOCK_2048 5 DYNAMIC_64K 5"), "{}\n{}", r.stdout, r.stderr);
+}
+
+#[test]
+fn tensor_maps_follow_the_drivers_rules() {
+    let r = passes("tensor_map_rules", &["OK CUDA_SUCCESS"]);
+    for rule in ["MISALIGNED_ADDRESS", "STRIDE_NOT_16", "BOX_OVER_SWIZZLE", "INNER_BOX_NOT_16"] {
+        assert!(r.stdout.contains(&format!("{rule} CUDA_ERROR_INVALID_VALUE")), "{rule}:\n{}", r.stdout);
+    }
+}
