@@ -44,14 +44,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = match Device::new(0).and_then(|d| d.check_supported().map(|()| d)) {
         Ok(d) => d,
         Err(e) => {
-            println!("GPU part skipped: {e}");
+            println!("{} part skipped: {e}", gpu());
             return Ok(());
         }
     };
     let stream = device.default_stream();
     let shape = GroupShape::new(RANKS, EXPERTS, HIDDEN, TOKENS, TOPK, Payload::Fp8);
     let mut group = Group::new_virtual(&stream, shape)?;
-    println!("GPU: {}; {RANKS} virtual ranks, {} MiB of symmetric buffer each", device.info().name, group.bytes_per_rank() >> 20);
+    println!("{}: {}; {RANKS} virtual ranks, {} MiB of symmetric buffer each", gpu(), device.info().name, group.bytes_per_rank() >> 20);
 
     // Each rank's tokens: bf16, quantised to e4m3 with 1x128 scales.
     let qshape = TokenGroupShape::new(TOKENS, HIDDEN);
@@ -80,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let m_indices = stream.clone_dtoh(&g.m_indices)?;
         let same = g.rows == w.rows.len() && m_indices[..g.rows] == w.expert[..];
         ok &= same;
-        println!("GPU: rank {r} received {} rows, layout {} the reference", g.rows, if same { "matches" } else { "DIFFERS from" });
+        println!("{}: rank {r} received {} rows, layout {} the reference", gpu(), g.rows, if same { "matches" } else { "DIFFERS from" });
     }
     // Identity experts: dequantise each received row to bf16 on the host and send it back.
     let mut ys = Vec::new();
@@ -107,6 +107,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let combined = worst <= 1.0 / 128.0;
-    println!("GPU: combine {} x · Σ weights (worst relative error {worst:.2e})", if combined { "returns" } else { "DOES NOT return" });
+    println!(
+        "{}: combine {} x · Σ weights (worst relative error {worst:.2e})",
+        gpu(),
+        if combined { "returns" } else { "DOES NOT return" }
+    );
     if ok && combined { Ok(()) } else { Err("GPU dispatch or combine disagrees with the reference".into()) }
+}
+
+/// "GPU", or "simulated GPU" in a simulated build (docs/simulator.md): no simulated result passes
+/// for a GPU one.
+fn gpu() -> &'static str {
+    if deepkern::simulated() { "simulated GPU" } else { "GPU" }
 }

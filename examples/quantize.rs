@@ -23,11 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = match Device::new(0).and_then(|d| d.check_supported().map(|()| d)) {
         Ok(d) => d,
         Err(e) => {
-            println!("GPU part skipped: {e}");
+            println!("{} part skipped: {e}", gpu());
             return Ok(());
         }
     };
-    println!("GPU: {} ({} SMs)", device.info().name, device.info().sm_count);
+    println!("{}: {} ({} SMs)", gpu(), device.info().name, device.info().sm_count);
     let stream = device.default_stream();
     let d_x = stream.clone_htod(&x)?;
     let mut d_q = stream.alloc_zeros::<F8E4M3>(shape.elements().unwrap())?;
@@ -38,6 +38,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let q: Vec<u8> = stream.clone_dtoh(&d_q)?.iter().map(F8E4M3::to_bits).collect();
     let sf = scales_from_tma_layout(&stream.clone_dtoh(&d_sf)?, shape.m, shape.k_blocks());
     let same = q == cpu.q && sf == cpu.scales;
-    println!("GPU result {} the CPU reference bit for bit", if same { "matches" } else { "DIFFERS from" });
+    println!("{} result {} the CPU reference bit for bit", gpu(), if same { "matches" } else { "DIFFERS from" });
     if same { Ok(()) } else { Err("GPU and CPU quantisers disagree".into()) }
+}
+
+/// "GPU", or "simulated GPU" in a simulated build (docs/simulator.md): no simulated result passes
+/// for a GPU one.
+fn gpu() -> &'static str {
+    if deepkern::simulated() { "simulated GPU" } else { "GPU" }
 }
