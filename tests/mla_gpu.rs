@@ -37,30 +37,18 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-/// Why a test does not run on the simulator yet.
-const ASYNC_UNITS: &str = "needs TMA, mbarrier and wgmma, which the simulator does not model yet";
-
 fn main() {
-    common::run_with(
-        vec![
-            ("combine_matches_reference", combine_matches_reference),
-            ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
-            ("combine_rejects_bad_input", combine_rejects_bad_input),
-            ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
-            ("decode_matches_reference", decode_matches_reference),
-            ("decode_is_deterministic", decode_is_deterministic),
-            ("decode_masks_invalid_pages", decode_masks_invalid_pages),
-            ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
-            ("decode_rejects_bad_input", decode_rejects_bad_input),
-        ],
-        &[
-            ("decode_matches_reference", ASYNC_UNITS),
-            ("decode_is_deterministic", ASYNC_UNITS),
-            ("decode_masks_invalid_pages", ASYNC_UNITS),
-            ("decode_counts_lengths_past_the_table", ASYNC_UNITS),
-            ("decode_rejects_bad_input", ASYNC_UNITS),
-        ],
-    );
+    common::run(vec![
+        ("combine_matches_reference", combine_matches_reference),
+        ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
+        ("combine_rejects_bad_input", combine_rejects_bad_input),
+        ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
+        ("decode_matches_reference", decode_matches_reference),
+        ("decode_is_deterministic", decode_is_deterministic),
+        ("decode_masks_invalid_pages", decode_masks_invalid_pages),
+        ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
+        ("decode_rejects_bad_input", decode_rejects_bad_input),
+    ]);
 }
 
 /// Random partials for `num_chunks` chunks of `rows` rows; about one chunk row in 8 saw no key.

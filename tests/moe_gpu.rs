@@ -27,23 +27,13 @@ use deepkern::{Error, F8E4M3, bf16};
 use rand::Rng;
 use rand::rngs::StdRng;
 
-/// Why a test does not run on the simulator yet.
-const ASYNC_UNITS: &str = "needs TMA, mbarrier and wgmma, which the simulator does not model yet";
-
 fn main() {
-    common::run_with(
-        vec![
-            ("layer_matches_reference", layer_matches_reference),
-            ("two_batch_is_bit_identical", two_batch_is_bit_identical),
-            ("low_latency_equals_normal", low_latency_equals_normal),
-            ("layer_rejects_bad_input", layer_rejects_bad_input),
-        ],
-        &[
-            ("layer_matches_reference", ASYNC_UNITS),
-            ("two_batch_is_bit_identical", ASYNC_UNITS),
-            ("low_latency_equals_normal", ASYNC_UNITS),
-        ],
-    );
+    common::run(vec![
+        ("layer_matches_reference", layer_matches_reference),
+        ("two_batch_is_bit_identical", two_batch_is_bit_identical),
+        ("low_latency_equals_normal", low_latency_equals_normal),
+        ("layer_rejects_bad_input", layer_rejects_bad_input),
+    ]);
 }
 
 fn err(e: impl std::fmt::Display) -> String {

@@ -130,7 +130,7 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(count) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("mbarrier.init");
+    ::dksim::mbarrier_init(bar, count);
 #else
     __trap();
 #endif
@@ -143,7 +143,7 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(bytes)
                  : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("mbarrier.arrive.expect_tx");
+    ::dksim::mbarrier_arrive_expect_tx(bar, bytes);
 #else
     __trap();
 #endif
@@ -155,7 +155,7 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("mbarrier.arrive");
+    ::dksim::mbarrier_arrive(bar);
 #else
     __trap();
 #endif
@@ -177,7 +177,7 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t
         : "memory");
     return done != 0;
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("mbarrier.try_wait.parity");
+    return ::dksim::mbarrier_try_wait_parity(bar, parity);
 #else
     __trap();
     return false;
@@ -190,7 +190,7 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("fence.mbarrier_init");
+    ::dksim::fence_mbarrier_init();
 #else
     __trap();
 #endif
@@ -202,7 +202,7 @@ __device__ __forceinline__ void fence_proxy_async_shared_cta() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("fence.proxy.async.shared::cta");
+    ::dksim::fence_proxy_async_shared();
 #else
     __trap();
 #endif
@@ -215,7 +215,7 @@ __device__ __forceinline__ void fence_proxy_async_global() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.global;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("fence.proxy.async.global");
+    ::dksim::fence_proxy_async_global();
 #else
     __trap();
 #endif
@@ -227,7 +227,7 @@ __device__ __forceinline__ void prefetch_tensormap(const void* map) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("prefetch.tensormap");
+    ::dksim::prefetch_tensormap(map);
 #else
     __trap();
 #endif
@@ -247,7 +247,7 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_global_to_shared(void* d
         "r"(y)
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("cp.async.bulk.tensor.2d (load)");
+    ::dksim::tma_load_2d(dst, map, bar, x, y);
 #else
     __trap();
 #endif
@@ -264,7 +264,7 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_shared_to_global(const v
                  "r"(y)
                  : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("cp.async.bulk.tensor.2d (store)");
+    ::dksim::tma_store_2d(map, src, x, y);
 #else
     __trap();
 #endif
@@ -276,7 +276,7 @@ __device__ __forceinline__ void cp_async_bulk_commit_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("cp.async.bulk.commit_group");
+    ::dksim::bulk_commit_group();
 #else
     __trap();
 #endif
@@ -290,7 +290,7 @@ __device__ __forceinline__ void cp_async_bulk_wait_group_read() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("cp.async.bulk.wait_group.read");
+    ::dksim::bulk_wait_group(N, true);
 #else
     __trap();
 #endif
@@ -304,7 +304,7 @@ __device__ __forceinline__ void cp_async_bulk_wait_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("cp.async.bulk.wait_group");
+    ::dksim::bulk_wait_group(N, false);
 #else
     __trap();
 #endif
@@ -316,7 +316,7 @@ __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.fence");
+    ::dksim::wgmma_fence();
 #else
     __trap();
 #endif
@@ -348,7 +348,7 @@ __device__ __forceinline__ void wgmma_commit_group() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.commit_group");
+    ::dksim::wgmma_commit_group();
 #else
     __trap();
 #endif
@@ -361,7 +361,7 @@ __device__ __forceinline__ void wgmma_wait_group() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.wait_group");
+    ::dksim::wgmma_wait_group(N);
 #else
     __trap();
 #endif
@@ -374,7 +374,7 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("setmaxnreg.inc");
+    ::dksim::setmaxnreg(true, N);
 #else
     __trap();
 #endif
@@ -384,7 +384,7 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("setmaxnreg.dec");
+    ::dksim::setmaxnreg(false, N);
 #else
     __trap();
 #endif
@@ -410,7 +410,7 @@ __device__ __forceinline__ void wgmma_m64n16k32_f32_e4m3_e4m3(float (&d)[8], uin
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n16k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 16, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -430,7 +430,7 @@ __device__ __forceinline__ void wgmma_m64n32k32_f32_e4m3_e4m3(float (&d)[16], ui
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n32k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 32, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -450,7 +450,7 @@ __device__ __forceinline__ void wgmma_m64n64k32_f32_e4m3_e4m3(float (&d)[32], ui
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n64k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 64, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -470,7 +470,7 @@ __device__ __forceinline__ void wgmma_m64n96k32_f32_e4m3_e4m3(float (&d)[48], ui
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n96k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 96, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -490,7 +490,7 @@ __device__ __forceinline__ void wgmma_m64n112k32_f32_e4m3_e4m3(float (&d)[56], u
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n112k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 112, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -510,7 +510,7 @@ __device__ __forceinline__ void wgmma_m64n128k32_f32_e4m3_e4m3(float (&d)[64], u
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n128k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 128, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -530,7 +530,7 @@ __device__ __forceinline__ void wgmma_m64n144k32_f32_e4m3_e4m3(float (&d)[72], u
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n144k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 144, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -550,7 +550,7 @@ __device__ __forceinline__ void wgmma_m64n160k32_f32_e4m3_e4m3(float (&d)[80], u
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n160k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 160, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -570,7 +570,7 @@ __device__ __forceinline__ void wgmma_m64n176k32_f32_e4m3_e4m3(float (&d)[88], u
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n176k32_f32_e4m3_e4m3)");
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 176, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -632,7 +632,7 @@ __device__ __forceinline__ void wgmma_m64n32k16_f32_bf16_bf16(float (&d)[16], ui
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n32k16_f32_bf16_bf16)");
+    ::dksim::wgmma(::dksim::MmaType::BF16, 32, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -656,7 +656,7 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_bf16_bf16_tb(float (&d)[128
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n256k16_f32_bf16_bf16_tb)");
+    ::dksim::wgmma(::dksim::MmaType::BF16, 256, true, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -680,7 +680,7 @@ __device__ __forceinline__ void wgmma_m64n32k16_f32_f16_f16(float (&d)[16], uint
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n32k16_f32_f16_f16)");
+    ::dksim::wgmma(::dksim::MmaType::F16, 32, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -704,7 +704,7 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_f16_f16_tb(float (&d)[128],
         : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
         : "memory");
 #elif defined(DEEPKERN_SIM)
-    ::dksim::unsupported("wgmma.mma_async (m64n256k16_f32_f16_f16_tb)");
+    ::dksim::wgmma(::dksim::MmaType::F16, 256, true, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif

@@ -493,6 +493,7 @@ void make_live(Cta* c) {
         const uint32_t lanes = std::min(32u, n - w * 32);
         c->warps[w].lanes = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1);
     }
+    async_init_cta(c);
     c->threads.reserve(n);
     c->running = n;
     for (uint32_t i = 0; i < n; ++i) {
@@ -554,6 +555,7 @@ void complete_kernel(Kernel* k, CUresult result) {
 void release_cta(Cta* c) {
     Engine& g = eng();
     Kernel* k = c->kernel;
+    async_drop_cta(c);
     if (c->live) {
         for (auto& t : c->threads) {
             remove_runnable(t.get());
@@ -694,6 +696,12 @@ void fail_kernel_now(Kernel* k, Failure* f, const Thread* t) {
     delete f;
 }
 
+}  // namespace
+
+void fail_kernel(Kernel* k, Failure* f) { fail_kernel_now(k, f, nullptr); }
+
+namespace {
+
 void on_thread_exit(Thread* t) {
     Engine& g = eng();
     Cta* c = t->cta;
@@ -711,6 +719,10 @@ void on_thread_exit(Thread* t) {
     }
     named_barriers_on_exit(t);
     if (c->running == 0) {
+        if (async_on_cta_exit(c, &f)) {
+            fail_kernel_now(c->kernel, f, nullptr);
+            return;
+        }
         finish_cta(c);
     }
 }
@@ -761,6 +773,11 @@ bool step() {
     }
     if (!g.parked.empty() && g.parked_progress != g.progress) {
         wake_parked();
+    }
+    // TMA transfers and wgmma operand reads happen between threads' steps, at points the seed
+    // chooses (always when no thread can run).
+    if (async_progress()) {
+        return true;
     }
     if (g.runnable.empty()) {
         return make_one_live() || g.progress != before;
@@ -825,6 +842,7 @@ void stuck(std::unique_lock<std::mutex>& lock) {
     // Another host thread may still enqueue what the device waits for.
     const auto idle = std::chrono::steady_clock::now() - g.host_activity;
     if (eng().blocking_waiters < g_host_threads.load() && idle < std::chrono::milliseconds(config().grace_ms)) {
+        if (config().verbose) { std::fprintf(stderr, "dksim: stuck, waiting for host work (%d of %d host threads wait)\n", eng().blocking_waiters, g_host_threads.load()); }
         g.gpu_cv.wait_for(lock, std::chrono::milliseconds(20));
         return;
     }
@@ -1045,6 +1063,8 @@ void deadlock() {
                         const NamedBarrier& b = c->bars[t->wait.a];
                         what << " " << t->wait.a << " (" << (b.count == 0 ? "all threads" : std::to_string(b.count) + " threads") << "; "
                              << b.warps_arrived << " warps arrived)";
+                    } else if (const std::string more = async_describe_wait(c, t->wait); !more.empty()) {
+                        what << " " << more;
                     } else if (t->wait.a != 0) {
                         what << " [" << hex(t->wait.a) << "] = " << t->wait.b;
                     }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "dksim/abi.h"
+#include "tensormap.hpp"
 
 namespace dksim {
 
@@ -223,6 +224,8 @@ struct Thread {
     uint32_t poll_streak = 0;
     uint32_t coll_result = 0;
     bool started = false;
+    int bulk_commits = 0;           // cp.async.bulk groups committed
+    bool global_proxy_fence = false;  // acquired another kernel's writes: TMA loads need fence.proxy.async.global first
 };
 
 // A warp collective (shfl, vote, syncwarp) waiting for the lanes of its mask.
@@ -254,6 +257,63 @@ struct NamedBarrier {
     void* where = nullptr;
 };
 
+// An mbarrier object (the simulator keeps its state beside shared memory, keyed by its address).
+struct MBarrier {
+    uint32_t count = 0;    // arrivals per phase
+    uint32_t pending = 0;  // arrivals still missing in the current phase
+    int64_t tx = 0;        // transaction bytes still expected in the current phase
+    uint64_t phase = 0;    // phases completed
+};
+
+// A TMA load or store in flight.
+struct AsyncCopy {
+    bool store = false;
+    TensorMap map{};
+    int32_t x = 0, y = 0;
+    uint32_t smem = 0;       // shared address of the box
+    uint32_t bar = 0;        // loads: the mbarrier they complete on
+    uint64_t bar_phase = 0;  // loads: its phase when they were issued
+    uint32_t bytes = 0;
+    uint32_t thread = 0;     // the issuing thread (linear index in the CTA)
+    int group = -1;          // stores: the issuer's bulk async-group (-1 until committed)
+    bool read = false;       // stores: shared memory read into `data`
+    std::vector<uint8_t> data;
+    void* where = nullptr;
+};
+
+// Accumulator registers a warpgroup handed to wgmma: the values the asynchronous unit holds until
+// a wait returns them to the threads' registers (`regs`, one array of n / 2 floats per thread).
+struct Accumulators {
+    int n = 0;
+    std::vector<float> v;  // [64][n]
+    float* regs[128] = {};
+    int pending = 0;       // issued operations not yet executed
+};
+
+struct MmaOp {
+    MmaType type = MmaType::E4M3;
+    int n = 0;
+    bool b_mn_major = false;
+    uint64_t desc_a = 0, desc_b = 0;
+    bool scale_d = false;
+    int group = 0;  // the warpgroup's commit count when issued
+    std::shared_ptr<Accumulators> acc;
+    void* where = nullptr;
+};
+
+// A warpgroup's wgmma state, and the rendezvous its .sync.aligned instructions meet at.
+struct Warpgroup {
+    std::deque<MmaOp> ops;  // issued, not yet executed (executed in order)
+    int commits = 0;
+    std::vector<std::shared_ptr<Accumulators>> accs;
+    int rv_kind = 0;
+    uint32_t rv_arrived = 0;
+    uint64_t rv_a = 0, rv_b = 0, rv_c = 0;
+    float* rv_regs[128] = {};
+    std::vector<Thread*> rv_waiters;
+    void* rv_where = nullptr;
+};
+
 struct Cta {
     Kernel* kernel = nullptr;
     uint3 idx{};
@@ -269,6 +329,13 @@ struct Cta {
     uint32_t window_bytes = 0;
     uint32_t static_base = 0, static_top = 0, static_end = 0, dynamic_base = 0;
     std::vector<std::pair<const void*, uint32_t>> statics;  // declaration tag -> offset
+    // Hopper's asynchronous units.
+    std::map<uint32_t, MBarrier> mbarriers;  // by shared address
+    std::vector<std::unique_ptr<AsyncCopy>> copies;
+    std::vector<Warpgroup> warpgroups;
+    std::vector<int> warp_registers;  // setmaxnreg: registers per thread of each warp
+    int free_registers = 0;           // the CTA's pool, released by setmaxnreg.dec
+    bool async_listed = false;        // in Engine::async_ctas
 };
 
 struct Kernel {
@@ -340,6 +407,7 @@ struct Engine {
     std::chrono::steady_clock::time_point host_activity;
 
     std::vector<Cta*> waiting_ctas;  // resident, not yet live
+    std::vector<Cta*> async_ctas;    // live CTAs with TMA or wgmma operations in flight
     size_t sm_cursor = 0;
     bool pump_needed = true;       // an operation was enqueued or finished: look at the streams
     int wait_values = 0;           // cuStreamWaitValue operations waiting
@@ -378,6 +446,20 @@ void wake(Thread* t);
 void poll_self(const void* addr, uint64_t value, const WaitInfo& w);
 [[noreturn]] void fail_self(Failure* f);
 void exit_self();
+
+// Hopper's asynchronous units (async_ops.cpp): progress one operation in flight (a TMA transfer,
+// or a wgmma reading its operands), chosen by the seed; false if none. When a CTA ends: fails for
+// work still in flight that would touch its shared memory (the description in *out), and finishes
+// stores that only have their global writes left.
+bool async_progress();
+// Ends kernel k with failure f (reports it), from the engine's side.
+void fail_kernel(Kernel* k, Failure* f);
+bool async_on_cta_exit(Cta* c, Failure** out);
+void async_drop_cta(Cta* c);
+// Describes what a thread waiting at an mbarrier or a warpgroup instruction waits for.
+std::string async_describe_wait(const Cta* c, const WaitInfo& w);
+// Initial register pool of a CTA that starts (setmaxnreg).
+void async_init_cta(Cta* c);
 
 // When a thread exits: the warp collectives that now cannot complete (a failure, returned in
 // *out), and the named barriers its exit completes.

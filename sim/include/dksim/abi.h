@@ -90,6 +90,35 @@ uint32_t cvta_shared(const void* p);
 // cvt.rn.satfinite.e4m3x2.f32: `hi` to bits 15..8, `lo` to bits 7..0.
 uint16_t cvt_rn_satfinite_e4m3x2(float hi, float lo);
 
+// ---- Hopper's asynchronous units (mbarrier, TMA, wgmma) and their fences --------------------------
+
+void mbarrier_init(uint64_t* bar, uint32_t count);
+void mbarrier_arrive(uint64_t* bar);
+void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes);
+bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity);
+void fence_mbarrier_init();
+void fence_proxy_async_shared();
+void fence_proxy_async_global();
+void prefetch_tensormap(const void* map);
+
+// cp.async.bulk.tensor.2d: a box of `map` at (x, y) into shared memory, completing on `bar`; and
+// the store from shared memory, in the calling thread's bulk async-group.
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y);
+void tma_store_2d(const void* map, const void* src, int32_t x, int32_t y);
+void bulk_commit_group();
+// cp.async.bulk.wait_group[.read] n.
+void bulk_wait_group(int n, bool read_only);
+
+enum class MmaType : int { E4M3, BF16, F16 };
+// wgmma.mma_async m64nNk(32 for E4M3, 16 otherwise), f32 accumulators `d` (N / 2 per thread), A
+// and B in shared memory through descriptors; B K-major, or MN-major when `b_mn_major`.
+void wgmma(MmaType type, int n, bool b_mn_major, float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d);
+void wgmma_fence();
+void wgmma_commit_group();
+void wgmma_wait_group(int n);
+// setmaxnreg.inc / .dec.
+void setmaxnreg(bool increase, uint32_t registers);
+
 }  // namespace dksim
 
 // The running simulated thread (null outside kernels).
