@@ -18,7 +18,10 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <set>
+#include <tuple>
 
+#include "layouts.hpp"
 #include "sim.hpp"
 
 namespace dksim {
@@ -108,13 +111,7 @@ uint32_t shared_addr(Cta* c, const void* p, size_t bytes, const char* what, void
 
 uint8_t* shared_ptr(Cta* c, uint32_t addr) { return reinterpret_cast<uint8_t*>(c->window->data + addr); }
 
-// The shared-memory swizzle of TMA and wgmma, on shared addresses: the 16-byte chunk index
-// (address bits 4..) XOR the 128-byte row index (bits 7..), over 1, 2 or 3 bits for a 32-, 64- or
-// 128-byte span (CuTe's Swizzle<1,4,3>, <2,4,3>, <3,4,3>).
-uint32_t swizzle(uint32_t addr, uint32_t span) {
-    const uint32_t mask = span == 128 ? 7 : (span == 64 ? 3 : (span == 32 ? 1 : 0));
-    return addr ^ (((addr >> 7) & mask) << 4);
-}
+using layouts::swizzle;
 
 uint32_t tma_span(const TensorMap& m) {
     switch (m.swizzle) {
@@ -305,30 +302,9 @@ float decode(MmaType t, const uint8_t* p) {
     return __half2float(x);
 }
 
-// Shared address of element (mn, k) of an operand tile through its matrix descriptor, as the
-// hardware decodes it: start address, leading and stride byte offsets, swizzle mode; K-major
-// (rows of `span` bytes along K, 8-row atoms SBO apart, K atoms LBO apart) or MN-major (rows of
-// `span` bytes along MN per k, 8-k atoms SBO apart, MN atoms LBO apart), swizzled on the address.
-uint32_t operand_addr(uint64_t desc, bool mn_major, int e, int mn, int k) {
-    const uint32_t start = uint32_t(desc & 0x3fff) << 4;
-    const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
-    const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
-    const uint32_t mode = uint32_t(desc >> 62);
-    const uint32_t span = mode == 1 ? 128 : (mode == 2 ? 64 : 32);
-    uint32_t a;
-    if (!mn_major) {
-        const uint32_t kb = uint32_t(k * e);
-        a = start + uint32_t(mn / 8) * sbo + uint32_t(mn % 8) * span + (kb / span) * lbo + kb % span;
-    } else {
-        const uint32_t per = span / uint32_t(e);
-        a = start + (uint32_t(mn) / per) * lbo + uint32_t(k / 8) * sbo + uint32_t(k % 8) * span + (uint32_t(mn) % per) * uint32_t(e);
-    }
-    return swizzle(a, span);
-}
-
-// Register i of thread t (0..127) of a warpgroup's m64nN accumulator: (row, column) of D.
-inline int acc_row(int t, int i) { return 16 * (t / 32) + (t % 32) / 4 + 8 * ((i >> 1) & 1); }
-inline int acc_col(int t, int i) { return 8 * (i >> 2) + 2 * (t % 4) + (i & 1); }
+using layouts::acc_col;
+using layouts::acc_row;
+using layouts::operand_addr;
 
 void scatter(Accumulators& a) {
     for (int t = 0; t < 128; ++t) {
@@ -401,6 +377,24 @@ bool execute_mma(Cta* c, Warpgroup& w) {
     --acc.pending;
     made_progress();
     return true;
+}
+
+// DEEPKERN_SIM_DESCRIPTORS=<file>: every distinct (type, N, B major, descriptor A, descriptor B)
+// a kernel issues is appended there, for the check against CuTe (sim/tests/cute_check.cpp).
+void record_descriptors(MmaType type, int n, bool b_mn_major, uint64_t desc_a, uint64_t desc_b) {
+    static const char* path = std::getenv("DEEPKERN_SIM_DESCRIPTORS");
+    if (path == nullptr || *path == 0) {
+        return;
+    }
+    static auto* seen = new std::set<std::tuple<int, int, bool, uint64_t, uint64_t>>();
+    if (!seen->emplace(int(type), n, b_mn_major, desc_a, desc_b).second) {
+        return;
+    }
+    if (FILE* f = std::fopen(path, "a"); f != nullptr) {
+        std::fprintf(f, "%d %d %d %llx %llx\n", int(type), n, b_mn_major ? 1 : 0, static_cast<unsigned long long>(desc_a),
+                     static_cast<unsigned long long>(desc_b));
+        std::fclose(f);
+    }
 }
 
 Warpgroup& warpgroup_of(Thread* t) { return t->cta->warpgroups[t->linear / 128]; }
@@ -690,6 +684,7 @@ void wgmma(MmaType type, int n, bool b_mn_major, float* d, uint64_t desc_a, uint
             }
         }
         ++acc->pending;
+        record_descriptors(type, n, b_mn_major, desc_a, desc_b);
         w.ops.push_back(MmaOp{type, n, b_mn_major, desc_a, desc_b, scale_d, w.commits, acc, at});
         list_async(me()->cta);
     });

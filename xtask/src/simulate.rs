@@ -1,9 +1,11 @@
 //! The simulated GPU suite: every GPU test binary (`tests/*_gpu.rs`) built with `DEEPKERN_SIM=1`,
 //! so that its kernels are compiled for the host and the CUDA driver is the simulator's stand-in
 //! (docs/simulator.md), then run on the simulator. This is how the GPU tests run on a machine with
-//! no GPU; what passes here passed on the simulator, not on a GPU.
+//! no GPU; what passes here passed on the simulator, not on a GPU. Every wgmma descriptor the
+//! kernels build during the run is then checked against CuTe (sim/tests/cute_check.cpp).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::toolchain::Toolchain;
 use crate::{Result, cargo, cmd, project_root};
@@ -51,11 +53,43 @@ fn first_seed() -> Result<u64> {
     }
 }
 
+/// The CUDA include directory beside nvcc (with its `cccl` folder, which CuTe needs).
+fn cuda_include(tc: &Toolchain) -> Result<PathBuf> {
+    let root = tc.nvcc.parent().and_then(Path::parent).ok_or("nvcc has no parent directory")?;
+    ["include", "targets/x86_64-linux/include", "targets/sbsa-linux/include"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.join("cuda_runtime.h").is_file())
+        .ok_or_else(|| format!("no CUDA include directory beside {}", tc.nvcc.display()))
+}
+
+/// Compiles sim/tests/cute_check.cpp against CuTe and runs it on the descriptors in `dump`.
+pub fn check_against_cute(tc: &Toolchain, dump: &Path) -> Result<()> {
+    let root = project_root();
+    let include = cuda_include(tc)?;
+    let exe = root.join(TARGET_DIR).join("cute_check");
+    let cxx = std::env::var_os("CXX").filter(|v| !v.is_empty()).unwrap_or_else(|| "c++".into());
+    cmd::run(
+        Command::new(cxx)
+            .args(["-std=c++17", "-O2", "-w"])
+            .arg(format!("-I{}", tc.cutlass_include.display()))
+            .arg(format!("-I{}", include.join("cccl").display()))
+            .arg(format!("-I{}", include.display()))
+            .arg(format!("-I{}", root.join("sim/src").display()))
+            .arg(root.join("sim/tests/cute_check.cpp"))
+            .arg("-o")
+            .arg(&exe),
+    )?;
+    cmd::run(Command::new(&exe).arg(dump)).map_err(|e| format!("{e}\n(the simulator disagrees with CuTe: see the MISMATCH lines above)"))
+}
+
 /// Builds the simulated suite and runs it once per seed; `test_args` go to every test binary.
 pub fn run(tc: &Toolchain, test_args: &[String]) -> Result<()> {
     let root = project_root();
     let targets = gpu_test_targets(&root)?;
     let (runs, seed) = (runs()?, first_seed()?);
+    let dump = root.join(TARGET_DIR).join("wgmma-descriptors.txt");
+    let _ = std::fs::remove_file(&dump);
     for i in 0..runs {
         let seed = seed.wrapping_add(i);
         eprintln!();
@@ -75,7 +109,14 @@ pub fn run(tc: &Toolchain, test_args: &[String]) -> Result<()> {
         }
         // Required: a test that found no device would fail, never be skipped.
         c.env("DEEPKERN_SIM", "1").env("DEEPKERN_REQUIRE_GPU", "1").env("DEEPKERN_SIM_SEED", seed.to_string());
+        c.env("DEEPKERN_SIM_DESCRIPTORS", &dump);
         cmd::run(&mut c).map_err(|e| format!("{e}\n(simulated GPU suite, DEEPKERN_SIM_SEED={seed})"))?;
+    }
+    // Only when the GEMM and MLA tests ran (a filter may have left them out).
+    if dump.is_file() {
+        eprintln!();
+        eprintln!("== the simulator's layouts against CuTe");
+        check_against_cute(tc, &dump)?;
     }
     eprintln!("simulated GPU suite passed with {runs} seed(s), on the simulator (not a GPU run)");
     Ok(())

@@ -1,6 +1,7 @@
 //! Finding, and where missing installing, what the build and the checks need: CUDA 13.0's nvcc
 //! (PyPI wheels, into the ignored `.toolchain/`), cuobjdump and nvdisasm 13.2+ (older ones cannot
-//! read 13.0 cubins), and libclang for the bindings drift test.
+//! read 13.0 cubins), libclang for the bindings drift test, and CUTLASS's CuTe headers (PyPI) for
+//! the simulator's check against CuTe.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,11 @@ pub const TOOL_PACKAGES: [&str; 2] = ["nvidia-cuda-cuobjdump>=13.2", "nvidia-cud
 /// Where the wheels go, relative to the project root, and their bin folders.
 pub const LOCAL_CUDA: &str = ".toolchain/cuda";
 pub const LOCAL_TOOLS: &str = ".toolchain/tools";
+/// CUTLASS (header-only CuTe inside), pinned, without its Python dependencies.
+pub const CUTLASS_PACKAGE: &str = "nvidia-cutlass==4.2.0.0";
+pub const LOCAL_CUTLASS: &str = ".toolchain/cutlass";
+/// Where the wheel keeps the C++ headers.
+const CUTLASS_INCLUDE: &str = "cutlass_library/source/include";
 const WHEEL_BIN: &str = "nvidia/cu13/bin";
 /// Oldest cuobjdump/nvdisasm that reads CUDA 13.0 cubins.
 const MIN_TOOLS: (u32, u32) = (13, 2);
@@ -33,6 +39,8 @@ pub struct Toolchain {
     pub cuobjdump: PathBuf,
     pub nvdisasm: PathBuf,
     pub libclang: bool,
+    /// The CuTe/CUTLASS include directory (`cute/tensor.hpp` inside).
+    pub cutlass_include: PathBuf,
 }
 
 impl Toolchain {
@@ -103,19 +111,15 @@ pub fn find_tools(root: &Path) -> Option<(PathBuf, PathBuf)> {
 }
 
 fn pip_install(target: &Path, packages: &[&str]) -> Result<()> {
+    pip_install_with(target, packages, &[])
+}
+
+fn pip_install_with(target: &Path, packages: &[&str], extra: &[&str]) -> Result<()> {
     cmd::run(
         Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--no-cache-dir",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-                "-q",
-                "--upgrade",
-                "--target",
-            ])
+            .args(["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check", "--root-user-action=ignore", "-q", "--upgrade"])
+            .args(extra)
+            .arg("--target")
             .arg(target)
             .args(packages),
     )
@@ -189,7 +193,15 @@ pub fn setup(root: &Path) -> Result<Toolchain> {
             eprintln!("warning: no libclang; the bindings drift test will be reported as ignored");
         }
     }
-    let tc = Toolchain { nvcc, nvcc_release, cuobjdump, nvdisasm, libclang };
+    let cutlass_include = root.join(LOCAL_CUTLASS).join(CUTLASS_INCLUDE);
+    if !cutlass_include.join("cute/tensor.hpp").is_file() {
+        eprintln!("no CuTe headers in {LOCAL_CUTLASS}/: installing {CUTLASS_PACKAGE} (headers only) from PyPI");
+        pip_install_with(&root.join(LOCAL_CUTLASS), &[CUTLASS_PACKAGE], &["--no-deps"])?;
+        if !cutlass_include.join("cute/tensor.hpp").is_file() {
+            return Err(format!("{} has no cute/tensor.hpp after installing {CUTLASS_PACKAGE}", cutlass_include.display()));
+        }
+    }
+    let tc = Toolchain { nvcc, nvcc_release, cuobjdump, nvdisasm, libclang, cutlass_include };
     eprintln!(
         "toolchain: nvcc {} (CUDA {}.{}), cuobjdump {}, libclang {}",
         tc.nvcc.display(),
