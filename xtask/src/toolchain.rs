@@ -174,6 +174,11 @@ fn setup_nvcc(root: &Path) -> Result<(PathBuf, (u32, u32))> {
     Ok((nvcc, rel))
 }
 
+/// Where `setup` puts the CuTe/CUTLASS headers (which may not be there yet).
+pub fn cutlass_include(root: &Path) -> PathBuf {
+    root.join(LOCAL_CUTLASS).join(CUTLASS_INCLUDE)
+}
+
 /// Finds everything, installing what is missing; fast and silent-ish when all is present.
 pub fn setup(root: &Path) -> Result<Toolchain> {
     let (nvcc, nvcc_release) = setup_nvcc(root)?;
@@ -193,7 +198,7 @@ pub fn setup(root: &Path) -> Result<Toolchain> {
             eprintln!("warning: no libclang; the bindings drift test will be reported as ignored");
         }
     }
-    let cutlass_include = root.join(LOCAL_CUTLASS).join(CUTLASS_INCLUDE);
+    let cutlass_include = cutlass_include(root);
     if !cutlass_include.join("cute/tensor.hpp").is_file() {
         eprintln!("no CuTe headers in {LOCAL_CUTLASS}/: installing {CUTLASS_PACKAGE} (headers only) from PyPI");
         pip_install_with(&root.join(LOCAL_CUTLASS), &[CUTLASS_PACKAGE], &["--no-deps"])?;

@@ -20,7 +20,7 @@ fn tools() -> Result<Toolchain, String> {
     let nvcc = toolchain::find_nvcc(&root)?.ok_or("nvcc not found (run `cargo xtask setup`)")?;
     let (cuobjdump, nvdisasm) = toolchain::find_tools(&root).ok_or("cuobjdump/nvdisasm 13.2+ not found (run `cargo xtask setup`)")?;
     let nvcc_release = toolchain::release(&nvcc).ok_or("nvcc reports no release")?;
-    Ok(Toolchain { nvcc, nvcc_release, cuobjdump, nvdisasm, libclang: false })
+    Ok(Toolchain { nvcc, nvcc_release, cuobjdump, nvdisasm, libclang: false, cutlass_include: toolchain::cutlass_include(&root) })
 }
 
 /// Compiles the probe as build.rs compiles a unit, writing nvcc's ptxas report to the log.
