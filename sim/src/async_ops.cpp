@@ -11,6 +11,7 @@
 //   request (DEEPKERN_SIM_FP8_ACCUMULATOR=reduced);
 // - setmaxnreg against the CTA's register pool; the proxy fences.
 #include <cuda_fp16.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <array>
@@ -109,7 +110,66 @@ uint32_t shared_addr(Cta* c, const void* p, size_t bytes, const char* what, void
     return static_cast<uint32_t>(a - c->window->data);
 }
 
-uint8_t* shared_ptr(Cta* c, uint32_t addr) { return reinterpret_cast<uint8_t*>(c->window->data + addr); }
+// The simulator's own view of shared memory (the alias mapping: never protected).
+uint8_t* shared_ptr(Cta* c, uint32_t addr) { return reinterpret_cast<uint8_t*>(c->window->alias + addr); }
+
+// From a CTA's first use of the async proxy on, its generic writes to shared memory are tracked
+// (memcheck.cpp records each one; fence.proxy.async.shared::cta clears them).
+void protect_window(Cta* c) {
+    const uintptr_t page = page_bytes();
+    const uintptr_t from = c->window->data & ~(page - 1);
+    const uintptr_t to = (c->window->data + c->window_bytes + page - 1) & ~(page - 1);
+    mprotect(reinterpret_cast<void*>(from), to - from, PROT_READ);
+}
+
+void arm_proxy(Cta* c) {
+    if (!c->proxy_armed) {
+        c->proxy_armed = true;
+        protect_window(c);
+    }
+}
+
+// Closes every page generic writes opened: they are ordered before later async-proxy reads now.
+void close_proxy_pages(Cta* c) {
+    for (auto& [page, snapshot] : c->proxy_open) {
+        mprotect(reinterpret_cast<void*>(page), page_bytes(), PROT_READ);
+    }
+    c->proxy_open.clear();
+}
+
+// Whether generic-proxy writes since the last fence changed bytes of [addr, addr + bytes); the
+// first such shared address in *first.
+bool proxy_dirty(const Cta* c, uint32_t addr, uint32_t bytes, uint32_t* first) {
+    if (c->proxy_open.empty()) {
+        return false;
+    }
+    const uintptr_t page_size = page_bytes();
+    for (uint32_t i = 0; i < bytes; ++i) {
+        const uintptr_t k = c->window->data + addr + i;
+        auto it = c->proxy_open.find(k & ~(page_size - 1));
+        if (it != c->proxy_open.end() && it->second[k & (page_size - 1)] != *reinterpret_cast<const uint8_t*>(k)) {
+            *first = addr + i;
+            return true;
+        }
+    }
+    return false;
+}
+
+// The simulator's own (async-proxy) write of shared memory: through the alias, mirrored into the
+// snapshot of an open page so that it does not read as a generic write.
+void async_write(Cta* c, uint32_t addr, const void* src, size_t bytes) {
+    std::memcpy(shared_ptr(c, addr), src, bytes);
+    if (!c->proxy_open.empty()) {
+        const uintptr_t page_size = page_bytes();
+        for (size_t i = 0; i < bytes; ++i) {
+            const uintptr_t k = c->window->data + addr + i;
+            auto it = c->proxy_open.find(k & ~(page_size - 1));
+            if (it != c->proxy_open.end()) {
+                it->second[k & (page_size - 1)] = static_cast<const uint8_t*>(src)[i];
+            }
+        }
+    }
+}
 
 using layouts::swizzle;
 
@@ -200,14 +260,13 @@ void finish_load(Cta* c, const AsyncCopy& op) {
                        bytes, reinterpret_cast<void*>(r.addr));
             return;
         }
-        const uint8_t fill = m.oob_nan ? 0xff : 0x00;
+        const uint8_t fill[8] = {0, 0, 0, 0, 0, 0, 0, 0}, nan_fill[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
         for (uint32_t col = 0; col < m.box[0]; ++col) {
             const uint32_t at = swizzle(op.smem + uint32_t(j) * inner + col * e, span);
-            uint8_t* dst = shared_ptr(c, at);
             if (int64_t(col) >= r.c0 && int64_t(col) < r.c1) {
-                std::memcpy(dst, reinterpret_cast<const void*>(r.addr + (col - r.c0) * e), e);
+                async_write(c, at, reinterpret_cast<const void*>(r.addr + (col - r.c0) * e), e);
             } else {
-                std::memset(dst, fill, e);
+                async_write(c, at, m.oob_nan ? nan_fill : fill, e);
             }
         }
     }
@@ -233,9 +292,17 @@ void finish_load(Cta* c, const AsyncCopy& op) {
     complete_phase_if_done(b);
 }
 
-void read_store(Cta* c, AsyncCopy& op) {
+bool read_store(Cta* c, AsyncCopy& op) {
     const TensorMap& m = op.map;
     const uint32_t e = m.elem_bytes, inner = m.box[0] * e, span = tma_span(m);
+    uint32_t dirty = 0;
+    if (proxy_dirty(c, op.smem, op.bytes, &dirty)) {
+        fail_async(c, op.where,
+                   "a TMA store reads shared memory (shared address %u) that generic-proxy writes changed with no "
+                   "fence.proxy.async.shared::cta since: the async proxy may not see them",
+                   dirty);
+        return false;
+    }
     op.data.resize(op.bytes);
     for (int j = 0; j < m.box[1]; ++j) {
         for (uint32_t col = 0; col < m.box[0]; ++col) {
@@ -243,6 +310,7 @@ void read_store(Cta* c, AsyncCopy& op) {
         }
     }
     op.read = true;
+    return true;
 }
 
 bool write_store(Cta* c, const AsyncCopy& op) {
@@ -334,6 +402,14 @@ bool execute_mma(Cta* c, Warpgroup& w) {
         if (addr + uint32_t(e) > c->window_bytes) {
             fail_async(c, op.where, "wgmma operand outside the CTA's shared memory: element (%d, %d) of descriptor %#llx at shared address %u", mn,
                        k, static_cast<unsigned long long>(desc), addr);
+            return false;
+        }
+        uint32_t dirty = 0;
+        if (proxy_dirty(c, addr, uint32_t(e), &dirty)) {
+            fail_async(c, op.where,
+                       "wgmma reads shared memory (shared address %u, descriptor %#llx) that generic-proxy writes changed with no "
+                       "fence.proxy.async.shared::cta since: the async proxy may not see them",
+                       dirty, static_cast<unsigned long long>(desc));
             return false;
         }
         *out = decode(op.type, shared_ptr(c, addr));
@@ -530,7 +606,10 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
 
 void fence_mbarrier_init() { yield_maybe(); }
 
-void fence_proxy_async_shared() { yield_maybe(); }
+void fence_proxy_async_shared() {
+    close_proxy_pages(me()->cta);
+    yield_maybe();
+}
 
 void fence_proxy_async_global() {
     me()->global_proxy_fence = false;
@@ -562,6 +641,7 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y
     }
     MBarrier& b = barrier(c, bar, "cp.async.bulk.tensor (load)", at, &op->bar);
     op->bar_phase = b.phase;
+    arm_proxy(c);
     op->thread = t->linear;
     op->where = at;
     c->copies.push_back(std::move(op));
@@ -587,6 +667,7 @@ void tma_store_2d(const void* map, const void* src, int32_t x, int32_t y) {
     }
     op->thread = t->linear;
     op->where = at;
+    arm_proxy(c);
     c->copies.push_back(std::move(op));
     list_async(c);
     made_progress();
@@ -685,6 +766,7 @@ void wgmma(MmaType type, int n, bool b_mn_major, float* d, uint64_t desc_a, uint
         }
         ++acc->pending;
         record_descriptors(type, n, b_mn_major, desc_a, desc_b);
+        arm_proxy(me()->cta);
         w.ops.push_back(MmaOp{type, n, b_mn_major, desc_a, desc_b, scale_d, w.commits, acc, at});
         list_async(me()->cta);
     });

@@ -480,7 +480,7 @@ void make_live(Cta* c) {
     c->static_end = c->static_base + static_bytes;
     c->dynamic_base = (c->static_end + 15u) & ~15u;
     c->window_bytes = c->dynamic_base + k->dynamic_smem;
-    c->window = mem_map(MemKind::Shared, c->window_bytes, 1024);
+    c->window = mem_map_shared(c->window_bytes);
     if (config().poison >= 0) {
         std::memset(reinterpret_cast<void*>(c->window->data), config().poison, c->window_bytes);
     }

@@ -4,6 +4,7 @@
 // CUDA_ERROR_ILLEGAL_ADDRESS, as the GPU would. Faults outside simulated threads go to whatever
 // handler the program had before.
 #include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -76,6 +77,24 @@ std::string describe_access(uintptr_t addr, bool write, bool known_rw) {
     return "invalid access";
 }
 
+// A generic write to the shared memory of a CTA whose proxy use is tracked: the page opens (a
+// snapshot of it is kept, it becomes writable) and the write happens; see Cta::proxy_open.
+bool tracked_write(Thread* t, siginfo_t* si) {
+    Cta* c = t->cta;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(si->si_addr);
+    if (si->si_code != SEGV_ACCERR || !c->proxy_armed || a < c->window->data || a >= c->window->data + c->window_bytes) {
+        return false;
+    }
+    const uintptr_t page = a & ~(uintptr_t(page_bytes()) - 1);
+    if (c->proxy_open.count(page) != 0) {
+        return false;  // already writable: not a tracking fault
+    }
+    const auto* p = reinterpret_cast<const uint8_t*>(page);
+    c->proxy_open.emplace(page, std::vector<uint8_t>(p, p + page_bytes()));
+    mprotect(reinterpret_cast<void*>(page), page_bytes(), PROT_READ | PROT_WRITE);
+    return true;
+}
+
 void on_fault(int sig, siginfo_t* si, void* ucv) {
     Engine& g = eng();
     Thread* t = g.running;
@@ -84,6 +103,9 @@ void on_fault(int sig, siginfo_t* si, void* ucv) {
         return;
     }
     auto* uc = static_cast<ucontext_t*>(ucv);
+    if (sig == SIGSEGV && tracked_write(t, si)) {
+        return;
+    }
     uintptr_t pc = 0;
     bool write = false, known_rw = false;
 #if defined(__x86_64__)

@@ -152,8 +152,51 @@ const Region* mem_find_mapping(uintptr_t p) {
 
 Region* mem_map(MemKind kind, size_t bytes, size_t align) { return map_region(kind, bytes, align); }
 
+size_t page_bytes() { return page_size(); }
+
+Region* mem_map_shared(size_t bytes) {
+    const size_t page = page_size();
+    const size_t span = round_up(bytes == 0 ? 1 : bytes, 1024);
+    const size_t body = round_up(span, page);
+    const size_t len = body + 2 * page;
+    void* m = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        return nullptr;
+    }
+    const uintptr_t start = reinterpret_cast<uintptr_t>(m);
+    const int fd = memfd_create("dksim-shared", MFD_CLOEXEC);
+    void* alias = MAP_FAILED;
+    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(body)) == 0 &&
+        mmap(reinterpret_cast<void*>(start + page), body, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) != MAP_FAILED) {
+        alias = mmap(nullptr, body, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    if (alias == MAP_FAILED) {
+        munmap(m, len);
+        return nullptr;
+    }
+    auto* r = new Region{};
+    r->kind = MemKind::Shared;
+    r->map_start = start;
+    r->map_len = len;
+    r->data = start + page + body - span;
+    r->size = bytes;
+    r->span = span;
+    r->serial = ++g_serial;
+    r->alias_map = reinterpret_cast<uintptr_t>(alias);
+    r->alias_len = body;
+    r->alias = r->alias_map + (r->data - (start + page));
+    regions()[start] = r;
+    return r;
+}
+
 void mem_release(Region* r) {
     if (r != nullptr) {
+        if (r->alias_map != 0) {
+            munmap(reinterpret_cast<void*>(r->alias_map), r->alias_len);
+        }
         unmap_region(r);
     }
 }

@@ -71,6 +71,11 @@ struct Region {
     size_t span = 0;      // bytes from data to the back guard (size rounded up)
     bool freed = false;
     uint64_t serial = 0;  // allocation number, for reports
+    // Shared windows: a second mapping of the same memory, always writable, through which the
+    // simulator's own units (TMA) write, so they never trip the proxy tracking's protection.
+    uintptr_t alias = 0;  // the data's address in that mapping
+    uintptr_t alias_map = 0;
+    size_t alias_len = 0;
 };
 
 // Device and host allocations (cuMemAlloc, cuMemHostAlloc).
@@ -83,7 +88,10 @@ const Region* mem_find_mapping(uintptr_t p);
 // A fresh mapping for a CTA's shared window or a thread's stack; not in the allocation map's
 // device view. Released with mem_release.
 Region* mem_map(MemKind kind, size_t bytes, size_t align);
+// A CTA's shared window: 1024-aligned, ending at a guard page, with an alias mapping (Region::alias).
+Region* mem_map_shared(size_t bytes);
 void mem_release(Region* r);
+size_t page_bytes();
 size_t mem_in_use();
 // Device allocations whose alignment slack (the bytes past the end up to the next 256 bytes, and
 // before the start inside its first page: no guard page can catch those) no longer holds the
@@ -336,6 +344,13 @@ struct Cta {
     std::vector<int> warp_registers;  // setmaxnreg: registers per thread of each warp
     int free_registers = 0;           // the CTA's pool, released by setmaxnreg.dec
     bool async_listed = false;        // in Engine::async_ctas
+    // Proxy tracking, from the CTA's first use of the async proxy (TMA, wgmma): its window is
+    // read-only to kernel code; the first generic write to a page after a
+    // fence.proxy.async.shared::cta opens it (a snapshot is kept, the page made writable), and a
+    // TMA store or wgmma reading bytes of an open page that differ from the snapshot reads
+    // generic-proxy writes no fence ordered: a failure. A fence closes every open page.
+    bool proxy_armed = false;
+    std::map<uintptr_t, std::vector<uint8_t>> proxy_open;  // kernel-view page -> its contents when opened
 };
 
 struct Kernel {

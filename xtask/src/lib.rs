@@ -5,6 +5,7 @@ pub mod bindings;
 pub mod bundle;
 pub mod cargo;
 pub mod cmd;
+pub mod mutants;
 pub mod report;
 pub mod sass;
 pub mod simulate;

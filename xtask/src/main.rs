@@ -3,7 +3,7 @@
 use std::process::{Command, ExitCode};
 
 use xtask::toolchain::{self, Toolchain};
-use xtask::{Result, bundle, cargo, cmd, project_root, report, sass, simulate};
+use xtask::{Result, bundle, cargo, cmd, mutants, project_root, report, sass, simulate};
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task> [args]
@@ -13,6 +13,8 @@ fn usage() -> &'static str {
             DEEPKERN_SIM=1) the GPU tests on the simulator; args after `--` go to every test
             binary, DEEPKERN_SIM_RUNS=n runs the simulated suite with n seeds
   sim       only the simulated GPU suite (args after `--` go to every test binary)
+  mutants   seeded kernel bugs, each applied to a scratch copy and run on the simulated tests
+            that should catch it; prints which test killed each (`mutants <substring>`: some)
   sass      every kernel: no spills, no stack frame, declared SASS instructions present
   bench     setup, `cargo bench -p deepkern [args]` (GPU benches skip without a GPU), then
             report if bench-results/ has results
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         "setup" => setup().map(|_| ()),
         "test" => test(rest),
         "sass" => setup().and_then(|tc| sass::run(&tc)),
+        "mutants" => setup().and_then(|tc| mutants::run(&tc, rest.first().map(String::as_str))),
         "sim" => setup().and_then(|tc| simulate::run(&tc, rest.iter().position(|a| a == "--").map(|i| &rest[i + 1..]).unwrap_or(rest))),
         "bench" => bench(rest),
         "bundle" => setup().and_then(|tc| bundle::run(&tc)).map(|_| ()),

@@ -1,0 +1,301 @@
+//! `cargo xtask mutants`: how well the simulated tests catch the bugs these kernels are most
+//! likely to hide. Each mutant below is one seeded bug; it is applied to a scratch copy of the
+//! project, the simulator build is rebuilt, and the tests named for it run on the simulator. A
+//! mutant is killed when one of them fails (a wrong result, or the simulator's report: an
+//! unexpected transaction count, a generic-proxy write read without a fence, a deadlock, ...).
+//! The table says which test killed each, or "survived"; survivors are listed in
+//! docs/simulator.md with the reason.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::toolchain::Toolchain;
+use crate::{Result, cargo, cmd, project_root, simulate};
+
+/// One seeded bug: text replacements in one file (each `find` must occur exactly as often as
+/// `count` says), the tests that should catch it (binary, exact test name), extra environment.
+pub struct Mutant {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub edits: &'static [(&'static str, &'static str, usize)],
+    pub tests: &'static [(&'static str, &'static str)],
+    pub env: &'static [(&'static str, &'static str)],
+}
+
+const GEMM: &str = "csrc/gemm/fp8_kernel.cuh";
+const MLA: &str = "csrc/mla/decode.cu";
+const EP: &str = "csrc/ep/a2a.cu";
+
+/// The twelve, then ours.
+pub const MUTANTS: &[Mutant] = &[
+    Mutant {
+        name: "wgmma descriptor with swizzle mode 64 B instead of 128 B",
+        file: GEMM,
+        edits: &[("desc |= uint64_t(1) << 62;              // layout: 128-byte swizzle", "desc |= uint64_t(2) << 62;", 1)],
+        tests: &[("gemm_gpu", "exact_small_integers")],
+        env: &[],
+    },
+    Mutant {
+        name: "LBO and SBO swapped in the MN-major V descriptor",
+        file: MLA,
+        edits: &[(
+            "const uint64_t db = smem_desc_sw128(kv + (4 * wg) * kBoxBytes + kk * 16 * 128, kBoxBytes);",
+            "const uint64_t db = (smem_desc_sw128(kv + (4 * wg) * kBoxBytes + kk * 16 * 128, 1024) & ~(uint64_t(0x3fff) << 32)) | (uint64_t(kBoxBytes >> 4) << 32);",
+            1,
+        )],
+        tests: &[("mla_gpu", "decode_matches_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "expect_tx one box short",
+        file: GEMM,
+        edits: &[("kTileABytes + kTileBBytes + kSfaBytes);", "kTileABytes + kTileBBytes);", 1)],
+        tests: &[("gemm_gpu", "exact_small_integers")],
+        env: &[],
+    },
+    Mutant {
+        name: "a consumer skipping the full-barrier wait before its wgmma",
+        file: GEMM,
+        edits: &[("            wait(&s_full[i], ps.phase);\n", "", 1)],
+        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
+        env: &[],
+    },
+    Mutant {
+        name: "missing fence.proxy.async before the TMA store of the staged D tile",
+        file: GEMM,
+        edits: &[("                ptx::fence_proxy_async_shared_cta();\n                ptx::bar_sync(1, kConsumers);\n                if (issuer) {", "                ptx::bar_sync(1, kConsumers);\n                if (issuer) {", 1)],
+        tests: &[("gemm_gpu", "every_compiled_tile")],
+        env: &[],
+    },
+    Mutant {
+        name: "off-by-one in the persistent tile walk: the last tile is skipped",
+        file: GEMM,
+        edits: &[("tile < tiles; tile += gridDim.x", "tile < tiles - 1; tile += gridDim.x", 2)],
+        tests: &[("gemm_gpu", "exact_small_integers")],
+        env: &[],
+    },
+    Mutant {
+        name: "epilogue column mapping using l % 4 without the factor 2",
+        file: GEMM,
+        edits: &[("const int col = t.n0 + 8 * j + 2 * (lane % 4);", "const int col = t.n0 + 8 * j + (lane % 4);", 1)],
+        tests: &[("gemm_gpu", "exact_small_integers")],
+        env: &[],
+    },
+    Mutant {
+        name: "the second warpgroup reading the first warpgroup's A rows",
+        file: GEMM,
+        edits: &[("s_a + i * kTileABytes + math_wg * 64 * kBlockK + kk * kWgmmaK", "s_a + i * kTileABytes + kk * kWgmmaK", 1)],
+        tests: &[("gemm_gpu", "exact_small_integers")],
+        env: &[],
+    },
+    Mutant {
+        name: "MLA online-softmax rescale using the new max for both factors",
+        file: MLA,
+        edits: &[("scale_o[h] = exp2f(m_run[h] - m_use);", "scale_o[h] = exp2f(m_use - m_use);", 1)],
+        tests: &[("mla_gpu", "decode_matches_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "a release store on an EP signal weakened to relaxed",
+        file: EP,
+        edits: &[("ptx::st_release_sys_global_u32(flag, g.epoch);", "*reinterpret_cast<volatile uint32_t*>(flag) = g.epoch;", 1)],
+        tests: &[("ep_gpu", "dispatch_combine_match_reference"), ("ep_gpu", "low_latency_matches_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "combine applying the router weight twice",
+        file: EP,
+        edits: &[("= __fmaf_rn(w, bf16_bits_to_float(", "= __fmaf_rn(w * w, bf16_bits_to_float(", 2)],
+        tests: &[("ep_gpu", "identity_experts_combine_to_weighted_x"), ("ep_gpu", "dispatch_combine_match_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "the GEMM without its per-128-K promotion (all of K in the wgmma accumulator), reduced-precision FP8 accumulation",
+        file: GEMM,
+        edits: &[("(acc, desc_a, desc_b, kk > 0);", "(acc, desc_a, desc_b, kk > 0 || kb > 0);", 1), ("] += acc[", "] = acc[", 4)],
+        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
+        env: &[("DEEPKERN_SIM_FP8_ACCUMULATOR", "reduced")],
+    },
+    Mutant {
+        name: "a consumer releasing its stage before its wgmma read it (arrive before wgmma.wait_group)",
+        file: GEMM,
+        edits: &[(
+            "            ptx::wgmma_commit_group();\n            ptx::fence_operands(acc);\n            ptx::wgmma_wait_group<0>();\n            ptx::fence_operands(acc);\n            __syncwarp();\n            if (lane == 0) {\n                ptx::mbarrier_arrive(&s_empty[i]);\n            }\n",
+            "            ptx::wgmma_commit_group();\n            __syncwarp();\n            if (lane == 0) {\n                ptx::mbarrier_arrive(&s_empty[i]);\n            }\n            ptx::fence_operands(acc);\n            ptx::wgmma_wait_group<0>();\n            ptx::fence_operands(acc);\n",
+            1,
+        )],
+        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
+        env: &[],
+    },
+    Mutant {
+        name: "MLA without fence.proxy.async between writing P and the P·V wgmma",
+        file: MLA,
+        edits: &[("            ptx::fence_proxy_async_shared_cta();\n            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256", "            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256", 1)],
+        tests: &[("mla_gpu", "decode_matches_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "MLA reading the second stage's tile from the first stage",
+        file: MLA,
+        edits: &[("uint8_t* kv = s_kv + stage * kBoxes * kBoxBytes;", "uint8_t* kv = s_kv;", 1)],
+        tests: &[("mla_gpu", "decode_matches_reference")],
+        env: &[],
+    },
+    Mutant {
+        name: "EP dispatch receive not waiting for the senders' signal",
+        file: EP,
+        edits: &[("    wait_all(g, DK_EP_SIGNAL_DISPATCH);\n", "", 1)],
+        tests: &[("ep_gpu", "dispatch_combine_match_reference"), ("moe_gpu", "two_batch_is_bit_identical")],
+        env: &[],
+    },
+    Mutant {
+        name: "quantiser taking the amax over half of each 128-group",
+        file: "csrc/quant/recipe.cuh",
+        edits: &[("for (int offset = 8; offset > 0; offset /= 2) {", "for (int offset = 4; offset > 0; offset /= 2) {", 1)],
+        tests: &[("quant_gpu", "random_f32_scales")],
+        env: &[],
+    },
+];
+
+/// Where the scratch copy and its build live.
+const SCRATCH: &str = "target/mutants";
+
+/// Copies the tracked files of the project into `dst` (fresh).
+fn copy_project(root: &Path, dst: &Path) -> Result<()> {
+    let _ = fs::remove_dir_all(dst);
+    let files = cmd::output(Command::new("git").current_dir(root).args(["ls-files", "-z"]))?;
+    for f in files.split('\0').filter(|f| !f.is_empty()) {
+        let (from, to) = (root.join(f), dst.join(f));
+        if !from.is_file() {
+            continue;
+        }
+        fs::create_dir_all(to.parent().unwrap()).map_err(|e| e.to_string())?;
+        fs::copy(&from, &to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+    }
+    Ok(())
+}
+
+/// The simulated test executables (target name -> path), building them in `work`.
+fn build(tc: &Toolchain, work: &Path, target_dir: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+    let mut c = cargo::cargo(tc);
+    c.current_dir(work);
+    c.args(["test", "-p", "deepkern", "--no-run", "--profile", simulate::PROFILE, "--target-dir"]).arg(target_dir);
+    for t in targets {
+        c.args(["--test", t]);
+    }
+    c.env("DEEPKERN_SIM", "1").env("DEEPKERN_SIM_REUSE_PTXAS", "1");
+    let msgs = cargo::messages(c)?;
+    Ok(msgs
+        .iter()
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "test")
+        .filter_map(|m| Some((m["target"]["name"].as_str()?.to_string(), PathBuf::from(m["executable"].as_str()?))))
+        .collect::<Vec<_>>())
+}
+
+/// Runs one test on the simulator; true if it passed.
+fn passes(exes: &[(String, PathBuf)], binary: &str, test: &str, env: &[(&str, &str)]) -> Result<bool> {
+    let exe = exes.iter().find(|(n, _)| n == binary).map(|(_, p)| p).ok_or_else(|| format!("no test binary {binary}"))?;
+    let mut c = Command::new("timeout");
+    c.arg("900").arg(exe).args([test, "--exact"]);
+    c.env("DEEPKERN_SIM_SEED", "1").env("DEEPKERN_SEED", "1").env("DEEPKERN_REQUIRE_GPU", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && !text.contains(" 1 passed") {
+        return Err(format!("{binary} {test}: the test did not run (filtered out?)"));
+    }
+    Ok(out.status.success())
+}
+
+fn apply(original: &str, m: &Mutant) -> Result<String> {
+    let mut s = original.to_string();
+    for (find, replace, count) in m.edits {
+        let n = s.matches(find).count();
+        if n != *count {
+            return Err(format!("mutant `{}`: {:?} occurs {n} times in {}, not {count}", m.name, find, m.file));
+        }
+        s = s.replace(find, replace);
+    }
+    Ok(s)
+}
+
+/// `cargo xtask mutants [substring]`: every mutant (or those whose name contains the substring).
+pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
+    let root = project_root();
+    let work = root.join(SCRATCH).join("src");
+    let target_dir = root.join(SCRATCH).join("target");
+    copy_project(&root, &work)?;
+    let mutants: Vec<&Mutant> = MUTANTS.iter().filter(|m| only.is_none_or(|o| m.name.contains(o))).collect();
+    let mut targets: Vec<&str> = mutants.iter().flat_map(|m| m.tests.iter().map(|(b, _)| *b)).collect();
+    targets.sort();
+    targets.dedup();
+
+    eprintln!("== baseline: the unmutated kernels must pass the mutants' tests");
+    let exes = build(tc, &work, &target_dir, &targets)?;
+    for m in &mutants {
+        for (b, t) in m.tests {
+            if !passes(&exes, b, t, m.env)? {
+                return Err(format!("baseline: {b} {t} fails without any mutant (environment {:?})", m.env));
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, m) in mutants.iter().enumerate() {
+        let path = work.join(m.file);
+        let original = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        fs::write(&path, apply(&original, m)?).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        eprintln!("== mutant {} of {}: {}", i + 1, mutants.len(), m.name);
+        let verdict = match build(tc, &work, &target_dir, &targets) {
+            Err(e) => format!("killed by the build ({})", e.lines().next().unwrap_or_default()),
+            Ok(exes) => {
+                let mut killer = None;
+                for (b, t) in m.tests {
+                    if !passes(&exes, b, t, m.env)? {
+                        killer = Some(format!("{b} {t}"));
+                        break;
+                    }
+                }
+                killer.map_or_else(|| "**survived**".to_string(), |k| format!("killed by {k}"))
+            }
+        };
+        fs::write(&path, &original).map_err(|e| e.to_string())?;
+        eprintln!("   {verdict} ({:.0} s)", start.elapsed().as_secs_f64());
+        rows.push((m.name, verdict, start.elapsed()));
+    }
+    println!();
+    println!("| # | seeded bug | result |");
+    println!("|---|---|---|");
+    for (i, (name, verdict, _)) in rows.iter().enumerate() {
+        println!("| {} | {name} | {verdict} |", i + 1);
+    }
+    let survivors = rows.iter().filter(|(_, v, _)| v.contains("survived")).count();
+    let total: Duration = rows.iter().map(|r| r.2).sum();
+    println!();
+    println!("{} mutants, {} killed, {survivors} survived ({:.0} s); simulated with DEEPKERN_SIM_SEED=1", rows.len(), rows.len() - survivors, total.as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every seeded bug still applies to the sources as they are (an edit to a kernel that moves a
+    /// mutated line fails here, not in a long mutation run).
+    #[test]
+    fn every_mutant_applies_to_the_current_sources() {
+        let root = project_root();
+        for m in MUTANTS {
+            let text = fs::read_to_string(root.join(m.file)).unwrap();
+            apply(&text, m).unwrap();
+            assert!(!m.tests.is_empty(), "{}: no test named", m.name);
+            for (b, _) in m.tests {
+                assert!(root.join("tests").join(format!("{b}.rs")).is_file(), "{}: no test binary {b}", m.name);
+            }
+        }
+    }
+}
