@@ -31,10 +31,22 @@ const LOCAL_NVCC: &str = ".toolchain/cuda/nvidia/cu13/bin/nvcc";
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(deepkern_kernels)");
     println!("cargo::rustc-check-cfg=cfg(deepkern_sim)");
+    println!("cargo::rustc-check-cfg=cfg(deepkern_sim_races)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=csrc");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN", "DEEPKERN_CUDA_ARCHS", "DEEPKERN_SKIP_KERNELS", "DEEPKERN_SIM", "DEEPKERN_SIM_REUSE_PTXAS", "CXX", "AR"]
-    {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "NVCC_CCBIN",
+        "DEEPKERN_CUDA_ARCHS",
+        "DEEPKERN_SKIP_KERNELS",
+        "DEEPKERN_SIM",
+        "DEEPKERN_SIM_REUSE_PTXAS",
+        "DEEPKERN_SIM_RACES",
+        "CXX",
+        "AR",
+    ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
 

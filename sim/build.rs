@@ -186,6 +186,11 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
 
     // Host objects of every kernel unit (a header change recompiles all of them).
     let mut kernel_args: Vec<String> = KERNEL_FLAGS.iter().map(|s| s.to_string()).collect();
+    // Race mode: every memory access of the kernels calls the simulator (races.cpp).
+    if std::env::var("DEEPKERN_SIM_RACES").is_ok_and(|v| v == "1") {
+        kernel_args.push("-fsanitize=thread".into());
+        println!("cargo::rustc-cfg=deepkern_sim_races");
+    }
     kernel_args.push("-include".into());
     kernel_args.push("dksim/kernel.h".into());
     for dir in [&sim_include, &root.join("csrc/include"), &root.join("csrc"), &include] {

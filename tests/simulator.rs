@@ -212,3 +212,61 @@ fn tensor_maps_follow_the_drivers_rules() {
         assert!(r.stdout.contains(&format!("{rule} CUDA_ERROR_INVALID_VALUE")), "{rule}:\n{}", r.stdout);
     }
 }
+
+#[test]
+fn a_barrier_orders_a_shared_handoff() {
+    passes("shared_handoff_with_barrier", &[]);
+}
+
+/// Race mode only (a build with DEEPKERN_SIM_RACES=1): the same handoff without its barrier.
+#[cfg(deepkern_sim_races)]
+#[test]
+fn an_unordered_shared_handoff_is_a_race() {
+    fails(
+        "shared_race",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        &["data race on shared memory", "thread 0 (warp 0 lane 0)", "thread 32 (warp 1 lane 0)", "shared_handoff"],
+    );
+}
+
+#[test]
+fn release_and_acquire_order_a_handoff_between_ctas() {
+    passes("flag_release_acquire", &[]);
+}
+
+#[test]
+fn fences_around_relaxed_atomics_order_a_handoff_between_ctas() {
+    passes("flag_fences", &[]);
+}
+
+#[test]
+fn an_event_or_a_host_wait_orders_work_on_two_streams() {
+    passes("cross_stream_event", &[]);
+    passes("cross_stream_host_sync", &[]);
+}
+
+/// Race mode only: a flag set with a relaxed atomic and no fence.
+#[cfg(deepkern_sim_races)]
+#[test]
+fn a_relaxed_flag_between_ctas_is_a_race() {
+    fails(
+        "flag_relaxed_race",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        &["data race on global memory", "write by thread 0 (warp 0 lane 0) of block (0, 0, 0) of", "flag_handoff", "read by thread 0"],
+    );
+}
+
+/// Race mode only: the writer's fence makes its flag a release, but the reader never acquires it
+/// (no fence after its relaxed read).
+#[cfg(deepkern_sim_races)]
+#[test]
+fn a_release_the_reader_never_acquires_is_a_race() {
+    fails("flag_unacquired_race", "CUDA_ERROR_LAUNCH_FAILED", &["data race on global memory", "flag_handoff"]);
+}
+
+/// Race mode only: two streams' kernels on one buffer, with nothing ordering them.
+#[cfg(deepkern_sim_races)]
+#[test]
+fn kernels_on_two_streams_with_no_event_race() {
+    fails("cross_stream_race", "CUDA_ERROR_LAUNCH_FAILED", &["data race on global memory", "::fill at", "sum_into"]);
+}

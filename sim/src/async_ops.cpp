@@ -260,9 +260,19 @@ void finish_load(Cta* c, const AsyncCopy& op) {
                        bytes, reinterpret_cast<void*>(r.addr));
             return;
         }
+        std::string global_race;
+        if (!race_unit_global(c, op.race, r.addr, bytes, false, op.where, &global_race)) {
+            fail_async(c, op.where, "%s", global_race.c_str());
+            return;
+        }
         const uint8_t fill[8] = {0, 0, 0, 0, 0, 0, 0, 0}, nan_fill[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
         for (uint32_t col = 0; col < m.box[0]; ++col) {
             const uint32_t at = swizzle(op.smem + uint32_t(j) * inner + col * e, span);
+            std::string race;
+            if (!race_unit_access(c, true, 0, op.race, at, e, true, op.where, &race)) {
+                fail_async(c, op.where, "%s", race.c_str());
+                return;
+            }
             if (int64_t(col) >= r.c0 && int64_t(col) < r.c1) {
                 async_write(c, at, reinterpret_cast<const void*>(r.addr + (col - r.c0) * e), e);
             } else {
@@ -283,6 +293,7 @@ void finish_load(Cta* c, const AsyncCopy& op) {
                    op.bytes, op.bar);
         return;
     }
+    race_phase_arrive(c, 0, op.bar, op.bar_phase, &op.race);
     b.tx -= op.bytes;
     if (b.tx < 0) {
         fail_async(c, op.where, "the mbarrier at shared address %u received %lld more transaction bytes than its phase expected", op.bar,
@@ -306,7 +317,13 @@ bool read_store(Cta* c, AsyncCopy& op) {
     op.data.resize(op.bytes);
     for (int j = 0; j < m.box[1]; ++j) {
         for (uint32_t col = 0; col < m.box[0]; ++col) {
-            std::memcpy(op.data.data() + size_t(j) * inner + col * e, shared_ptr(c, swizzle(op.smem + uint32_t(j) * inner + col * e, span)), e);
+            const uint32_t at = swizzle(op.smem + uint32_t(j) * inner + col * e, span);
+            std::string race;
+            if (!race_unit_access(c, true, 0, op.race, at, e, false, op.where, &race)) {
+                fail_async(c, op.where, "%s", race.c_str());
+                return false;
+            }
+            std::memcpy(op.data.data() + size_t(j) * inner + col * e, shared_ptr(c, at), e);
         }
     }
     op.read = true;
@@ -325,6 +342,11 @@ bool write_store(Cta* c, const AsyncCopy& op) {
         if (mem_find(r.addr, bytes) == nullptr) {
             fail_async(c, op.where, "TMA store to outside its allocation: row %d of the box at (%d, %d) writes %zu bytes at %p", j, op.x, op.y,
                        bytes, reinterpret_cast<void*>(r.addr));
+            return false;
+        }
+        std::string race;
+        if (!race_unit_global(c, op.race, r.addr, bytes, true, op.where, &race)) {
+            fail_async(c, op.where, "%s", race.c_str());
             return false;
         }
         std::memcpy(reinterpret_cast<void*>(r.addr), op.data.data() + size_t(j) * inner + size_t(r.c0) * e, bytes);
@@ -385,6 +407,7 @@ void scatter(Accumulators& a) {
 // Executes the warpgroup's oldest issued wgmma: reads A (64 x K) and B (N x K) through the
 // descriptors now, and accumulates.
 bool execute_mma(Cta* c, Warpgroup& w) {
+    const uint32_t wg = static_cast<uint32_t>(&w - c->warpgroups.data());
     MmaOp op = std::move(w.ops.front());
     w.ops.pop_front();
     const int K = mma_k(op.type), e = elem_bytes(op.type), n = op.n;
@@ -402,6 +425,11 @@ bool execute_mma(Cta* c, Warpgroup& w) {
         if (addr + uint32_t(e) > c->window_bytes) {
             fail_async(c, op.where, "wgmma operand outside the CTA's shared memory: element (%d, %d) of descriptor %#llx at shared address %u", mn,
                        k, static_cast<unsigned long long>(desc), addr);
+            return false;
+        }
+        std::string race;
+        if (!race_unit_access(c, false, wg, op.race, addr, uint32_t(e), false, op.where, &race)) {
+            fail_async(c, op.where, "%s", race.c_str());
             return false;
         }
         uint32_t dirty = 0;
@@ -570,6 +598,7 @@ void mbarrier_arrive(uint64_t* bar) {
     yield_maybe();
     uint32_t addr;
     MBarrier& b = barrier(me()->cta, bar, "mbarrier.arrive", at, &addr);
+    race_phase_arrive(me()->cta, me()->linear, addr, b.phase, nullptr);
     --b.pending;
     made_progress();
     complete_phase_if_done(b);
@@ -580,6 +609,7 @@ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
     yield_maybe();
     uint32_t addr;
     MBarrier& b = barrier(me()->cta, bar, "mbarrier.arrive.expect_tx", at, &addr);
+    race_phase_arrive(me()->cta, me()->linear, addr, b.phase, nullptr);
     b.tx += bytes;
     if (b.tx >= (int64_t(1) << 20)) {
         fail(CUDA_ERROR_LAUNCH_FAILED, at, "mbarrier.arrive.expect_tx: %lld transaction bytes pending, beyond the 2^20 - 1 an mbarrier holds",
@@ -595,13 +625,23 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
     Thread* t = me();
     uint32_t addr;
     MBarrier* b = &barrier(t->cta, bar, "mbarrier.try_wait.parity", at, &addr);
-    // The phase of parity P has completed when the current phase's parity differs from P.
-    if ((b->phase & 1) != (parity & 1)) {
+    // The phase of parity P has completed when the current phase's parity differs from P; a
+    // successful wait acquires what that phase's arrivals and transactions released.
+    const auto done = [&] {
+        if ((b->phase & 1) == (parity & 1)) {
+            return false;
+        }
+        if (b->phase > 0) {
+            race_phase_acquire(t->cta, t->linear, addr, b->phase - 1);
+        }
+        return true;
+    };
+    if (done()) {
         return true;
     }
     poll_self(bar, b->phase, WaitInfo{"mbarrier.try_wait.parity", addr, parity & 1, 0, at});
     b = &barrier(t->cta, bar, "mbarrier.try_wait.parity", at, &addr);
-    return (b->phase & 1) != (parity & 1);
+    return done();
 }
 
 void fence_mbarrier_init() { yield_maybe(); }
@@ -641,6 +681,7 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y
     }
     MBarrier& b = barrier(c, bar, "cp.async.bulk.tensor (load)", at, &op->bar);
     op->bar_phase = b.phase;
+    op->race = race_unit_op(c, true, 0, {t});
     arm_proxy(c);
     op->thread = t->linear;
     op->where = at;
@@ -667,6 +708,7 @@ void tma_store_2d(const void* map, const void* src, int32_t x, int32_t y) {
     }
     op->thread = t->linear;
     op->where = at;
+    op->race = race_unit_op(c, true, 0, {t});
     arm_proxy(c);
     c->copies.push_back(std::move(op));
     list_async(c);
@@ -698,6 +740,7 @@ void bulk_wait_group(int n, bool read_only) {
             }
         }
         if (static_cast<int>(groups.size()) <= n) {
+            race_join_unit(t->cta, t->linear, true, 0);
             return;
         }
         poll_self(&t->bulk_commits, groups.size(), WaitInfo{read_only ? "cp.async.bulk.wait_group.read" : "cp.async.bulk.wait_group",
@@ -721,6 +764,12 @@ void wgmma_wait_group(int n) {
             if (!execute_mma(c, w)) {
                 return;
             }
+        }
+        // The warpgroup's threads now see what the executed operations read.
+        const uint32_t wg = me()->linear / 128;
+        race_join_unit(c, me()->linear, false, wg);
+        for (Thread* x : w.rv_waiters) {
+            race_join_unit(c, x->linear, false, wg);
         }
         // Accumulators no operation still uses return to the registers.
         for (auto it = w.accs.begin(); it != w.accs.end();) {
@@ -766,8 +815,12 @@ void wgmma(MmaType type, int n, bool b_mn_major, float* d, uint64_t desc_a, uint
         }
         ++acc->pending;
         record_descriptors(type, n, b_mn_major, desc_a, desc_b);
-        arm_proxy(me()->cta);
-        w.ops.push_back(MmaOp{type, n, b_mn_major, desc_a, desc_b, scale_d, w.commits, acc, at});
+        Cta* c = me()->cta;
+        arm_proxy(c);
+        std::vector<Thread*> issuers = w.rv_waiters;
+        issuers.push_back(me());
+        w.ops.push_back(MmaOp{type, n, b_mn_major, desc_a, desc_b, scale_d, w.commits, acc, at,
+                              race_unit_op(c, false, me()->linear / 128, issuers)});
         list_async(me()->cta);
     });
 }

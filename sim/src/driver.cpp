@@ -322,7 +322,7 @@ DKSIM_API CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice d
         case CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_WAIT_VALUE_NOR: x = 1; break;
         case CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED: x = 1; break;
         case CU_DEVICE_ATTRIBUTE_MAX_BLOCKS_PER_MULTIPROCESSOR: x = kSmMaxCtas; break;
-        case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: x = 0; break;  // cudarc then uses cuMemAlloc
+        case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: x = 1; break;  // cuMemAllocAsync / cuMemFreeAsync, as cudarc uses them
         case CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK: x = kCtaReservedShared; break;
         case CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH: x = 1; break;
         case CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE: x = 0; break;
@@ -533,6 +533,51 @@ DKSIM_API CUresult cuMemFree_v2(CUdeviceptr p) {
     // As cudaFree does, wait for the device: work still in flight may use the memory.
     sync_all(l);
     return mem_free(p, MemKind::Device);
+}
+
+// Stream-ordered allocation (the device's default pool). The memory exists at once (a pool hands
+// out its addresses at the call); the free is an operation of the stream, so memory the stream's
+// earlier work uses stays valid until that work is done, and no host thread waits. As with any
+// free, work that touches the memory after the free operation ran faults (the quarantine).
+DKSIM_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream h) {
+    if (p == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    Lock l = locked();
+    if (resolve(h) == nullptr) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (bytes == 0) {
+        *p = 0;
+        return CUDA_SUCCESS;
+    }
+    if (bytes > config().memory - std::min(config().memory, mem_in_use())) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    Region* r = mem_alloc(MemKind::Device, bytes, 256, true);
+    if (r == nullptr) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *p = r->data;
+    return CUDA_SUCCESS;
+}
+
+DKSIM_API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) {
+    if (p == 0) {
+        return CUDA_SUCCESS;
+    }
+    Lock l = locked();
+    Stream* s = resolve(h);
+    if (s == nullptr) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    const Region* r = mem_find(p, 1);
+    if (r == nullptr || r->data != p || r->kind != MemKind::Device) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    OpPtr op = enqueue(s, OpKind::Free, "cuMemFreeAsync");
+    op->addr = p;
+    return CUDA_SUCCESS;
 }
 
 DKSIM_API CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
@@ -1031,8 +1076,6 @@ DKSIM_API CUresult cuModuleGetFunction(CUfunction*, CUmodule, const char*) { ret
 DKSIM_API CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void**, void**) {
     return CUDA_ERROR_NOT_SUPPORTED;
 }
-DKSIM_API CUresult cuMemAllocAsync(CUdeviceptr*, size_t, CUstream) { return CUDA_ERROR_NOT_SUPPORTED; }
-DKSIM_API CUresult cuMemFreeAsync(CUdeviceptr, CUstream) { return CUDA_ERROR_NOT_SUPPORTED; }
 
 // ---- Errors --------------------------------------------------------------------------------------
 

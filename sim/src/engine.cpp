@@ -220,7 +220,11 @@ void finish_op(const OpPtr& op, CUresult result) {
     }
     if (op->kind == OpKind::WaitValue) {
         --eng().wait_values;
+        if (result == CUDA_SUCCESS) {
+            race_op_acquire(op.get(), op->addr);
+        }
     }
+    race_op_finished(op.get());
     made_progress();
     eng().pump_needed = true;
 }
@@ -253,8 +257,17 @@ bool check_range(uintptr_t p, size_t bytes) { return bytes == 0 || mem_find(p, b
 
 void start_kernel(const OpPtr& op);
 
+// A copy or memset racing with other work (race mode): reported like a kernel failure.
+void race_failure(const OpPtr& op, const std::string& text) {
+    std::fprintf(stderr, "deepkern simulator: %s failed\n  %s\n  seed    DEEPKERN_SIM_SEED=%llu reproduces this run\n", op->api, text.c_str(),
+                 static_cast<unsigned long long>(config().seed));
+    ++eng().failures;
+    finish_op(op, CUDA_ERROR_LAUNCH_FAILED);
+}
+
 void start_op(const OpPtr& op) {
     op->started = true;
+    race_op_started(op.get());
     switch (op->kind) {
         case OpKind::Kernel:
             start_kernel(op);
@@ -268,6 +281,11 @@ void start_op(const OpPtr& op) {
                     finish_op(op, CUDA_ERROR_ILLEGAL_ADDRESS);
                     return;
                 }
+                std::string race;
+                if (!race_op_access(op.get(), c.src, c.bytes, false, &race) || !race_op_access(op.get(), c.dst, c.bytes, true, &race)) {
+                    race_failure(op, race);
+                    return;
+                }
                 std::memmove(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.bytes);
             }
             finish_op(op, CUDA_SUCCESS);
@@ -277,6 +295,11 @@ void start_op(const OpPtr& op) {
                 std::fprintf(stderr, "deepkern simulator: %s: a memset of %zu bytes at %s touches freed or unallocated device memory\n", op->api,
                              op->count * op->elem, hex(op->addr).c_str());
                 finish_op(op, CUDA_ERROR_ILLEGAL_ADDRESS);
+                return;
+            }
+            std::string race;
+            if (!race_op_access(op.get(), op->addr, op->count * op->elem, true, &race)) {
+                race_failure(op, race);
                 return;
             }
             auto* p = reinterpret_cast<uint8_t*>(op->addr);
@@ -291,6 +314,7 @@ void start_op(const OpPtr& op) {
                 finish_op(op, CUDA_ERROR_ILLEGAL_ADDRESS);
                 return;
             }
+            race_op_release(op.get(), op->addr);
             std::memcpy(reinterpret_cast<void*>(op->addr), &op->value, op->value64 ? 8 : 4);
             finish_op(op, CUDA_SUCCESS);
             return;
@@ -304,6 +328,10 @@ void start_op(const OpPtr& op) {
             ++eng().callbacks_running;
             eng().callbacks.push_back(op);
             eng().callback_cv.notify_one();
+            return;
+        case OpKind::Free:
+            // Validated when enqueued; a second free of the same memory in between fails here.
+            finish_op(op, mem_free(op->addr, MemKind::Device));
             return;
         case OpKind::Record:
         case OpKind::WaitEvent:
@@ -385,6 +413,7 @@ OpPtr enqueue(Stream* s, OpKind kind, const char* api) {
     } else if (s->blocking && ctx->legacy->last && !ctx->legacy->last->done) {
         op->deps.push_back(ctx->legacy->last);
     }
+    race_op_enqueued(op.get());
     s->queue.push_back(op);
     s->last = op;
     host_activity();
@@ -481,6 +510,9 @@ void make_live(Cta* c) {
     c->dynamic_base = (c->static_end + 15u) & ~15u;
     c->window_bytes = c->dynamic_base + k->dynamic_smem;
     c->window = mem_map_shared(c->window_bytes);
+    if (c->window == nullptr) {
+        mem_exhausted("a CTA's shared memory window", c->window_bytes);
+    }
     if (config().poison >= 0) {
         std::memset(reinterpret_cast<void*>(c->window->data), config().poison, c->window_bytes);
     }
@@ -494,6 +526,7 @@ void make_live(Cta* c) {
         c->warps[w].lanes = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1);
     }
     async_init_cta(c);
+    race_init_cta(c);
     c->threads.reserve(n);
     c->running = n;
     for (uint32_t i = 0; i < n; ++i) {
@@ -556,6 +589,7 @@ void release_cta(Cta* c) {
     Engine& g = eng();
     Kernel* k = c->kernel;
     async_drop_cta(c);
+    race_retire_cta(c);
     if (c->live) {
         for (auto& t : c->threads) {
             remove_runnable(t.get());
@@ -613,7 +647,23 @@ Thread* self() { return eng().running; }
 
 namespace {
 
-void switch_out(Thread* t) { dksim_fiber_switch(&t->sp, eng().sched_sp); }
+void switch_out(Thread* t) {
+    // Slab stacks (fiber.cpp): the stack pointer at every switch, the red zone's pattern when the
+    // thread ends.
+    const auto sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+    if (t->stack.canary != 0 && (sp < t->stack.canary + 64 || (t->state == ThreadState::Exited && !stack_intact(t->stack)))) {
+        auto* f = new Failure();
+        f->title = "stack overflow of a simulated thread (its locals exceed the simulator's " + std::to_string(stack_bytes() >> 10) +
+                   " KiB stacks): it wrote the red zone below its stack";
+        t->stack.canary = 0;  // reported once; the stack is not reused
+        t->stack.top = 0;
+        Engine& g = eng();
+        g.pending_failure = f;
+        remove_runnable(t);
+        t->state = ThreadState::Blocked;
+    }
+    dksim_fiber_switch(&t->sp, eng().sched_sp);
+}
 
 }  // namespace
 
@@ -652,10 +702,30 @@ void poll_self(const void* addr, uint64_t value, const WaitInfo& w) {
     t->poll_addr = addr;
     t->poll_value = value;
     t->poll_progress = g.progress;
-    if (spinning) {
+    // While other threads make progress, a poll is rarely quiet, yet a thread that keeps seeing
+    // the same values spins all the same: it polls again only after exponentially more progress
+    // (at most kMaxBackoff operations elsewhere). How often a spin loop goes round changes
+    // nothing it computes, and a device with nothing else to run polls every parked thread.
+    bool fruitless = false, seen = false;
+    for (auto& [a, v] : t->poll_seen) {
+        if (a == addr) {
+            seen = true;
+            fruitless = v == value;
+            v = value;
+        }
+    }
+    if (!seen) {
+        t->poll_seen[t->poll_seen_next++ % t->poll_seen.size()] = {addr, value};
+    }
+    t->poll_fruitless = fruitless ? t->poll_fruitless + 1 : (seen ? 0 : t->poll_fruitless);
+    constexpr uint32_t kMaxBackoffLog = 12;
+    const bool backoff = t->poll_fruitless >= 2;
+    if (spinning || backoff) {
         remove_runnable(t);
         t->state = ThreadState::Parked;
         t->wait = w;
+        t->wake_at = g.progress + (backoff ? uint64_t(1) << std::min(t->poll_fruitless - 1, kMaxBackoffLog) : 1);
+        g.next_wake = std::min(g.next_wake, t->wake_at);
         g.parked.push_back(t);
     }
     switch_out(t);
@@ -756,7 +826,28 @@ void wake_parked() {
         add_runnable(t);
     }
     g.parked.clear();
-    g.parked_progress = g.progress;
+    g.next_wake = UINT64_MAX;
+}
+
+// Wakes the parked threads whose backoff has passed, and, when `idle` (no thread can run), every
+// one that has not polled since the last progress. True if any woke.
+bool wake_due(bool idle) {
+    Engine& g = eng();
+    bool woke = false;
+    uint64_t next = UINT64_MAX;
+    size_t keep = 0;
+    for (Thread* t : g.parked) {
+        if (g.progress >= t->wake_at || (idle && t->poll_progress != g.progress)) {
+            add_runnable(t);
+            woke = true;
+        } else {
+            next = std::min(next, t->wake_at);
+            g.parked[keep++] = t;
+        }
+    }
+    g.parked.resize(keep);
+    g.next_wake = next;
+    return woke;
 }
 
 // One scheduling decision. False when nothing can run.
@@ -771,8 +862,8 @@ bool step() {
     while (g.live_ctas < static_cast<size_t>(config().live_ctas) && !eng().waiting_ctas.empty()) {
         make_one_live();
     }
-    if (!g.parked.empty() && g.parked_progress != g.progress) {
-        wake_parked();
+    if (!g.parked.empty() && g.progress >= g.next_wake) {
+        wake_due(false);
     }
     // TMA transfers and wgmma operand reads happen between threads' steps, at points the seed
     // chooses (always when no thread can run).
@@ -780,7 +871,7 @@ bool step() {
         return true;
     }
     if (g.runnable.empty()) {
-        return make_one_live() || g.progress != before;
+        return make_one_live() || g.progress != before || (!g.parked.empty() && wake_due(true));
     }
     run(g.runnable[g.rng.below(g.runnable.size())]);
     return true;
@@ -804,6 +895,7 @@ bool check_waiters() {
         }
         if (w->ready()) {
             w->done = true;
+            race_host_synchronised();
             w->cv.notify_all();
         } else if (!w->query) {
             blocking_left = true;

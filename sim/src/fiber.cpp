@@ -9,9 +9,44 @@ namespace dksim {
 
 namespace {
 constexpr size_t kStackBytes = size_t(256) << 10;
+// Stacks of their own mapping, between guard pages, cost the process two or three kernel mappings
+// each, and Linux allows 65530 in all (vm.max_map_count). Past this many, further stacks come from
+// slabs of one mapping each, with a red zone below every stack: the engine checks the stack
+// pointer at every switch and the red zone's pattern when the thread ends, so overflow is caught
+// after the fact rather than at the fault.
+constexpr size_t kGuardedStacks = 6000;
+constexpr size_t kRedZone = size_t(64) << 10;
+constexpr size_t kSlabStacks = 32;
+constexpr size_t kCanaryWords = 8;
+constexpr uint64_t kCanary = 0xdead57acca4a27edull;
+
 std::vector<Stack>& free_stacks() {
     static auto* v = new std::vector<Stack>();  // never destroyed, as the engine
     return *v;
+}
+size_t g_guarded = 0;
+
+Stack slab_stack() {
+    static uintptr_t next = 0;
+    static size_t left = 0;
+    if (left == 0) {
+        Region* r = mem_map(MemKind::Stack, kSlabStacks * (kRedZone + kStackBytes), 4096);
+        if (r == nullptr) {
+            mem_exhausted("a slab of simulated threads' stacks", kSlabStacks * (kRedZone + kStackBytes));
+        }
+        next = r->data;
+        left = kSlabStacks;
+    }
+    Stack s;
+    s.canary = next + kRedZone - kCanaryWords * 8;
+    s.top = next + kRedZone + kStackBytes;
+    next += kRedZone + kStackBytes;
+    --left;
+    auto* w = reinterpret_cast<uint64_t*>(s.canary);
+    for (size_t i = 0; i < kCanaryWords; ++i) {
+        w[i] = kCanary;
+    }
+    return s;
 }
 }  // namespace
 
@@ -21,12 +56,34 @@ Stack stack_get() {
         free_stacks().pop_back();
         return s;
     }
+    if (g_guarded >= kGuardedStacks) {
+        return slab_stack();
+    }
     Region* r = mem_map(MemKind::Stack, kStackBytes, 64);
-    return Stack{r, (r->data + r->span) & ~uintptr_t(63)};
+    if (r == nullptr) {
+        mem_exhausted("a simulated thread's stack", kStackBytes);
+    }
+    ++g_guarded;
+    return Stack{r, (r->data + r->span) & ~uintptr_t(63), 0};
 }
 
+bool stack_intact(const Stack& s) {
+    if (s.canary == 0) {
+        return true;
+    }
+    const auto* w = reinterpret_cast<const uint64_t*>(s.canary);
+    for (size_t i = 0; i < kCanaryWords; ++i) {
+        if (w[i] != kCanary) {
+            return false;
+        }
+    }
+    return true;
+}
+
+size_t stack_bytes() { return kStackBytes; }
+
 void stack_put(Stack s) {
-    if (s.region != nullptr) {
+    if (s.top != 0 && stack_intact(s)) {
         free_stacks().push_back(s);
     }
 }

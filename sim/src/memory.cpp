@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
@@ -39,6 +40,9 @@ size_t g_quarantined = 0;
 size_t g_in_use = 0;
 uint64_t g_serial = 0;
 constexpr size_t kQuarantineBytes = size_t(8) << 30;  // of address space
+// Each region costs the process a few kernel mappings, and Linux allows 65530 by default
+// (vm.max_map_count): the quarantine keeps fewer than half of that.
+constexpr size_t kQuarantineRegions = 12000;
 
 Region* map_region(MemKind kind, size_t bytes, size_t align) {
     const size_t page = page_size();
@@ -108,6 +112,7 @@ CUresult mem_free(uintptr_t base, MemKind kind) {
     }
     r->freed = true;
     g_in_use -= r->span;
+    race_forget(r->data, r->span);
     // Keep the address range reserved and inaccessible, so a stale pointer faults (reported as a
     // use after free) instead of reaching a later allocation; give the memory back.
     const size_t page = page_size();
@@ -115,7 +120,7 @@ CUresult mem_free(uintptr_t base, MemKind kind) {
     mprotect(reinterpret_cast<void*>(r->map_start), r->map_len, PROT_NONE);
     quarantine().push_back(r);
     g_quarantined += r->map_len;
-    while (g_quarantined > kQuarantineBytes && !quarantine().empty()) {
+    while ((g_quarantined > kQuarantineBytes || quarantine().size() > kQuarantineRegions) && !quarantine().empty()) {
         Region* old = quarantine().front();
         quarantine().pop_front();
         g_quarantined -= old->map_len;
@@ -151,6 +156,26 @@ const Region* mem_find_mapping(uintptr_t p) {
 }
 
 Region* mem_map(MemKind kind, size_t bytes, size_t align) { return map_region(kind, bytes, align); }
+
+void mem_exhausted(const char* what, size_t bytes) {
+    const int err = errno;
+    size_t maps = 0;
+    if (FILE* f = std::fopen("/proc/self/maps", "r")) {
+        for (int ch = std::fgetc(f); ch != EOF; ch = std::fgetc(f)) {
+            maps += ch == '\n' ? 1 : 0;
+        }
+        std::fclose(f);
+    }
+    std::fprintf(stderr,
+                 "deepkern simulator: the host refused a mapping of %zu bytes for %s (%s). The process holds %zu mappings "
+                 "(Linux allows vm.max_map_count, 65530 by default), %zu simulated regions of which %zu freed ones in "
+                 "quarantine, %zu bytes of live device and host allocations. Fewer simulated SMs (DEEPKERN_SIM_SMS) keep "
+                 "fewer CTAs, stacks and shared windows alive at once.\nseed: DEEPKERN_SIM_SEED=%llu\n",
+                 bytes, what, std::strerror(err), maps, regions().size(), quarantine().size(), g_in_use,
+                 static_cast<unsigned long long>(config().seed));
+    std::fflush(stderr);
+    std::abort();
+}
 
 size_t page_bytes() { return page_size(); }
 

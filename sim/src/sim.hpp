@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "dksim/abi.h"
+#include "races.hpp"
 #include "tensormap.hpp"
 
 namespace dksim {
@@ -90,6 +92,9 @@ const Region* mem_find_mapping(uintptr_t p);
 Region* mem_map(MemKind kind, size_t bytes, size_t align);
 // A CTA's shared window: 1024-aligned, ending at a guard page, with an alias mapping (Region::alias).
 Region* mem_map_shared(size_t bytes);
+// The host refused a mapping the engine cannot do without (a stack, a shared window): reports
+// what the process holds and aborts.
+[[noreturn]] void mem_exhausted(const char* what, size_t bytes);
 void mem_release(Region* r);
 size_t page_bytes();
 size_t mem_in_use();
@@ -101,11 +106,15 @@ std::string mem_check_canaries();
 // ---- Fibers --------------------------------------------------------------------------------------
 
 struct Stack {
-    Region* region = nullptr;
+    Region* region = nullptr;  // its own mapping between guard pages, or null (from a slab)
     uintptr_t top = 0;
+    uintptr_t canary = 0;  // slab stacks: the red-zone pattern below the stack, else 0
 };
 Stack stack_get();
 void stack_put(Stack s);
+// False once a slab stack's red zone was written (the thread overflowed its stack).
+bool stack_intact(const Stack& s);
+size_t stack_bytes();
 // Prepares `sp` so that switching to it calls fn(arg) on the stack.
 void* fiber_init(const Stack& s, void (*fn)(void*), void* arg);
 extern "C" void dksim_fiber_switch(void** save_sp, void* next_sp);
@@ -131,6 +140,7 @@ struct Cta;
 struct Warp;
 struct Thread;
 struct Stream;
+struct RaceState;
 struct Context;
 
 // What a kernel function is, from the resource table and cudaFuncSetAttribute.
@@ -147,7 +157,7 @@ KernelInfo& kernel_info(const void* fn, const char* pretty);
 
 // ---- Streams and their operations ---------------------------------------------------------------
 
-enum class OpKind : uint8_t { Kernel, Copy, Memset, Record, WaitEvent, WriteValue, WaitValue, HostFunc, Barrier };
+enum class OpKind : uint8_t { Kernel, Copy, Memset, Record, WaitEvent, WriteValue, WaitValue, HostFunc, Barrier, Free };
 
 struct Copy {
     uintptr_t dst, src;
@@ -176,6 +186,10 @@ struct Op {
     CUhostFn host_fn = nullptr;
     void* host_data = nullptr;
     Kernel* kernel = nullptr;
+    // Race mode (races.cpp): what the operation knows (from the host at enqueue, then from its
+    // stream and dependencies at start), what it learned while running, and what it knew when done.
+    KnowPtr race_know, race_acc, race_done;
+    bool race_started = false;
 };
 using OpPtr = std::shared_ptr<Op>;
 
@@ -188,6 +202,7 @@ struct Stream {
     OpPtr last;               // most recently enqueued
     CUresult error = CUDA_SUCCESS;  // sticky: the first failure of an operation here
     bool destroyed = false;
+    KnowPtr race_know;  // race mode: what the last finished operation knew
 };
 
 struct Event {
@@ -230,6 +245,12 @@ struct Thread {
     uint64_t poll_value = 0;
     uint64_t poll_progress = UINT64_MAX;
     uint32_t poll_streak = 0;
+    // Polls in a row that saw an unchanged value at an address the thread polled recently (the
+    // last few addresses: a loop may poll a flag and sleep in turn), and what they saw.
+    uint32_t poll_fruitless = 0;
+    std::array<std::pair<const void*, uint64_t>, 4> poll_seen{};
+    uint32_t poll_seen_next = 0;
+    uint64_t wake_at = 0;  // parked: the device's progress count at which it polls again
     uint32_t coll_result = 0;
     bool started = false;
     int bulk_commits = 0;           // cp.async.bulk groups committed
@@ -287,6 +308,7 @@ struct AsyncCopy {
     bool read = false;       // stores: shared memory read into `data`
     std::vector<uint8_t> data;
     void* where = nullptr;
+    RaceStamp race;  // race mode: the TMA unit's clock for this operation
 };
 
 // Accumulator registers a warpgroup handed to wgmma: the values the asynchronous unit holds until
@@ -307,6 +329,7 @@ struct MmaOp {
     int group = 0;  // the warpgroup's commit count when issued
     std::shared_ptr<Accumulators> acc;
     void* where = nullptr;
+    RaceStamp race;  // race mode: the wgmma unit's clock for this operation
 };
 
 // A warpgroup's wgmma state, and the rendezvous its .sync.aligned instructions meet at.
@@ -351,6 +374,9 @@ struct Cta {
     // generic-proxy writes no fence ordered: a failure. A fence closes every open page.
     bool proxy_armed = false;
     std::map<uintptr_t, std::vector<uint8_t>> proxy_open;  // kernel-view page -> its contents when opened
+    std::unique_ptr<RaceState> race;  // race mode only (races.cpp)
+    Cta();
+    ~Cta();
 };
 
 struct Kernel {
@@ -415,7 +441,7 @@ struct Engine {
 
     // Progress accounting for stuck detection: bumped by every operation that changes state.
     uint64_t progress = 0;
-    uint64_t parked_progress = 0;  // progress when the parked threads were last woken
+    uint64_t next_wake = UINT64_MAX;  // the least wake_at of the parked threads
     int time_jumps = 0;
     uint64_t vtime_ns = 1'000'000'000;  // virtual time
     uint64_t steps = 0;                 // fiber segments run (watchdog)

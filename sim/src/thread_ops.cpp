@@ -7,6 +7,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <unordered_map>
 
 #include "sim.hpp"
 
@@ -60,7 +61,8 @@ bool barrier_complete(const Cta& c, const NamedBarrier& b, uint32_t* warps_arriv
     return b.count == 0 ? arrived == live : arrived * 32 >= b.count;
 }
 
-void release(NamedBarrier& b, Thread* except) {
+void release(Cta* c, NamedBarrier& b, Thread* except) {
+    race_barrier(c, b.waiters);
     for (Thread* x : b.waiters) {
         if (x != except) {
             wake(x);
@@ -203,6 +205,15 @@ uint32_t collective(int kind, uint32_t mask, uint32_t value, int b, int c, void*
     co.arrived |= bit;
     if (co.arrived == mask) {
         complete(w, co);
+        if (races_enabled()) {
+            std::vector<Thread*> lanes;
+            for (uint32_t l = 0; l < 32; ++l) {
+                if (((mask >> l) & 1) != 0) {
+                    lanes.push_back(w.cta->threads[w.index * 32 + l].get());
+                }
+            }
+            race_barrier(w.cta, lanes);
+        }
         for (uint32_t l = 0; l < 32; ++l) {
             if (((mask >> l) & 1) != 0 && l != t->lane) {
                 wake(w.cta->threads[w.index * 32 + l].get());
@@ -348,7 +359,7 @@ void bar_sync(uint32_t id, uint32_t count) {
     b.waiters.push_back(t);
     uint32_t warps = 0;
     if (barrier_complete(*c, b, &warps)) {
-        release(b, t);
+        release(c, b, t);
         yield_maybe();
         return;
     }
@@ -364,7 +375,7 @@ void named_barriers_on_exit(Thread* t) {
         }
         uint32_t warps = 0;
         if (barrier_complete(*c, b, &warps)) {
-            release(b, nullptr);
+            release(c, b, nullptr);
         } else {
             b.warps_arrived = warps;
         }
@@ -403,11 +414,45 @@ uint32_t activemask() {
     return w.lanes & ~w.exited;
 }
 
+namespace {
+
+// The kernel (serial) whose thread last released into each location (release stores and
+// reductions, atomics). An acquire that reads such a location while that other kernel still runs
+// has acquired generic-proxy writes of a running kernel: TMA loads after it need
+// fence.proxy.async.global first (async_ops.cpp checks the flag).
+std::unordered_map<uintptr_t, uint64_t>& releasers() {
+    static auto* m = new std::unordered_map<uintptr_t, uint64_t>();
+    return *m;
+}
+
+void note_release(const void* addr) { releasers()[reinterpret_cast<uintptr_t>(addr)] = me()->cta->kernel->serial; }
+
+void note_acquire(Thread* t, const void* addr) {
+    auto it = releasers().find(reinterpret_cast<uintptr_t>(addr));
+    if (it == releasers().end() || it->second == t->cta->kernel->serial) {
+        return;
+    }
+    for (const Kernel* k : eng().active) {
+        if (k->serial == it->second) {
+            t->global_proxy_fence = true;
+            return;
+        }
+    }
+}
+
+}  // namespace
+
 uint64_t atomic(void* addr, Type type, Rmw op, uint64_t operand, uint64_t compare) {
     void* at = __builtin_return_address(0);
     check_aligned(addr, is64(type) ? 8 : 4, "atomic", at);
-    me()->wait.where = at;
+    Thread* t = me();
+    t->wait.where = at;
     yield_maybe();
+    // A relaxed read-modify-write: it continues the location's release sequence, and orders only
+    // what fences around it order.
+    race_relaxed_read(t->cta, t->linear, reinterpret_cast<uintptr_t>(addr));
+    race_relaxed_write(t->cta, t->linear, reinterpret_cast<uintptr_t>(addr));
+    note_release(addr);
     return do_rmw(addr, type, op, operand, compare);
 }
 
@@ -417,6 +462,8 @@ uint32_t ld_acquire_b32(const void* addr, Scope scope) {
     const uint32_t v = load32(addr);
     poll_self(addr, v, WaitInfo{scope == Scope::Sys ? "ld.acquire.sys" : (scope == Scope::Gpu ? "ld.acquire.gpu" : "ld.acquire.cta"),
                                 reinterpret_cast<uintptr_t>(addr), v, 0, at});
+    race_acquire(me()->cta, me()->linear, reinterpret_cast<uintptr_t>(addr));
+    note_acquire(me(), addr);
     return load32(addr);
 }
 
@@ -426,6 +473,8 @@ void st_release_b32(void* addr, uint32_t value, Scope scope) {
     check_aligned(addr, 4, "st.release", at);
     me()->wait.where = at;
     yield_maybe();
+    race_release(me()->cta, me()->linear, reinterpret_cast<uintptr_t>(addr));
+    note_release(addr);
     std::memcpy(addr, &value, 4);
     made_progress();
 }
@@ -436,6 +485,9 @@ void red_release(void* addr, Type type, Rmw op, uint64_t operand, Scope scope) {
     check_aligned(addr, is64(type) ? 8 : 4, "red.release", at);
     me()->wait.where = at;
     yield_maybe();
+    race_relaxed_read(me()->cta, me()->linear, reinterpret_cast<uintptr_t>(addr));
+    race_release(me()->cta, me()->linear, reinterpret_cast<uintptr_t>(addr));
+    note_release(addr);
     do_rmw(addr, type, op, operand, 0);
 }
 
@@ -443,6 +495,7 @@ void fence(Scope scope) {
     (void)scope;
     me()->wait.where = __builtin_return_address(0);
     yield_maybe();
+    race_fence(me()->cta, me()->linear);
 }
 
 void nanosleep(uint32_t ns) {

@@ -170,6 +170,68 @@ __global__ void misaligned_atomic(int* p) {
     }
 }
 
+__global__ void shared_handoff(int* out, bool barrier) {
+    DK_SHARED(int, value);
+    if (threadIdx.x == 0) {
+        value = 42;
+    }
+    if (barrier) {
+        __syncthreads();
+    }
+    if (threadIdx.x == 32) {
+        out[0] = value;  // another warp: ordered only by the barrier
+    }
+}
+
+// Block 0 publishes data[0] through a flag, block 1 waits for the flag and reads it. Modes:
+// 0 relaxed flag, no fences (a race); 1 st.release / ld.acquire; 2 relaxed flag with a fence on
+// each side (the PTX release and acquire patterns); 3 a release the reader never acquires (no
+// fence after its relaxed read: a race).
+__global__ void flag_handoff(int* data, uint32_t* flag, int* out, int mode) {
+    if (threadIdx.x != 0) {
+        return;
+    }
+    if (blockIdx.x == 0) {
+        data[0] = 42;
+        if (mode == 1) {
+            dk::ptx::st_release_sys_global_u32(flag, 1);
+        } else {
+            if (mode == 2 || mode == 3) {
+                __threadfence();
+            }
+            atomicExch(flag, 1u);
+        }
+    } else {
+        if (mode == 1) {
+            while (dk::ptx::ld_acquire_sys_global_u32(flag) == 0) {
+            }
+        } else {
+            while (atomicAdd(flag, 0u) == 0) {
+            }
+            if (mode == 2) {
+                __threadfence();
+            }
+        }
+        out[0] = data[0];
+    }
+}
+
+__global__ void fill(int* p, int n, int v) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        p[i] = v;
+    }
+}
+
+__global__ void sum_into(const int* p, int n, int* out) {
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (int i = 0; i < n; ++i) {
+            s += p[i];
+        }
+        out[0] = s;
+    }
+}
+
 __global__ void take_tickets(int* counter, int* order) {
     order[blockIdx.x * blockDim.x + threadIdx.x] = atomicAdd(counter, 1);
 }
@@ -390,6 +452,57 @@ int tensor_map_rules() {
     return report(sync());
 }
 
+// Race mode (a build with DEEPKERN_SIM_RACES=1): a shared variable handed from one warp to
+// another with and without a barrier.
+int shared_race() {
+    int* out = alloc<int>(1);
+    launch<shared_handoff>(1, 64, out, false);
+    return report(sync());
+}
+
+int shared_handoff_with_barrier() {
+    int* out = alloc<int>(1);
+    launch<shared_handoff>(1, 64, out, true);
+    return report(sync());
+}
+
+// Race mode: a flag between two CTAs of one kernel (see flag_handoff).
+int flag_handoff_mode(int mode) {
+    int* data = alloc<int>(1);
+    int* out = alloc<int>(1);
+    uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    launch<flag_handoff>(2, 32, data, flag, out, mode);
+    return report(sync());
+}
+
+// Race mode: a kernel on one stream writes a buffer another stream's kernel reads: ordered by
+// an event (1), by the host waiting for the first stream before enqueuing the second kernel (2),
+// or not at all (0: a race).
+int cross_stream_mode(int mode) {
+    const int n = 256;
+    int* buf = alloc<int>(n);
+    int* out = alloc<int>(1);
+    CUstream other;
+    CHECK(cuStreamCreate(&other, CU_STREAM_NON_BLOCKING));
+    launch<fill>(1, 64, buf, n, 1);
+    if (mode == 1) {
+        CUevent e;
+        CHECK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+        CHECK(cuEventRecord(e, g_stream));
+        CHECK(cuStreamWaitEvent(other, e, 0));
+    } else if (mode == 2) {
+        CHECK(sync());
+    }
+    const dk_status_t s = dk::launch<sum_into>(dim3(1), dim3(32), 0, reinterpret_cast<cudaStream_t>(other), buf, n, out);
+    if (s != DK_STATUS_OK) {
+        std::printf("LAUNCH %d\n", static_cast<int>(s));
+    }
+    const CUresult r = cuStreamSynchronize(other);
+    (void)sync();
+    return report(r);
+}
+
 struct Scenario {
     const char* name;
     int (*run)();
@@ -418,6 +531,15 @@ const Scenario kScenarios[] = {
     {"ticket_order", ticket_order},
     {"launch_limits", launch_limits},
     {"tensor_map_rules", tensor_map_rules},
+    {"shared_race", shared_race},
+    {"shared_handoff_with_barrier", shared_handoff_with_barrier},
+    {"flag_relaxed_race", [] { return flag_handoff_mode(0); }},
+    {"flag_release_acquire", [] { return flag_handoff_mode(1); }},
+    {"flag_fences", [] { return flag_handoff_mode(2); }},
+    {"flag_unacquired_race", [] { return flag_handoff_mode(3); }},
+    {"cross_stream_race", [] { return cross_stream_mode(0); }},
+    {"cross_stream_event", [] { return cross_stream_mode(1); }},
+    {"cross_stream_host_sync", [] { return cross_stream_mode(2); }},
 };
 
 }  // namespace

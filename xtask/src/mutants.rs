@@ -22,6 +22,9 @@ pub struct Mutant {
     pub edits: &'static [(&'static str, &'static str, usize)],
     pub tests: &'static [(&'static str, &'static str)],
     pub env: &'static [(&'static str, &'static str)],
+    /// Run the tests on the race-checking build (`DEEPKERN_SIM_RACES=1`): the bug is an unordered
+    /// access that gives the right answer under the simulator's schedules but is a race.
+    pub races: bool,
 }
 
 const GEMM: &str = "csrc/gemm/fp8_kernel.cuh";
@@ -36,6 +39,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("desc |= uint64_t(1) << 62;              // layout: 128-byte swizzle", "desc |= uint64_t(2) << 62;", 1)],
         tests: &[("gemm_gpu", "exact_small_integers")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "LBO and SBO swapped in the MN-major V descriptor",
@@ -47,6 +51,7 @@ pub const MUTANTS: &[Mutant] = &[
         )],
         tests: &[("mla_gpu", "decode_matches_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "expect_tx one box short",
@@ -54,6 +59,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("kTileABytes + kTileBBytes + kSfaBytes);", "kTileABytes + kTileBBytes);", 1)],
         tests: &[("gemm_gpu", "exact_small_integers")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "a consumer skipping the full-barrier wait before its wgmma",
@@ -61,13 +67,19 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("            wait(&s_full[i], ps.phase);\n", "", 1)],
         tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "missing fence.proxy.async before the TMA store of the staged D tile",
         file: GEMM,
-        edits: &[("                ptx::fence_proxy_async_shared_cta();\n                ptx::bar_sync(1, kConsumers);\n                if (issuer) {", "                ptx::bar_sync(1, kConsumers);\n                if (issuer) {", 1)],
+        edits: &[(
+            "                ptx::fence_proxy_async_shared_cta();\n                ptx::bar_sync(1, kConsumers);\n                if (issuer) {",
+            "                ptx::bar_sync(1, kConsumers);\n                if (issuer) {",
+            1,
+        )],
         tests: &[("gemm_gpu", "every_compiled_tile")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "off-by-one in the persistent tile walk: the last tile is skipped",
@@ -75,6 +87,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("tile < tiles; tile += gridDim.x", "tile < tiles - 1; tile += gridDim.x", 2)],
         tests: &[("gemm_gpu", "exact_small_integers")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "epilogue column mapping using l % 4 without the factor 2",
@@ -82,13 +95,15 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("const int col = t.n0 + 8 * j + 2 * (lane % 4);", "const int col = t.n0 + 8 * j + (lane % 4);", 1)],
         tests: &[("gemm_gpu", "exact_small_integers")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "the second warpgroup reading the first warpgroup's A rows",
         file: GEMM,
         edits: &[("s_a + i * kTileABytes + math_wg * 64 * kBlockK + kk * kWgmmaK", "s_a + i * kTileABytes + kk * kWgmmaK", 1)],
-        tests: &[("gemm_gpu", "exact_small_integers")],
+        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "every_compiled_tile")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "MLA online-softmax rescale using the new max for both factors",
@@ -96,6 +111,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("scale_o[h] = exp2f(m_run[h] - m_use);", "scale_o[h] = exp2f(m_use - m_use);", 1)],
         tests: &[("mla_gpu", "decode_matches_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "a release store on an EP signal weakened to relaxed",
@@ -103,6 +119,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("ptx::st_release_sys_global_u32(flag, g.epoch);", "*reinterpret_cast<volatile uint32_t*>(flag) = g.epoch;", 1)],
         tests: &[("ep_gpu", "dispatch_combine_match_reference"), ("ep_gpu", "low_latency_matches_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "combine applying the router weight twice",
@@ -110,6 +127,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("= __fmaf_rn(w, bf16_bits_to_float(", "= __fmaf_rn(w * w, bf16_bits_to_float(", 2)],
         tests: &[("ep_gpu", "identity_experts_combine_to_weighted_x"), ("ep_gpu", "dispatch_combine_match_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "the GEMM without its per-128-K promotion (all of K in the wgmma accumulator), reduced-precision FP8 accumulation",
@@ -117,6 +135,27 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("(acc, desc_a, desc_b, kk > 0);", "(acc, desc_a, desc_b, kk > 0 || kb > 0);", 1), ("] += acc[", "] = acc[", 4)],
         tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
         env: &[("DEEPKERN_SIM_FP8_ACCUMULATOR", "reduced")],
+        races: false,
+    },
+    Mutant {
+        name: "the EP receive's per-block arrival count (read by the overlapped GEMM on another stream) added relaxed instead of release",
+        file: EP,
+        edits: &[(
+            "ptx::red_release_gpu_global_add_s32(p.arrivals + r / kArrivalRows, 1);",
+            "atomicAdd(p.arrivals + r / kArrivalRows, 1);",
+            1,
+        )],
+        tests: &[("moe_gpu", "two_batch_is_bit_identical")],
+        env: &[],
+        races: true,
+    },
+    Mutant {
+        name: "the arrival-gated GEMM loading rows with TMA after its acquire, without fence.proxy.async.global",
+        file: GEMM,
+        edits: &[("        }\n    }\n    ptx::fence_proxy_async_global();\n}", "        }\n    }\n}", 1)],
+        tests: &[("moe_gpu", "two_batch_is_bit_identical")],
+        env: &[],
+        races: false,
     },
     Mutant {
         name: "a consumer releasing its stage before its wgmma read it (arrive before wgmma.wait_group)",
@@ -126,15 +165,21 @@ pub const MUTANTS: &[Mutant] = &[
             "            ptx::wgmma_commit_group();\n            __syncwarp();\n            if (lane == 0) {\n                ptx::mbarrier_arrive(&s_empty[i]);\n            }\n            ptx::fence_operands(acc);\n            ptx::wgmma_wait_group<0>();\n            ptx::fence_operands(acc);\n",
             1,
         )],
-        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "random_inputs")],
+        tests: &[("gemm_gpu", "exact_small_integers"), ("gemm_gpu", "every_compiled_tile")],
         env: &[],
+        races: true,
     },
     Mutant {
         name: "MLA without fence.proxy.async between writing P and the P·V wgmma",
         file: MLA,
-        edits: &[("            ptx::fence_proxy_async_shared_cta();\n            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256", "            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256", 1)],
+        edits: &[(
+            "            ptx::fence_proxy_async_shared_cta();\n            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256",
+            "            ptx::bar_sync(1, kThreads);\n\n            // O[:, 256",
+            1,
+        )],
         tests: &[("mla_gpu", "decode_matches_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "MLA reading the second stage's tile from the first stage",
@@ -142,6 +187,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("uint8_t* kv = s_kv + stage * kBoxes * kBoxBytes;", "uint8_t* kv = s_kv;", 1)],
         tests: &[("mla_gpu", "decode_matches_reference")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "EP dispatch receive not waiting for the senders' signal",
@@ -149,6 +195,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("    wait_all(g, DK_EP_SIGNAL_DISPATCH);\n", "", 1)],
         tests: &[("ep_gpu", "dispatch_combine_match_reference"), ("moe_gpu", "two_batch_is_bit_identical")],
         env: &[],
+        races: false,
     },
     Mutant {
         name: "quantiser taking the amax over half of each 128-group",
@@ -156,6 +203,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("for (int offset = 8; offset > 0; offset /= 2) {", "for (int offset = 4; offset > 0; offset /= 2) {", 1)],
         tests: &[("quant_gpu", "random_f32_scales")],
         env: &[],
+        races: false,
     },
 ];
 
@@ -178,7 +226,7 @@ fn copy_project(root: &Path, dst: &Path) -> Result<()> {
 }
 
 /// The simulated test executables (target name -> path), building them in `work`.
-fn build(tc: &Toolchain, work: &Path, target_dir: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+fn build(tc: &Toolchain, work: &Path, target_dir: &Path, targets: &[&str], races: bool) -> Result<Vec<(String, PathBuf)>> {
     let mut c = cargo::cargo(tc);
     c.current_dir(work);
     c.args(["test", "-p", "deepkern", "--no-run", "--profile", simulate::PROFILE, "--target-dir"]).arg(target_dir);
@@ -186,6 +234,9 @@ fn build(tc: &Toolchain, work: &Path, target_dir: &Path, targets: &[&str]) -> Re
         c.args(["--test", t]);
     }
     c.env("DEEPKERN_SIM", "1").env("DEEPKERN_SIM_REUSE_PTXAS", "1");
+    if races {
+        c.env("DEEPKERN_SIM_RACES", "1");
+    }
     let msgs = cargo::messages(c)?;
     Ok(msgs
         .iter()
@@ -234,12 +285,21 @@ pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
     targets.sort();
     targets.dedup();
 
+    let race_dir = root.join(SCRATCH).join("target-races");
+    let dir = |races: bool| if races { &race_dir } else { &target_dir };
+
     eprintln!("== baseline: the unmutated kernels must pass the mutants' tests");
-    let exes = build(tc, &work, &target_dir, &targets)?;
-    for m in &mutants {
-        for (b, t) in m.tests {
-            if !passes(&exes, b, t, m.env)? {
-                return Err(format!("baseline: {b} {t} fails without any mutant (environment {:?})", m.env));
+    for races in [false, true] {
+        let chosen: Vec<&&Mutant> = mutants.iter().filter(|m| m.races == races).collect();
+        if chosen.is_empty() {
+            continue;
+        }
+        let exes = build(tc, &work, dir(races), &targets, races)?;
+        for m in chosen {
+            for (b, t) in m.tests {
+                if !passes(&exes, b, t, m.env)? {
+                    return Err(format!("baseline: {b} {t} fails without any mutant (environment {:?}, races {races})", m.env));
+                }
             }
         }
     }
@@ -250,13 +310,13 @@ pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
         fs::write(&path, apply(&original, m)?).map_err(|e| e.to_string())?;
         let start = Instant::now();
         eprintln!("== mutant {} of {}: {}", i + 1, mutants.len(), m.name);
-        let verdict = match build(tc, &work, &target_dir, &targets) {
+        let verdict = match build(tc, &work, dir(m.races), &targets, m.races) {
             Err(e) => format!("killed by the build ({})", e.lines().next().unwrap_or_default()),
             Ok(exes) => {
                 let mut killer = None;
                 for (b, t) in m.tests {
                     if !passes(&exes, b, t, m.env)? {
-                        killer = Some(format!("{b} {t}"));
+                        killer = Some(format!("{b} {t}{}", if m.races { " (race build)" } else { "" }));
                         break;
                     }
                 }
@@ -276,7 +336,12 @@ pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
     let survivors = rows.iter().filter(|(_, v, _)| v.contains("survived")).count();
     let total: Duration = rows.iter().map(|r| r.2).sum();
     println!();
-    println!("{} mutants, {} killed, {survivors} survived ({:.0} s); simulated with DEEPKERN_SIM_SEED=1", rows.len(), rows.len() - survivors, total.as_secs_f64());
+    println!(
+        "{} mutants, {} killed, {survivors} survived ({:.0} s); simulated with DEEPKERN_SIM_SEED=1",
+        rows.len(),
+        rows.len() - survivors,
+        total.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -83,6 +83,48 @@ pub fn check_against_cute(tc: &Toolchain, dump: &Path) -> Result<()> {
     cmd::run(Command::new(&exe).arg(dump)).map_err(|e| format!("{e}\n(the simulator disagrees with CuTe: see the MISMATCH lines above)"))
 }
 
+/// Where the race-mode build goes.
+pub const RACES_TARGET_DIR: &str = "target/sim-races";
+
+/// Race mode (the kernels instrumented, vector clocks over every access): the simulator's own race
+/// checks and at least one small case per kernel, which must find no race.
+pub const RACE_CASES: &[(&str, &str)] = &[
+    ("quant_gpu", "exact_small_integers"),
+    ("quant_gpu", "block_exact_powers_of_two"),
+    ("quant_gpu", "silu_mul_matches_reference"),
+    ("ep_gpu", "layout_matches_reference"),
+    ("ep_gpu", "identity_experts_combine_to_weighted_x"),
+    ("mla_gpu", "device_schedule_matches_the_reference"),
+    ("mla_gpu", "combine_matches_reference"),
+    ("mla_gpu", "decode_is_deterministic"),
+    ("gemm_gpu", "exact_small_integers"),
+    // Every tile shape: stage reuse, both warpgroups, the TMA-store epilogue.
+    ("gemm_gpu", "every_compiled_tile"),
+    ("moe_gpu", "low_latency_equals_normal"),
+    // The overlapped layer: the EP receive's arrival counts read by the GEMM on another stream.
+    ("moe_gpu", "two_batch_is_bit_identical"),
+];
+
+/// Builds the race-mode suite and runs RACE_CASES (and the simulator's self-test) on it.
+pub fn run_races(tc: &Toolchain, seed: u64) -> Result<()> {
+    eprintln!();
+    eprintln!("== race mode (DEEPKERN_SIM_RACES=1): the simulator's race checks and one small case per kernel, DEEPKERN_SIM_SEED={seed}");
+    let mut c = cargo::cargo(tc);
+    c.args(["test", "-p", "deepkern", "--profile", PROFILE, "--target-dir", RACES_TARGET_DIR, "--test", SELF_TEST]);
+    c.env("DEEPKERN_SIM", "1").env("DEEPKERN_SIM_RACES", "1").env("DEEPKERN_REQUIRE_GPU", "1").env("DEEPKERN_SIM_SEED", seed.to_string());
+    cmd::run(&mut c)?;
+    for (binary, test) in RACE_CASES {
+        let mut c = cargo::cargo(tc);
+        c.args(["test", "-p", "deepkern", "--profile", PROFILE, "--target-dir", RACES_TARGET_DIR, "--test", binary, "--", test, "--exact"]);
+        c.env("DEEPKERN_SIM", "1")
+            .env("DEEPKERN_SIM_RACES", "1")
+            .env("DEEPKERN_REQUIRE_GPU", "1")
+            .env("DEEPKERN_SIM_SEED", seed.to_string());
+        cmd::run(&mut c).map_err(|e| format!("{e}\n(race mode, DEEPKERN_SIM_SEED={seed})"))?;
+    }
+    Ok(())
+}
+
 /// Builds the simulated suite and runs it once per seed; `test_args` go to every test binary.
 pub fn run(tc: &Toolchain, test_args: &[String]) -> Result<()> {
     let root = project_root();
@@ -117,6 +159,9 @@ pub fn run(tc: &Toolchain, test_args: &[String]) -> Result<()> {
         eprintln!();
         eprintln!("== the simulator's layouts against CuTe");
         check_against_cute(tc, &dump)?;
+    }
+    if test_args.is_empty() {
+        run_races(tc, seed)?;
     }
     eprintln!("simulated GPU suite passed with {runs} seed(s), on the simulator (not a GPU run)");
     Ok(())
