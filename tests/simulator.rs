@@ -270,3 +270,71 @@ fn a_release_the_reader_never_acquires_is_a_race() {
 fn kernels_on_two_streams_with_no_event_race() {
     fails("cross_stream_race", "CUDA_ERROR_LAUNCH_FAILED", &["data race on global memory", "::fill at", "sum_into"]);
 }
+
+/// The bytes of rows 0..7 of the scenario's 64 x 16 matrix (byte i holds i % 7 + 1).
+const TMA_BOX_SUM: u32 = 2045;
+
+#[test]
+fn a_tma_load_lands_through_its_mbarrier() {
+    passes("tma_load", &[&format!("SUM {TMA_BOX_SUM} WANT {TMA_BOX_SUM} ")]);
+}
+
+#[test]
+fn a_load_of_more_bytes_than_the_phase_expects_is_refused() {
+    fails(
+        "tma_more_bytes_than_expected",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        &["received 256 more transaction bytes than its phase expected", "tma_box", "asynchronous unit"],
+    );
+}
+
+#[test]
+fn a_cta_exiting_before_its_load_landed_fails() {
+    fails("tma_load_in_flight_at_exit", "CUDA_ERROR_ILLEGAL_ADDRESS", &["a CTA exited while a TMA load had not landed", "tma_box"]);
+}
+
+#[test]
+fn a_tma_store_needs_a_proxy_fence_after_generic_writes() {
+    let unfenced = "generic-proxy writes changed with no fence.proxy.async.shared::cta since";
+    fails("tma_store_without_proxy_fence", "CUDA_ERROR_ILLEGAL_ADDRESS", &[unfenced, "tma_box"]);
+    // Writes before the CTA's first use of the async proxy count as well.
+    fails("tma_store_of_early_writes_without_fence", "CUDA_ERROR_ILLEGAL_ADDRESS", &[unfenced, "tma_box"]);
+    passes("tma_store_with_proxy_fence", &[&format!("SUM {TMA_BOX_SUM} WANT {TMA_BOX_SUM} STORED 512")]);
+}
+
+#[test]
+fn setmaxnreg_moves_registers_between_warpgroups() {
+    passes("setmaxnreg_moves_registers", &["DONE 256"]);
+}
+
+#[test]
+fn setmaxnreg_beyond_the_pool_is_a_deadlock_report() {
+    fails(
+        "setmaxnreg_beyond_the_pool",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        &["deadlock", "4 warps spinning on setmaxnreg.inc 96 (needs 1024 registers; the CTA's pool has 0 free)", "registers_and_barriers"],
+    );
+}
+
+#[test]
+fn setmaxnreg_in_the_wrong_direction_is_refused() {
+    fails("setmaxnreg_dec_upwards", "CUDA_ERROR_LAUNCH_FAILED", &["setmaxnreg.dec 256 with 64 registers per thread already"]);
+}
+
+#[test]
+fn an_mbarrier_phase_nobody_completes_is_a_deadlock_report() {
+    fails(
+        "mbarrier_never_completes",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        &[
+            "deadlock",
+            "spinning on mbarrier.try_wait.parity (shared address 1024, parity 0: 1 of 1 arrivals missing",
+            "registers_and_barriers",
+        ],
+    );
+}
+
+#[test]
+fn wgmma_accumulators_are_undefined_until_its_wait() {
+    passes("wgmma_accumulators", &["BEFORE_WAIT_NAN 1 AFTER 32\n"]);
+}

@@ -123,9 +123,28 @@ void protect_window(Cta* c) {
 }
 
 void arm_proxy(Cta* c) {
-    if (!c->proxy_armed) {
-        c->proxy_armed = true;
-        protect_window(c);
+    if (c->proxy_armed) {
+        return;
+    }
+    c->proxy_armed = true;
+    protect_window(c);
+    if (c->proxy_fenced) {
+        return;  // a fence ordered every generic write so far
+    }
+    // Generic writes since the CTA started, with no fence yet: every page they changed opens now,
+    // with the CTA's initial contents (the fill byte) as its snapshot.
+    const auto fill = static_cast<uint8_t>(config().poison >= 0 ? config().poison : 0);
+    const uintptr_t page = page_bytes(), begin = c->window->data, end = begin + c->window_bytes;
+    for (uintptr_t p = begin & ~(page - 1); p < end; p += page) {
+        const auto* bytes = reinterpret_cast<const uint8_t*>(p);
+        const uintptr_t lo = std::max(p, begin), hi = std::min(p + page, end);
+        if (std::all_of(bytes + (lo - p), bytes + (hi - p), [&](uint8_t b) { return b == fill; })) {
+            continue;
+        }
+        std::vector<uint8_t> snapshot(bytes, bytes + page);
+        std::fill(snapshot.begin() + (lo - p), snapshot.begin() + (hi - p), fill);
+        c->proxy_open.emplace(p, std::move(snapshot));
+        mprotect(reinterpret_cast<void*>(p), page, PROT_READ | PROT_WRITE);
     }
 }
 
@@ -647,6 +666,7 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
 void fence_mbarrier_init() { yield_maybe(); }
 
 void fence_proxy_async_shared() {
+    me()->cta->proxy_fenced = true;
     close_proxy_pages(me()->cta);
     yield_maybe();
 }

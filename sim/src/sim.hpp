@@ -371,8 +371,11 @@ struct Cta {
     // read-only to kernel code; the first generic write to a page after a
     // fence.proxy.async.shared::cta opens it (a snapshot is kept, the page made writable), and a
     // TMA store or wgmma reading bytes of an open page that differ from the snapshot reads
-    // generic-proxy writes no fence ordered: a failure. A fence closes every open page.
+    // generic-proxy writes no fence ordered: a failure. A fence closes every open page. Generic
+    // writes before arming count too: unless a fence ran before, arming opens each page that
+    // differs from the CTA's initial contents, with those as its snapshot.
     bool proxy_armed = false;
+    bool proxy_fenced = false;  // a fence.proxy.async.shared::cta ran (before arming: generic writes so far are ordered)
     std::map<uintptr_t, std::vector<uint8_t>> proxy_open;  // kernel-view page -> its contents when opened
     std::unique_ptr<RaceState> race;  // race mode only (races.cpp)
     Cta();

@@ -236,6 +236,127 @@ __global__ void take_tickets(int* counter, int* order) {
     order[blockIdx.x * blockDim.x + threadIdx.x] = atomicAdd(counter, 1);
 }
 
+// Hopper's asynchronous units on one 512-byte box (64 x 8 bytes of a 64 x 16 byte matrix), by
+// thread 0 of one warp:
+//  0: load it with the right expect_tx, wait, sum it;
+//  1: expect_tx 256 bytes short: the load lands more bytes than its phase expected;
+//  2: exit without waiting for the load (it would write the CTA's shared memory after it is gone);
+//  3: load, then overwrite the box with generic stores and store it to rows 8..15 with TMA,
+//     without fence.proxy.async.shared::cta;
+//  4: the same with the fence;
+//  5: no load: generic stores, then the TMA store, without the fence (the first use of the async
+//     proxy comes after the writes).
+struct TmaParams {
+    CUtensorMap map;
+    uint32_t* out;
+    int mode;
+};
+struct alignas(128) TmaBox {
+    uint8_t b[512];
+};
+
+__global__ void tma_box(const __grid_constant__ TmaParams p) {
+    DK_SHARED(TmaBox, s_box);
+    DK_SHARED(uint64_t, s_bar);
+    if (threadIdx.x != 0) {
+        return;
+    }
+    uint32_t sum = 0;
+    if (p.mode != 5) {
+        dk::ptx::mbarrier_init(&s_bar, 1);
+        dk::ptx::fence_mbarrier_init();
+        dk::ptx::mbarrier_arrive_expect_tx(&s_bar, p.mode == 1 ? 256 : 512);
+        dk::ptx::cp_async_bulk_tensor_2d_global_to_shared(s_box.b, &p.map, &s_bar, 0, 0);
+        if (p.mode == 2) {
+            return;
+        }
+        while (!dk::ptx::mbarrier_try_wait_parity(&s_bar, 0)) {
+        }
+        for (int i = 0; i < 512; ++i) {
+            sum += s_box.b[i];
+        }
+    }
+    if (p.mode >= 3) {
+        for (int i = 0; i < 512; ++i) {
+            s_box.b[i] = static_cast<uint8_t>(i * 3);
+        }
+        if (p.mode == 4) {
+            dk::ptx::fence_proxy_async_shared_cta();
+        }
+        dk::ptx::cp_async_bulk_tensor_2d_shared_to_global(&p.map, s_box.b, 0, 8);
+        dk::ptx::cp_async_bulk_commit_group();
+        dk::ptx::cp_async_bulk_wait_group<0>();
+    }
+    *p.out = sum;
+}
+
+// mbarrier waits and setmaxnreg in a CTA of two warpgroups (the kernel starts with the
+// simulator's 64 registers per thread: it has no ptxas report):
+//  0: warpgroup 1 gives 32 registers per thread back, warpgroup 0 takes them (96);
+//  1: warpgroup 0 asks for 96 with nobody giving any back: a deadlock report;
+//  2: a "decrease" to 256;
+//  3: a wait on an mbarrier phase nobody arrives at: a deadlock report.
+__global__ void registers_and_barriers(int mode, int* out) {
+    DK_SHARED(uint64_t, s_bar);
+    const int wg = threadIdx.x / 128;
+    if (mode == 0 || mode == 1) {
+        if (wg == 0) {
+            dk::ptx::setmaxnreg_inc<96>();
+        } else if (mode == 0) {
+            dk::ptx::setmaxnreg_dec<32>();
+        }
+    } else if (mode == 2) {
+        dk::ptx::setmaxnreg_dec<256>();
+    } else if (mode == 3) {
+        if (threadIdx.x == 0) {
+            dk::ptx::mbarrier_init(&s_bar, 1);
+            dk::ptx::fence_mbarrier_init();
+        }
+        __syncthreads();
+        while (!dk::ptx::mbarrier_try_wait_parity(&s_bar, 0)) {
+        }
+    }
+    atomicAdd(out, 1);
+}
+
+// One wgmma on one warpgroup: A (64 x 32) and B (16 x 32) e4m3 ones in shared memory, K-major
+// in the 128-byte swizzle the kernels use (rows of 128 bytes, of which the first 32 are read;
+// SBO 1024 bytes between 8-row groups). out[0]: an accumulator read before wgmma.wait_group
+// (undefined; NaN on the simulator), out[1]: after it (32).
+struct alignas(1024) WgmmaTiles {
+    uint8_t a[64 * 128];
+    uint8_t b[16 * 128];
+};
+
+__device__ uint64_t sw128_desc(const void* p) {
+    const uint64_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    return ((addr >> 4) & 0x3fff) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__global__ void wgmma_ones(float* out) {
+    DK_SHARED(WgmmaTiles, s);
+    for (int i = threadIdx.x; i < 64 * 128; i += 128) {
+        s.a[i] = 0x38;  // 1.0
+    }
+    for (int i = threadIdx.x; i < 16 * 128; i += 128) {
+        s.b[i] = 0x38;
+    }
+    dk::ptx::fence_proxy_async_shared_cta();
+    __syncthreads();
+    float d[8];
+    dk::ptx::wgmma_fence();
+    dk::ptx::wgmma_m64n16k32_f32_e4m3_e4m3(d, sw128_desc(s.a), sw128_desc(s.b), false);
+    dk::ptx::wgmma_commit_group();
+    if (threadIdx.x == 0) {
+        out[0] = d[0];
+    }
+    dk::ptx::wgmma_wait_group<0>();
+    dk::ptx::fence_operands(d);
+    if (threadIdx.x == 0) {
+        out[1] = d[0];
+    }
+}
+
 // ---- scenarios -----------------------------------------------------------------------------------
 
 int oob_write_past_guard() {
@@ -503,6 +624,66 @@ int cross_stream_mode(int mode) {
     return report(r);
 }
 
+int tma_box_mode(int mode) {
+    const int cols = 64, rows = 16;
+    uint8_t* matrix = alloc<uint8_t>(cols * rows);
+    std::vector<uint8_t> host(cols * rows);
+    uint32_t want = 0;
+    for (int i = 0; i < cols * rows; ++i) {
+        host[i] = static_cast<uint8_t>(i % 7 + 1);
+        want += i < 512 ? host[i] : 0;
+    }
+    CHECK(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(matrix), host.data(), host.size()));
+    TmaParams p{};
+    const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+    const cuuint64_t strides[1] = {cuuint64_t(cols)};
+    const cuuint32_t box[2] = {64, 8};
+    const cuuint32_t estr[2] = {1, 1};
+    CHECK(cuTensorMapEncodeTiled(&p.map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, matrix, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    p.out = alloc<uint32_t>(1);
+    p.mode = mode;
+    launch<tma_box>(1, 32, p);
+    const CUresult r = sync();
+    if (r == CUDA_SUCCESS) {
+        uint32_t sum = 0;
+        CHECK(cuMemcpyDtoH(&sum, reinterpret_cast<CUdeviceptr>(p.out), 4));
+        CHECK(cuMemcpyDtoH(host.data(), reinterpret_cast<CUdeviceptr>(matrix), host.size()));
+        int stored = 0;
+        for (int i = 0; i < 512; ++i) {
+            stored += host[512 + i] == static_cast<uint8_t>(i * 3);
+        }
+        std::printf("SUM %u WANT %u STORED %d\n", sum, want, stored);
+    }
+    return report(r);
+}
+
+int registers_and_barriers_mode(int mode) {
+    int* out = alloc<int>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(out), 0, 1));
+    launch<registers_and_barriers>(1, 256, mode, out);
+    const CUresult r = sync();
+    if (r == CUDA_SUCCESS) {
+        int done = 0;
+        CHECK(cuMemcpyDtoH(&done, reinterpret_cast<CUdeviceptr>(out), 4));
+        std::printf("DONE %d\n", done);
+    }
+    return report(r);
+}
+
+int wgmma_accumulators() {
+    float* out = alloc<float>(2);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(out), 0, 2));
+    launch<wgmma_ones>(1, 128, out);
+    const CUresult r = sync();
+    if (r == CUDA_SUCCESS) {
+        float h[2];
+        CHECK(cuMemcpyDtoH(h, reinterpret_cast<CUdeviceptr>(out), 8));
+        std::printf("BEFORE_WAIT_NAN %d AFTER %g\n", h[0] != h[0] ? 1 : 0, h[1]);
+    }
+    return report(r);
+}
+
 struct Scenario {
     const char* name;
     int (*run)();
@@ -540,6 +721,17 @@ const Scenario kScenarios[] = {
     {"cross_stream_race", [] { return cross_stream_mode(0); }},
     {"cross_stream_event", [] { return cross_stream_mode(1); }},
     {"cross_stream_host_sync", [] { return cross_stream_mode(2); }},
+    {"tma_load", [] { return tma_box_mode(0); }},
+    {"tma_more_bytes_than_expected", [] { return tma_box_mode(1); }},
+    {"tma_load_in_flight_at_exit", [] { return tma_box_mode(2); }},
+    {"tma_store_without_proxy_fence", [] { return tma_box_mode(3); }},
+    {"tma_store_with_proxy_fence", [] { return tma_box_mode(4); }},
+    {"tma_store_of_early_writes_without_fence", [] { return tma_box_mode(5); }},
+    {"setmaxnreg_moves_registers", [] { return registers_and_barriers_mode(0); }},
+    {"setmaxnreg_beyond_the_pool", [] { return registers_and_barriers_mode(1); }},
+    {"setmaxnreg_dec_upwards", [] { return registers_and_barriers_mode(2); }},
+    {"mbarrier_never_completes", [] { return registers_and_barriers_mode(3); }},
+    {"wgmma_accumulators", wgmma_accumulators},
 };
 
 }  // namespace
