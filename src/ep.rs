@@ -291,6 +291,11 @@ pub struct Group {
     epochs: Vec<[u32; KINDS]>,
     num_sms: usize,
     sm_count: usize,
+    /// Virtual groups with concurrent ranks ([`Group::set_concurrent_ranks`]): one stream per
+    /// rank for the normal dispatch's send and receive phases; empty otherwise.
+    rank_streams: Vec<Arc<CudaStream>>,
+    /// True while those phases are being enqueued.
+    in_rank_phase: bool,
 }
 
 /// Where the group's symmetric buffers live.
@@ -422,6 +427,8 @@ impl Group {
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
+            rank_streams: Vec::new(),
+            in_rank_phase: false,
         })
     }
 
@@ -495,6 +502,8 @@ impl Group {
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
+            rank_streams: Vec::new(),
+            in_rank_phase: false,
         })
     }
 
@@ -531,6 +540,8 @@ impl Group {
             epochs: vec![[0; KINDS]; shape.ranks],
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
+            rank_streams: Vec::new(),
+            in_rank_phase: false,
         })
     }
 
@@ -612,6 +623,33 @@ impl Group {
     /// Bytes of one rank's symmetric buffer.
     pub fn bytes_per_rank(&self) -> usize {
         self.layout.bytes
+    }
+
+    /// Virtual groups: whether each rank's normal-dispatch send and receive run on a stream of
+    /// the rank's own, as ranks on separate GPUs do, instead of every rank's send and then every
+    /// rank's receive on the group's stream. Then a receive really waits, on the device, for the
+    /// other ranks' signals, which is what exercises the signal protocol in tests (one stream
+    /// orders the phases by itself). The rank streams fork from the group's stream once the
+    /// outputs exist and join back before [`Group::dispatch`] returns; results are identical.
+    ///
+    /// Every rank's send and receive kernels may then be resident at once (up to 2 × ranks ×
+    /// [`Group::num_sms`] blocks): a receive spins until all sends have signalled, so the GPU
+    /// must have room for them all (a receive that never sees its peers reports a timeout
+    /// through [`Group::check`]). Only the peer transport runs concurrently; the staged
+    /// transports move rows on the group's stream and ignore the setting. Not for node or NCCL
+    /// groups, whose ranks are separate processes already.
+    pub fn set_concurrent_ranks(&mut self, on: bool) -> Result<()> {
+        if !matches!(self.storage, Storage::Virtual(_)) {
+            return Err(Error::InvalidArgument { arg: "on", reason: "concurrent ranks are for virtual groups".into() });
+        }
+        self.rank_streams =
+            if on { (0..self.shape.ranks).map(|_| self.stream.fork()).collect::<std::result::Result<Vec<_>, _>>()? } else { Vec::new() };
+        Ok(())
+    }
+
+    /// The stream rank `rank`'s kernels go to now: its own during concurrent phases.
+    fn rank_stream(&self, rank: usize) -> &Arc<CudaStream> {
+        if self.in_rank_phase { &self.rank_streams[rank] } else { &self.stream }
     }
 
     /// Blocks each communication kernel launches (one per SM).
@@ -758,7 +796,7 @@ impl Group {
         prep: &Prepared,
         low_latency: bool,
     ) -> Result<()> {
-        let mut launch = Launch::new(kernel, &self.stream)?;
+        let mut launch = Launch::new(kernel, self.rank_stream(rank))?;
         let peers = launch.input(&self.peers);
         let (x, x_sf) = match &input.x {
             Tokens::Bf16(x) => (launch.input(x), 0),
@@ -895,17 +933,49 @@ impl Group {
         if let Some(c) = consumer {
             c.wait(&self.stream.record_event(None)?)?;
         }
+        let concurrent = !self.rank_streams.is_empty() && !self.shape.transport.staged();
+        if concurrent {
+            let forked = self.stream.record_event(None)?;
+            for s in &self.rank_streams {
+                s.wait(&forked)?;
+            }
+            self.in_rank_phase = true;
+        }
+        let result = self.dispatch_phases(inputs, &local, preps, buffers, &plans, &counts, consumer);
+        if concurrent {
+            self.in_rank_phase = false;
+            // Joined whether or not an enqueue failed: later work on the group's stream (and a
+            // drop of anything the phases used) comes after every rank's.
+            for s in &self.rank_streams {
+                self.stream.join(s)?;
+            }
+        }
+        result
+    }
+
+    /// The send and receive phases of a normal dispatch (on the rank streams when concurrent).
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_phases(
+        &mut self,
+        inputs: &[RankInput<'_>],
+        local: &[usize],
+        preps: Vec<Prepared>,
+        buffers: Vec<RecvBuffers>,
+        plans: &[crate::plan::ep::NormalRows],
+        counts: &[i32],
+        consumer: Option<&Arc<CudaStream>>,
+    ) -> Result<Vec<Dispatched>> {
         for (&rank, (input, prep)) in local.iter().zip(inputs.iter().zip(&preps)) {
             let epoch = self.bump(rank, DISPATCH);
             self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
         }
         if self.shape.transport.staged() {
-            self.move_runs(&local, &counts, Direction::Dispatch)?;
+            self.move_runs(local, counts, Direction::Dispatch)?;
         }
         let mut out = Vec::with_capacity(local.len());
         for ((&rank, prep), bufs) in local.iter().zip(preps).zip(buffers) {
             let plan = &plans[rank];
-            out.push(self.dispatch_recv(rank, prep, bufs, plan.counts.clone(), &counts, consumer)?);
+            out.push(self.dispatch_recv(rank, prep, bufs, plan.counts.clone(), counts, consumer)?);
         }
         Ok(out)
     }
@@ -1062,12 +1132,12 @@ impl Group {
         let RecvBuffers { rows, mut x, mut m_indices, mut weights, mut src, counts: mut d_counts, mut stage_rows, mut arrivals } = bufs;
         let staged = self.shape.transport.staged();
         {
-            let mut launch = Launch::new("ep_dispatch_recv", &self.stream)?;
+            let mut launch = Launch::new("ep_dispatch_recv", self.rank_stream(rank))?;
             let peers = launch.input(&self.peers);
             // With a consumer, what its GEMM reads is tracked as written on its stream (see
             // dispatch_with_arrivals): the GEMM must not wait for this launch to finish. Without
             // one, that is this launch's own stream.
-            let on: &CudaStream = consumer.map_or(&self.stream, |c| c);
+            let on: &CudaStream = consumer.map_or(self.rank_stream(rank), |c| c);
             let (xp, sfp) = match &mut x {
                 Rows::Bf16(x) => (launch.output_tracked_on(x, on), 0),
                 Rows::Fp8 { q, sf } => (launch.output_tracked_on(q, on), launch.output_tracked_on(sf, on)),

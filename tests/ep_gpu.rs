@@ -41,6 +41,7 @@ fn main() {
             ("layout_wraps_the_grid", layout_wraps_the_grid),
             ("layout_rejects_bad_input", layout_rejects_bad_input),
             ("dispatch_combine_match_reference", dispatch_combine_match_reference),
+            ("concurrent_ranks_match_reference", concurrent_ranks_match_reference),
             ("low_latency_matches_reference", low_latency_matches_reference),
             ("identity_experts_combine_to_weighted_x", identity_experts_combine_to_weighted_x),
             ("repeated_calls_are_bit_identical", repeated_calls_are_bit_identical),
@@ -379,18 +380,37 @@ fn cases(gpu: &Gpu) -> Vec<(usize, usize, usize, usize, Vec<usize>, bool)> {
 }
 
 fn dispatch_combine_match_reference(gpu: &Gpu) -> TestResult {
-    let mut rng = gpu.rng("dispatch_combine_match_reference");
+    dispatch_combine_cases(
+        gpu,
+        "dispatch_combine_match_reference",
+        &[
+            (Payload::Fp8, Transport::Peer, false),
+            (Payload::Bf16, Transport::Peer, false),
+            (Payload::Fp8, Transport::CopyEngine, false),
+            (Payload::Bf16, Transport::CopyEngine, false),
+        ],
+    )
+}
+
+/// Each rank's send and receive on a stream of its own ([`Group::set_concurrent_ranks`]), so
+/// every receive waits on the device for the other ranks' signals: on one stream, stream order
+/// alone would order them, and the signal protocol would go untested.
+fn concurrent_ranks_match_reference(gpu: &Gpu) -> TestResult {
+    dispatch_combine_cases(gpu, "concurrent_ranks_match_reference", &[(Payload::Fp8, Transport::Peer, true)])
+}
+
+fn dispatch_combine_cases(gpu: &Gpu, name: &str, variants: &[(Payload, Transport, bool)]) -> TestResult {
+    let mut rng = gpu.rng(name);
     let stream = gpu.stream();
-    for (payload, transport) in [
-        (Payload::Fp8, Transport::Peer),
-        (Payload::Bf16, Transport::Peer),
-        (Payload::Fp8, Transport::CopyEngine),
-        (Payload::Bf16, Transport::CopyEngine),
-    ] {
+    for &(payload, transport, concurrent) in variants {
         for (r, e, h, k, tokens, hot) in cases(gpu) {
             let shape = GroupShape { transport, ..GroupShape::new(r, e, h, 64, k, payload) };
-            let what = format!("{payload:?} {transport:?} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
+            let what = format!("{payload:?} {transport:?} concurrent={concurrent} R={r} E={e} H={h} top-{k} tokens {tokens:?} hot={hot}");
             let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+            if concurrent {
+                group.set_concurrent_ranks(true).map_err(err)?;
+                group.set_num_sms(group.num_sms().min(8)).map_err(err)?;
+            }
             let ranks = host_ranks(&mut rng, &shape, &tokens, k, hot);
             let dev = upload_ranks(&stream, &shape, &ranks)?;
             let got = group.dispatch(&inputs(&dev)).map_err(err)?;
