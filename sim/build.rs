@@ -189,6 +189,8 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
     // Race mode: every memory access of the kernels calls the simulator (races.cpp).
     if std::env::var("DEEPKERN_SIM_RACES").is_ok_and(|v| v == "1") {
         kernel_args.push("-fsanitize=thread".into());
+        // Volatile accesses through __tsan_volatile_* (strong relaxed), not as plain ones.
+        kernel_args.push("--param=tsan-distinguish-volatile=1".into());
         println!("cargo::rustc-cfg=deepkern_sim_races");
     }
     kernel_args.push("-include".into());

@@ -119,7 +119,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[("ptx::st_release_sys_global_u32(flag, g.epoch);", "*reinterpret_cast<volatile uint32_t*>(flag) = g.epoch;", 1)],
         tests: &[("ep_gpu", "concurrent_ranks_match_reference"), ("ep_gpu", "low_latency_matches_reference")],
         env: &[],
-        races: false,
+        races: true,
     },
     Mutant {
         name: "combine applying the router weight twice",
