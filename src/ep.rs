@@ -294,8 +294,6 @@ pub struct Group {
     /// Virtual groups with concurrent ranks ([`Group::set_concurrent_ranks`]): one stream per
     /// rank for the normal dispatch's send and receive phases; empty otherwise.
     rank_streams: Vec<Arc<CudaStream>>,
-    /// True while those phases are being enqueued.
-    in_rank_phase: bool,
 }
 
 /// Where the group's symmetric buffers live.
@@ -428,7 +426,6 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
-            in_rank_phase: false,
         })
     }
 
@@ -503,7 +500,6 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
-            in_rank_phase: false,
         })
     }
 
@@ -541,7 +537,6 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
-            in_rank_phase: false,
         })
     }
 
@@ -645,11 +640,6 @@ impl Group {
         self.rank_streams =
             if on { (0..self.shape.ranks).map(|_| self.stream.fork()).collect::<std::result::Result<Vec<_>, _>>()? } else { Vec::new() };
         Ok(())
-    }
-
-    /// The stream rank `rank`'s kernels go to now: its own during concurrent phases.
-    fn rank_stream(&self, rank: usize) -> &Arc<CudaStream> {
-        if self.in_rank_phase { &self.rank_streams[rank] } else { &self.stream }
     }
 
     /// Blocks each communication kernel launches (one per SM).
@@ -786,9 +776,11 @@ impl Group {
         Ok(Prepared { layout: dl, pos, topk_idx, topk_weights, tokens: input.tokens, k: input.k })
     }
 
-    /// Runs a send-phase launcher (`dk_ep_dispatch_send` or `dk_ep_ll_dispatch_send`).
+    /// Runs a send-phase launcher (`dk_ep_dispatch_send` or `dk_ep_ll_dispatch_send`) on `stream`.
+    #[allow(clippy::too_many_arguments)]
     fn send_tokens(
         &self,
+        stream: &Arc<CudaStream>,
         kernel: &'static str,
         rank: usize,
         epoch: u32,
@@ -796,7 +788,7 @@ impl Group {
         prep: &Prepared,
         low_latency: bool,
     ) -> Result<()> {
-        let mut launch = Launch::new(kernel, self.rank_stream(rank))?;
+        let mut launch = Launch::new(kernel, stream)?;
         let peers = launch.input(&self.peers);
         let (x, x_sf) = match &input.x {
             Tokens::Bf16(x) => (launch.input(x), 0),
@@ -934,16 +926,16 @@ impl Group {
             c.wait(&self.stream.record_event(None)?)?;
         }
         let concurrent = !self.rank_streams.is_empty() && !self.shape.transport.staged();
+        let streams: Vec<Arc<CudaStream>> =
+            local.iter().map(|&rank| if concurrent { self.rank_streams[rank].clone() } else { self.stream.clone() }).collect();
         if concurrent {
             let forked = self.stream.record_event(None)?;
             for s in &self.rank_streams {
                 s.wait(&forked)?;
             }
-            self.in_rank_phase = true;
         }
-        let result = self.dispatch_phases(inputs, &local, preps, buffers, &plans, &counts, consumer);
+        let result = self.dispatch_phases(inputs, &local, &streams, preps, buffers, &plans, &counts, consumer);
         if concurrent {
-            self.in_rank_phase = false;
             // Joined whether or not an enqueue failed: later work on the group's stream (and a
             // drop of anything the phases used) comes after every rank's.
             for s in &self.rank_streams {
@@ -953,29 +945,30 @@ impl Group {
         result
     }
 
-    /// The send and receive phases of a normal dispatch (on the rank streams when concurrent).
+    /// The send and receive phases of a normal dispatch, each local rank's on `streams[i]`.
     #[allow(clippy::too_many_arguments)]
     fn dispatch_phases(
         &mut self,
         inputs: &[RankInput<'_>],
         local: &[usize],
+        streams: &[Arc<CudaStream>],
         preps: Vec<Prepared>,
         buffers: Vec<RecvBuffers>,
         plans: &[crate::plan::ep::NormalRows],
         counts: &[i32],
         consumer: Option<&Arc<CudaStream>>,
     ) -> Result<Vec<Dispatched>> {
-        for (&rank, (input, prep)) in local.iter().zip(inputs.iter().zip(&preps)) {
+        for ((&rank, stream), (input, prep)) in local.iter().zip(streams).zip(inputs.iter().zip(&preps)) {
             let epoch = self.bump(rank, DISPATCH);
-            self.send_tokens("ep_dispatch_send", rank, epoch, input, prep, false)?;
+            self.send_tokens(stream, "ep_dispatch_send", rank, epoch, input, prep, false)?;
         }
         if self.shape.transport.staged() {
             self.move_runs(local, counts, Direction::Dispatch)?;
         }
         let mut out = Vec::with_capacity(local.len());
-        for ((&rank, prep), bufs) in local.iter().zip(preps).zip(buffers) {
+        for (((&rank, stream), prep), bufs) in local.iter().zip(streams).zip(preps).zip(buffers) {
             let plan = &plans[rank];
-            out.push(self.dispatch_recv(rank, prep, bufs, plan.counts.clone(), counts, consumer)?);
+            out.push(self.dispatch_recv(stream, rank, prep, bufs, plan.counts.clone(), counts, consumer)?);
         }
         Ok(out)
     }
@@ -1119,8 +1112,11 @@ impl Group {
         Ok(())
     }
 
+    /// One rank's receive phase, on `stream`.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch_recv(
         &mut self,
+        stream: &Arc<CudaStream>,
         rank: usize,
         prep: Prepared,
         bufs: RecvBuffers,
@@ -1132,12 +1128,12 @@ impl Group {
         let RecvBuffers { rows, mut x, mut m_indices, mut weights, mut src, counts: mut d_counts, mut stage_rows, mut arrivals } = bufs;
         let staged = self.shape.transport.staged();
         {
-            let mut launch = Launch::new("ep_dispatch_recv", self.rank_stream(rank))?;
+            let mut launch = Launch::new("ep_dispatch_recv", stream)?;
             let peers = launch.input(&self.peers);
             // With a consumer, what its GEMM reads is tracked as written on its stream (see
             // dispatch_with_arrivals): the GEMM must not wait for this launch to finish. Without
             // one, that is this launch's own stream.
-            let on: &CudaStream = consumer.map_or(self.rank_stream(rank), |c| c);
+            let on: &CudaStream = consumer.map_or(stream, |c| c);
             let (xp, sfp) = match &mut x {
                 Rows::Bf16(x) => (launch.output_tracked_on(x, on), 0),
                 Rows::Fp8 { q, sf } => (launch.output_tracked_on(q, on), launch.output_tracked_on(sf, on)),
@@ -1202,7 +1198,7 @@ impl Group {
         self.validate_input(input, true)?;
         let prep = self.prepare(input)?;
         let epoch = self.bump(rank, LL_DISPATCH);
-        self.send_tokens("ep_ll_dispatch_send", rank, epoch, input, &prep, true)?;
+        self.send_tokens(&self.stream, "ep_ll_dispatch_send", rank, epoch, input, &prep, true)?;
         Ok(PendingLowLatency {
             rank,
             tokens: prep.tokens,

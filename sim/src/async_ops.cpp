@@ -31,20 +31,6 @@ namespace {
 
 Thread* me() { return eng().running; }
 
-[[noreturn]] void fail(CUresult code, void* at, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-void fail(CUresult code, void* at, const char* fmt, ...) {
-    char buf[640];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    auto* f = new Failure();
-    f->code = code;
-    f->title = buf;
-    f->where = at;
-    fail_self(f);
-}
-
 // A failure found while an asynchronous operation completes. Inside a simulated thread (a wait
 // that executes operations) it fails that thread's kernel at once; on the engine's side it is kept
 // until the operation's caller can end the kernel (`take_async_failure`).
@@ -680,20 +666,35 @@ void prefetch_tensormap(const void* map) { (void)tensor_map(map, "prefetch.tenso
 
 // ---- TMA -----------------------------------------------------------------------------------------
 
-void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y) {
-    void* at = __builtin_return_address(0);
-    Thread* t = me();
-    Cta* c = t->cta;
-    const TensorMap& m = tensor_map(map, "cp.async.bulk.tensor (load)", at);
+namespace {
+
+// A TMA copy of the box at (x, y) of `map` to or from `smem` (128-byte aligned), issued by the
+// calling thread at `at`.
+std::unique_ptr<AsyncCopy> tma_copy(Thread* t, const void* map, const void* smem, int32_t x, int32_t y, bool store, void* at) {
+    const char* what = store ? "cp.async.bulk.tensor (store)" : "cp.async.bulk.tensor (load)";
+    const TensorMap& m = tensor_map(map, what, at);
     auto op = std::make_unique<AsyncCopy>();
+    op->store = store;
     op->map = m;
     op->x = x;
     op->y = y;
     op->bytes = uint32_t(m.box[0]) * m.box[1] * m.elem_bytes;
-    op->smem = shared_addr(c, dst, op->bytes, "cp.async.bulk.tensor (load) destination", at);
+    op->smem = shared_addr(t->cta, smem, op->bytes, store ? "cp.async.bulk.tensor (store) source" : "cp.async.bulk.tensor (load) destination", at);
     if (op->smem % 128 != 0) {
-        fail(CUDA_ERROR_MISALIGNED_ADDRESS, at, "cp.async.bulk.tensor (load): destination shared address %u is not 128-byte aligned", op->smem);
+        fail(CUDA_ERROR_MISALIGNED_ADDRESS, at, "%s: %s shared address %u is not 128-byte aligned", what, store ? "source" : "destination", op->smem);
     }
+    op->thread = t->linear;
+    op->where = at;
+    return op;
+}
+
+}  // namespace
+
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y) {
+    void* at = __builtin_return_address(0);
+    Thread* t = me();
+    Cta* c = t->cta;
+    auto op = tma_copy(t, map, dst, x, y, false, at);
     if (t->global_proxy_fence) {
         fail(CUDA_ERROR_LAUNCH_FAILED, at,
              "cp.async.bulk.tensor (load) after acquiring writes of a kernel still running, with no fence.proxy.async.global in between: the "
@@ -703,8 +704,6 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y
     op->bar_phase = b.phase;
     op->race = race_unit_op(c, true, 0, {t});
     arm_proxy(c);
-    op->thread = t->linear;
-    op->where = at;
     c->copies.push_back(std::move(op));
     list_async(c);
     made_progress();
@@ -715,19 +714,7 @@ void tma_store_2d(const void* map, const void* src, int32_t x, int32_t y) {
     void* at = __builtin_return_address(0);
     Thread* t = me();
     Cta* c = t->cta;
-    const TensorMap& m = tensor_map(map, "cp.async.bulk.tensor (store)", at);
-    auto op = std::make_unique<AsyncCopy>();
-    op->store = true;
-    op->map = m;
-    op->x = x;
-    op->y = y;
-    op->bytes = uint32_t(m.box[0]) * m.box[1] * m.elem_bytes;
-    op->smem = shared_addr(c, src, op->bytes, "cp.async.bulk.tensor (store) source", at);
-    if (op->smem % 128 != 0) {
-        fail(CUDA_ERROR_MISALIGNED_ADDRESS, at, "cp.async.bulk.tensor (store): source shared address %u is not 128-byte aligned", op->smem);
-    }
-    op->thread = t->linear;
-    op->where = at;
+    auto op = tma_copy(t, map, src, x, y, true, at);
     op->race = race_unit_op(c, true, 0, {t});
     arm_proxy(c);
     c->copies.push_back(std::move(op));

@@ -505,11 +505,11 @@ DKSIM_API CUresult cuCtxSetCacheConfig(CUfunc_cache) { return CUDA_SUCCESS; }
 
 // ---- Memory ------------------------------------------------------------------------------------
 
-DKSIM_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
-    if (p == nullptr) {
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    Lock l = locked();
+namespace {
+
+// Device memory of `bytes` (256-byte aligned, poisoned) within the reported capacity, or null for
+// no bytes; the engine's lock is held.
+CUresult alloc_device(CUdeviceptr* p, size_t bytes) {
     if (bytes == 0) {
         *p = 0;
         return CUDA_SUCCESS;
@@ -523,6 +523,16 @@ DKSIM_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     }
     *p = r->data;
     return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+DKSIM_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (p == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    Lock l = locked();
+    return alloc_device(p, bytes);
 }
 
 DKSIM_API CUresult cuMemFree_v2(CUdeviceptr p) {
@@ -547,19 +557,7 @@ DKSIM_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream h) {
     if (resolve(h) == nullptr) {
         return CUDA_ERROR_INVALID_HANDLE;
     }
-    if (bytes == 0) {
-        *p = 0;
-        return CUDA_SUCCESS;
-    }
-    if (bytes > config().memory - std::min(config().memory, mem_in_use())) {
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    Region* r = mem_alloc(MemKind::Device, bytes, 256, true);
-    if (r == nullptr) {
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    *p = r->data;
-    return CUDA_SUCCESS;
+    return alloc_device(p, bytes);
 }
 
 DKSIM_API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) {

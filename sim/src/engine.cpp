@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -731,6 +732,19 @@ void poll_self(const void* addr, uint64_t value, const WaitInfo& w) {
     switch_out(t);
 }
 
+void fail(CUresult code, void* at, const char* fmt, ...) {
+    char buf[640];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    auto* f = new Failure();
+    f->code = code;
+    f->title = buf;
+    f->where = at;
+    fail_self(f);
+}
+
 void fail_self(Failure* f) {
     Engine& g = eng();
     Thread* t = self();
@@ -1255,17 +1269,7 @@ std::string demangled_name(const char* mangled) {
     if (s.rfind("void ", 0) == 0) {
         s = s.substr(5);
     }
-    int depth = 0;
-    for (size_t i = 0; i < s.size(); ++i) {
-        if (s[i] == '<') {
-            ++depth;
-        } else if (s[i] == '>') {
-            --depth;
-        } else if (s[i] == '(' && depth == 0) {
-            return s.substr(0, i);
-        }
-    }
-    return s;
+    return without_parameters(s);
 }
 }  // namespace
 }  // namespace dksim

@@ -102,6 +102,26 @@ void prune(Know& k) {
 }
 
 // a ∪ b. Returns `a` itself when b adds nothing.
+// Merges two lists of (key, value) sorted by key into `out`: a key in one list only keeps its
+// value, a key in both gets combine(x value, y value, grew). `grew` is set when y adds a key.
+template <typename V, typename Combine>
+void merge_by_key(const std::vector<std::pair<uint64_t, V>>& x, const std::vector<std::pair<uint64_t, V>>& y,
+                  std::vector<std::pair<uint64_t, V>>& out, bool& grew, Combine combine) {
+    size_t i = 0, j = 0;
+    while (i < x.size() || j < y.size()) {
+        if (j == y.size() || (i < x.size() && x[i].first < y[j].first)) {
+            out.push_back(x[i++]);
+        } else if (i == x.size() || y[j].first < x[i].first) {
+            out.push_back(y[j++]);
+            grew = true;
+        } else {
+            out.emplace_back(x[i].first, combine(x[i].second, y[j].second, grew));
+            ++i;
+            ++j;
+        }
+    }
+}
+
 KnowPtr join(const KnowPtr& a, const KnowPtr& b) {
     if (!b || a == b) {
         return a;
@@ -111,52 +131,23 @@ KnowPtr join(const KnowPtr& a, const KnowPtr& b) {
     }
     auto out = std::make_shared<Know>();
     bool grew = false;
-    {
-        size_t i = 0, j = 0;
-        const auto& x = a->streams;
-        const auto& y = b->streams;
-        while (i < x.size() || j < y.size()) {
-            if (j == y.size() || (i < x.size() && x[i].first < y[j].first)) {
-                out->streams.push_back(x[i++]);
-            } else if (i == x.size() || y[j].first < x[i].first) {
-                out->streams.push_back(y[j++]);
-                grew = true;
-            } else {
-                grew = grew || y[j].second > x[i].second;
-                out->streams.emplace_back(x[i].first, std::max(x[i].second, y[j].second));
-                ++i;
-                ++j;
+    merge_by_key(a->streams, b->streams, out->streams, grew, [](uint64_t x, uint64_t y, bool& g) {
+        g = g || y > x;
+        return std::max(x, y);
+    });
+    merge_by_key(a->ctas, b->ctas, out->ctas, grew, [](const std::vector<uint32_t>& x, const std::vector<uint32_t>& w, bool& g) {
+        std::vector<uint32_t> v = x;
+        if (v.size() < w.size()) {
+            v.resize(w.size(), 0);
+        }
+        for (size_t s = 0; s < w.size(); ++s) {
+            if (w[s] > v[s]) {
+                v[s] = w[s];
+                g = true;
             }
         }
-    }
-    {
-        size_t i = 0, j = 0;
-        const auto& x = a->ctas;
-        const auto& y = b->ctas;
-        while (i < x.size() || j < y.size()) {
-            if (j == y.size() || (i < x.size() && x[i].first < y[j].first)) {
-                out->ctas.push_back(x[i++]);
-            } else if (i == x.size() || y[j].first < x[i].first) {
-                out->ctas.push_back(y[j++]);
-                grew = true;
-            } else {
-                std::vector<uint32_t> v = x[i].second;
-                const std::vector<uint32_t>& w = y[j].second;
-                if (v.size() < w.size()) {
-                    v.resize(w.size(), 0);
-                }
-                for (size_t s = 0; s < w.size(); ++s) {
-                    if (w[s] > v[s]) {
-                        v[s] = w[s];
-                        grew = true;
-                    }
-                }
-                out->ctas.emplace_back(x[i].first, std::move(v));
-                ++i;
-                ++j;
-            }
-        }
-    }
+        return v;
+    });
     if (!grew) {
         return a;
     }

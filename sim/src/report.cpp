@@ -75,17 +75,7 @@ std::string tidy_frame(const std::string& frame) {
         }
     }
     // Drop the parameter list and return type: the name is enough next to the line.
-    int depth = 0;
-    for (size_t i = 0; i < func.size(); ++i) {
-        if (func[i] == '<') {
-            ++depth;
-        } else if (func[i] == '>') {
-            --depth;
-        } else if (func[i] == '(' && depth == 0 && i > 0) {
-            func = func.substr(0, i);
-            break;
-        }
-    }
+    func = without_parameters(func);
     const size_t space = func.rfind(' ', func.find('<') == std::string::npos ? std::string::npos : func.find('<'));
     if (space != std::string::npos && func.find("operator") == std::string::npos) {
         func = func.substr(space + 1);
@@ -115,6 +105,20 @@ std::string tidy_chain(const std::string& chain) {
 }
 
 }  // namespace
+
+std::string without_parameters(const std::string& signature) {
+    int depth = 0;
+    for (size_t i = 0; i < signature.size(); ++i) {
+        if (signature[i] == '<') {
+            ++depth;
+        } else if (signature[i] == '>') {
+            --depth;
+        } else if (signature[i] == '(' && depth == 0 && i > 0) {
+            return signature.substr(0, i);
+        }
+    }
+    return signature;
+}
 
 std::string symbolize(void* const* addrs, size_t n) {
     // Group the addresses by the object they lie in; addr2line wants offsets into the file.

@@ -489,6 +489,8 @@ void block_self(const WaitInfo& w);
 void wake(Thread* t);
 void poll_self(const void* addr, uint64_t value, const WaitInfo& w);
 [[noreturn]] void fail_self(Failure* f);
+// fail_self with a failure of `code` whose title is the formatted message, at kernel address `at`.
+[[noreturn]] void fail(CUresult code, void* at, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 void exit_self();
 
 // Hopper's asynchronous units (async_ops.cpp): progress one operation in flight (a TMA transfer,
@@ -513,6 +515,8 @@ void named_barriers_on_exit(Thread* t);
 // Reports.
 std::string describe_thread(const Thread* t);
 // One line per address: file:line (function), inlined frames joined by " <- ".
+// A demangled function signature cut before its parameter list ("ns::f<(a, b)>(int)" -> "ns::f<(a, b)>").
+std::string without_parameters(const std::string& signature);
 std::string symbolize(void* const* addrs, size_t n);
 void report_failure(const Failure& f, const Kernel* k, const Thread* t);
 std::string hex(uint64_t v);

@@ -4,7 +4,6 @@
 // Each is a scheduling point: the thread may give way to another here, and it does whenever it
 // has to wait.
 #include <cmath>
-#include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <unordered_map>
@@ -16,21 +15,6 @@ namespace dksim {
 namespace {
 
 Thread* me() { return eng().running; }
-
-[[noreturn]] void fail(CUresult code, void* at, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-
-void fail(CUresult code, void* at, const char* fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    auto* f = new Failure();
-    f->code = code;
-    f->title = buf;
-    f->where = at;
-    fail_self(f);
-}
 
 const char* scope_name(Scope s) { return s == Scope::Cta ? "cta" : (s == Scope::Gpu ? "gpu" : "sys"); }
 
