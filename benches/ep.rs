@@ -21,7 +21,7 @@ use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::ep::{Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport};
 use deepkern::reference::ep::{EpConfig, Routing, dispatch};
 use deepkern::{F8E4M3, bf16};
-use harness::{GpuBench, Record, Xs};
+use harness::{GpuBench, Record, Span, Xs};
 use serde_json::json;
 
 const HIDDEN: usize = 7168;
@@ -169,14 +169,28 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
         let dispatch_bytes = pairs * (HIDDEN + 4 * HIDDEN / 128);
         let shape_json = json!({"ranks": ranks, "tokens_per_rank": tokens, "hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "sms": sms, "transport": tname});
         let ins = inputs(&data);
-        let mut run_dispatch = |_: &Arc<CudaStream>| {
-            ep.dispatch(&ins).expect("dispatch");
+        // A dispatch must be combined before the next one: every round runs both, and times one.
+        let mut round = |span: &Span<'_>, time_dispatch: bool| {
+            if time_dispatch {
+                span.start();
+            }
+            let got = ep.dispatch(&ins).expect("dispatch");
+            if time_dispatch {
+                span.stop();
+            } else {
+                span.start();
+            }
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            ep.combine(&views, &handles).expect("combine");
+            if !time_dispatch {
+                span.stop();
+            }
         };
         group.throughput(Throughput::Bytes(dispatch_bytes as u64));
         group.bench_function(BenchmarkId::new(format!("dispatch_fp8_{tname}"), ranks), |b| {
-            b.iter_custom(|iters| gpu.time(iters, &mut run_dispatch))
+            b.iter_custom(|iters| gpu.time_spans(iters, |s| round(s, true)))
         });
-        let median_us = gpu.median_us(&mut run_dispatch);
+        let median_us = gpu.median_span_us(|s| round(s, true));
         let copy_us = gpu.copy_median_us(dispatch_bytes);
         gpu.record(Record {
             kernel: "ep_dispatch_fp8",
@@ -189,14 +203,11 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
         });
 
         let combine_bytes = pairs * 2 * HIDDEN;
-        let mut run_combine = |_: &Arc<CudaStream>| {
-            ep.combine(&views, &handles).expect("combine");
-        };
         group.throughput(Throughput::Bytes(combine_bytes as u64));
         group.bench_function(BenchmarkId::new(format!("combine_bf16_{tname}"), ranks), |b| {
-            b.iter_custom(|iters| gpu.time(iters, &mut run_combine))
+            b.iter_custom(|iters| gpu.time_spans(iters, |s| round(s, false)))
         });
-        let median_us = gpu.median_us(&mut run_combine);
+        let median_us = gpu.median_span_us(|s| round(s, false));
         let copy_us = gpu.copy_median_us(combine_bytes);
         gpu.record(Record {
             kernel: "ep_combine_bf16",
@@ -238,16 +249,31 @@ fn low_latency(gpu: &mut GpuBench, c: &mut Criterion) {
         let ys: Vec<CudaSlice<bf16>> = got.iter().map(|g| stream.alloc_zeros::<bf16>(g.handle.rows() * HIDDEN).expect("alloc y")).collect();
         let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
         let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+        ep.combine(&views, &handles).expect("combine");
         ep.check().expect("device error");
 
         let sms = ep.num_sms();
         let pairs = ranks * tokens * TOPK;
         let shape_json = json!({"ranks": ranks, "tokens_per_rank": tokens, "hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "sms": sms});
-        let mut run_dispatch = |_: &Arc<CudaStream>| {
-            ep.dispatch_low_latency(&ins).expect("dispatch");
+        // A dispatch must be combined before the next one: every round runs both, and times one.
+        let mut round = |span: &Span<'_>, time_dispatch: bool| {
+            if time_dispatch {
+                span.start();
+            }
+            let got = ep.dispatch_low_latency(&ins).expect("dispatch");
+            if time_dispatch {
+                span.stop();
+            } else {
+                span.start();
+            }
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            ep.combine(&views, &handles).expect("combine");
+            if !time_dispatch {
+                span.stop();
+            }
         };
-        group.bench_function(BenchmarkId::new("dispatch_fp8", ranks), |b| b.iter_custom(|iters| gpu.time(iters, &mut run_dispatch)));
-        let median_us = gpu.median_us(&mut run_dispatch);
+        group.bench_function(BenchmarkId::new("dispatch_fp8", ranks), |b| b.iter_custom(|iters| gpu.time_spans(iters, |s| round(s, true))));
+        let median_us = gpu.median_span_us(|s| round(s, true));
         gpu.record(Record {
             kernel: "ep_ll_dispatch_fp8",
             case: format!("R{ranks}-{tokens}tok-{sms}sm"),
@@ -257,11 +283,9 @@ fn low_latency(gpu: &mut GpuBench, c: &mut Criterion) {
             bytes: Some((pairs * (HIDDEN + 4 * HIDDEN / 128)) as f64),
             baseline: None,
         });
-        let mut run_combine = |_: &Arc<CudaStream>| {
-            ep.combine(&views, &handles).expect("combine");
-        };
-        group.bench_function(BenchmarkId::new("combine_bf16", ranks), |b| b.iter_custom(|iters| gpu.time(iters, &mut run_combine)));
-        let median_us = gpu.median_us(&mut run_combine);
+        group
+            .bench_function(BenchmarkId::new("combine_bf16", ranks), |b| b.iter_custom(|iters| gpu.time_spans(iters, |s| round(s, false))));
+        let median_us = gpu.median_span_us(|s| round(s, false));
         gpu.record(Record {
             kernel: "ep_ll_combine_bf16",
             case: format!("R{ranks}-{tokens}tok-{sms}sm"),

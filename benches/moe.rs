@@ -254,7 +254,7 @@ fn case(gpu: &mut GpuBench, c: &mut Criterion, ranks: usize, tokens: usize, w13:
         eprintln!("R={ranks} T={tokens} {name}: {:.0} us, {:.2}x of the bound, {:.2}x faster than sequential", t, t / bound, t_seq / t);
     }
     bench.finish();
-    for p in &pair {
+    for p in &mut pair {
         p[0].check().expect("device error");
         p[1].check().expect("device error");
     }

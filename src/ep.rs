@@ -40,6 +40,7 @@
 //! All of a virtual group's work runs on the group's stream.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
 use float8::F8E4M3;
@@ -164,7 +165,36 @@ const NOTIFY: usize = ffi::DK_EP_SIGNAL_NOTIFY as usize;
 const DISPATCH: usize = ffi::DK_EP_SIGNAL_DISPATCH as usize;
 const LL_DISPATCH: usize = ffi::DK_EP_SIGNAL_LL_DISPATCH as usize;
 const COMBINE: usize = ffi::DK_EP_SIGNAL_COMBINE as usize;
+const BARRIER: usize = ffi::DK_EP_SIGNAL_BARRIER as usize;
 const KINDS: usize = ffi::DK_EP_SIGNAL_KINDS as usize;
+const KIND_NAMES: [&str; KINDS] = ["NOTIFY (normal dispatch counts)", "DISPATCH", "LL_DISPATCH", "COMBINE", "BARRIER (group teardown)"];
+
+/// How long a kernel waits for its peers' signals unless told otherwise ([`Group::set_timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(100);
+
+/// Where a local rank stands in the call order the buffers rely on (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No round in flight: a dispatch (either mode) may start.
+    Idle,
+    /// A low-latency send is in flight: its receive comes next.
+    LowLatencySent,
+    /// Rows were received (either mode): combine comes next.
+    Received,
+    /// The combine's send phase ran: its receive comes next.
+    CombineSent,
+}
+
+impl Phase {
+    fn state(self) -> &'static str {
+        match self {
+            Phase::Idle => "has no round in flight",
+            Phase::LowLatencySent => "has a low-latency send whose receive has not run",
+            Phase::Received => "has received a dispatch that has not been combined",
+            Phase::CombineSent => "has a combine send whose receive has not run",
+        }
+    }
+}
 
 /// One rank's tokens: bf16 rows, or e4m3 rows and their 1x128 scales in the per-token quantiser's
 /// transposed layout `[hidden / 128, round_up(tokens, 4)]` ([`crate::quantize_per_token_group`]).
@@ -193,6 +223,8 @@ pub enum Rows {
 /// Where every received row came from, and the source rank's routing: what combine needs.
 pub struct Handle {
     rank: usize,
+    /// The round that produced it: the epoch of its dispatch kind (normal or low latency).
+    round: (usize, u32),
     tokens: usize,
     k: usize,
     /// `[rows]`: packed source `(src_rank · max_tokens + token) · max_topk + slot`, -1 for none.
@@ -259,11 +291,18 @@ pub struct Dispatched {
 /// completes it.
 pub struct PendingLowLatency {
     rank: usize,
+    round: u32,
     tokens: usize,
     k: usize,
-    topk_idx: CudaSlice<i32>,
-    topk_weights: CudaSlice<f32>,
-    num_invalid: CudaSlice<i32>,
+    /// The routing copies and the invalid-slot counter; taken by the receive that completes it.
+    routing: Option<(CudaSlice<i32>, CudaSlice<f32>, CudaSlice<i32>)>,
+}
+
+impl PendingLowLatency {
+    /// The rank whose send this is.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
 }
 
 /// One rank's result of a low-latency dispatch, in the masked grouped GEMM's layout.
@@ -294,6 +333,10 @@ pub struct Group {
     /// Virtual groups with concurrent ranks ([`Group::set_concurrent_ranks`]): one stream per
     /// rank for the normal dispatch's send and receive phases; empty otherwise.
     rank_streams: Vec<Arc<CudaStream>>,
+    /// How long a kernel waits for its peers.
+    timeout: Duration,
+    /// Per rank (local ones only): where it stands in the call order.
+    phases: Vec<Phase>,
 }
 
 /// Where the group's symmetric buffers live.
@@ -314,16 +357,17 @@ struct NodeBuffers {
 }
 
 impl Drop for NodeBuffers {
+    /// Runs after `Group::drop`'s barrier (or when a group fails to form, before any peer mapped
+    /// this buffer): waits for the context's work, unmaps the peers' buffers, frees this one.
     fn drop(&mut self) {
         // Errors cannot be reported from drop; the context is bound so the calls address it.
         let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
         for &p in &self.opened {
-            // SAFETY: `p` was returned by cuIpcOpenMemHandle and is closed once.
+            // SAFETY: `p` was returned by cuIpcOpenMemHandle and is closed once, after every use.
             let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(p) };
         }
-        // SAFETY: `own` was allocated by malloc_sync and is freed once, after every use (the
-        // group's stream work is complete: synchronise first).
-        let _ = self.ctx.synchronize();
+        // SAFETY: `own` was allocated by malloc_sync and is freed once, after every use.
         let _ = unsafe { cudarc::driver::result::free_sync(self.own) };
     }
 }
@@ -426,6 +470,8 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            phases: vec![Phase::Idle; shape.ranks],
         })
     }
 
@@ -462,12 +508,17 @@ impl Group {
         unsafe { cudarc::driver::sys::cuIpcGetMemHandle(handle.as_mut_ptr(), own) }.result()?;
         // SAFETY: initialised by the successful call above.
         let handle = unsafe { handle.assume_init() };
-        let bytes: Vec<u8> = handle.reserved.iter().map(|&c| c as u8).collect();
+        // Each rank's handle, then its shape's fingerprint: ranks whose shapes differ would lay
+        // their buffers out differently, so every rank checks every other's before mapping any.
+        let mut bytes: Vec<u8> = handle.reserved.iter().map(|&c| c as u8).collect();
+        bytes.extend(shape.fingerprint().to_le_bytes());
         let send = stream.clone_htod(&bytes)?;
         let mut recv = stream.alloc_zeros::<u8>(bytes.len() * shape.ranks)?;
         comm.all_gather(&send, &mut recv)
             .map_err(|e| Error::Communication { rank, reason: format!("NCCL all-gather of IPC handles: {e:?}") })?;
         let all = stream.clone_dtoh(&recv)?;
+        let prints: Vec<u64> = all.chunks_exact(bytes.len()).map(|c| u64::from_le_bytes(c[64..72].try_into().expect("8 bytes"))).collect();
+        check_fingerprints(&shape, &prints)?;
         let mut addrs = vec![0u64; shape.ranks];
         for (r, chunk) in all.chunks_exact(bytes.len()).enumerate() {
             if r == rank {
@@ -475,7 +526,7 @@ impl Group {
                 continue;
             }
             let mut peer = CUipcMemHandle { reserved: [0; 64] };
-            for (d, &b) in peer.reserved.iter_mut().zip(chunk) {
+            for (d, &b) in peer.reserved.iter_mut().zip(&chunk[..64]) {
                 *d = b as std::ffi::c_char;
             }
             let mut ptr = 0u64;
@@ -500,6 +551,8 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            phases: vec![Phase::Idle; shape.ranks],
         })
     }
 
@@ -522,6 +575,13 @@ impl Group {
                 .unwrap_or(1)
                 .max(1);
         let rank = comm.rank();
+        let send = stream.clone_htod(&shape.fingerprint().to_le_bytes())?;
+        let mut recv = stream.alloc_zeros::<u8>(8 * shape.ranks)?;
+        comm.all_gather(&send, &mut recv)
+            .map_err(|e| Error::Communication { rank, reason: format!("NCCL all-gather of the group shapes: {e:?}") })?;
+        let prints: Vec<u64> =
+            stream.clone_dtoh(&recv)?.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        check_fingerprints(&shape, &prints)?;
         let own = alloc::<u8>(&stream, layout.bytes)?;
         let mut addrs = vec![0u64; shape.ranks];
         addrs[rank] = own.device_ptr(&stream).0;
@@ -537,6 +597,8 @@ impl Group {
             num_sms: DEFAULT_NUM_SMS.min(sm_count),
             sm_count,
             rank_streams: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            phases: vec![Phase::Idle; shape.ranks],
         })
     }
 
@@ -550,9 +612,13 @@ impl Group {
 
     /// Dissolves an NCCL group and returns its communicator (after the group's work is done:
     /// synchronises the stream); `None` for other groups.
-    pub fn into_comm(self) -> Option<cudarc::nccl::Comm> {
+    pub fn into_comm(mut self) -> Option<cudarc::nccl::Comm> {
         let _ = self.stream.synchronize();
-        match self.storage {
+        if !matches!(self.storage, Storage::Nccl { .. }) {
+            return None;
+        }
+        // What remains of the group is dropped as an empty virtual group (nothing to tear down).
+        match std::mem::replace(&mut self.storage, Storage::Virtual(Vec::new())) {
             Storage::Nccl { comm, .. } => Some(comm),
             _ => None,
         }
@@ -642,6 +708,23 @@ impl Group {
         Ok(())
     }
 
+    /// How long a kernel waits for its peers' signals before it gives up, poisons what it would
+    /// have produced and reports the rank it waited for ([`Group::check`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sets the wait limit ([`DEFAULT_TIMEOUT`], 100 s, unless set): from 1 µs to about 290 years.
+    /// Every rank should use the same. A short limit turns a slow peer into an error; a long one
+    /// keeps a dead peer's group waiting that long before anything is reported.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        if timeout < Duration::from_micros(1) || i64::try_from(timeout.as_nanos()).is_err() {
+            return Err(Error::InvalidArgument { arg: "timeout", reason: format!("{timeout:?} is outside 1 µs ..= 2^63 ns") });
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
+
     /// Blocks each communication kernel launches (one per SM).
     pub fn num_sms(&self) -> usize {
         self.num_sms
@@ -700,6 +783,41 @@ impl Group {
             off_out_weight: o(l.out_weight),
             off_out_src: o(l.out_src),
             off_ret: o(l.ret),
+            // Checked by set_timeout: 1 µs ..= 2^63 - 1 ns.
+            timeout_ns: i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Refuses `call` unless local rank `rank` stands at `want` in the call order.
+    fn expect_phase(&self, call: &'static str, rank: usize, want: Phase) -> Result<()> {
+        let now = self.phases[rank];
+        if now == want {
+            return Ok(());
+        }
+        let next = match now {
+            Phase::Idle => "dispatch first",
+            Phase::LowLatencySent => "call dispatch_low_latency_recv first",
+            Phase::Received => "combine (combine_send, then combine_recv) first",
+            Phase::CombineSent => "call combine_recv first",
+        };
+        Err(Error::InvalidArgument { arg: call, reason: format!("out of order: rank {rank} {}; {next}", now.state()) })
+    }
+
+    /// Virtual groups run every rank on one stream: a receive of signal `kind` enqueued before some
+    /// rank's send of this round would wait for work queued behind it. Refuses such a `call`.
+    fn expect_all_sent(&self, call: &'static str, rank: usize, kind: usize) -> Result<()> {
+        if !matches!(self.storage, Storage::Virtual(_)) {
+            return Ok(());
+        }
+        let round = self.epochs[rank][kind];
+        match (0..self.shape.ranks).find(|&r| self.epochs[r][kind] != round) {
+            None => Ok(()),
+            Some(r) => Err(Error::InvalidArgument {
+                arg: call,
+                reason: format!(
+                    "out of order: rank {r} has not enqueued its send of this round; on virtual ranks every rank's send must come before any rank's receive"
+                ),
+            }),
         }
     }
 
@@ -864,16 +982,15 @@ impl Group {
     fn dispatch_impl(&mut self, inputs: &[RankInput<'_>], consumer: Option<&Arc<CudaStream>>) -> Result<Vec<Dispatched>> {
         let local = self.check_local_count("inputs", inputs.len())?;
         inputs.iter().try_for_each(|i| self.validate_input(i, false))?;
+        local.iter().try_for_each(|&rank| self.expect_phase("dispatch", rank, Phase::Idle))?;
         let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
         for (&rank, prep) in local.iter().zip(&preps) {
+            // One epoch per round: the send waits for NOTIFY and signals DISPATCH at the same one,
+            // so a round refused between the two leaves the counters equal.
             let epoch = self.bump(rank, NOTIFY);
-            if let Storage::Nccl { own, comm, .. } = &mut self.storage {
-                let (r, e) = (self.shape.ranks, self.shape.num_experts);
-                let mut counts = own.slice_mut(self.layout.counts..self.layout.counts + r * e * 4);
-                // SAFETY: the counts region holds r·e i32 (4-byte aligned: regions are 256-aligned).
-                let mut counts = unsafe { counts.transmute_mut::<i32>(r * e) }.expect("the counts region holds ranks × experts i32");
-                comm.all_gather(&prep.layout.tokens_per_expert.slice(..e), &mut counts)
-                    .map_err(|err| Error::Communication { rank, reason: format!("NCCL all-gather of counts: {err:?}") })?;
+            self.epochs[rank][DISPATCH] = epoch;
+            if matches!(self.storage, Storage::Nccl { .. }) {
+                self.nccl_notify(rank, prep)?;
                 continue;
             }
             let mut launch = Launch::new("ep_dispatch_notify", &self.stream)?;
@@ -881,9 +998,10 @@ impl Group {
             let params = ffi::dk_ep_notify_params {
                 group: self.params(rank, epoch, peers),
                 tokens_per_expert: launch.input(&prep.layout.tokens_per_expert) as *const i32,
+                num_invalid: launch.input(&prep.layout.num_invalid) as *const i32,
             };
             let s = launch.stream();
-            // SAFETY: as in send_tokens; tokens_per_expert has num_experts elements.
+            // SAFETY: as in send_tokens; tokens_per_expert has num_experts elements, num_invalid 1.
             let status = ffi_call!(unsafe dk_ep_dispatch_notify(&params, s));
             launch.finish(status)?;
         }
@@ -898,18 +1016,34 @@ impl Group {
             let status = ffi_call!(unsafe dk_ep_wait(&params, s));
             launch.finish(status)?;
         }
-        // Every rank holds the same all-gathered matrix once all notifies ran.
+        // Every rank holds the same all-gathered counts, invalid-slot counts and error bits once all
+        // notifies ran, so every rank refuses a round together, and the epochs stay in step.
         let (r, e) = (self.shape.ranks, self.shape.num_experts);
         let bytes = self.read_local(first, self.layout.counts, r * e * 4)?;
         let counts: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-        for (&rank, prep) in local.iter().zip(&preps) {
-            let invalid = self.stream.clone_dtoh(&prep.layout.num_invalid)?[0];
-            if invalid != 0 {
-                return Err(Error::InvalidArgument {
-                    arg: "topk_idx",
-                    reason: format!("rank {rank}: {invalid} slots name experts outside -1..{e}"),
-                });
+        for &rank in &local {
+            let (bits, timeout) = self.read_errors(rank)?;
+            if bits & ffi::DK_EP_ERROR_TIMEOUT != 0 {
+                return Err(self.error_of(rank, bits, timeout));
             }
+        }
+        let status = self.read_words(first, ffi::DK_EP_PEER_ERROR_WORD as usize, 2 * MAX_RANKS)?;
+        let (published, invalid) = status.split_at(MAX_RANKS);
+        let publishable = ffi::DK_EP_ERROR_TIMEOUT | ffi::DK_EP_ERROR_OVERFLOW;
+        if let Some(s) = (0..r).find(|&s| published[s] & publishable != 0) {
+            return Err(Error::Communication {
+                rank: s,
+                reason: format!(
+                    "an earlier operation of this rank failed ({}) and its error has not been cleared; every rank refuses this dispatch until Group::check on rank {s} reads and clears it",
+                    describe_bits(published[s] & publishable)
+                ),
+            });
+        }
+        if let Some(s) = (0..r).find(|&s| invalid[s] != 0) {
+            return Err(Error::InvalidArgument {
+                arg: "topk_idx",
+                reason: format!("rank {s}: {} slots name experts outside -1..{e} (every rank refuses this dispatch)", invalid[s]),
+            });
         }
         let plans: Vec<_> = (0..r).map(|d| normal_rows(&self.shape, &counts, d)).collect();
         if let Some((d, p)) = plans.iter().enumerate().find(|(_, p)| p.rows > self.shape.recv_rows) {
@@ -942,7 +1076,98 @@ impl Group {
                 self.stream.join(s)?;
             }
         }
+        if result.is_ok() {
+            local.iter().for_each(|&rank| self.phases[rank] = Phase::Received);
+        }
         result
+    }
+
+    /// NCCL groups: all-gathers this rank's counts, invalid-slot count and error word into its
+    /// own buffer, where the notify kernel of the other groups writes them into every peer's.
+    fn nccl_notify(&mut self, rank: usize, prep: &Prepared) -> Result<()> {
+        let (r, e) = (self.shape.ranks, self.shape.num_experts);
+        let l = self.layout;
+        let stream = self.stream.clone();
+        let Storage::Nccl { own, comm, .. } = &mut self.storage else {
+            return Ok(());
+        };
+        let nccl = |what: &str, err: cudarc::nccl::result::NcclError| Error::Communication {
+            rank,
+            reason: format!("NCCL all-gather of {what}: {err:?}"),
+        };
+        let word = |w: u32| l.signals + w as usize * 4;
+        // The error word as it stands on the stream (the readers ignore DK_EP_ERROR_PEER).
+        let mut error = stream.alloc_zeros::<u32>(1)?;
+        let at = word(ffi::DK_EP_ERROR_WORD);
+        let src = own.slice(at..at + 4);
+        // SAFETY: 4 bytes, 4-byte aligned (regions are 256-aligned), any bits are a valid u32.
+        stream.memcpy_dtod(&unsafe { src.transmute::<u32>(1) }.expect("one u32"), &mut error)?;
+        let mut counts = own.slice_mut(l.counts..l.counts + r * e * 4);
+        // SAFETY: the counts region holds r·e i32 (4-byte aligned: regions are 256-aligned).
+        let mut counts = unsafe { counts.transmute_mut::<i32>(r * e) }.expect("the counts region holds ranks × experts i32");
+        comm.all_gather(&prep.layout.tokens_per_expert.slice(..e), &mut counts).map_err(|err| nccl("counts", err))?;
+        let at = word(ffi::DK_EP_PEER_INVALID_WORD);
+        let mut invalid = own.slice_mut(at..at + r * 4);
+        // SAFETY: the signals region holds MAX_RANKS invalid-slot words from `at`.
+        let mut invalid = unsafe { invalid.transmute_mut::<i32>(r) }.expect("ranks i32");
+        comm.all_gather(&prep.layout.num_invalid, &mut invalid).map_err(|err| nccl("invalid slots", err))?;
+        let at = word(ffi::DK_EP_PEER_ERROR_WORD);
+        let mut published = own.slice_mut(at..at + r * 4);
+        // SAFETY: the signals region holds MAX_RANKS published-error words from `at`.
+        let mut published = unsafe { published.transmute_mut::<u32>(r) }.expect("ranks u32");
+        comm.all_gather(&error, &mut published).map_err(|err| nccl("error words", err))?;
+        Ok(())
+    }
+
+    /// `n` u32 words of local rank `rank`'s signals region from word `first` (synchronises).
+    fn read_words(&self, rank: usize, first: usize, n: usize) -> Result<Vec<u32>> {
+        let bytes = self.read_local(rank, self.layout.signals + first * 4, n * 4)?;
+        Ok(bytes.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Local rank `rank`'s error bits and timeout word (synchronises).
+    fn read_errors(&self, rank: usize) -> Result<(u32, u32)> {
+        let w = self.read_words(rank, ffi::DK_EP_ERROR_WORD as usize, 2)?;
+        Ok((w[0], w[1]))
+    }
+
+    /// The error that local rank `rank`'s error bits and timeout word describe.
+    fn error_of(&self, rank: usize, bits: u32, timeout: u32) -> Error {
+        let mut what = Vec::new();
+        if bits & ffi::DK_EP_ERROR_TIMEOUT != 0 {
+            what.push(match timeout.checked_sub(1) {
+                Some(w) => {
+                    let (kind, src) = (w as usize / MAX_RANKS, w as usize % MAX_RANKS);
+                    format!(
+                        "rank {src} did not signal {} within the timeout ({:?}); the outputs that waited for it were poisoned (NaN)",
+                        KIND_NAMES.get(kind).unwrap_or(&"?"),
+                        self.timeout
+                    )
+                }
+                None => "a peer did not signal within the timeout".to_string(),
+            });
+        }
+        let rest = bits & !ffi::DK_EP_ERROR_TIMEOUT;
+        if rest != 0 {
+            what.push(describe_bits(rest));
+        }
+        Error::Communication { rank, reason: what.join("; ") }
+    }
+
+    /// Zeroes local rank `rank`'s error and timeout words (on the stream, ordered after its work).
+    fn clear_errors(&mut self, rank: usize) -> Result<()> {
+        let at = self.layout.signals + ffi::DK_EP_ERROR_WORD as usize * 4;
+        let zeros = [0u8; 8];
+        match &mut self.storage {
+            Storage::Virtual(b) => self.stream.memcpy_htod(&zeros, &mut b[rank].slice_mut(at..at + 8))?,
+            Storage::Node(n) => {
+                self.stream.synchronize()?;
+                // SAFETY: the two words lie inside this rank's live buffer; the stream is idle.
+                unsafe { cudarc::driver::result::memcpy_htod_sync(n.own + at as u64, &zeros) }?;
+            }
+            Storage::Nccl { own, .. } => self.stream.memcpy_htod(&zeros, &mut own.slice_mut(at..at + 8))?,
+        }
+        Ok(())
     }
 
     /// The send and receive phases of a normal dispatch, each local rank's on `streams[i]`.
@@ -959,7 +1184,7 @@ impl Group {
         consumer: Option<&Arc<CudaStream>>,
     ) -> Result<Vec<Dispatched>> {
         for ((&rank, stream), (input, prep)) in local.iter().zip(streams).zip(inputs.iter().zip(&preps)) {
-            let epoch = self.bump(rank, DISPATCH);
+            let epoch = self.epochs[rank][DISPATCH];
             self.send_tokens(stream, "ep_dispatch_send", rank, epoch, input, prep, false)?;
         }
         if self.shape.transport.staged() {
@@ -1160,6 +1385,7 @@ impl Group {
         }
         let handle = Handle {
             rank,
+            round: (DISPATCH, epoch),
             tokens: prep.tokens,
             k: prep.k,
             src,
@@ -1196,24 +1422,35 @@ impl Group {
             });
         }
         self.validate_input(input, true)?;
+        self.expect_phase("dispatch_low_latency_send", rank, Phase::Idle)?;
         let prep = self.prepare(input)?;
         let epoch = self.bump(rank, LL_DISPATCH);
         self.send_tokens(&self.stream, "ep_ll_dispatch_send", rank, epoch, input, &prep, true)?;
+        self.phases[rank] = Phase::LowLatencySent;
         Ok(PendingLowLatency {
             rank,
+            round: epoch,
             tokens: prep.tokens,
             k: prep.k,
-            topk_idx: prep.topk_idx,
-            topk_weights: prep.topk_weights,
-            num_invalid: prep.layout.num_invalid,
+            routing: Some((prep.topk_idx, prep.topk_weights, prep.layout.num_invalid)),
         })
     }
 
-    /// Low-latency dispatch, receive phase: waits on the device for every rank's send phase.
-    pub fn dispatch_low_latency_recv(&mut self, pending: PendingLowLatency) -> Result<DispatchedLowLatency> {
+    /// Low-latency dispatch, receive phase: waits on the device for every rank's send phase. A
+    /// call refused for its order (on virtual ranks, before every rank's send) leaves `pending`
+    /// as it was, to be received once the order is right; a received one is refused.
+    pub fn dispatch_low_latency_recv(&mut self, pending: &mut PendingLowLatency) -> Result<DispatchedLowLatency> {
         let rank = pending.rank;
         self.check_local(rank)?;
         let epoch = self.epochs[rank][LL_DISPATCH];
+        self.expect_phase("dispatch_low_latency_recv", rank, Phase::LowLatencySent)?;
+        if pending.round != epoch {
+            return Err(Error::InvalidArgument { arg: "pending", reason: format!("rank {rank}'s send of an earlier round") });
+        }
+        self.expect_all_sent("dispatch_low_latency_recv", rank, LL_DISPATCH)?;
+        let Some((topk_idx, topk_weights, num_invalid)) = pending.routing.take() else {
+            return Err(Error::InvalidArgument { arg: "pending", reason: "already received".into() });
+        };
         let (el, h) = (self.shape.experts_per_rank(), self.shape.hidden);
         let capacity = self.shape.ll_capacity();
         let stride = ll_scale_stride(&self.shape);
@@ -1244,15 +1481,17 @@ impl Group {
             let status = ffi_call!(unsafe dk_ep_ll_dispatch_recv(&params, s));
             launch.finish(status)?;
         }
+        self.phases[rank] = Phase::Received;
         let handle = Handle {
             rank,
+            round: (LL_DISPATCH, epoch),
             tokens: pending.tokens,
             k: pending.k,
             src,
             rows: el * capacity,
-            topk_idx: pending.topk_idx,
-            topk_weights: pending.topk_weights,
-            num_invalid: pending.num_invalid,
+            topk_idx,
+            topk_weights,
+            num_invalid,
             staged: None,
         };
         Ok(DispatchedLowLatency { x, masked_m, capacity, handle })
@@ -1262,7 +1501,7 @@ impl Group {
     pub fn dispatch_low_latency(&mut self, inputs: &[RankInput<'_>]) -> Result<Vec<DispatchedLowLatency>> {
         let local = self.check_local_count("inputs", inputs.len())?;
         let pending = local.iter().zip(inputs).map(|(&rank, i)| self.dispatch_low_latency_send(rank, i)).collect::<Result<Vec<_>>>()?;
-        pending.into_iter().map(|p| self.dispatch_low_latency_recv(p)).collect()
+        pending.into_iter().map(|mut p| self.dispatch_low_latency_recv(&mut p)).collect()
     }
 
     /// Combine, send phase of `handle.rank()`: `y` (`[handle.rows(), hidden]` bf16, the expert
@@ -1273,6 +1512,8 @@ impl Group {
         let h = self.shape.hidden;
         expect_len("y", y.len(), handle.rows * h, || format!("[{}, {h}] bf16", handle.rows))?;
         check_aligned("y", y.device_ptr(&self.stream).0, 16)?;
+        self.expect_phase("combine_send", rank, Phase::Received)?;
+        self.expect_current(rank, handle)?;
         let epoch = self.bump(rank, COMBINE);
         // A group with a staged transport runs a low-latency combine the peer way (the handle
         // carries no staged part then).
@@ -1296,16 +1537,41 @@ impl Group {
         if let Some(st) = staged {
             self.move_runs(&[rank], &st.counts, Direction::Combine)?;
         }
+        self.phases[rank] = Phase::CombineSent;
+        Ok(())
+    }
+
+    /// Refuses a handle that did not come from rank `rank`'s current round.
+    fn expect_current(&self, rank: usize, handle: &Handle) -> Result<()> {
+        let (kind, round) = handle.round;
+        if self.epochs[rank][kind] != round {
+            return Err(Error::InvalidArgument { arg: "handle", reason: format!("rank {rank}'s handle of an earlier round") });
+        }
         Ok(())
     }
 
     /// Combine, receive phase of `handle.rank()` as a *source* rank: waits on the device for
-    /// every rank's send phase and returns this rank's `[tokens, hidden]` bf16 weighted sums over
-    /// the routing it dispatched (the routing `handle` carries: use the handle this rank's own
-    /// dispatch returned).
+    /// every rank's send phase and returns this rank's `[tokens, hidden]` bf16 outputs, each
+    /// token's **router-weighted** sum `Σ_j topk_weights[t, j] · y[row of (t, j)]` over the routing
+    /// it dispatched (the routing `handle` carries: use the handle this rank's own dispatch
+    /// returned). The weights are applied here, so the expert outputs `y` must not already carry
+    /// them; code ported from DeepEP, whose normal-mode combine does not weight (the caller
+    /// weights before it), would apply them twice: use [`Group::combine_recv_unweighted`] there.
     pub fn combine_recv(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
+        self.combine_recv_impl(handle, true)
+    }
+
+    /// [`Group::combine_recv`] with every weight 1: each token gets the plain sum of its rows.
+    pub fn combine_recv_unweighted(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
+        self.combine_recv_impl(handle, false)
+    }
+
+    fn combine_recv_impl(&mut self, handle: &Handle, weighted: bool) -> Result<CudaSlice<bf16>> {
         let rank = handle.rank;
         self.check_local(rank)?;
+        self.expect_phase("combine_recv", rank, Phase::CombineSent)?;
+        self.expect_current(rank, handle)?;
+        self.expect_all_sent("combine_recv", rank, COMBINE)?;
         let epoch = self.epochs[rank][COMBINE];
         let mut out = alloc::<bf16>(&self.stream, handle.tokens * self.shape.hidden)?;
         let staged = handle.staged.as_ref();
@@ -1316,7 +1582,7 @@ impl Group {
         let params = ffi::dk_ep_combine_recv_params {
             group,
             topk_idx: launch.input(&handle.topk_idx) as *const i32,
-            topk_weights: launch.input(&handle.topk_weights) as *const f32,
+            topk_weights: if weighted { launch.input(&handle.topk_weights) as *const f32 } else { std::ptr::null() },
             out: launch.output(&mut out) as *mut std::os::raw::c_void,
             pair_pos: staged.map_or(std::ptr::null(), |st| launch.input(&st.pair_pos) as *const i32),
             tokens_per_expert: staged.map_or(std::ptr::null(), |st| launch.input(&st.tokens_per_expert) as *const i32),
@@ -1327,13 +1593,24 @@ impl Group {
         // SAFETY: routing copies hold tokens × k elements, out tokens × hidden.
         let status = ffi_call!(unsafe dk_ep_combine_recv(&params, s));
         launch.finish(status)?;
+        self.phases[rank] = Phase::Idle;
         Ok(out)
     }
 
     /// Combine of every local rank: `ys[i]` with `handles[i]` (from the same dispatch) for the
     /// i-th local rank; all send phases, then all receive phases. Returns each local rank's
-    /// `[tokens, hidden]` output.
+    /// `[tokens, hidden]` output: router-weighted sums, as [`Group::combine_recv`] explains.
     pub fn combine(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
+        self.combine_impl(ys, handles, true)
+    }
+
+    /// [`Group::combine`] with every weight 1 (plain sums), for expert outputs that already carry
+    /// the router weights.
+    pub fn combine_unweighted(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
+        self.combine_impl(ys, handles, false)
+    }
+
+    fn combine_impl(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle], weighted: bool) -> Result<Vec<CudaSlice<bf16>>> {
         let local = self.check_local_count("ys", ys.len())?;
         self.check_local_count("handles", handles.len())?;
         if let Some((i, h)) = handles.iter().enumerate().find(|(i, h)| h.rank != local[*i]) {
@@ -1345,27 +1622,56 @@ impl Group {
         for (y, h) in ys.iter().zip(handles) {
             self.combine_send(y, h)?;
         }
-        handles.iter().map(|h| self.combine_recv(h)).collect()
+        handles.iter().map(|h| self.combine_recv_impl(h, weighted)).collect()
     }
 
-    /// Reads every local rank's device error word (synchronises the stream): a peer that never
-    /// signalled, or rows that did not fit the receive buffers.
-    pub fn check(&self) -> Result<()> {
+    /// Reads and clears every local rank's device error words (synchronises the stream): a peer
+    /// that did not signal within [`Group::timeout`] (named, with the signal it waited for), rows
+    /// that did not fit the receive buffers, or a peer's reported error that poisoned this rank's
+    /// outputs. Returns the first local rank's error; all are cleared, so the next call reports
+    /// only what happened since. A rank whose error is not cleared keeps publishing it, and every
+    /// rank then refuses normal dispatches and poisons low-latency and combine outputs, so call it
+    /// on every rank after any failure (see `docs/ep.md`).
+    pub fn check(&mut self) -> Result<()> {
+        let mut first = None;
         for rank in self.local_ranks() {
-            let w = self.read_local(rank, self.layout.signals + ffi::DK_EP_ERROR_WORD as usize * 4, 4)?;
-            let bits = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
-            if bits != 0 {
-                let mut what = Vec::new();
-                if bits & ffi::DK_EP_ERROR_TIMEOUT != 0 {
-                    what.push("a peer did not signal within the timeout");
-                }
-                if bits & ffi::DK_EP_ERROR_OVERFLOW != 0 {
-                    what.push("rows did not fit the receive buffers and were dropped");
-                }
-                return Err(Error::Communication { rank, reason: what.join("; ") });
+            let (bits, timeout) = self.read_errors(rank)?;
+            if bits != 0 || timeout != 0 {
+                self.clear_errors(rank)?;
+                first = first.or(Some(self.error_of(rank, bits, timeout)));
             }
         }
-        Ok(())
+        self.stream.synchronize()?;
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Group {
+    /// A node group's ranks write into each other's buffers: before this rank unmaps its peers'
+    /// buffers and frees its own, its stream's work completes and every rank passes a device
+    /// barrier (so no peer's queued work still writes here). Every rank must drop its group; a
+    /// rank whose peers never do waits [`Group::timeout`] before it tears down anyway.
+    fn drop(&mut self) {
+        let Storage::Node(node) = &self.storage else {
+            return;
+        };
+        let rank = node.rank;
+        let _ = self.stream.synchronize();
+        let epoch = self.bump(rank, BARRIER);
+        let barrier = || -> Result<()> {
+            let mut launch = Launch::new("ep_barrier", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let params = ffi::dk_ep_wait_params { group: self.params(rank, epoch, peers), kind: BARRIER as i32 };
+            let s = launch.stream();
+            // SAFETY: as in send_tokens; the kernel writes one signal word into every peer's
+            // buffer and reads this rank's.
+            let status = ffi_call!(unsafe dk_ep_barrier(&params, s));
+            launch.finish(status)?;
+            self.stream.synchronize()?;
+            Ok(())
+        };
+        // Errors cannot be reported from drop; NodeBuffers::drop then unmaps and frees.
+        let _ = barrier();
     }
 }
 
@@ -1376,6 +1682,21 @@ enum Direction {
     Combine,
 }
 
+/// Error bits other than the timeout, in words.
+fn describe_bits(bits: u32) -> String {
+    let mut what = Vec::new();
+    if bits & ffi::DK_EP_ERROR_TIMEOUT != 0 {
+        what.push("a wait for a peer timed out");
+    }
+    if bits & ffi::DK_EP_ERROR_OVERFLOW != 0 {
+        what.push("rows did not fit the receive buffers and were dropped");
+    }
+    if bits & ffi::DK_EP_ERROR_PEER != 0 {
+        what.push("a peer reported an error, so outputs that depended on it were poisoned (NaN)");
+    }
+    what.join("; ")
+}
+
 fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
     if shape.ranks != comm.world_size() {
         return Err(Error::InvalidArgument {
@@ -1384,6 +1705,19 @@ fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Refuses to form a multi-process group whose ranks' shapes differ (`prints[r]`: rank r's
+/// [`GroupShape::fingerprint`]).
+fn check_fingerprints(shape: &GroupShape, prints: &[u64]) -> Result<()> {
+    let mine = shape.fingerprint();
+    match prints.iter().position(|&p| p != mine) {
+        None => Ok(()),
+        Some(r) => Err(Error::InvalidArgument {
+            arg: "shape",
+            reason: format!("rank {r} built its group with a different GroupShape; every rank must use the same ({shape:?} here)"),
+        }),
+    }
 }
 
 fn refuse_nccl(shape: &GroupShape, what: &str) -> Result<()> {

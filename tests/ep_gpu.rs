@@ -15,6 +15,16 @@
 //!   bytes (epoch signalling across calls, no races), with one SM per kernel.
 //! - `group_rejects_bad_input`: bad shapes, routing and buffers give argument errors before any
 //!   data moves; out-of-range experts in low-latency mode are counted, never written.
+//! - `call_order_is_enforced`: a second dispatch before the combine, a receive before its send
+//!   or before another virtual rank's send, and a handle of an earlier round are refused with the
+//!   call named, and the round then completes correctly.
+//! - `refused_dispatch_then_good_rounds`: a dispatch every rank refuses (one rank's bad expert
+//!   index) leaves the epochs in step: the next rounds, in both modes, equal the reference.
+//! - `errors_poison_refuse_and_clear`: a low-latency overflow on one rank poisons every rank's
+//!   receive and combine (NaN, no sources), makes every rank refuse the next normal dispatch,
+//!   is reported and cleared by `check` (a second `check` passes), and the group then works.
+//! - `unweighted_combine_sums_rows`: `combine_unweighted` of the dispatched rows is x times the
+//!   number of valid slots, `combine` of the same rows x times the weights' sum.
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
 //!   world size 1, the most one GPU allows: both dispatch modes and combine equal the reference.
 
@@ -46,6 +56,10 @@ fn main() {
             ("identity_experts_combine_to_weighted_x", identity_experts_combine_to_weighted_x),
             ("repeated_calls_are_bit_identical", repeated_calls_are_bit_identical),
             ("group_rejects_bad_input", group_rejects_bad_input),
+            ("call_order_is_enforced", call_order_is_enforced),
+            ("refused_dispatch_then_good_rounds", refused_dispatch_then_good_rounds),
+            ("errors_poison_refuse_and_clear", errors_poison_refuse_and_clear),
+            ("unweighted_combine_sums_rows", unweighted_combine_sums_rows),
             ("node_group_of_one_process", node_group_of_one_process),
             ("nccl_group_of_one_process", nccl_group_of_one_process),
         ],
@@ -551,12 +565,14 @@ fn repeated_calls_are_bit_identical(gpu: &Gpu) -> TestResult {
         let mut group = Group::new_virtual(&stream, GroupShape { transport, ..shape }).map_err(err)?;
         group.set_num_sms(1 + round % 4).map_err(err)?;
         let normal = group.dispatch(&inputs(&dev)).map_err(err)?;
-        let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
         let mut snapshot = Vec::new();
         for g in &normal {
             let (x, sf) = download_rows(&stream, &g.x)?;
             snapshot.push((x, sf, stream.clone_dtoh(&g.handle.src()).map_err(err)?));
         }
+        combine_zeros(&stream, &mut group, &normal.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+        let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+        combine_zeros(&stream, &mut group, &ll.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
         for g in &ll {
             let (x, sf) = download_rows(&stream, &g.x)?;
             let mut src = stream.clone_dtoh(&g.handle.src()).map_err(err)?;
@@ -570,6 +586,14 @@ fn repeated_calls_are_bit_identical(gpu: &Gpu) -> TestResult {
         }
     }
     Ok(())
+}
+
+/// Finishes a round with zero expert outputs: a dispatch must be combined before the next one.
+fn combine_zeros(stream: &Arc<CudaStream>, group: &mut Group, handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>, String> {
+    let h = group.shape().hidden;
+    let ys = handles.iter().map(|x| stream.alloc_zeros::<bf16>((x.rows() * h).max(1)).map_err(err)).collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = ys.iter().zip(handles).map(|(y, x)| y.slice(..x.rows() * h)).collect();
+    group.combine(&views, handles).map_err(err)
 }
 
 fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
@@ -591,6 +615,7 @@ fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
     })?;
     let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
     ensure(arg_of(group.set_num_sms(100_000))? == "num_sms", || "100000 SMs accepted".into())?;
+    ensure(arg_of(group.set_timeout(std::time::Duration::ZERO))? == "timeout", || "a zero timeout accepted".into())?;
     let mut ranks = host_ranks(&mut rng, &shape, &[16, 8], 4, false);
     // An expert index >= num_experts: normal dispatch refuses before moving data.
     ranks[1].idx[5] = 8;
@@ -599,6 +624,7 @@ fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
     // Low latency: the slot is ignored and counted; everything else arrives.
     let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
     ensure(got[1].handle.invalid_slots(&stream).map_err(err)? == 1, || "the invalid slot was not counted".into())?;
+    combine_zeros(&stream, &mut group, &got.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
     ranks[1].idx[5] = -1;
     let cfg = EpConfig { ranks: 2, num_experts: 8, m_align: 128 };
     let want = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
@@ -633,6 +659,194 @@ fn group_rejects_bad_input(gpu: &Gpu) -> TestResult {
     let got = group.dispatch(&inputs(&ok_dev)).map_err(err)?;
     let y = stream.alloc_zeros::<bf16>(got[0].rows * shape.hidden + 1).map_err(err)?;
     ensure(arg_of(group.combine_send(&y.slice(..), &got[0].handle))? == "y", || "y of the wrong length accepted".into())?;
+    Ok(())
+}
+
+fn refused(r: Result<(), Error>, call: &str) -> Result<(), String> {
+    match r {
+        Err(Error::InvalidArgument { arg, .. }) if arg == call => Ok(()),
+        other => Err(format!("expected `{call}` to be refused, got {other:?}")),
+    }
+}
+
+fn zeros_for(stream: &Arc<CudaStream>, handle: &Handle, hidden: usize) -> Result<CudaSlice<bf16>, String> {
+    stream.alloc_zeros::<bf16>((handle.rows() * hidden).max(1)).map_err(err)
+}
+
+fn call_order_is_enforced(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("call_order_is_enforced");
+    let stream = gpu.stream();
+    let shape = GroupShape::new(2, 8, 256, 16, 4, Payload::Bf16);
+    let h = shape.hidden;
+    let ranks = host_ranks(&mut rng, &shape, &[16, 9], 4, false);
+    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    let cfg = EpConfig { ranks: 2, num_experts: 8, m_align: shape.m_align };
+    let want = dispatch(&routings(&ranks), &cfg).map_err(err)?;
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    // Normal mode: nothing may start before the combine, and a receive waits for its send.
+    let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+    refused(group.dispatch(&inputs(&dev)).map(|_| ()), "dispatch")?;
+    refused(group.dispatch_low_latency(&inputs(&dev)).map(|_| ()), "dispatch_low_latency_send")?;
+    refused(group.combine_recv(&got[0].handle).map(|_| ()), "combine_recv")?;
+    // Rank 0's receive before rank 1's send would wait for work queued behind it.
+    let y0 = zeros_for(&stream, &got[0].handle, h)?;
+    group.combine_send(&y0.slice(..got[0].rows * h), &got[0].handle).map_err(err)?;
+    refused(group.combine_send(&y0.slice(..got[0].rows * h), &got[0].handle), "combine_send")?;
+    refused(group.combine_recv(&got[0].handle).map(|_| ()), "combine_recv")?;
+    let y1 = zeros_for(&stream, &got[1].handle, h)?;
+    group.combine_send(&y1.slice(..got[1].rows * h), &got[1].handle).map_err(err)?;
+    let out = [group.combine_recv(&got[0].handle).map_err(err)?, group.combine_recv(&got[1].handle).map_err(err)?];
+    for (r, o) in out.iter().enumerate() {
+        ensure(stream.clone_dtoh(o).map_err(err)?.iter().all(|v| v.to_f32() == 0.0), || format!("rank {r}: combine of zeros is not zero"))?;
+    }
+    // A handle of an earlier round is refused in the next one.
+    let again = group.dispatch(&inputs(&dev)).map_err(err)?;
+    refused(group.combine_send(&y0.slice(..got[0].rows * h), &got[0].handle), "handle")?;
+    let m_idx = stream.clone_dtoh(&again[1].m_indices).map_err(err)?;
+    ensure(again[1].rows == want[1].rows.len() && m_idx[..again[1].rows] == want[1].expert[..], || "round 2: layout differs".into())?;
+    combine_zeros(&stream, &mut group, &again.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+    // Low latency: a receive before its send's peers sent is refused and can be retried.
+    let ins = inputs(&dev);
+    let mut p0 = group.dispatch_low_latency_send(0, &ins[0]).map_err(err)?;
+    refused(group.dispatch_low_latency_send(0, &ins[0]).map(|_| ()), "dispatch_low_latency_send")?;
+    refused(group.dispatch_low_latency_recv(&mut p0).map(|_| ()), "dispatch_low_latency_recv")?;
+    let mut p1 = group.dispatch_low_latency_send(1, &ins[1]).map_err(err)?;
+    let ll = [group.dispatch_low_latency_recv(&mut p0).map_err(err)?, group.dispatch_low_latency_recv(&mut p1).map_err(err)?];
+    refused(group.dispatch_low_latency_recv(&mut p1).map(|_| ()), "dispatch_low_latency_recv")?;
+    let want_ll = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
+    for (r, (g, w)) in ll.iter().zip(&want_ll).enumerate() {
+        let masked = stream.clone_dtoh(&g.masked_m).map_err(err)?;
+        ensure(masked.iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || format!("rank {r}: masked_m {masked:?}"))?;
+    }
+    combine_zeros(&stream, &mut group, &ll.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+    group.check().map_err(err)?;
+    Ok(())
+}
+
+fn refused_dispatch_then_good_rounds(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("refused_dispatch_then_good_rounds");
+    let stream = gpu.stream();
+    let shape = GroupShape::new(4, 16, 256, 32, 4, Payload::Fp8);
+    let good = host_ranks(&mut rng, &shape, &[32, 7, 0, 32], 4, true);
+    let mut bad = host_ranks(&mut rng, &shape, &[32, 7, 0, 32], 4, true);
+    bad[3].idx[9] = 16;
+    let (good_dev, bad_dev) = (upload_ranks(&stream, &shape, &good)?, upload_ranks(&stream, &shape, &bad)?);
+    let cfg = EpConfig { ranks: 4, num_experts: 16, m_align: shape.m_align };
+    let want = dispatch(&routings(&good), &cfg).map_err(err)?;
+    for (transport, concurrent) in [(Transport::Peer, false), (Transport::Peer, true), (Transport::CopyEngine, false)] {
+        let what = format!("{transport:?} concurrent={concurrent}");
+        let mut group = Group::new_virtual(&stream, GroupShape { transport, ..shape }).map_err(err)?;
+        group.set_concurrent_ranks(concurrent).map_err(err)?;
+        for round in 0..3 {
+            refused(group.dispatch(&inputs(&bad_dev)).map(|_| ()), "topk_idx").map_err(|e| format!("{what} round {round}: {e}"))?;
+            let got = group.dispatch(&inputs(&good_dev)).map_err(err)?;
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let m_idx = stream.clone_dtoh(&g.m_indices).map_err(err)?;
+                ensure(g.rows == w.rows.len() && m_idx[..g.rows] == w.expert[..], || format!("{what} round {round}: rank {r}'s layout"))?;
+                let (x, sf) = download_rows(&stream, &g.x)?;
+                for (row, src) in w.rows.iter().enumerate() {
+                    check_row(&shape, &good, &x, &sf, row, |kb| kb * g.rows + row, src.as_ref(), &what)?;
+                }
+            }
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            check_combine(gpu, &mut rng, &mut group, &good, &want, &handles, &what)?;
+            let ll = group.dispatch_low_latency(&inputs(&good_dev)).map_err(err)?;
+            combine_zeros(&stream, &mut group, &ll.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+            group.check().map_err(|e| format!("{what} round {round}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn errors_poison_refuse_and_clear(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("errors_poison_refuse_and_clear");
+    let stream = gpu.stream();
+    let shape = GroupShape { ll_max_tokens: 4, ..GroupShape::new(2, 4, 256, 8, 2, Payload::Bf16) };
+    let h = shape.hidden;
+    let good = host_ranks(&mut rng, &shape, &[4, 4], 2, false);
+    // Rank 1 names expert 0 twice in every token: 8 pairs for 4 staging rows, an overflow.
+    let mut dup = host_ranks(&mut rng, &shape, &[4, 4], 2, false);
+    dup[1].idx = vec![0; 8];
+    let (good_dev, dup_dev) = (upload_ranks(&stream, &shape, &good)?, upload_ranks(&stream, &shape, &dup)?);
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    let ll = group.dispatch_low_latency(&inputs(&dup_dev)).map_err(err)?;
+    for (r, g) in ll.iter().enumerate() {
+        // Every rank's receive saw rank 1's published overflow: all rows NaN, no sources.
+        let masked = stream.clone_dtoh(&g.masked_m).map_err(err)?;
+        ensure(masked.iter().all(|&m| m as usize == g.capacity), || format!("rank {r}: masked_m {masked:?} after a peer's overflow"))?;
+        ensure(stream.clone_dtoh(&g.handle.src()).map_err(err)?.iter().all(|&s| s == -1), || {
+            format!("rank {r}: a poisoned row has a source")
+        })?;
+        let Rows::Bf16(x) = &g.x else { unreachable!() };
+        ensure(stream.clone_dtoh(x).map_err(err)?.iter().all(|v| v.to_f32().is_nan()), || format!("rank {r}: a poisoned row is not NaN"))?;
+    }
+    // The combine of that round is poisoned too, on every rank.
+    let ys: Vec<_> = ll.iter().map(|g| zeros_for(&stream, &g.handle, h)).collect::<Result<_, _>>()?;
+    let views: Vec<_> = ys.iter().zip(&ll).map(|(y, g)| y.slice(..g.handle.rows() * h)).collect();
+    let outs = group.combine(&views, &ll.iter().map(|g| &g.handle).collect::<Vec<_>>()).map_err(err)?;
+    for (r, o) in outs.iter().enumerate() {
+        ensure(stream.clone_dtoh(o).map_err(err)?.iter().all(|v| v.to_f32().is_nan()), || {
+            format!("rank {r}: combine output not poisoned")
+        })?;
+    }
+    // Until the error is read, every rank refuses a normal dispatch, naming rank 1.
+    match group.dispatch(&inputs(&good_dev)) {
+        Err(Error::Communication { rank: 1, reason }) if reason.contains("did not fit") => {}
+        other => return Err(format!("dispatch after an unread error: {:?}", other.map(|_| ())).into()),
+    }
+    // check reports it (rank 1 overflowed; rank 0 was poisoned by it) and clears it.
+    match group.check() {
+        Err(Error::Communication { rank: 0, reason }) if reason.contains("peer reported an error") => {}
+        other => return Err(format!("first check: {other:?}").into()),
+    }
+    group.check().map_err(|e| format!("second check still reports: {e}"))?;
+    // The group works again, in both modes.
+    let cfg = EpConfig { ranks: 2, num_experts: 4, m_align: shape.m_align };
+    let want = dispatch(&routings(&good), &cfg).map_err(err)?;
+    let got = group.dispatch(&inputs(&good_dev)).map_err(err)?;
+    let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+    check_combine(gpu, &mut rng, &mut group, &good, &want, &handles, "after check")?;
+    let ll = group.dispatch_low_latency(&inputs(&good_dev)).map_err(err)?;
+    let want_ll = dispatch_low_latency(&routings(&good), &cfg, shape.ll_max_tokens).map_err(err)?;
+    for (r, (g, w)) in ll.iter().zip(&want_ll).enumerate() {
+        let masked = stream.clone_dtoh(&g.masked_m).map_err(err)?;
+        ensure(masked.iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || format!("rank {r}: masked_m {masked:?} after check"))?;
+    }
+    combine_zeros(&stream, &mut group, &ll.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+    group.check().map_err(err)?;
+    Ok(())
+}
+
+fn unweighted_combine_sums_rows(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("unweighted_combine_sums_rows");
+    let stream = gpu.stream();
+    let shape = GroupShape::new(2, 8, 256, 32, 4, Payload::Bf16);
+    let ranks = host_ranks(&mut rng, &shape, &[32, 5], 4, false);
+    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    for weighted in [false, true] {
+        let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+        let ys: Vec<_> =
+            got.iter().map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.rows * shape.hidden) } else { unreachable!() }).collect();
+        let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+        let outs = if weighted { group.combine(&ys, &handles) } else { group.combine_unweighted(&ys, &handles) }.map_err(err)?;
+        for (r, (out, host)) in outs.iter().zip(&ranks).enumerate() {
+            let out = stream.clone_dtoh(out).map_err(err)?;
+            for t in 0..host.tokens {
+                let slots = (0..host.k).filter(|&j| host.idx[t * host.k + j] >= 0);
+                let scale: f64 = if weighted { slots.map(|j| f64::from(host.w[t * host.k + j])).sum() } else { slots.count() as f64 };
+                for c in 0..shape.hidden {
+                    let b = 2 * (t * shape.hidden + c);
+                    let x = f64::from(bf16::from_bits(u16::from_le_bytes([host.x[b], host.x[b + 1]])).to_f32());
+                    let (g, w) = (f64::from(out[t * shape.hidden + c].to_f32()), x * scale);
+                    ensure((g - w).abs() <= w.abs() * 2f64.powi(-8) + 1e-6, || {
+                        format!("weighted={weighted}: rank {r} token {t} column {c}: {g} vs {w}")
+                    })?;
+                }
+            }
+        }
+    }
+    group.check().map_err(err)?;
     Ok(())
 }
 

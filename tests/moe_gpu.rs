@@ -244,7 +244,7 @@ fn two_batch_is_bit_identical(gpu: &Gpu) -> TestResult {
                 })?;
             }
         }
-        for g in [&seq, &ga, &gb, &ca, &cb] {
+        for g in [&mut seq, &mut ga, &mut gb, &mut ca, &mut cb] {
             g.check().map_err(err)?;
         }
     }

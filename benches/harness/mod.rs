@@ -144,6 +144,30 @@ impl GpuBench {
         if n % 2 == 1 { us[n / 2] } else { 0.5 * (us[n / 2 - 1] + us[n / 2]) }
     }
 
+    /// GPU time of `iters` rounds, counting in each only what it brackets with its [`Span`]: for a
+    /// protocol whose timed call must be followed by another before it may run again (an EP
+    /// dispatch by its combine). L2 is flushed before every round.
+    pub fn time_spans(&mut self, iters: u64, mut round: impl FnMut(&Span<'_>)) -> Duration {
+        (0..iters).map(|_| self.span(&mut round)).sum()
+    }
+
+    /// Median of [`MEDIAN_REPS`] rounds' spans ([`GpuBench::time_spans`]), in microseconds.
+    pub fn median_span_us(&mut self, mut round: impl FnMut(&Span<'_>)) -> f64 {
+        let mut us: Vec<f64> = (0..MEDIAN_REPS).map(|_| self.span(&mut round).as_secs_f64() * 1e6).collect();
+        us.sort_by(f64::total_cmp);
+        let n = us.len();
+        if n % 2 == 1 { us[n / 2] } else { 0.5 * (us[n / 2 - 1] + us[n / 2]) }
+    }
+
+    fn span(&mut self, round: &mut impl FnMut(&Span<'_>)) -> Duration {
+        self.ensure_events(1);
+        self.flush_l2();
+        let span = Span { stream: &self.stream, events: &self.events[0] };
+        round(&span);
+        let (start, end) = &self.events[0];
+        Duration::from_secs_f64(f64::from(start.elapsed_ms(end).expect("event time")) * 1e-3)
+    }
+
     /// Median time of a device-to-device copy of `bytes` bytes (which moves 2x that through DRAM).
     pub fn copy_median_us(&mut self, bytes: usize) -> f64 {
         let src = self.stream.alloc_zeros::<u8>(bytes).expect("alloc copy source");
@@ -264,4 +288,21 @@ fn utc_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+/// The part of a bench round that is timed: [`Span::start`] and [`Span::stop`] record events on
+/// the bench stream around it.
+pub struct Span<'a> {
+    pub stream: &'a Arc<CudaStream>,
+    events: &'a (CudaEvent, CudaEvent),
+}
+
+impl Span<'_> {
+    pub fn start(&self) {
+        self.events.0.record(self.stream).expect("record start");
+    }
+
+    pub fn stop(&self) {
+        self.events.1.record(self.stream).expect("record end");
+    }
 }

@@ -64,6 +64,23 @@ __device__ __forceinline__ uint32_t ld_acquire_sys_global_u32(const uint32_t* pt
 #endif
 }
 
+// ld.relaxed.sys.global.u32: poll a flag that another GPU (or the host) may write, without the
+// cost of an acquire (whose cache invalidation every iteration of a polling loop would pay); once
+// the value is seen, one ld_acquire_sys_global_u32 of the same flag orders what follows.
+__device__ __forceinline__ uint32_t ld_relaxed_sys_global_u32(const uint32_t* ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    uint32_t v;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+#elif defined(DEEPKERN_SIM)
+    // A strong relaxed access in the simulator's race mode (volatile, see docs/simulator.md).
+    return *static_cast<const volatile uint32_t*>(ptr);
+#else
+    __trap();
+    return 0;
+#endif
+}
+
 // st.release.sys.global.u32: publish a flag; earlier reads and writes of this thread (and, with a
 // preceding barrier, of its block) are visible at system scope before the flag is.
 __device__ __forceinline__ void st_release_sys_global_u32(uint32_t* ptr, uint32_t v) {

@@ -23,8 +23,10 @@ namespace dk::ep {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// About 10 s at Hopper clocks: a peer that never signals is reported, not waited on forever.
-constexpr long long kTimeoutCycles = 1LL << 34;
+// Error bits a rank publishes to its peers with every signal (DK_EP_ERROR_PEER is local only).
+constexpr uint32_t kPublishedErrors = DK_EP_ERROR_TIMEOUT | DK_EP_ERROR_OVERFLOW;
+// Longest sleep between two polls of a flag.
+constexpr uint32_t kMaxPollSleepNs = 1024;
 // Rows per arrival counter of the receive (the contiguous GEMM's 128-row block).
 constexpr int kArrivalRows = DK_ARRIVAL_ROWS;
 
@@ -52,20 +54,68 @@ __device__ __forceinline__ void raise_error(const dk_ep_group_t& g, uint32_t bit
     atomicOr(own_signals(g) + DK_EP_ERROR_WORD, bits);
 }
 
-// Waits until every rank's signal of `kind` in this rank's buffer reached the epoch; the whole
-// block continues after it (acquire by the waiting threads, then a block barrier).
-__device__ __forceinline__ void wait_all(const dk_ep_group_t& g, int kind) {
-    if (threadIdx.x < g.ranks) {
-        const uint32_t* flag = own_signals(g) + kind * DK_EP_MAX_RANKS + threadIdx.x;
-        const long long start = clock64();
-        while (static_cast<int32_t>(ptx::ld_acquire_sys_global_u32(flag) - g.epoch) < 0) {
-            if (clock64() - start > kTimeoutCycles) {
-                raise_error(g, DK_EP_ERROR_TIMEOUT);
-                break;
-            }
-        }
+__device__ __forceinline__ bool reached(uint32_t flag, uint32_t epoch) {
+    return static_cast<int32_t>(flag - epoch) >= 0;
+}
+
+// Waits until every rank's signal of `kind` in this rank's buffer reached the epoch: one thread per
+// rank polls its flag with relaxed loads and a growing sleep, then orders what follows with a
+// single acquire; the whole block continues after a block barrier. Returns false (in every thread)
+// if some rank did not signal within timeout_ns: the error word gets DK_EP_ERROR_TIMEOUT and the
+// timeout word the first (kind, source) that did not arrive.
+__device__ __forceinline__ bool wait_all(const dk_ep_group_t& g, int kind) {
+    DK_SHARED(int, s_missing);
+    if (threadIdx.x == 0) {
+        s_missing = 0;
     }
     __syncthreads();
+    if (threadIdx.x < g.ranks) {
+        const uint32_t* flag = own_signals(g) + kind * DK_EP_MAX_RANKS + threadIdx.x;
+        if (!reached(ptx::ld_relaxed_sys_global_u32(flag), g.epoch)) {
+            const uint64_t start = ptx::globaltimer();
+            uint32_t sleep = 32;
+            while (!reached(ptx::ld_relaxed_sys_global_u32(flag), g.epoch)) {
+                if (ptx::globaltimer() - start > static_cast<uint64_t>(g.timeout_ns)) {
+                    raise_error(g, DK_EP_ERROR_TIMEOUT);
+                    atomicCAS(own_signals(g) + DK_EP_TIMEOUT_WORD, 0u, 1u + static_cast<uint32_t>(kind * DK_EP_MAX_RANKS + threadIdx.x));
+                    atomicOr(&s_missing, 1);
+                    break;
+                }
+                __nanosleep(sleep);
+                sleep = min(sleep * 2, kMaxPollSleepNs);
+            }
+        }
+        // Acquire: this thread's (and, after the barrier, the block's) later reads see everything
+        // the signalling rank wrote before its release.
+        (void)ptx::ld_acquire_sys_global_u32(flag);
+    }
+    __syncthreads();
+    return s_missing == 0;
+}
+
+// After a wait: whether any rank published error bits with its last signal (its outputs this
+// round are then not to be trusted). Every thread gets the same answer.
+__device__ __forceinline__ bool peers_failed(const dk_ep_group_t& g) {
+    DK_SHARED(int, s_failed);
+    if (threadIdx.x == 0) {
+        s_failed = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x < g.ranks && (ptx::ld_relaxed_sys_global_u32(own_signals(g) + DK_EP_PEER_ERROR_WORD + threadIdx.x) & kPublishedErrors) != 0) {
+        atomicOr(&s_failed, 1);
+    }
+    __syncthreads();
+    return s_failed != 0;
+}
+
+// A receive phase's verdict: true when its outputs must be poisoned (its own wait timed out, or a
+// rank reported an error; the latter is recorded as DK_EP_ERROR_PEER).
+__device__ __forceinline__ bool must_poison(const dk_ep_group_t& g, bool arrived) {
+    const bool failed = peers_failed(g);
+    if (failed && arrived && blockIdx.x == 0 && threadIdx.x == 0) {
+        raise_error(g, DK_EP_ERROR_PEER);
+    }
+    return !arrived || failed;
 }
 
 // True in every thread of the last block of the grid to get here (all other blocks' writes are
@@ -87,15 +137,16 @@ __device__ __forceinline__ bool last_block_done(const dk_ep_group_t& g, int kind
     return s_last;
 }
 
-// From the last block: publish `kind` at this call's epoch in every peer's slot of this rank.
+// From the last block: publish this rank's error bits, then `kind` at this call's epoch, in every
+// peer's slots of this rank; one thread per peer, each store a release (the block barrier orders
+// the block's writes before them).
 __device__ __forceinline__ void signal_all(const dk_ep_group_t& g, int kind) {
     __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        for (int r = 0; r < g.ranks; ++r) {
-            uint32_t* flag = region<uint32_t>(peer(g, r), g.off_signals) + kind * DK_EP_MAX_RANKS + g.rank;
-            ptx::st_release_sys_global_u32(flag, g.epoch);
-        }
+    if (threadIdx.x < g.ranks) {
+        const uint32_t errors = ptx::ld_relaxed_sys_global_u32(own_signals(g) + DK_EP_ERROR_WORD) & kPublishedErrors;
+        uint32_t* signals = region<uint32_t>(peer(g, threadIdx.x), g.off_signals);
+        *static_cast<volatile uint32_t*>(signals + DK_EP_PEER_ERROR_WORD + g.rank) = errors;
+        ptx::st_release_sys_global_u32(signals + kind * DK_EP_MAX_RANKS + g.rank, g.epoch);
     }
 }
 
@@ -113,6 +164,18 @@ __device__ __forceinline__ void warp_zero(void* dst, int64_t bytes, int lane) {
     for (int64_t i = lane; i < bytes / 16; i += 32) {
         d[i] = uint4{0, 0, 0, 0};
     }
+}
+
+// Fills `bytes` (a multiple of 16) with 0xff: NaN in bf16, e4m3 and f32.
+__device__ __forceinline__ void warp_poison(void* dst, int64_t bytes, int lane) {
+    auto* d = static_cast<uint4*>(dst);
+    for (int64_t i = lane; i < bytes / 16; i += 32) {
+        d[i] = uint4{~0u, ~0u, ~0u, ~0u};
+    }
+}
+
+__device__ __forceinline__ float nan_f32() {
+    return __int_as_float(0x7fffffff);
 }
 
 __device__ __forceinline__ bool valid_expert(int32_t e, int num_experts) {
@@ -178,11 +241,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- normal dispatch ------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) notify_kernel(dk_ep_group_t g, const int32_t* __restrict__ tokens_per_expert) {
+__global__ void __launch_bounds__(kThreads)
+    notify_kernel(dk_ep_group_t g, const int32_t* __restrict__ tokens_per_expert, const int32_t* __restrict__ num_invalid) {
     for (int r = 0; r < g.ranks; ++r) {
         int32_t* dst = region<int32_t>(peer(g, r), g.off_counts) + int64_t(g.rank) * g.num_experts;
         for (int e = threadIdx.x; e < g.num_experts; e += kThreads) {
             dst[e] = tokens_per_expert[e];
+        }
+        if (threadIdx.x == 0) {
+            region<int32_t>(peer(g, r), g.off_signals)[DK_EP_PEER_INVALID_WORD + g.rank] = *num_invalid;
         }
     }
     if (last_block_done(g, DK_EP_SIGNAL_NOTIFY)) {
@@ -318,9 +385,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(dk_ep_group_t g
         send_tokens<Send::kStaged>(g, in, s_base, nullptr);
         return;
     }
-    wait_all(g, DK_EP_SIGNAL_NOTIFY);
-    plan_rows(g, s_base, s_pad, s_rows);
-    send_tokens<Send::kNormal>(g, in, s_base, s_rows);
+    // The counts are this round's only once every rank's NOTIFY arrived; without them nothing is
+    // sent, and the timeout published with the signal makes every receiver poison its outputs.
+    if (wait_all(g, DK_EP_SIGNAL_NOTIFY)) {
+        plan_rows(g, s_base, s_pad, s_rows);
+        send_tokens<Send::kNormal>(g, in, s_base, s_rows);
+    }
     if (last_block_done(g, DK_EP_SIGNAL_DISPATCH)) {
         signal_all(g, DK_EP_SIGNAL_DISPATCH);
     }
@@ -359,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
     DK_SHARED(int[DK_EP_MAX_EXPERTS], s_before);  // staged only, [le, s]
     DK_SHARED(int[DK_EP_MAX_EXPERTS], s_inner);   // staged only, [s, le]
     DK_SHARED(int64_t[DK_EP_MAX_RANKS], s_inbase);  // staged only
-    wait_all(g, DK_EP_SIGNAL_DISPATCH);
+    const bool poison = must_poison(g, wait_all(g, DK_EP_SIGNAL_DISPATCH));
     const int el = g.num_experts / g.ranks;
     const int32_t* counts = region<int32_t>(peer(g, g.rank), g.off_counts);
     const auto count = [&](int s, int le) { return max(counts[int64_t(s) * g.num_experts + g.rank * el + le], 0); };
@@ -413,10 +483,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
         const int le = find_segment(s_off, el, r);
         const int64_t q = r - s_off[le];
         const int64_t at = g.staged ? inbox_row(g, s_before, s_inner, s_inbase, el, le, q) : r;
-        const bool valid = q < s_cnt[le] && at < g.recv_rows;
+        const bool in_layout = q < s_cnt[le];
+        // A poisoned row keeps its place in the layout (the GEMM still runs on it), with NaN
+        // payload, scales and weight and no source (combine sends nothing back for it).
+        const bool valid = in_layout && at < g.recv_rows && !poison;
+        const bool bad = in_layout && poison;
         if (lane == 0) {
-            p.m_indices[r] = valid ? le : -1;
-            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[at] : 0.0f;
+            p.m_indices[r] = valid || bad ? le : -1;
+            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[at] : (bad ? nan_f32() : 0.0f);
             p.src[r] = valid ? region<int32_t>(base, g.off_recv_src)[at] : -1;
             if (g.staged) {
                 p.stage_rows[r] = valid ? static_cast<int32_t>(at) : -1;
@@ -426,12 +500,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
             const float* sf = region<float>(base, g.off_recv_sf);
             for (int kb = lane; kb < scale_groups; kb += 32) {
                 const int64_t from = g.staged ? at * scale_groups + kb : kb * g.recv_rows + at;
-                p.sf[kb * p.rows + r] = valid ? sf[from] : 0.0f;
+                p.sf[kb * p.rows + r] = valid ? sf[from] : (bad ? nan_f32() : 0.0f);
             }
         }
         uint8_t* x = static_cast<uint8_t*>(p.x) + r * bytes;
         if (valid) {
             warp_copy(x, region<uint8_t>(base, g.off_recv_x) + at * bytes, bytes, lane);
+        } else if (bad) {
+            warp_poison(x, bytes, lane);
         } else {
             warp_zero(x, bytes, lane);
         }
@@ -465,10 +541,36 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(dk_ep_ll_dis
     const dk_ep_group_t& g = p.group;
     DK_SHARED(int[DK_EP_MAX_EXPERTS], s_prefix);  // [le, s]: rows of sources before s
     DK_SHARED(int[DK_EP_MAX_EXPERTS], s_total);
-    wait_all(g, DK_EP_SIGNAL_LL_DISPATCH);
+    const bool poison = must_poison(g, wait_all(g, DK_EP_SIGNAL_LL_DISPATCH));
     void* base = peer(g, g.rank);
     const int el = g.num_experts / g.ranks;
     const int32_t* counts = region<int32_t>(base, g.off_ll_counts);
+    const int lane = threadIdx.x % 32;
+    const int64_t bytes = row_bytes(g);
+    const int scale_groups = g.hidden / DK_QUANT_GROUP;
+    const int64_t capacity = int64_t(g.ranks) * g.ll_max_tokens;
+    const int64_t stage_rows = int64_t(el) * capacity;
+    const int64_t stride = int64_t(gridDim.x) * kWarps;
+    if (poison) {
+        // Every row of every expert is valid and NaN, with no source: the masked GEMM computes NaN
+        // and combine sends nothing back.
+        for (int le = blockIdx.x * kThreads + threadIdx.x; le < el; le += gridDim.x * kThreads) {
+            p.masked_m[le] = static_cast<int32_t>(capacity);
+        }
+        for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < stage_rows; r += stride) {
+            const int64_t le = r / capacity, row = r % capacity;
+            if (lane == 0) {
+                p.src[r] = -1;
+            }
+            if (g.payload == DK_EP_PAYLOAD_FP8) {
+                for (int kb = lane; kb < scale_groups; kb += 32) {
+                    p.sf[(le * scale_groups + kb) * p.sf_stride + row] = nan_f32();
+                }
+            }
+            warp_poison(static_cast<uint8_t*>(p.x) + r * bytes, bytes, lane);
+        }
+        return;
+    }
     for (int le = threadIdx.x; le < el; le += kThreads) {
         int sum = 0;
         for (int s = 0; s < g.ranks; ++s) {
@@ -483,12 +585,6 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(dk_ep_ll_dis
             p.masked_m[le] = s_total[le];
         }
     }
-    const int lane = threadIdx.x % 32;
-    const int64_t bytes = row_bytes(g);
-    const int scale_groups = g.hidden / DK_QUANT_GROUP;
-    const int64_t capacity = int64_t(g.ranks) * g.ll_max_tokens;
-    const int64_t stage_rows = int64_t(el) * capacity;
-    const int64_t stride = int64_t(gridDim.x) * kWarps;
     for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < stage_rows; r += stride) {
         const int le = static_cast<int>(r / capacity);
         const int64_t in_expert = r % capacity;
@@ -517,6 +613,11 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(dk_ep_ll_dis
 
 __global__ void __launch_bounds__(kThreads) wait_kernel(dk_ep_group_t g, int kind) {
     wait_all(g, kind);
+}
+
+__global__ void __launch_bounds__(kThreads) barrier_kernel(dk_ep_group_t g) {
+    signal_all(g, DK_EP_SIGNAL_BARRIER);
+    wait_all(g, DK_EP_SIGNAL_BARRIER);
 }
 
 // ---- combine ----------------------------------------------------------------------------------
@@ -567,7 +668,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(dk_ep_combine_se
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
     DK_SHARED(int[DK_EP_MAX_EXPERTS], s_prefix);  // staged only
-    wait_all(g, DK_EP_SIGNAL_COMBINE);
+    const bool poison = must_poison(g, wait_all(g, DK_EP_SIGNAL_COMBINE));
     if (g.staged) {
         outbox_prefix(g, p.tokens_per_expert, s_prefix);
     }
@@ -579,6 +680,10 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_re
         const int64_t t = i / chunks;
         const int c = static_cast<int>(i % chunks);
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (poison) {
+            reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + t * g.hidden)[c] = uint4{~0u, ~0u, ~0u, ~0u};
+            continue;
+        }
         for (int j = 0; j < p.k; ++j) {
             const int32_t e = p.topk_idx[t * p.k + j];
             if (!valid_expert(e, g.num_experts)) {
@@ -592,7 +697,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(dk_ep_combine_re
                     continue;
                 }
             }
-            const float w = p.topk_weights[t * p.k + j];
+            const float w = p.topk_weights != nullptr ? p.topk_weights[t * p.k + j] : 1.0f;
             const uint4 v = reinterpret_cast<const uint4*>(comb + row * g.hidden)[c];
             const uint32_t words[4] = {v.x, v.y, v.z, v.w};
             for (int h = 0; h < 4; ++h) {
@@ -625,7 +730,7 @@ bool group_ok(const dk_ep_group_t& g) {
         g.ll_max_tokens > g.max_tokens) {
         return false;
     }
-    if (g.m_align < 4 || g.m_align % 4 != 0 || g.num_sms < 1 || g.recv_rows < 0) {
+    if (g.m_align < 4 || g.m_align % 4 != 0 || g.num_sms < 1 || g.recv_rows < 0 || g.timeout_ns <= 0) {
         return false;
     }
     if (g.payload != DK_EP_PAYLOAD_BF16 && g.payload != DK_EP_PAYLOAD_FP8) {
@@ -682,10 +787,10 @@ extern "C" dk_status_t dk_ep_pair_positions(const dk_ep_pair_positions_params_t*
 }
 
 extern "C" dk_status_t dk_ep_dispatch_notify(const dk_ep_notify_params_t* p, dk_stream_t stream) {
-    if (p == nullptr || !group_ok(p->group) || p->tokens_per_expert == nullptr) {
+    if (p == nullptr || !group_ok(p->group) || p->tokens_per_expert == nullptr || p->num_invalid == nullptr) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    return dk::launch<notify_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->tokens_per_expert);
+    return dk::launch<notify_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->tokens_per_expert, p->num_invalid);
 }
 
 extern "C" dk_status_t dk_ep_dispatch_send(const dk_ep_dispatch_send_params_t* p, dk_stream_t stream) {
@@ -742,7 +847,7 @@ extern "C" dk_status_t dk_ep_combine_recv(const dk_ep_combine_recv_params_t* p, 
         p->k > p->group.max_topk) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    if (p->tokens > 0 && (p->topk_idx == nullptr || p->topk_weights == nullptr || p->out == nullptr ||
+    if (p->tokens > 0 && (p->topk_idx == nullptr || p->out == nullptr ||
                           (p->group.staged && (p->pair_pos == nullptr || p->tokens_per_expert == nullptr)))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
@@ -754,4 +859,11 @@ extern "C" dk_status_t dk_ep_wait(const dk_ep_wait_params_t* p, dk_stream_t stre
         return DK_STATUS_INVALID_ARGUMENT;
     }
     return dk::launch<wait_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group, p->kind);
+}
+
+extern "C" dk_status_t dk_ep_barrier(const dk_ep_wait_params_t* p, dk_stream_t stream) {
+    if (p == nullptr || !group_ok(p->group) || p->kind != DK_EP_SIGNAL_BARRIER) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    return dk::launch<barrier_kernel>(1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), p->group);
 }

@@ -376,8 +376,9 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  * Every rank's symmetric buffer has the same layout; the byte offsets below are planned by the
  * Rust side (deepkern::plan::ep) and must be 16-byte aligned. Regions:
  *   signals   u32 [DK_EP_SIGNAL_WORDS]: per kind and source rank, the epoch of the last signal;
- *             per kind a block-completion counter; an error word (DK_EP_ERROR_* bits) and a
- *             counter of slots that named an expert outside 0 .. num_experts - 1
+ *             per kind a block-completion counter; this rank's error word (DK_EP_ERROR_* bits)
+ *             and the first wait that timed out (DK_EP_TIMEOUT_WORD); per source rank, the error
+ *             bits it published with its last signal and the invalid slots of its last notify
  *   counts    i32 [ranks, num_experts]: every source rank's tokens_per_expert (normal dispatch)
  *   ll_counts i32 [experts_per_rank, ranks]: rows each source sent to each local expert (low latency)
  *   recv_*    normal-mode staging: x [recv_rows, hidden] (payload), sf f32 [hidden / 128, recv_rows],
@@ -403,9 +404,19 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  *
  * A received row's source is packed as (src_rank * max_tokens + token) * max_topk + slot; -1 marks
  * padding. A phase signals a kind by storing the epoch into every peer's slot (kind, rank) with
- * system-scope release semantics once all its blocks are done; a phase that needs the data waits
- * (system-scope acquire) until all ranks' slots of that kind reach the epoch. A wait that exceeds
- * about 10 seconds sets DK_EP_ERROR_TIMEOUT and gives up, never hanging the GPU.
+ * system-scope release semantics once all its blocks are done, after storing its own error bits
+ * (timeout and overflow; DK_EP_ERROR_PEER is never forwarded) into every peer's
+ * DK_EP_PEER_ERROR_WORD slot; a phase that needs the data waits (system-scope acquire) until all
+ * ranks' slots of that kind reach the epoch. A wait that exceeds timeout_ns sets
+ * DK_EP_ERROR_TIMEOUT, records the first (kind, source) that did not arrive in
+ * DK_EP_TIMEOUT_WORD, and gives up, never hanging the GPU. A receive phase whose wait timed out, or
+ * that finds a peer's published error bits non-zero, poisons its outputs (payload and scales NaN,
+ * weights NaN, sources -1; the combine's output NaN) and sets DK_EP_ERROR_PEER in the second case.
+ * The host reads and clears the error words between calls (the kernels never clear them).
+ *
+ * The caller passes each launch the epoch of its round: the normal dispatch's notify, send and
+ * receive share one epoch (the send waits for NOTIFY and signals DISPATCH at it), so a round that
+ * is refused between two phases leaves no counter behind.
  *
  * Contract (checked by the Rust wrapper): 1 <= ranks <= DK_EP_MAX_RANKS, 0 <= rank < ranks;
  * num_experts % ranks == 0, num_experts <= DK_EP_MAX_EXPERTS; hidden a positive multiple of 128;
@@ -414,18 +425,26 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  * multiple of 4; num_sms >= 1.
  */
 #define DK_EP_MAX_TOPK 16
-#define DK_EP_SIGNAL_KINDS 4
+#define DK_EP_SIGNAL_KINDS 5
 #define DK_EP_SIGNAL_NOTIFY 0
 #define DK_EP_SIGNAL_DISPATCH 1
 #define DK_EP_SIGNAL_LL_DISPATCH 2
 #define DK_EP_SIGNAL_COMBINE 3
+#define DK_EP_SIGNAL_BARRIER 4 /* dk_ep_barrier: every rank is done with the group */
 /* Word indices in the signals region. */
 #define DK_EP_DONE_WORD (DK_EP_SIGNAL_KINDS * DK_EP_MAX_RANKS)
 #define DK_EP_ERROR_WORD (DK_EP_DONE_WORD + DK_EP_SIGNAL_KINDS)
-#define DK_EP_INVALID_WORD (DK_EP_ERROR_WORD + 1)
-#define DK_EP_SIGNAL_WORDS (DK_EP_INVALID_WORD + 3)
-#define DK_EP_ERROR_TIMEOUT 1u
-#define DK_EP_ERROR_OVERFLOW 2u
+/* 0, or 1 + kind * DK_EP_MAX_RANKS + source of the first wait that timed out. */
+#define DK_EP_TIMEOUT_WORD (DK_EP_ERROR_WORD + 1)
+/* [DK_EP_MAX_RANKS]: each source rank's error bits, published with its last signal. */
+#define DK_EP_PEER_ERROR_WORD (DK_EP_TIMEOUT_WORD + 1)
+/* [DK_EP_MAX_RANKS]: each source rank's slots naming an expert outside 0 .. num_experts - 1, as
+ * of its last notify (normal dispatch; all ranks see every rank's count and refuse together). */
+#define DK_EP_PEER_INVALID_WORD (DK_EP_PEER_ERROR_WORD + DK_EP_MAX_RANKS)
+#define DK_EP_SIGNAL_WORDS (DK_EP_PEER_INVALID_WORD + DK_EP_MAX_RANKS)
+#define DK_EP_ERROR_TIMEOUT 1u  /* a wait gave up: see DK_EP_TIMEOUT_WORD */
+#define DK_EP_ERROR_OVERFLOW 2u /* rows did not fit their receive buffers and were dropped */
+#define DK_EP_ERROR_PEER 4u     /* a peer published an error; this rank's outputs were poisoned */
 
 typedef enum dk_ep_payload {
     DK_EP_PAYLOAD_BF16 = 0,
@@ -464,6 +483,7 @@ typedef struct dk_ep_group {
     int64_t off_out_weight;
     int64_t off_out_src;
     int64_t off_ret;
+    int64_t timeout_ns; /* > 0: how long a wait for peers may last (globaltimer) */
 } dk_ep_group_t;
 
 /* One rank's router output and payload, read by the send phases. */
@@ -493,10 +513,14 @@ typedef struct dk_ep_pair_positions_params {
 
 dk_status_t dk_ep_pair_positions(const dk_ep_pair_positions_params_t* params, dk_stream_t stream);
 
-/* Normal dispatch, phase 1 of 3: send this rank's tokens_per_expert to every peer, signal NOTIFY. */
+/*
+ * Normal dispatch, phase 1 of 3: send this rank's tokens_per_expert, and num_invalid into every
+ * peer's DK_EP_PEER_INVALID_WORD slot, to every peer, signal NOTIFY.
+ */
 typedef struct dk_ep_notify_params {
     dk_ep_group_t group;
     const int32_t* tokens_per_expert; /* [num_experts] */
+    const int32_t* num_invalid;       /* [1], from dk_ep_layout of this rank's topk_idx */
 } dk_ep_notify_params_t;
 
 dk_status_t dk_ep_dispatch_notify(const dk_ep_notify_params_t* params, dk_stream_t stream);
@@ -577,6 +601,13 @@ typedef struct dk_ep_wait_params {
 dk_status_t dk_ep_wait(const dk_ep_wait_params_t* params, dk_stream_t stream);
 
 /*
+ * Signals DK_EP_SIGNAL_BARRIER at the group's epoch to every peer, then waits for every rank's:
+ * once it returns, every rank's earlier work on its stream, including writes into this rank's
+ * buffer, is complete. Run before a rank unmaps its peers' buffers and frees its own.
+ */
+dk_status_t dk_ep_barrier(const dk_ep_wait_params_t* params, dk_stream_t stream);
+
+/*
  * Combine, send phase (both modes): every row of y whose src is not -1 goes back to its source
  * rank's comb region at row token * max_topk + slot; then signal COMBINE. Staged: row r goes to
  * this rank's ret region at row stage_rows[r], no signal (the caller moves ret's blocks back).
@@ -595,12 +626,13 @@ dk_status_t dk_ep_combine_send(const dk_ep_combine_send_params_t* params, dk_str
  * Combine, receive phase: wait for every rank's COMBINE, then
  * out[t, :] = bf16( sum over slots j with 0 <= topk_idx[t, j] < num_experts of
  *                   topk_weights[t, j] * comb[t * max_topk + j, :] ), in f32, slot order.
+ * topk_weights NULL: every weight is 1 (the plain sum of the expert outputs).
  * Staged: comb row prefix[topk_idx[t, j]] + pair_pos[t, j] instead (the pair's outbox row).
  */
 typedef struct dk_ep_combine_recv_params {
     dk_ep_group_t group;
     const int32_t* topk_idx;   /* [tokens, k] */
-    const float* topk_weights; /* [tokens, k] */
+    const float* topk_weights; /* [tokens, k], or NULL for weights of 1 */
     void* out;                 /* [tokens, hidden] bf16 */
     const int32_t* pair_pos;          /* staged only: [tokens, k], from the dispatch */
     const int32_t* tokens_per_expert; /* staged only: [num_experts], from the dispatch */

@@ -15,17 +15,21 @@ pub const DK_MLA_SPLIT_OVERHEAD: u32 = 5;
 pub const DK_EP_MAX_RANKS: u32 = 64;
 pub const DK_EP_MAX_EXPERTS: u32 = 1024;
 pub const DK_EP_MAX_TOPK: u32 = 16;
-pub const DK_EP_SIGNAL_KINDS: u32 = 4;
+pub const DK_EP_SIGNAL_KINDS: u32 = 5;
 pub const DK_EP_SIGNAL_NOTIFY: u32 = 0;
 pub const DK_EP_SIGNAL_DISPATCH: u32 = 1;
 pub const DK_EP_SIGNAL_LL_DISPATCH: u32 = 2;
 pub const DK_EP_SIGNAL_COMBINE: u32 = 3;
-pub const DK_EP_DONE_WORD: u32 = 256;
-pub const DK_EP_ERROR_WORD: u32 = 260;
-pub const DK_EP_INVALID_WORD: u32 = 261;
-pub const DK_EP_SIGNAL_WORDS: u32 = 264;
+pub const DK_EP_SIGNAL_BARRIER: u32 = 4;
+pub const DK_EP_DONE_WORD: u32 = 320;
+pub const DK_EP_ERROR_WORD: u32 = 325;
+pub const DK_EP_TIMEOUT_WORD: u32 = 326;
+pub const DK_EP_PEER_ERROR_WORD: u32 = 327;
+pub const DK_EP_PEER_INVALID_WORD: u32 = 391;
+pub const DK_EP_SIGNAL_WORDS: u32 = 455;
 pub const DK_EP_ERROR_TIMEOUT: u32 = 1;
 pub const DK_EP_ERROR_OVERFLOW: u32 = 2;
+pub const DK_EP_ERROR_PEER: u32 = 4;
 #[repr(C)]
 #[derive(Debug)]
 pub struct CUstream_st {
@@ -733,10 +737,11 @@ pub struct dk_ep_group {
     pub off_out_weight: i64,
     pub off_out_src: i64,
     pub off_ret: i64,
+    pub timeout_ns: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of dk_ep_group"][::std::mem::size_of::<dk_ep_group>() - 200usize];
+    ["Size of dk_ep_group"][::std::mem::size_of::<dk_ep_group>() - 208usize];
     ["Alignment of dk_ep_group"][::std::mem::align_of::<dk_ep_group>() - 8usize];
     [
         "Offset of field: dk_ep_group::peers",
@@ -831,6 +836,9 @@ const _: () = {
     [
         "Offset of field: dk_ep_group::off_ret",
     ][::std::mem::offset_of!(dk_ep_group, off_ret) - 192usize];
+    [
+        "Offset of field: dk_ep_group::timeout_ns",
+    ][::std::mem::offset_of!(dk_ep_group, timeout_ns) - 200usize];
 };
 impl Default for dk_ep_group {
     fn default() -> Self {
@@ -951,12 +959,13 @@ unsafe extern "C" {
 pub struct dk_ep_notify_params {
     pub group: dk_ep_group_t,
     pub tokens_per_expert: *const i32,
+    pub num_invalid: *const i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of dk_ep_notify_params",
-    ][::std::mem::size_of::<dk_ep_notify_params>() - 208usize];
+    ][::std::mem::size_of::<dk_ep_notify_params>() - 224usize];
     [
         "Alignment of dk_ep_notify_params",
     ][::std::mem::align_of::<dk_ep_notify_params>() - 8usize];
@@ -965,7 +974,10 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_notify_params, group) - 0usize];
     [
         "Offset of field: dk_ep_notify_params::tokens_per_expert",
-    ][::std::mem::offset_of!(dk_ep_notify_params, tokens_per_expert) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_notify_params, tokens_per_expert) - 208usize];
+    [
+        "Offset of field: dk_ep_notify_params::num_invalid",
+    ][::std::mem::offset_of!(dk_ep_notify_params, num_invalid) - 216usize];
 };
 impl Default for dk_ep_notify_params {
     fn default() -> Self {
@@ -993,7 +1005,7 @@ pub struct dk_ep_dispatch_send_params {
 const _: () = {
     [
         "Size of dk_ep_dispatch_send_params",
-    ][::std::mem::size_of::<dk_ep_dispatch_send_params>() - 264usize];
+    ][::std::mem::size_of::<dk_ep_dispatch_send_params>() - 272usize];
     [
         "Alignment of dk_ep_dispatch_send_params",
     ][::std::mem::align_of::<dk_ep_dispatch_send_params>() - 8usize];
@@ -1002,7 +1014,7 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_dispatch_send_params, group) - 0usize];
     [
         "Offset of field: dk_ep_dispatch_send_params::tokens",
-    ][::std::mem::offset_of!(dk_ep_dispatch_send_params, tokens) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_send_params, tokens) - 208usize];
 };
 impl Default for dk_ep_dispatch_send_params {
     fn default() -> Self {
@@ -1038,7 +1050,7 @@ pub struct dk_ep_dispatch_recv_params {
 const _: () = {
     [
         "Size of dk_ep_dispatch_recv_params",
-    ][::std::mem::size_of::<dk_ep_dispatch_recv_params>() - 272usize];
+    ][::std::mem::size_of::<dk_ep_dispatch_recv_params>() - 280usize];
     [
         "Alignment of dk_ep_dispatch_recv_params",
     ][::std::mem::align_of::<dk_ep_dispatch_recv_params>() - 8usize];
@@ -1047,31 +1059,31 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, group) - 0usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::x",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, x) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, x) - 208usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::sf",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, sf) - 208usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, sf) - 216usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::m_indices",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, m_indices) - 216usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, m_indices) - 224usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::weights",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, weights) - 224usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, weights) - 232usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::src",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, src) - 232usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, src) - 240usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::counts",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, counts) - 240usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, counts) - 248usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::stage_rows",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, stage_rows) - 248usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, stage_rows) - 256usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::rows",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, rows) - 256usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, rows) - 264usize];
     [
         "Offset of field: dk_ep_dispatch_recv_params::arrivals",
-    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, arrivals) - 264usize];
+    ][::std::mem::offset_of!(dk_ep_dispatch_recv_params, arrivals) - 272usize];
 };
 impl Default for dk_ep_dispatch_recv_params {
     fn default() -> Self {
@@ -1109,7 +1121,7 @@ pub struct dk_ep_ll_dispatch_recv_params {
 const _: () = {
     [
         "Size of dk_ep_ll_dispatch_recv_params",
-    ][::std::mem::size_of::<dk_ep_ll_dispatch_recv_params>() - 240usize];
+    ][::std::mem::size_of::<dk_ep_ll_dispatch_recv_params>() - 248usize];
     [
         "Alignment of dk_ep_ll_dispatch_recv_params",
     ][::std::mem::align_of::<dk_ep_ll_dispatch_recv_params>() - 8usize];
@@ -1118,19 +1130,19 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, group) - 0usize];
     [
         "Offset of field: dk_ep_ll_dispatch_recv_params::x",
-    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, x) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, x) - 208usize];
     [
         "Offset of field: dk_ep_ll_dispatch_recv_params::sf",
-    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, sf) - 208usize];
+    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, sf) - 216usize];
     [
         "Offset of field: dk_ep_ll_dispatch_recv_params::sf_stride",
-    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, sf_stride) - 216usize];
+    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, sf_stride) - 224usize];
     [
         "Offset of field: dk_ep_ll_dispatch_recv_params::src",
-    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, src) - 224usize];
+    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, src) - 232usize];
     [
         "Offset of field: dk_ep_ll_dispatch_recv_params::masked_m",
-    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, masked_m) - 232usize];
+    ][::std::mem::offset_of!(dk_ep_ll_dispatch_recv_params, masked_m) - 240usize];
 };
 impl Default for dk_ep_ll_dispatch_recv_params {
     fn default() -> Self {
@@ -1156,7 +1168,7 @@ pub struct dk_ep_wait_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of dk_ep_wait_params"][::std::mem::size_of::<dk_ep_wait_params>() - 208usize];
+    ["Size of dk_ep_wait_params"][::std::mem::size_of::<dk_ep_wait_params>() - 216usize];
     [
         "Alignment of dk_ep_wait_params",
     ][::std::mem::align_of::<dk_ep_wait_params>() - 8usize];
@@ -1165,7 +1177,7 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_wait_params, group) - 0usize];
     [
         "Offset of field: dk_ep_wait_params::kind",
-    ][::std::mem::offset_of!(dk_ep_wait_params, kind) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_wait_params, kind) - 208usize];
 };
 impl Default for dk_ep_wait_params {
     fn default() -> Self {
@@ -1183,6 +1195,12 @@ unsafe extern "C" {
         stream: dk_stream_t,
     ) -> dk_status_t;
 }
+unsafe extern "C" {
+    pub fn dk_ep_barrier(
+        params: *const dk_ep_wait_params_t,
+        stream: dk_stream_t,
+    ) -> dk_status_t;
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct dk_ep_combine_send_params {
@@ -1196,7 +1214,7 @@ pub struct dk_ep_combine_send_params {
 const _: () = {
     [
         "Size of dk_ep_combine_send_params",
-    ][::std::mem::size_of::<dk_ep_combine_send_params>() - 232usize];
+    ][::std::mem::size_of::<dk_ep_combine_send_params>() - 240usize];
     [
         "Alignment of dk_ep_combine_send_params",
     ][::std::mem::align_of::<dk_ep_combine_send_params>() - 8usize];
@@ -1205,16 +1223,16 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_combine_send_params, group) - 0usize];
     [
         "Offset of field: dk_ep_combine_send_params::y",
-    ][::std::mem::offset_of!(dk_ep_combine_send_params, y) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_combine_send_params, y) - 208usize];
     [
         "Offset of field: dk_ep_combine_send_params::src",
-    ][::std::mem::offset_of!(dk_ep_combine_send_params, src) - 208usize];
+    ][::std::mem::offset_of!(dk_ep_combine_send_params, src) - 216usize];
     [
         "Offset of field: dk_ep_combine_send_params::stage_rows",
-    ][::std::mem::offset_of!(dk_ep_combine_send_params, stage_rows) - 216usize];
+    ][::std::mem::offset_of!(dk_ep_combine_send_params, stage_rows) - 224usize];
     [
         "Offset of field: dk_ep_combine_send_params::rows",
-    ][::std::mem::offset_of!(dk_ep_combine_send_params, rows) - 224usize];
+    ][::std::mem::offset_of!(dk_ep_combine_send_params, rows) - 232usize];
 };
 impl Default for dk_ep_combine_send_params {
     fn default() -> Self {
@@ -1248,7 +1266,7 @@ pub struct dk_ep_combine_recv_params {
 const _: () = {
     [
         "Size of dk_ep_combine_recv_params",
-    ][::std::mem::size_of::<dk_ep_combine_recv_params>() - 248usize];
+    ][::std::mem::size_of::<dk_ep_combine_recv_params>() - 256usize];
     [
         "Alignment of dk_ep_combine_recv_params",
     ][::std::mem::align_of::<dk_ep_combine_recv_params>() - 8usize];
@@ -1257,25 +1275,25 @@ const _: () = {
     ][::std::mem::offset_of!(dk_ep_combine_recv_params, group) - 0usize];
     [
         "Offset of field: dk_ep_combine_recv_params::topk_idx",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, topk_idx) - 200usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, topk_idx) - 208usize];
     [
         "Offset of field: dk_ep_combine_recv_params::topk_weights",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, topk_weights) - 208usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, topk_weights) - 216usize];
     [
         "Offset of field: dk_ep_combine_recv_params::out",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, out) - 216usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, out) - 224usize];
     [
         "Offset of field: dk_ep_combine_recv_params::pair_pos",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, pair_pos) - 224usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, pair_pos) - 232usize];
     [
         "Offset of field: dk_ep_combine_recv_params::tokens_per_expert",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, tokens_per_expert) - 232usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, tokens_per_expert) - 240usize];
     [
         "Offset of field: dk_ep_combine_recv_params::tokens",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, tokens) - 240usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, tokens) - 248usize];
     [
         "Offset of field: dk_ep_combine_recv_params::k",
-    ][::std::mem::offset_of!(dk_ep_combine_recv_params, k) - 244usize];
+    ][::std::mem::offset_of!(dk_ep_combine_recv_params, k) - 252usize];
 };
 impl Default for dk_ep_combine_recv_params {
     fn default() -> Self {

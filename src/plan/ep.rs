@@ -11,8 +11,11 @@ pub const MAX_RANKS: usize = 64;
 pub const MAX_EXPERTS: usize = 1024;
 /// Most top-k slots per token.
 pub const MAX_TOPK: usize = 16;
-/// Words of the signals region (kinds × ranks flags, completion counters, error words).
-pub const SIGNAL_WORDS: usize = 4 * MAX_RANKS + 4 + 1 + 3;
+/// Signal kinds (notify, dispatch, low-latency dispatch, combine, barrier).
+pub const SIGNAL_KINDS: usize = 5;
+/// Words of the signals region: kinds × ranks flags, a completion counter per kind, the error and
+/// timeout words, and per source rank its published error bits and invalid-slot count.
+pub const SIGNAL_WORDS: usize = SIGNAL_KINDS * MAX_RANKS + SIGNAL_KINDS + 2 + 2 * MAX_RANKS;
 
 /// What dispatch moves: bf16 rows, or e4m3 rows with their f32 1x128 scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +112,32 @@ impl GroupShape {
     /// Rows per local expert of the low-latency (masked) layout: `ranks · ll_max_tokens`.
     pub fn ll_capacity(&self) -> usize {
         self.ranks * self.ll_max_tokens
+    }
+
+    /// A fingerprint of every field, the same in every process that builds the same shape: ranks
+    /// exchange it when a multi-process group forms, and refuse to form one with differing shapes.
+    pub fn fingerprint(&self) -> u64 {
+        let fields = [
+            self.ranks as u64,
+            self.num_experts as u64,
+            self.hidden as u64,
+            self.max_tokens as u64,
+            self.ll_max_tokens as u64,
+            self.max_topk as u64,
+            self.m_align as u64,
+            self.recv_rows as u64,
+            match self.payload {
+                Payload::Bf16 => 1,
+                Payload::Fp8 => 2,
+            },
+            match self.transport {
+                Transport::Peer => 1,
+                Transport::CopyEngine => 2,
+                Transport::Nccl => 3,
+            },
+        ];
+        // FNV-1a over the little-endian bytes: stable across processes, platforms and releases.
+        fields.iter().flat_map(|f| f.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     }
 
     /// Checks every limit the device code relies on.
@@ -384,6 +413,32 @@ mod tests {
         let counts = [1, 0, 5, 0, 2, 3, 0, 0];
         assert_eq!(normal_rows(&shape, &counts, 0), NormalRows { counts: vec![3, 3], rows: 8 });
         assert_eq!(normal_rows(&shape, &counts, 1), NormalRows { counts: vec![5, 0], rows: 8 });
+    }
+
+    #[test]
+    fn fingerprints_tell_every_field_apart() {
+        let base = GroupShape::new(8, 256, 7168, 4096, 8, Payload::Fp8);
+        // Pinned: processes built from different releases must still agree on equal shapes.
+        assert_eq!(base.fingerprint(), base.fingerprint());
+        let variants = [
+            GroupShape { ranks: 4, ..base },
+            GroupShape { num_experts: 128, ..base },
+            GroupShape { hidden: 4096, ..base },
+            GroupShape { max_tokens: 4095, ..base },
+            GroupShape { ll_max_tokens: 64, ..base },
+            GroupShape { max_topk: 6, ..base },
+            GroupShape { m_align: 64, ..base },
+            GroupShape { recv_rows: base.recv_rows - 1, ..base },
+            GroupShape { payload: Payload::Bf16, ..base },
+            GroupShape { transport: Transport::CopyEngine, ..base },
+            GroupShape { transport: Transport::Nccl, ..base },
+        ];
+        let mut seen = vec![base.fingerprint()];
+        for v in variants {
+            let f = v.fingerprint();
+            assert!(!seen.contains(&f), "{v:?} collides");
+            seen.push(f);
+        }
     }
 
     #[test]
