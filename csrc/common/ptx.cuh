@@ -111,6 +111,23 @@ __device__ __forceinline__ int32_t ld_acquire_gpu_global_s32(const int32_t* ptr)
 #endif
 }
 
+// ld.relaxed.gpu.global.s32: poll a counter another kernel on this GPU increments, without an
+// acquire's cost in every iteration; once the value is seen, one ld_acquire_gpu_global_s32 of the
+// same counter orders what follows.
+__device__ __forceinline__ int32_t ld_relaxed_gpu_global_s32(const int32_t* ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    int32_t v;
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+#elif defined(DEEPKERN_SIM)
+    // A strong relaxed access in the simulator's race mode (volatile, see docs/simulator.md).
+    return *static_cast<const volatile int32_t*>(ptr);
+#else
+    __trap();
+    return 0;
+#endif
+}
+
 // red.release.gpu.global.add.s32: add to a counter; earlier reads and writes of this thread (and,
 // after a barrier, of the threads it synchronised with) are visible at GPU scope before the add.
 // https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-red

@@ -72,19 +72,26 @@ constexpr int kArrivalRows = DK_ARRIVAL_ROWS;
 // A block whose rows never arrive means the writer is not running (the GEMM's persistent grid left
 // it no SM, or it failed): trap after this long instead of hanging the GPU.
 constexpr uint64_t kArrivalTimeoutNs = 30ull * 1000 * 1000 * 1000;
+// The named barrier through which the consumer that waited for a tile's rows releases the others
+// (barrier 0 is __syncthreads, 1 the epilogue's).
+constexpr uint32_t kArrivalBarrier = 2;
 
-// Waits until `counter` reaches kArrivalRows (acquire), then orders what it observed before this
-// thread's later TMA reads.
+// Waits until `counter` reaches kArrivalRows: relaxed polls with a growing sleep, then one acquire;
+// then orders what it observed before this thread's later TMA reads. One thread per role waits
+// (the producer; one consumer, which releases the others through a named barrier).
 __device__ __forceinline__ void wait_rows_arrived(const int32_t* counter) {
-    if (ptx::ld_acquire_gpu_global_s32(counter) < kArrivalRows) {
+    if (ptx::ld_relaxed_gpu_global_s32(counter) < kArrivalRows) {
         const uint64_t start = ptx::globaltimer();
-        while (ptx::ld_acquire_gpu_global_s32(counter) < kArrivalRows) {
+        uint32_t sleep = 32;
+        while (ptx::ld_relaxed_gpu_global_s32(counter) < kArrivalRows) {
             if (ptx::globaltimer() - start > kArrivalTimeoutNs) {
                 __trap();
             }
-            __nanosleep(128);
+            __nanosleep(sleep);
+            sleep = min(sleep * 2, 512u);
         }
     }
+    (void)ptx::ld_acquire_gpu_global_s32(counter);
     ptx::fence_proxy_async_global();
 }
 
@@ -136,7 +143,9 @@ struct Scheduler {
         return ceil_div(p.m, kBlockM) * n_tiles;
     }
 
-    __device__ TileInfo get(int tile) const {
+    // `wait`: whether to wait for the tile's rows to arrive (contiguous layout with arrival
+    // counters); a thread that passes false must be ordered after one that waited.
+    __device__ TileInfo get(int tile, bool wait = true) const {
         TileInfo t{};
         if constexpr (kLayout == DK_GEMM_MASKED) {
             // The last group whose first tile is at or before `tile` (groups with no tiles share
@@ -172,7 +181,7 @@ struct Scheduler {
             t.sfa_y = 0;
             t.row_limit = p.m;
             if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
-                if (p.arrivals != nullptr) {
+                if (p.arrivals != nullptr && wait) {
                     wait_rows_arrived(p.arrivals + t.m0 / kArrivalRows);
                 }
                 t.expert = p.m_indices[t.m0];
@@ -331,7 +340,19 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     }
     PipelineState ps{p.stages};
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const TileInfo t = sched.get(tile);
+        bool waited = true;
+        if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+            if (p.arrivals != nullptr) {
+                // One consumer thread waits for the tile's rows; a named barrier releases the
+                // others, ordered after its acquire, so they read the expert index it saw.
+                waited = threadIdx.x == 128;
+                if (waited) {
+                    (void)sched.get(tile);
+                }
+                ptx::bar_sync(kArrivalBarrier, kMathWarpgroups * 128);
+            }
+        }
+        const TileInfo t = sched.get(tile, waited);
         if (t.skip) {
             continue;
         }
