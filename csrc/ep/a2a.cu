@@ -422,6 +422,45 @@ __device__ __forceinline__ int64_t inbox_row(const dk_ep_group_t& g, const int* 
     return s_inbase[s] + s_inner[s * el + le] + (q - s_before[le * g.ranks + s]);
 }
 
+// A poisoned receive: every row keeps its place in the layout (the GEMM still runs on it), with
+// NaN payload, scales and weight and no source (combine sends nothing back for it); padding rows
+// are zero as usual. Arrival counters still count every row.
+__device__ __forceinline__ void poison_rows(const dk_ep_dispatch_recv_params_t& p, const int64_t* s_off, const int* s_cnt, int el) {
+    const dk_ep_group_t& g = p.group;
+    const int lane = threadIdx.x % 32;
+    const int64_t bytes = row_bytes(g);
+    const int scale_groups = g.hidden / DK_QUANT_GROUP;
+    for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < p.rows; r += int64_t(gridDim.x) * kWarps) {
+        const int le = find_segment(s_off, el, r);
+        const bool row = r - s_off[le] < s_cnt[le];
+        if (lane == 0) {
+            p.m_indices[r] = row ? le : -1;
+            p.weights[r] = row ? nan_f32() : 0.0f;
+            p.src[r] = -1;
+            if (g.staged) {
+                p.stage_rows[r] = -1;
+            }
+        }
+        if (g.payload == DK_EP_PAYLOAD_FP8) {
+            for (int kb = lane; kb < scale_groups; kb += 32) {
+                p.sf[kb * p.rows + r] = row ? nan_f32() : 0.0f;
+            }
+        }
+        uint8_t* x = static_cast<uint8_t*>(p.x) + r * bytes;
+        if (row) {
+            warp_poison(x, bytes, lane);
+        } else {
+            warp_zero(x, bytes, lane);
+        }
+        if (p.arrivals != nullptr) {
+            __syncwarp();
+            if (lane == 0) {
+                ptx::red_release_gpu_global_add_s32(p.arrivals + r / kArrivalRows, 1);
+            }
+        }
+    }
+}
+
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_recv_params_t p) {
     const dk_ep_group_t& g = p.group;
     DK_SHARED(int64_t[DK_EP_MAX_EXPERTS], s_off);
@@ -479,18 +518,18 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
     const int64_t bytes = row_bytes(g);
     const int scale_groups = g.hidden / DK_QUANT_GROUP;
     const int64_t stride = int64_t(gridDim.x) * kWarps;
+    if (poison) {
+        poison_rows(p, s_off, s_cnt, el);
+        return;
+    }
     for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < p.rows; r += stride) {
         const int le = find_segment(s_off, el, r);
         const int64_t q = r - s_off[le];
         const int64_t at = g.staged ? inbox_row(g, s_before, s_inner, s_inbase, el, le, q) : r;
-        const bool in_layout = q < s_cnt[le];
-        // A poisoned row keeps its place in the layout (the GEMM still runs on it), with NaN
-        // payload, scales and weight and no source (combine sends nothing back for it).
-        const bool valid = in_layout && at < g.recv_rows && !poison;
-        const bool bad = in_layout && poison;
+        const bool valid = q < s_cnt[le] && at < g.recv_rows;
         if (lane == 0) {
-            p.m_indices[r] = valid || bad ? le : -1;
-            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[at] : (bad ? nan_f32() : 0.0f);
+            p.m_indices[r] = valid ? le : -1;
+            p.weights[r] = valid ? region<float>(base, g.off_recv_weight)[at] : 0.0f;
             p.src[r] = valid ? region<int32_t>(base, g.off_recv_src)[at] : -1;
             if (g.staged) {
                 p.stage_rows[r] = valid ? static_cast<int32_t>(at) : -1;
@@ -500,14 +539,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
             const float* sf = region<float>(base, g.off_recv_sf);
             for (int kb = lane; kb < scale_groups; kb += 32) {
                 const int64_t from = g.staged ? at * scale_groups + kb : kb * g.recv_rows + at;
-                p.sf[kb * p.rows + r] = valid ? sf[from] : (bad ? nan_f32() : 0.0f);
+                p.sf[kb * p.rows + r] = valid ? sf[from] : 0.0f;
             }
         }
         uint8_t* x = static_cast<uint8_t*>(p.x) + r * bytes;
         if (valid) {
             warp_copy(x, region<uint8_t>(base, g.off_recv_x) + at * bytes, bytes, lane);
-        } else if (bad) {
-            warp_poison(x, bytes, lane);
         } else {
             warp_zero(x, bytes, lane);
         }
