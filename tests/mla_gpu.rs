@@ -5,7 +5,8 @@
 //! - `combine_skips_malformed_ranges`: chunk ranges out of bounds are counted, never read or written.
 //! - `combine_rejects_bad_input`: length errors before any launch.
 //! - `device_schedule_matches_the_reference`: the GPU scheduler writes the Rust schedule's encoding
-//!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0).
+//!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0), and leaves
+//!   uniform batches that fit whole under the budget unsplit.
 //! - `decode_matches_reference`: whole decode steps (schedule, split-KV kernel, combine) in bf16
 //!   and fp16 against the f64 reference: calc_diff <= 1e-5 on out, |lse - ref| <= 1e-3, no NaN;
 //!   pages of 16, 32, 64 and 128 keys; lengths 0, 1, 63, 64, 65 and long ones in one batch; s_q 1
@@ -195,6 +196,16 @@ fn device_schedule_matches_the_reference(gpu: &Gpu) -> TestResult {
             ensure(splits == want.splits, || format!("batch {batch}, {parts} parts: splits differ"))?;
             ensure(words == want.encode(), || format!("batch {batch}, {parts} parts: parts differ"))?;
         }
+    }
+    // Uniform batches whose requests fit whole under the budget (share plus one overhead): the
+    // device plans them unsplit too (with a second overhead of slack most would be cut).
+    for (n, len, parts) in [(128usize, 2048i32, 132usize), (128, 2048, 66), (132, 32768, 132), (66, 4096, 66)] {
+        let d_lens = stream.clone_htod(&vec![len; n]).unwrap();
+        let mut out = DeviceSchedule::new(&stream, n, parts).map_err(|e| e.to_string())?;
+        plan_on_device(&stream, &d_lens.as_view(), &mut out).map_err(|e| e.to_string())?;
+        let (words, splits) = out.to_host(&stream).map_err(|e| e.to_string())?;
+        ensure(splits == (0..=n as u32).collect::<Vec<_>>(), || format!("{n} x {len} on {parts} parts: a request was split: {splits:?}"))?;
+        ensure(words == schedule(&vec![len as u32; n], parts).encode(), || format!("{n} x {len} on {parts} parts: parts differ"))?;
     }
     Ok(())
 }
