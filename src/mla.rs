@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::gemm::tensor_map_2d;
 use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
-use crate::plan::mla::num_parts;
+use crate::plan::mla::{BLOCK_M, num_parts};
 
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
@@ -69,6 +69,12 @@ pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mu
             arg: "o_partial",
             expected: format!("[num_chunks, {rows}, {HEAD_DIM_V}]"),
             got: format!("{} elements", partials.o.len()),
+        });
+    }
+    if rows.div_ceil(COMBINE_ROWS) > MAX_GRID_Y {
+        return Err(Error::InvalidArgument {
+            arg: "rows",
+            reason: format!("{rows} rows exceed the combine grid's {MAX_GRID_Y} blocks of {COMBINE_ROWS} rows"),
         });
     }
     let num_chunks = partials.o.len() / per_chunk;
@@ -183,7 +189,32 @@ impl DecodeShape {
     pub fn rows(&self) -> usize {
         self.s_q * self.h_q
     }
+
+    /// Checks the shape against what the kernels can launch: `s_q` and `h_q` at least 1, and the
+    /// rows per request within the grids' second dimension (at most 65535 blocks: of
+    /// 64 rows in the decode kernel, of 8 rows in the combine, so
+    /// `s_q · h_q <= 65535 · 8`). [`DecodeWorkspace::new`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        if self.s_q == 0 || self.h_q == 0 {
+            return Err(Error::InvalidArgument { arg: "shape", reason: format!("{self:?}: s_q and h_q must be at least 1") });
+        }
+        let max_rows = MAX_GRID_Y * BLOCK_M.min(COMBINE_ROWS);
+        match self.s_q.checked_mul(self.h_q) {
+            Some(rows) if rows <= max_rows => Ok(()),
+            _ => Err(Error::InvalidArgument {
+                arg: "shape",
+                reason: format!(
+                    "{self:?}: s_q · h_q exceeds {max_rows} rows, the launch grids' limit (65535 blocks of {COMBINE_ROWS} rows)"
+                ),
+            }),
+        }
+    }
 }
+
+/// The largest second grid dimension of a launch.
+const MAX_GRID_Y: usize = 65535;
+/// Query rows per block of the combine (`csrc/mla/combine.cu`: one warp per row, eight warps).
+const COMBINE_ROWS: usize = 8;
 
 /// A paged latent KV cache and the requests' addressing into it.
 pub struct PagedKv<'a, T> {
@@ -219,9 +250,7 @@ impl DecodeWorkspace {
     /// A workspace for `shape` on `stream`'s device: one part per SM and M tile
     /// ([`crate::plan::mla::num_parts`]).
     pub fn new(stream: &Arc<CudaStream>, shape: DecodeShape) -> Result<Self> {
-        if shape.s_q == 0 || shape.h_q == 0 {
-            return Err(Error::InvalidArgument { arg: "shape", reason: format!("{shape:?}: s_q and h_q must be at least 1") });
-        }
+        shape.validate()?;
         let sms = crate::launch::device_facts(stream)?.sm_count;
         let parts = num_parts(sms.max(1), shape.s_q, shape.h_q);
         // Each part boundary splits at most one request: at most batch + parts - 1 chunks.
@@ -370,4 +399,28 @@ pub fn decode<T: MlaElement>(
     };
     let mut dst = CombineOut { out: out.slice_mut(..), lse: lse.slice_mut(..), num_invalid: ws.combine_invalid.slice_mut(..) };
     combine(stream, &partials, &mut dst, batch, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_beyond_the_launch_grids_are_refused() {
+        let shape = |s_q, h_q| DecodeShape { batch: 1, s_q, h_q };
+        let arg = |r: Result<()>| match r {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("expected an argument error, got {other:?}"),
+        };
+        shape(1, 128).validate().unwrap();
+        // The largest: 65535 combine blocks of 8 rows (the decode grid's 64-row blocks allow more).
+        shape(4, 65535 * 2).validate().unwrap();
+        assert_eq!(arg(shape(1, 65535 * 8 + 1).validate()), "shape");
+        assert_eq!(arg(shape(2, 65535 * 32).validate()), "shape");
+        // Past the decode grid's 65535 blocks of 64 rows as well.
+        assert_eq!(arg(shape(1, 65536 * 64).validate()), "shape");
+        assert_eq!(arg(shape(usize::MAX, 2).validate()), "shape");
+        assert_eq!(arg(shape(0, 4).validate()), "shape");
+        assert_eq!(arg(shape(1, 0).validate()), "shape");
+    }
 }

@@ -24,6 +24,7 @@ use crate::gemm::{
 };
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
 use crate::overlap::{Handoff, SmBudget, Streams, two_micro_batches_with};
+use crate::plan::gemm::{GemmLayout, compiled_block_m};
 use crate::quant::{quantize_per_token_group, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
 
@@ -80,6 +81,24 @@ fn validate_experts(shape: &GroupShape, local: usize, inter: usize, experts: &[L
                 return Err(Error::Shape { arg, expected: format!("{want} elements"), got: format!("{got} elements") });
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks that the normal-mode layout suits the contiguous grouped GEMM: each M tile takes its
+/// expert from its first row, so every expert's segment must start on a tile boundary, which
+/// `m_align` (the segments' row alignment) must guarantee. A smaller alignment would let one tile
+/// span two experts and leave the second expert's rows unwritten.
+fn validate_contiguous(shape: &GroupShape) -> Result<()> {
+    let tile = compiled_block_m(&GemmLayout::GroupedContiguous { groups: 1 }).iter().copied().max().unwrap_or(1);
+    if !shape.m_align.is_multiple_of(tile) {
+        return Err(Error::InvalidArgument {
+            arg: "m_align",
+            reason: format!(
+                "{} is not a multiple of the grouped GEMM's {tile}-row tile: an expert's rows would share a tile with another's",
+                shape.m_align
+            ),
+        });
     }
     Ok(())
 }
@@ -159,6 +178,7 @@ pub fn expert_stage(
     received: &[Dispatched],
 ) -> Result<Vec<CudaSlice<bf16>>> {
     validate_experts(shape, received.len(), inter, experts, received.len())?;
+    validate_contiguous(shape)?;
     let (h, el) = (shape.hidden, shape.experts_per_rank());
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
@@ -201,10 +221,11 @@ pub fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Disp
 
 /// Runs the layer for every local rank of `group` (an FP8 group), every stage one after another
 /// on the group's stream: `inputs[i]` and `experts[i]` belong to the i-th local rank. `inter` is
-/// the experts' intermediate size (a multiple of 128). Returns each local rank's `[tokens, hidden]`
-/// bf16 output.
+/// the experts' intermediate size (a multiple of 128), and the group's `m_align` a multiple of the
+/// grouped GEMM's 128-row tile. Returns each local rank's `[tokens, hidden]` bf16 output.
 pub fn forward(group: &mut Group, inter: usize, experts: &[LocalExperts], inputs: &[LayerInput]) -> Result<Vec<CudaSlice<bf16>>> {
     validate(group, inter, experts, inputs.len())?;
+    validate_contiguous(group.shape())?;
     let stream = group.stream().clone();
     let received = dispatch_stage(group, inputs)?;
     let shape = *group.shape();
@@ -256,6 +277,7 @@ pub fn forward_two_batch_with(
     let [ga, gb] = groups;
     validate(ga, inter, experts, inputs.len())?;
     validate(gb, inter, experts, inputs.len())?;
+    validate_contiguous(ga.shape())?;
     if ga.shape() != gb.shape() || ga.local_ranks() != gb.local_ranks() {
         return Err(Error::InvalidArgument {
             arg: "groups",

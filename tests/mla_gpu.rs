@@ -5,7 +5,8 @@
 //! - `combine_skips_malformed_ranges`: chunk ranges out of bounds are counted, never read or written.
 //! - `combine_rejects_bad_input`: length errors before any launch.
 //! - `device_schedule_matches_the_reference`: the GPU scheduler writes the Rust schedule's encoding
-//!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0).
+//!   bit for bit (lengths 0, 1, 63, 64, 65 and long ones; negative lengths count as 0), and leaves
+//!   uniform batches that fit whole under the budget unsplit.
 //! - `decode_matches_reference`: whole decode steps (schedule, split-KV kernel, combine) in bf16
 //!   and fp16 against the f64 reference: calc_diff <= 1e-5 on out, |lse - ref| <= 1e-3, no NaN;
 //!   pages of 16, 32, 64 and 128 keys; lengths 0, 1, 63, 64, 65 and long ones in one batch; s_q 1
@@ -20,6 +21,15 @@
 //!   and the violation is counted.
 //! - `decode_rejects_bad_input`: wrong last dimension, unsupported page, block table too short for
 //!   a length, mismatched batch: errors before any launch.
+//! - `decode_launcher_zeroes_its_counter_for_an_empty_batch` (C ABI): `num_invalid` holding a
+//!   count from before is zeroed even when the batch is empty.
+//! - `decode_launcher_skips_chunks_outside_their_request` (C ABI): a part whose first split index
+//!   is past its request's chunks (its partial slot belongs to the next request) is counted and
+//!   writes nothing; the other requests still match the reference.
+//! - `decode_survives_a_block_table_rewritten_during_the_step` (simulator only): a host thread
+//!   flips a request's page indices between valid and invalid while the step runs; the kernel
+//!   reads each entry once per tile, so every TMA phase gets exactly the bytes it expects (a
+//!   second read could leave the barrier short, a hang, or over-filled), and outputs stay finite.
 
 mod common;
 
@@ -38,18 +48,38 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 fn main() {
-    common::run(vec![
-        ("combine_matches_reference", combine_matches_reference),
-        ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
-        ("combine_rejects_bad_input", combine_rejects_bad_input),
-        ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
-        ("decode_matches_reference", decode_matches_reference),
-        ("decode_is_deterministic", decode_is_deterministic),
-        ("decode_masks_invalid_pages", decode_masks_invalid_pages),
-        ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
-        ("decode_rejects_bad_input", decode_rejects_bad_input),
-    ]);
+    let simulator_only = [(
+        "decode_survives_a_block_table_rewritten_during_the_step",
+        "a host thread rewrites the block table in place while the kernel runs (simulated device memory is host memory)",
+    )];
+    common::run_with_sets(
+        vec![
+            ("combine_matches_reference", combine_matches_reference),
+            ("combine_skips_malformed_ranges", combine_skips_malformed_ranges),
+            ("combine_rejects_bad_input", combine_rejects_bad_input),
+            ("device_schedule_matches_the_reference", device_schedule_matches_the_reference),
+            ("decode_matches_reference", decode_matches_reference),
+            ("decode_is_deterministic", decode_is_deterministic),
+            ("decode_masks_invalid_pages", decode_masks_invalid_pages),
+            ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
+            ("decode_rejects_bad_input", decode_rejects_bad_input),
+            ("decode_launcher_zeroes_its_counter_for_an_empty_batch", decode_launcher_zeroes_its_counter_for_an_empty_batch),
+            ("decode_launcher_skips_chunks_outside_their_request", decode_launcher_skips_chunks_outside_their_request),
+            ("decode_survives_a_block_table_rewritten_during_the_step", decode_survives_a_block_table_rewritten_during_the_step),
+        ],
+        &[],
+        &simulator_only,
+    );
 }
+
+/// The C ABI of `csrc/include/deepkern.h` (the crate's committed bindings), for the launchers'
+/// own contract: inputs the safe wrappers never pass (a schedule not written by the scheduler, an
+/// empty batch).
+#[cfg(deepkern_kernels)]
+#[allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, unreachable_pub, clippy::all)]
+#[rustfmt::skip]
+#[path = "../src/ffi/bindings.rs"]
+mod ffi;
 
 /// Random partials for `num_chunks` chunks of `rows` rows; about one chunk row in 8 saw no key.
 fn partials(rng: &mut StdRng, num_chunks: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
@@ -195,6 +225,16 @@ fn device_schedule_matches_the_reference(gpu: &Gpu) -> TestResult {
             ensure(splits == want.splits, || format!("batch {batch}, {parts} parts: splits differ"))?;
             ensure(words == want.encode(), || format!("batch {batch}, {parts} parts: parts differ"))?;
         }
+    }
+    // Uniform batches whose requests fit whole under the budget (share plus one overhead): the
+    // device plans them unsplit too (with a second overhead of slack most would be cut).
+    for (n, len, parts) in [(128usize, 2048i32, 132usize), (128, 2048, 66), (132, 32768, 132), (66, 4096, 66)] {
+        let d_lens = stream.clone_htod(&vec![len; n]).unwrap();
+        let mut out = DeviceSchedule::new(&stream, n, parts).map_err(|e| e.to_string())?;
+        plan_on_device(&stream, &d_lens.as_view(), &mut out).map_err(|e| e.to_string())?;
+        let (words, splits) = out.to_host(&stream).map_err(|e| e.to_string())?;
+        ensure(splits == (0..=n as u32).collect::<Vec<_>>(), || format!("{n} x {len} on {parts} parts: a request was split: {splits:?}"))?;
+        ensure(words == schedule(&vec![len as u32; n], parts).encode(), || format!("{n} x {len} on {parts} parts: parts differ"))?;
     }
     Ok(())
 }
@@ -473,4 +513,228 @@ fn decode_rejects_bad_input(gpu: &Gpu) -> TestResult {
         "s_q = 0 accepted".into()
     })?;
     run(rows * HEAD_DIM_K, 64, 2, &host_ok).map_err(|e| e.to_string().into())
+}
+
+// ---- the C launchers' own contract ---------------------------------------------------------------
+
+/// A `[rows, 576]` 16-bit tensor map as the decode kernel expects (boxes of `box_rows` x 64,
+/// 128-byte swizzle).
+#[cfg(deepkern_kernels)]
+fn tensor_map_576(addr: u64, rows: usize, box_rows: u32) -> Result<ffi::dk_tensor_map, String> {
+    use deepkern::cudarc::driver::sys::{
+        CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+        cuTensorMapEncodeTiled,
+    };
+    let dims = [HEAD_DIM_K as u64, rows as u64];
+    let strides = [(HEAD_DIM_K * 2) as u64];
+    let boxes = [64u32, box_rows];
+    let element_strides = [1u32, 1];
+    // SAFETY: CUtensorMap is plain bytes.
+    let mut map: CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: every array argument is a live local of the rank given (2).
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(|e| e.to_string())?;
+    Ok(ffi::dk_tensor_map { opaque: map.opaque })
+}
+
+#[cfg(not(deepkern_kernels))]
+fn decode_launcher_zeroes_its_counter_for_an_empty_batch(_: &Gpu) -> TestResult {
+    Err("kernels not built".into())
+}
+
+#[cfg(deepkern_kernels)]
+fn decode_launcher_zeroes_its_counter_for_an_empty_batch(gpu: &Gpu) -> TestResult {
+    use deepkern::cudarc::driver::DevicePtrMut;
+    let stream = gpu.stream();
+    // A count left from an earlier step.
+    let mut invalid = stream.clone_htod(&[7i32]).unwrap();
+    let status = {
+        let (ptr, _guard) = invalid.device_ptr_mut(&stream);
+        let params = ffi::dk_mla_decode_params {
+            num_invalid: ptr as *mut i32,
+            batch: 0,
+            s_q: 1,
+            h_q: 16,
+            page: 64,
+            num_parts: 1,
+            dtype: ffi::dk_dtype::DK_DTYPE_BF16,
+            ..Default::default()
+        };
+        // SAFETY: batch 0: the launcher reads no pointer but num_invalid, a live [1] buffer.
+        unsafe { ffi::dk_mla_decode(&params, stream.cu_stream() as ffi::dk_stream_t) }
+    };
+    ensure(status == ffi::dk_status::DK_STATUS_OK, || format!("status {status:?}"))?;
+    let got = stream.clone_dtoh(&invalid).unwrap()[0];
+    ensure(got == 0, || format!("num_invalid is {got} after an empty batch (the previous count was 7)"))
+}
+
+#[cfg(not(deepkern_kernels))]
+fn decode_launcher_skips_chunks_outside_their_request(_: &Gpu) -> TestResult {
+    Err("kernels not built".into())
+}
+
+#[cfg(deepkern_kernels)]
+fn decode_launcher_skips_chunks_outside_their_request(gpu: &Gpu) -> TestResult {
+    use deepkern::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let mut rng = gpu.rng("decode_launcher_skips_chunks_outside_their_request");
+    let stream = gpu.stream();
+    let shape = DecodeShape { batch: 2, s_q: 1, h_q: 16 };
+    let (rows, page) = (shape.rows(), 64);
+    let h = host_decode::<bf16>(&mut rng, shape, page, vec![128, 128]);
+    let scale = 0.05f32;
+    // Two chunks per request, one tile each; part 4 repeats request 0's first tile as its split 2,
+    // which does not exist: chunk 0 + 2 is request 1's first slot.
+    let splits = [0i32, 2, 4];
+    #[rustfmt::skip]
+    let parts = [
+        0, 0, 0, 1, 0,
+        0, 1, 0, 2, 1,
+        1, 0, 1, 1, 0,
+        1, 1, 1, 2, 1,
+        0, 0, 0, 1, 2,
+    ];
+    let (num_parts, num_chunks) = (5usize, 5usize);
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let q = stream.clone_htod(&to_bf16(&h.q)).unwrap();
+    let cache = stream.clone_htod(&to_bf16(&h.cache)).unwrap();
+    let num_pages = h.cache.len() / (page * HEAD_DIM_K);
+    let bt = stream.clone_htod(&h.block_table).unwrap();
+    let lens = stream.clone_htod(&h.lens).unwrap();
+    let (d_parts, d_splits) = (stream.clone_htod(&parts).unwrap(), stream.clone_htod(&splits).unwrap());
+    let mut out = stream.clone_htod(&vec![bf16::from_bits(0x7fba); shape.batch * rows * HEAD_DIM_V]).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(shape.batch * rows).unwrap();
+    let mut o_partial = stream.alloc_zeros::<f32>(num_chunks * rows * HEAD_DIM_V).unwrap();
+    let mut lse_partial = stream.alloc_zeros::<f32>(num_chunks * rows).unwrap();
+    let mut invalid = stream.alloc_zeros::<i32>(1).unwrap();
+    let status = {
+        let (q_ptr, _g0) = q.device_ptr(&stream);
+        let (kv_ptr, _g1) = cache.device_ptr(&stream);
+        let (bt_ptr, _g2) = bt.device_ptr(&stream);
+        let (lens_ptr, _g3) = lens.device_ptr(&stream);
+        let (parts_ptr, _g4) = d_parts.device_ptr(&stream);
+        let (splits_ptr, _g5) = d_splits.device_ptr(&stream);
+        let (out_ptr, _g6) = out.device_ptr_mut(&stream);
+        let (lse_ptr, _g7) = lse.device_ptr_mut(&stream);
+        let (op_ptr, _g8) = o_partial.device_ptr_mut(&stream);
+        let (lp_ptr, _g9) = lse_partial.device_ptr_mut(&stream);
+        let (inv_ptr, _g10) = invalid.device_ptr_mut(&stream);
+        let params = ffi::dk_mla_decode_params {
+            tma_q: tensor_map_576(q_ptr, shape.batch * rows, 64)?,
+            tma_kv: tensor_map_576(kv_ptr, num_pages * page, 64)?,
+            block_table: bt_ptr as *const i32,
+            lens: lens_ptr as *const i32,
+            parts: parts_ptr as *const i32,
+            splits: splits_ptr as *const i32,
+            out: out_ptr as *mut std::ffi::c_void,
+            lse: lse_ptr as *mut f32,
+            o_partial: op_ptr as *mut f32,
+            lse_partial: lp_ptr as *mut f32,
+            num_invalid: inv_ptr as *mut i32,
+            batch: shape.batch as i32,
+            s_q: shape.s_q as i32,
+            h_q: shape.h_q as i32,
+            page: page as i32,
+            max_pages: h.max_pages as i32,
+            num_pages: num_pages as i32,
+            num_parts: num_parts as i32,
+            num_chunks: num_chunks as i32,
+            softmax_scale: scale,
+            dtype: ffi::dk_dtype::DK_DTYPE_BF16,
+        };
+        // SAFETY: the tensor maps cover q and the cache; every pointer is a live buffer of the
+        // contract's shape for these sizes (the guards above live until the call returns).
+        unsafe { ffi::dk_mla_decode(&params, stream.cu_stream() as ffi::dk_stream_t) }
+    };
+    ensure(status == ffi::dk_status::DK_STATUS_OK, || format!("status {status:?}"))?;
+    let counted = stream.clone_dtoh(&invalid).unwrap()[0];
+    ensure(counted == 1, || format!("{counted} malformed chunks counted, 1 planted (split 2 of a request with 2 chunks)"))?;
+    // The combine of the partials: both requests as the reference (request 1's first slot intact).
+    let mut combine_invalid = stream.alloc_zeros::<i32>(1).unwrap();
+    let p = Partials { o: o_partial.as_view(), lse: lse_partial.as_view(), splits: d_splits.as_view() };
+    let mut dst = CombineOut { out: out.as_view_mut(), lse: lse.as_view_mut(), num_invalid: combine_invalid.as_view_mut() };
+    combine(&stream, &p, &mut dst, shape.batch, rows).map_err(|e| e.to_string())?;
+    let got: Vec<f32> = stream.clone_dtoh(&out).unwrap().iter().map(|v| v.to_f32()).collect();
+    let cache_ref = PagedCache { data: &h.cache, page, block_table: &h.block_table, max_pages: h.max_pages, lens: &h.lens };
+    let want = reference_decode(&MlaProblem {
+        q: &h.q,
+        batch: shape.batch,
+        s_q: 1,
+        h_q: shape.h_q,
+        cache: cache_ref,
+        softmax_scale: f64::from(scale),
+    });
+    let diff = calc_diff(&got, &want.out);
+    ensure(diff <= 1e-5, || format!("calc_diff {diff:.3e} against the reference: a chunk was overwritten"))
+}
+
+/// A host thread flips request 0's page indices between their pages and -1 while one decode step
+/// runs (lengths only on the device, as in a CUDA graph).
+fn decode_survives_a_block_table_rewritten_during_the_step(gpu: &Gpu) -> TestResult {
+    use deepkern::cudarc::driver::DevicePtr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    let mut rng = gpu.rng("decode_survives_a_block_table_rewritten_during_the_step");
+    let stream = gpu.stream();
+    let shape = DecodeShape { batch: 2, s_q: 1, h_q: 16 };
+    let page = 64;
+    let h = host_decode::<bf16>(&mut rng, shape, page, vec![64 * 48, 64 * 16]);
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let q = stream.clone_htod(&to_bf16(&h.q)).unwrap();
+    let cache = stream.clone_htod(&to_bf16(&h.cache)).unwrap();
+    let bt = stream.clone_htod(&h.block_table).unwrap();
+    let lens = stream.clone_htod(&h.lens).unwrap();
+    let rows = shape.batch * shape.rows();
+    let mut out = stream.alloc_zeros::<bf16>(rows * HEAD_DIM_V).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(rows).unwrap();
+    let mut ws = DecodeWorkspace::new(&stream, shape).map_err(|e| e.to_string())?;
+    stream.synchronize().map_err(|e| e.to_string())?;
+    // Simulated device memory is host memory: the table's device address is its host address.
+    let table = bt.device_ptr(&stream).0 as usize;
+    let slots: Vec<i32> = h.block_table[..48].to_vec();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // SAFETY: `bt` outlives this thread (joined below); i32 and AtomicI32 share a layout.
+            let cells = unsafe { std::slice::from_raw_parts(table as *const AtomicI32, slots.len()) };
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (cell, &pg) in cells.iter().zip(&slots) {
+                    cell.store(if flips.is_multiple_of(2) { -1 } else { pg }, Ordering::Relaxed);
+                }
+                flips += 1;
+                std::thread::yield_now();
+            }
+            flips
+        })
+    };
+    let kv =
+        PagedKv { cache: cache.as_view(), page, block_table: bt.as_view(), max_pages: h.max_pages, lens: lens.as_view(), lens_host: None };
+    let step = decode(&stream, &q.as_view(), &kv, &mut out.as_view_mut(), &mut lse.as_view_mut(), 0.05, &mut ws);
+    let synced = stream.synchronize();
+    stop.store(true, Ordering::Relaxed);
+    let flips = writer.join().map_err(|_| "the writer thread panicked".to_string())?;
+    step.map_err(|e| e.to_string())?;
+    synced.map_err(|e| e.to_string())?;
+    ensure(flips > 1, || "the block table was never rewritten".into())?;
+    let got = stream.clone_dtoh(&out).unwrap();
+    ensure(got.iter().all(|v| v.to_f32().is_finite()), || "a non-finite output".into())?;
+    let l = stream.clone_dtoh(&lse).unwrap();
+    ensure(l[shape.rows()..].iter().all(|v| v.is_finite()), || "request 1 (untouched table) lost its keys".into())
 }

@@ -9,7 +9,8 @@
 //!   transports (peer, copy engine).
 //! - `low_latency_equals_normal`: the decode variant (low-latency dispatch, masked GEMMs) gives
 //!   the normal layer's bytes for every token.
-//! - `layer_rejects_bad_input`: weights of the wrong shape, a bf16 group, a bad intermediate size.
+//! - `layer_rejects_bad_input`: weights of the wrong shape, a bf16 group, a bad intermediate size,
+//!   expert segments aligned to fewer rows than the grouped GEMM's 128-row tile (`m_align = 64`).
 
 mod common;
 
@@ -17,8 +18,10 @@ use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::CudaSlice;
 use deepkern::ep::{Group, GroupShape, Payload, Transport};
-use deepkern::gemm::Fp8Weights;
-use deepkern::moe::{LayerInput, LocalExperts, forward, forward_low_latency, forward_two_batch, forward_two_batch_with};
+use deepkern::gemm::{Fp8Weights, GemmOptions};
+use deepkern::moe::{
+    LayerInput, LocalExperts, dispatch_stage, expert_stage, forward, forward_low_latency, forward_two_batch, forward_two_batch_with,
+};
 use deepkern::overlap::Handoff;
 use deepkern::reference::ep::Routing;
 use deepkern::reference::moe::{ExpertRef, forward as reference_forward};
@@ -187,6 +190,29 @@ fn layer_rejects_bad_input(gpu: &Gpu) -> TestResult {
     ensure(arg(forward(&mut group, 200, &experts, &inputs))? == "inter", || "inter = 200 accepted".into())?;
     let mut bf = Group::new_virtual(&stream, GroupShape::new(1, 2, hidden, 8, 2, Payload::Bf16)).map_err(err)?;
     ensure(arg(forward(&mut bf, inter, &experts, &inputs))? == "group", || "a bf16 group accepted".into())?;
+    // Expert segments aligned to 64 rows: every token names experts 0 and 1, so each gets 8 rows
+    // padded to 64 and both share the grouped GEMM's first 128-row tile, which would compute
+    // expert 0 on all of it and never write expert 1's rows. Refused before any launch.
+    let q2_ok = stream.alloc_zeros::<F8E4M3>(2 * hidden * inter).unwrap();
+    let fine =
+        [LocalExperts { w13: Fp8Weights { q: q13.slice(..), sf: s13.slice(..) }, w2: Fp8Weights { q: q2_ok.slice(..), sf: s2.slice(..) } }];
+    let both = stream.clone_htod(&[0i32, 1].repeat(8)).unwrap();
+    let inputs = [LayerInput { x: x.slice(..), topk_idx: both.slice(..), topk_weights: w.slice(..), tokens: 8, k: 2 }];
+    let m64 = GroupShape { m_align: 64, ..GroupShape::new(1, 2, hidden, 8, 2, Payload::Fp8) };
+    let mut g64 = Group::new_virtual(&stream, m64).map_err(err)?;
+    ensure(arg(forward(&mut g64, inter, &fine, &inputs))? == "m_align", || "m_align = 64 accepted by forward".into())?;
+    let (mut ga, mut gb) = (Group::new_virtual(&stream, m64).map_err(err)?, Group::new_virtual(&stream, m64).map_err(err)?);
+    let compute = gpu.stream();
+    ensure(arg(forward_two_batch([&mut ga, &mut gb], &compute, inter, &fine, &inputs))? == "m_align", || {
+        "m_align = 64 accepted by forward_two_batch".into()
+    })?;
+    let received = dispatch_stage(&mut g64, &inputs).map_err(err)?;
+    let staged = expert_stage(&stream, &m64, inter, GemmOptions::default(), &fine, &received).map(|_| vec![]);
+    ensure(arg(staged)? == "m_align", || "m_align = 64 accepted by expert_stage".into())?;
+    // With 128-row segments the same layer runs.
+    let mut g128 = Group::new_virtual(&stream, GroupShape::new(1, 2, hidden, 8, 2, Payload::Fp8)).map_err(err)?;
+    forward(&mut g128, inter, &fine, &inputs).map_err(err)?;
+    g128.check().map_err(err)?;
     Ok(())
 }
 

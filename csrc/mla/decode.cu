@@ -48,7 +48,8 @@ constexpr int kOffP = kOffKv + kStages * kBoxes * kBoxBytes;  // [64 x 128 B]
 constexpr int kOffMax = kOffP + kBoxBytes;                // f32 [2][64]
 constexpr int kOffSum = kOffMax + 2 * kBlockM * 4;        // f32 [2][64]
 constexpr int kOffBars = kOffSum + 2 * kBlockM * 4;       // u64 q_full, kv_full[2]
-constexpr int kSmemUsed = kOffBars + 3 * 8;
+constexpr int kOffLoaded = kOffBars + 3 * 8;              // u32 [2]: per stage, which pieces were loaded
+constexpr int kSmemUsed = kOffLoaded + 2 * 4;
 constexpr int kSmemBytes = kSmemUsed + 1024;              // + slack to align the base to 1024
 static_assert(kSmemBytes <= 232448, "shared memory plan exceeds Hopper's 227 KiB opt-in limit");
 
@@ -132,19 +133,36 @@ __device__ __forceinline__ int64_t piece_row(const KernelParams& p, int req, int
     return int64_t(page) * p.page + key0 % p.page;
 }
 
-// Issues the TMA loads of tile `blk` of request `req` into `dst` (9 boxes), completing on `bar`.
-__device__ void load_tile(const KernelParams& p, uint8_t* dst, uint64_t* bar, int req, int len, int blk) {
+constexpr int kMaxPieces = kBlockN / 16;  // pages of at least 16 keys
+
+// Issues the TMA loads of tile `blk` of request `req` into `dst` (9 boxes), completing on `bar`,
+// and records in `*loaded` (bit j: piece j) which pieces it loaded, for the consumers to read once
+// the phase completes. The block table is read once per piece: the byte count the barrier expects,
+// the loads issued and the consumers' mask all come from that one read, so a table changed
+// meanwhile (a caller's concurrent writer) can at worst mask or load a piece, never leave the
+// barrier short of bytes or over-filled.
+__device__ void load_tile(const KernelParams& p, uint8_t* dst, uint64_t* bar, uint32_t* loaded, int req, int len, int blk) {
     const int piece = p.page < kBlockN ? p.page : kBlockN;
     const int pieces = kBlockN / piece;
+    // Unrolled over the most pieces a tile can have, so `rows` stays in registers.
+    int64_t rows[kMaxPieces];
     uint32_t bytes = 0;
-    for (int j = 0; j < pieces; ++j) {
-        bytes += piece_row(p, req, len, blk, j, piece) >= 0 ? uint32_t(piece) * kBoxCols * 2 * kBoxes : 0;
+    uint32_t mask = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxPieces; ++j) {
+        rows[j] = j < pieces ? piece_row(p, req, len, blk, j, piece) : -1;
+        if (rows[j] >= 0) {
+            bytes += uint32_t(piece) * kBoxCols * 2 * kBoxes;
+            mask |= 1u << j;
+        }
     }
+    *loaded = mask;
     ptx::mbarrier_arrive_expect_tx(bar, bytes);
-    for (int j = 0; j < pieces; ++j) {
-        const int64_t row = piece_row(p, req, len, blk, j, piece);
+#pragma unroll
+    for (int j = 0; j < kMaxPieces; ++j) {
+        const int64_t row = rows[j];
         if (row < 0) {
-            if (blk * kBlockN + j * piece < len) {
+            if (j < pieces && blk * kBlockN + j * piece < len) {
                 atomicAdd(p.num_invalid, 1);  // a bad page index inside the sequence: masked
             }
             continue;
@@ -169,6 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     float* s_sum = reinterpret_cast<float*>(smem + kOffSum);
     uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + kOffBars);
     uint64_t* kv_full = q_full + 1;
+    uint32_t* s_loaded = reinterpret_cast<uint32_t*>(smem + kOffLoaded);
 
     const int32_t* w = p.parts + int64_t(blockIdx.x) * DK_MLA_PART_WORDS;
     const int begin_req = w[0], begin_block = w[1], end_req = w[2], end_block = w[3], begin_split = w[4];
@@ -232,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
                 ptx::cp_async_bulk_tensor_2d_global_to_shared(s_q + b * kBoxBytes, &p.tma_q, q_full, b * kBoxCols, req * p.rows + m0);
             }
             if (b0 < b1) {
-                load_tile(p, s_kv + stage * kBoxes * kBoxBytes, &kv_full[stage], req, len, b0);
+                load_tile(p, s_kv + stage * kBoxes * kBoxBytes, &kv_full[stage], &s_loaded[stage], req, len, b0);
             }
         }
 
@@ -263,18 +282,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
             const int piece = p.page < kBlockN ? p.page : kBlockN;
             // A tail inside the tile: loaded pieces may still hold keys past the length (the rest
             // of the last page), which must not reach P·V even with P = 0 (0 · NaN = NaN).
-            // Bit j: piece j of the tile was loaded (its page index was valid). Keys of other
-            // pieces are masked below like keys past the length, so they never enter the softmax.
-            uint32_t loaded = 0;
-            for (int j = 0; j < kBlockN / piece; ++j) {
-                loaded |= uint32_t(piece_row(p, req, len, blk, j, piece) >= 0) << j;
-            }
+            // Bit j: piece j of the tile was loaded (what load_tile read from the block table, not a
+            // second read of it). Keys of other pieces are masked below like keys past the length,
+            // so they never enter the softmax.
+            const uint32_t loaded = s_loaded[stage];
             const bool any_hole = (blk + 1) * kBlockN > len || loaded != (1u << (kBlockN / piece)) - 1u;
             if (any_hole) {
                 for (int i = threadIdx.x; i < kBoxes * kBlockN * 8; i += kThreads) {
                     const int box = i / (kBlockN * 8), row = (i / 8) % kBlockN, chunk16 = i % 8;
                     const int key = blk * kBlockN + row;
-                    if (key >= len || piece_row(p, req, len, blk, row / piece, piece) < 0) {
+                    if (key >= len || ((loaded >> (row / piece)) & 1u) == 0) {
                         reinterpret_cast<uint4*>(kv + box * kBoxBytes + row * 128)[chunk16] = uint4{0, 0, 0, 0};
                     }
                 }
@@ -331,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
             // Both warpgroups are past the previous tile's P·V: the other stage may be refilled.
             if (threadIdx.x == 0 && blk + 1 < b1) {
                 const int next = stage ^ 1;
-                load_tile(p, s_kv + next * kBoxes * kBoxBytes, &kv_full[next], req, len, blk + 1);
+                load_tile(p, s_kv + next * kBoxes * kBoxBytes, &kv_full[next], &s_loaded[next], req, len, blk + 1);
             }
 
             float scale_o[2];
@@ -399,7 +416,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
         }
         ptx::bar_sync(1, kThreads);
         const bool direct = n_splits == 1;
-        const bool chunk_ok = direct || (chunk >= 0 && chunk < p.num_chunks && n_splits > 1);
+        // The chunk must be one of this request's (split < n_splits): another index inside the
+        // partials would overwrite a chunk of another request.
+        const bool chunk_ok = split < n_splits && (direct || (chunk >= 0 && chunk < p.num_chunks));
         if (!chunk_ok) {
             if (threadIdx.x == 0 && blockIdx.y == 0) {
                 atomicAdd(p.num_invalid, 1);
@@ -470,11 +489,17 @@ extern "C" dk_status_t dk_mla_decode(const dk_mla_decode_params_t* p, dk_stream_
     if (int64_t(p->num_pages) * p->page > INT32_MAX) {
         return DK_STATUS_INVALID_ARGUMENT;  // TMA row coordinates of the cache are 32-bit
     }
+    if (p->num_invalid == nullptr) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    // Zeroed first, whatever the batch: a count left from an earlier step is never reported.
+    cudaMemsetAsync(p->num_invalid, 0, sizeof(int32_t), s);
     if (p->batch == 0) {
-        return DK_STATUS_OK;
+        return dk::status_from_cuda(cudaGetLastError());
     }
     if (p->block_table == nullptr || p->lens == nullptr || p->parts == nullptr || p->splits == nullptr || p->out == nullptr ||
-        p->lse == nullptr || p->num_invalid == nullptr || (p->num_chunks > 0 && (p->o_partial == nullptr || p->lse_partial == nullptr))) {
+        p->lse == nullptr || (p->num_chunks > 0 && (p->o_partial == nullptr || p->lse_partial == nullptr))) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
     KernelParams kp;
@@ -500,9 +525,11 @@ extern "C" dk_status_t dk_mla_decode(const dk_mla_decode_params_t* p, dk_stream_
     kp.num_parts = p->num_parts;
     kp.num_chunks = p->num_chunks;
     kp.scale_log2 = p->softmax_scale * 1.44269504088896340736f;
-    const dim3 grid(static_cast<unsigned>(p->num_parts), static_cast<unsigned>(dk::ceil_div<int64_t>(rows, kBlockM)));
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    cudaMemsetAsync(p->num_invalid, 0, sizeof(int32_t), s);
+    const int64_t m_blocks = dk::ceil_div<int64_t>(rows, kBlockM);
+    if (m_blocks > 65535) {
+        return DK_STATUS_INVALID_ARGUMENT;  // the grid's second dimension
+    }
+    const dim3 grid(static_cast<unsigned>(p->num_parts), static_cast<unsigned>(m_blocks));
     return p->dtype == DK_DTYPE_F16 ? launch_decode<mla_decode_kernel<__half>>(grid, s, kp)
                                     : launch_decode<mla_decode_kernel<__nv_bfloat16>>(grid, s, kp);
 }

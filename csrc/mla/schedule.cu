@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(32) schedule_kernel(const int32_t* __restrict_
     if (lane != 0) {
         return;
     }
-    const int64_t budget = dk::ceil_div<int64_t>(total, num_parts) + 2 * DK_MLA_SPLIT_OVERHEAD;
+    const int64_t budget = dk::ceil_div<int64_t>(total, num_parts) + DK_MLA_SPLIT_OVERHEAD;
     int part = 0;
     int64_t left = budget;
     bool part_open = false;

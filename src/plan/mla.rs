@@ -6,13 +6,23 @@
 //!
 //! Cost model, in KV tiles: a chunk costs its tiles plus [`SPLIT_OVERHEAD`] (the per-chunk prologue,
 //! epilogue and share of the combine). With `total = Σ (tiles + SPLIT_OVERHEAD)` over the batch,
-//! every part gets the budget `ceil(total / num_parts) + 2 · SPLIT_OVERHEAD`, and the walk cuts
-//! the requests, in order, into chunks that fill each budget.
+//! every part gets the budget `share + SPLIT_OVERHEAD`, with `share = ceil(total / num_parts)`, and
+//! the walk cuts the requests, in order, into chunks that fill each budget (FlashMLA's
+//! `get_mla_metadata` plans the same way).
+//!
+//! Why one overhead is enough: a part moves on either right after cutting a request (it took
+//! every tile its budget allowed, so it used the whole budget) or because less than one tile
+//! plus an overhead was left (it used more than `budget - SPLIT_OVERHEAD - 1`, so at least
+//! `share`). A cut adds one chunk, so one overhead beyond the original cost, paid by the part after
+//! it; charged to the part that cut instead, every part that moved on covered at least `share` of
+//! the original cost. `num_parts` such parts would cover `total`, so the walk never needs more. A
+//! second overhead would only make whole requests overflow into the next part: a batch of
+//! `num_parts` equal requests would have every request but the last one cut.
 //!
 //! Guarantees (property-tested): every tile of every sequence lies in exactly one chunk, chunks of
 //! a sequence are contiguous and in order; every sequence, empty ones included, has at least one
-//! chunk (its CTA writes the output); no part costs more than its share `ceil(total / num_parts)`
-//! plus two overheads; at most `num_parts` parts are used.
+//! chunk (its CTA writes the output); no part costs more than its share plus one overhead; at most
+//! `num_parts` parts are used.
 
 use crate::layout::ceil_div;
 
@@ -73,7 +83,7 @@ pub fn blocks(len: usize) -> usize {
 pub fn schedule(lens: &[u32], num_parts: usize) -> Schedule {
     assert!(num_parts > 0, "schedule: at least one part");
     let total: usize = lens.iter().map(|&l| blocks(l as usize) + SPLIT_OVERHEAD).sum();
-    let budget = ceil_div(total, num_parts) + 2 * SPLIT_OVERHEAD;
+    let budget = ceil_div(total, num_parts) + SPLIT_OVERHEAD;
     let mut parts = vec![Part::default(); num_parts];
     let mut splits = vec![0u32; lens.len() + 1];
     let mut part = 0usize;

@@ -91,8 +91,19 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
 /// As [`run`], with the tests the simulator cannot run and why (e.g. they need NCCL): on a
 /// simulated build those are reported as ignored with the reason; on a GPU they run.
 pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)]) -> ! {
-    for (name, _) in not_simulated {
-        assert!(tests.iter().any(|(t, _)| t == name), "not_simulated names `{name}`, which is not a test of this binary");
+    run_with_sets(tests, not_simulated, &[])
+}
+
+/// As [`run_with`], also with the tests only the simulator can run and why (e.g. they write into
+/// device memory from a host thread while a kernel runs): on a GPU those are reported as ignored
+/// with the reason.
+pub fn run_with_sets(
+    tests: Vec<GpuTest>,
+    not_simulated: &[(&'static str, &'static str)],
+    simulator_only: &[(&'static str, &'static str)],
+) -> ! {
+    for (name, _) in not_simulated.iter().chain(simulator_only) {
+        assert!(tests.iter().any(|(t, _)| t == name), "a skip list names `{name}`, which is not a test of this binary");
     }
     let args = Arguments::from_args();
     let gpu = match open_gpu() {
@@ -128,9 +139,13 @@ pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static st
         .map(|(name, test)| {
             let gpu = gpu.clone();
             let skip = not_simulated.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
+            let sim_only = simulator_only.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
             Trial::ignorable_test(name, move || match gpu {
                 Ok(gpu) if gpu.simulated && skip.is_some() => {
                     Ok(Completion::ignored_with(format!("not simulated: {}", skip.unwrap_or_default())))
+                }
+                Ok(gpu) if !gpu.simulated && sim_only.is_some() => {
+                    Ok(Completion::ignored_with(format!("simulator only: {}", sim_only.unwrap_or_default())))
                 }
                 Ok(gpu) => test(&gpu).map(|()| Completion::Completed),
                 Err(reason) if gpu_required() => Err(format!("DEEPKERN_REQUIRE_GPU=1 but {reason}").into()),
