@@ -8,7 +8,8 @@
 //! the simulator takes each kernel's registers and static shared memory from ptxas' report.
 //!
 //! nvcc is looked up in `NVCC`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, `PATH`, then the project-local
-//! toolchain that `cargo xtask setup` installs. Without nvcc the crate still builds: a cargo warning
+//! toolchain that `cargo xtask setup` installs; a change of `PATH` reruns the lookup unless `NVCC`,
+//! `CUDA_HOME` or `CUDA_PATH` named the nvcc. Without nvcc the crate still builds: a cargo warning
 //! says so and every GPU entry point returns `Error::KernelsNotBuilt`. This script never touches
 //! the network.
 //!
@@ -60,7 +61,12 @@ fn main() {
     if env::var_os("DEEPKERN_SKIP_KERNELS").is_some_and(|v| !v.is_empty() && v != "0") {
         return skip(&out, "DEEPKERN_SKIP_KERNELS is set");
     }
-    let Some(nvcc) = find_nvcc(&local) else {
+    let (found, searched_path) = find_nvcc(&local);
+    if searched_path {
+        // An nvcc installed on PATH after a kernel-less build is found on the next build.
+        println!("cargo::rerun-if-env-changed=PATH");
+    }
+    let Some(nvcc) = found else {
         return skip(&out, "nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH; `cargo xtask setup` installs one)");
     };
     let version = nvcc_version(&nvcc);
@@ -125,20 +131,21 @@ fn skip(out: &Path, reason: &str) {
     write_manifest(out, &Manifest { nvcc: None, version: None, archs: &[], library: None, units: &[], reason: Some(reason) });
 }
 
-fn find_nvcc(local: &Path) -> Option<PathBuf> {
+/// The nvcc to use, and whether `PATH` was searched (so that the answer depends on it).
+fn find_nvcc(local: &Path) -> (Option<PathBuf>, bool) {
     let exe = |p: PathBuf| p.is_file().then_some(p);
     if let Some(p) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
-        return exe(PathBuf::from(p));
+        return (exe(PathBuf::from(p)), false);
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(p) = env::var_os(var).filter(|v| !v.is_empty()).and_then(|d| exe(PathBuf::from(d).join("bin/nvcc"))) {
-            return Some(p);
+            return (Some(p), false);
         }
     }
     if let Some(p) = env::var_os("PATH").and_then(|path| env::split_paths(&path).find_map(|d| exe(d.join("nvcc")))) {
-        return Some(p);
+        return (Some(p), true);
     }
-    exe(local.to_path_buf())
+    (exe(local.to_path_buf()), true)
 }
 
 fn nvcc_version(nvcc: &Path) -> String {
