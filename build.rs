@@ -10,8 +10,9 @@
 //! nvcc is looked up in `NVCC`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, `PATH`, then the project-local
 //! toolchain that `cargo xtask setup` installs; a change of `PATH` reruns the lookup unless `NVCC`,
 //! `CUDA_HOME` or `CUDA_PATH` named the nvcc. Without nvcc the crate still builds: a cargo warning
-//! says so and every GPU entry point returns `Error::KernelsNotBuilt`. This script never touches
-//! the network.
+//! says so and every GPU entry point returns `Error::KernelsNotBuilt`; with the `require-kernels`
+//! feature or `DEEPKERN_REQUIRE_KERNELS=1` the build fails instead. This script never touches the
+//! network.
 //!
 //! Outputs in `OUT_DIR`: `obj/<unit>.o`, `ptxas/<unit>.log`, `libdeepkern_kernels.a`, and the
 //! manifest `deepkern-kernels.json` that `cargo xtask sass` reads.
@@ -42,6 +43,7 @@ fn main() {
         "NVCC_CCBIN",
         "DEEPKERN_CUDA_ARCHS",
         "DEEPKERN_SKIP_KERNELS",
+        "DEEPKERN_REQUIRE_KERNELS",
         "DEEPKERN_SIM",
         "DEEPKERN_SIM_REUSE_PTXAS",
         "DEEPKERN_SIM_RACES",
@@ -67,7 +69,7 @@ fn main() {
         println!("cargo::rerun-if-env-changed=PATH");
     }
     let Some(nvcc) = found else {
-        return skip(&out, "nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH; `cargo xtask setup` installs one)");
+        return skip(&out, "nvcc not found (looked in NVCC, CUDA_HOME/bin, CUDA_PATH/bin and PATH; install nvcc or set NVCC or CUDA_HOME)");
     };
     let version = nvcc_version(&nvcc);
     let archs = archs();
@@ -126,8 +128,26 @@ struct Unit {
     ptxas_log: PathBuf,
 }
 
+/// Whether a build without kernels must fail: the `require-kernels` feature, or
+/// `DEEPKERN_REQUIRE_KERNELS=1` (for a build whose features one cannot change).
+fn kernels_required() -> bool {
+    env::var_os("CARGO_FEATURE_REQUIRE_KERNELS").is_some() || env::var("DEEPKERN_REQUIRE_KERNELS").is_ok_and(|v| v == "1")
+}
+
 fn skip(out: &Path, reason: &str) {
-    println!("cargo::warning=deepkern: CUDA kernels NOT built: {reason}. GPU entry points will return Error::KernelsNotBuilt.");
+    if kernels_required() {
+        eprintln!(
+            "error: deepkern: the CUDA kernels are required (the `require-kernels` feature or DEEPKERN_REQUIRE_KERNELS=1) \
+             and were not built: {reason}.\n\
+             Install nvcc (CUDA 12 or later; 13.0 is what deepkern is tested with) on PATH, or set NVCC to the nvcc \
+             executable or CUDA_HOME to the CUDA installation, and build again."
+        );
+        std::process::exit(1);
+    }
+    println!(
+        "cargo::warning=deepkern: CUDA kernels NOT built: {reason}. GPU entry points will return Error::KernelsNotBuilt \
+         (the `require-kernels` feature makes this a build error)."
+    );
     write_manifest(out, &Manifest { nvcc: None, version: None, archs: &[], library: None, units: &[], reason: Some(reason) });
 }
 

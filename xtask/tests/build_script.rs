@@ -1,6 +1,6 @@
 //! deepkern's build script (build.rs), compiled on its own and run in scratch folders with a
-//! controlled environment: how it finds nvcc and when cargo must rerun it. The nvcc here is a
-//! stand-in that writes empty outputs.
+//! controlled environment: how it finds nvcc, when cargo must rerun it, and when a missing nvcc
+//! is an error. The nvcc here is a stand-in that writes empty outputs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -131,4 +131,19 @@ fn nvcc_named_by_nvcc_or_cuda_home_does_not_depend_on_path() {
         assert!(run.has("cargo::rustc-cfg=deepkern_kernels"), "{var}: {}", run.stdout);
         assert!(!run.has("cargo::rerun-if-env-changed=PATH"), "{var}: {}", run.stdout);
     }
+}
+
+#[test]
+fn required_kernels_make_a_missing_nvcc_a_build_error() {
+    let s = Scratch::new("required");
+    for env in [[("DEEPKERN_REQUIRE_KERNELS", "1")], [("CARGO_FEATURE_REQUIRE_KERNELS", "1")]] {
+        let run = s.run(&env);
+        assert_ne!(run.code, 0, "{env:?}: a missing nvcc must fail the build:\n{}", run.stdout);
+        for advice in ["NVCC", "CUDA_HOME", "PATH"] {
+            assert!(run.stderr.contains(advice), "{env:?}: {}", run.stderr);
+        }
+    }
+    let skipped = s.run(&[("DEEPKERN_REQUIRE_KERNELS", "1"), ("DEEPKERN_SKIP_KERNELS", "1")]);
+    assert_ne!(skipped.code, 0, "required kernels, skipped: {}", skipped.stdout);
+    assert_eq!(s.run(&[("DEEPKERN_REQUIRE_KERNELS", "0")]).code, 0);
 }
