@@ -15,7 +15,9 @@
 //! network.
 //!
 //! Outputs in `OUT_DIR`: `obj/<unit>.o`, `ptxas/<unit>.log`, `libdeepkern_kernels.a`, and the
-//! manifest `deepkern-kernels.json` that `cargo xtask sass` reads.
+//! manifest `deepkern-kernels.json` that `cargo xtask sass` reads. For dependents' build scripts
+//! (`links = "deepkern_kernels"`): `DEP_DEEPKERN_KERNELS_INCLUDE`, the folder of `deepkern.h`, and,
+//! when the kernels were built, `DEP_DEEPKERN_KERNELS_LIB_DIR`, the folder of the library.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -59,6 +61,8 @@ fn main() {
     if local.parent().is_some_and(Path::is_dir) {
         println!("cargo::rerun-if-changed={}", local.display());
     }
+    // The C header, for dependents' build scripts (DEP_DEEPKERN_KERNELS_INCLUDE).
+    println!("cargo::metadata=include={}", root.join("csrc/include").display());
 
     if env::var_os("DEEPKERN_SKIP_KERNELS").is_some_and(|v| !v.is_empty() && v != "0") {
         return skip(&out, "DEEPKERN_SKIP_KERNELS is set");
@@ -83,6 +87,7 @@ fn main() {
     if env::var("DEEPKERN_SIM").is_ok_and(|v| v == "1") {
         println!("cargo::rerun-if-changed=sim");
         sim::build(&root, &out, &nvcc, &units, &compiled, header_hash, jobs, &library);
+        println!("cargo::metadata=lib_dir={}", out.display());
         println!("cargo::rustc-cfg=deepkern_kernels");
         println!("cargo::rustc-cfg=deepkern_sim");
         write_manifest(
@@ -101,6 +106,7 @@ fn main() {
     archive(&nvcc, &library, compiled.iter().map(|u| u.object.as_path()));
 
     println!("cargo::rustc-cfg=deepkern_kernels");
+    println!("cargo::metadata=lib_dir={}", out.display());
     println!("cargo::rustc-link-search=native={}", out.display());
     println!("cargo::rustc-link-lib=static={LIB_NAME}");
     match cudart_dir(&nvcc) {

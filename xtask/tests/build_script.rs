@@ -1,6 +1,6 @@
 //! deepkern's build script (build.rs), compiled on its own and run in scratch folders with a
-//! controlled environment: how it finds nvcc, when cargo must rerun it, and when a missing nvcc
-//! is an error. The nvcc here is a stand-in that writes empty outputs.
+//! controlled environment: how it finds nvcc, when cargo must rerun it, what it tells dependents,
+//! and when a missing nvcc is an error. The nvcc here is a stand-in that writes empty outputs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -146,4 +146,19 @@ fn required_kernels_make_a_missing_nvcc_a_build_error() {
     let skipped = s.run(&[("DEEPKERN_REQUIRE_KERNELS", "1"), ("DEEPKERN_SKIP_KERNELS", "1")]);
     assert_ne!(skipped.code, 0, "required kernels, skipped: {}", skipped.stdout);
     assert_eq!(s.run(&[("DEEPKERN_REQUIRE_KERNELS", "0")]).code, 0);
+}
+
+#[test]
+fn dependents_get_the_header_and_library_folders() {
+    let s = Scratch::new("metadata");
+    let include = format!("cargo::metadata=include={}", s.dir.join("root/csrc/include").display());
+    let missing = s.run(&[]);
+    assert!(missing.has(&include), "{}", missing.stdout);
+    assert!(!missing.stdout.contains("cargo::metadata=lib_dir="), "no library, no folder: {}", missing.stdout);
+    s.nvcc("bin/nvcc");
+    let built = s.run(&[]);
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    assert!(built.has(&include), "{}", built.stdout);
+    assert!(built.has(&format!("cargo::metadata=lib_dir={}", s.dir.join("out").display())), "{}", built.stdout);
+    assert!(s.dir.join("out/libdeepkern_kernels.a").is_file());
 }
