@@ -19,10 +19,10 @@ pub const BUNDLE_TARBALL: &str = "target/deepkern-bundle.tar.gz";
 /// An executable cargo built: (bundle name, path).
 type Executable = (String, PathBuf);
 
-/// Test-profile executables of the deepkern package whose target kind is one of `kinds`.
-fn executables(msgs: &[Value], kinds: &[&str]) -> Vec<Executable> {
+/// Test-profile executables of the package `id` whose target kind is one of `kinds`.
+fn executables(msgs: &[Value], id: &str, kinds: &[&str]) -> Vec<Executable> {
     msgs.iter()
-        .filter(|m| m["reason"] == "compiler-artifact" && cargo::is_deepkern(m) && m["profile"]["test"] == Value::Bool(true))
+        .filter(|m| m["reason"] == "compiler-artifact" && cargo::is_package(m, id) && m["profile"]["test"] == Value::Bool(true))
         .filter_map(|m| {
             let kind = m["target"]["kind"][0].as_str()?;
             let exe = m["executable"].as_str()?;
@@ -46,10 +46,10 @@ pub fn commit_id(root: &Path) -> String {
 }
 
 /// The release test executables (`cargo test --release --no-run`): lib unit tests as `unit`.
-fn test_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+fn test_executables(tc: &Toolchain, id: &str) -> Result<Vec<Executable>> {
     let mut c = cargo::cargo(tc);
     c.args(["test", "-p", "deepkern", "--release", "--no-run"]);
-    let tests = executables(&cargo::messages(c)?, &["lib", "test"]);
+    let tests = executables(&cargo::messages(c)?, id, &["lib", "test"]);
     if tests.is_empty() {
         return Err("cargo reported no test executables for deepkern".into());
     }
@@ -57,10 +57,10 @@ fn test_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
 }
 
 /// The bench executables (`cargo bench --no-run`), less the CPU-only ones.
-fn bench_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+fn bench_executables(tc: &Toolchain, id: &str) -> Result<Vec<Executable>> {
     let mut c = cargo::cargo(tc);
     c.args(["bench", "-p", "deepkern", "--no-run"]);
-    let all = executables(&cargo::messages(c)?, &["bench"]);
+    let all = executables(&cargo::messages(c)?, id, &["bench"]);
     Ok(all.into_iter().filter(|(n, _)| !CPU_ONLY_BENCHES.contains(&n.as_str())).collect())
 }
 
@@ -127,8 +127,9 @@ pub fn run(tc: &Toolchain) -> Result<PathBuf> {
             kernels["reason"].as_str().unwrap_or("no reason given")
         ));
     }
-    let tests = test_executables(tc)?;
-    let benches = bench_executables(tc)?;
+    let id = cargo::deepkern_id(tc)?;
+    let tests = test_executables(tc, &id)?;
+    let benches = bench_executables(tc, &id)?;
     let dir = root.join(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove the old {}: {e}", dir.display()))?;
@@ -312,7 +313,7 @@ mod tests {
         .iter()
         .map(|s| serde_json::from_str(s).unwrap())
         .collect();
-        let got = executables(&msgs, &["lib", "test"]);
+        let got = executables(&msgs, "path+file:///w#deepkern@0.1.0", &["lib", "test"]);
         assert_eq!(
             got,
             vec![("unit".to_string(), PathBuf::from("/t/deepkern-1")), ("quant_gpu".to_string(), PathBuf::from("/t/quant_gpu-2"))]
