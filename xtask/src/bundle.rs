@@ -120,7 +120,7 @@ pub fn run_script(commit: &str) -> String {
 /// Builds the bundle and returns its folder.
 pub fn run(tc: &Toolchain) -> Result<PathBuf> {
     let root = project_root();
-    let (_, kernels) = cargo::kernels_manifest(tc, &["build", "--release"])?;
+    let (_, kernels) = cargo::kernels_manifest(tc, &["build", "--release", "-p", "deepkern", "--lib"])?;
     if kernels["built"] != Value::Bool(true) {
         return Err(format!(
             "the bundle needs the kernels, and build.rs did not build them: {}",

@@ -9,6 +9,9 @@ use serde_json::Value;
 use crate::toolchain::Toolchain;
 use crate::{Result, cmd, project_root};
 
+/// The tests' build and run (`cargo xtask test`); the SASS check reuses its build.
+pub const TEST_ARGS: [&str; 2] = ["test", "--workspace"];
+
 /// `cargo` (the one running xtask), in the project root, with the toolchain's environment.
 pub fn cargo(tc: &Toolchain) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -69,12 +72,12 @@ pub fn build_script_out_dir<'a>(msgs: &'a [Value], id: &str) -> Option<&'a str> 
     msgs.iter().filter(|m| m["reason"] == "build-script-executed" && is_package(m, id)).find_map(|m| m["out_dir"].as_str())
 }
 
-/// The kernels manifest the build script wrote, for a build with `args` (e.g. `["build"]` or
-/// `["build", "--release"]`).
+/// The kernels manifest the build script wrote, for a build with `args` (e.g. `["build", "-p",
+/// "deepkern", "--lib"]`); the build must include deepkern.
 pub fn kernels_manifest(tc: &Toolchain, args: &[&str]) -> Result<(PathBuf, Value)> {
     let id = deepkern_id(tc)?;
     let mut c = cargo(tc);
-    c.args(args).args(["-p", "deepkern", "--lib"]);
+    c.args(args);
     let msgs = messages(c)?;
     let out_dir = build_script_out_dir(&msgs, &id).ok_or_else(|| format!("cargo did not report the build script output of {id}"))?;
     let path = PathBuf::from(out_dir).join("deepkern-kernels.json");

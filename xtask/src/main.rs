@@ -65,7 +65,7 @@ fn setup() -> Result<Toolchain> {
 fn test(extra: &[String]) -> Result<()> {
     let tc = setup()?;
     let mut c = cargo::cargo(&tc);
-    c.args(["test", "--workspace"]).args(extra);
+    c.args(cargo::TEST_ARGS).args(extra);
     let tests = cmd::run(&mut c);
     // The sass check and the simulated suite run even when a test failed, so one run shows all.
     let checked = sass::run(&tc);
