@@ -146,15 +146,28 @@ pub fn run(tc: &Toolchain) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_how_to_run(dir: &Path, tarball: &Path, commit: &str, (tests, benches): (usize, usize), (total, packed): (u64, u64)) {
-    let mb = |b: u64| b as f64 / 1e6;
+fn print_how_to_run(dir: &Path, tarball: &Path, commit: &str, counts: (usize, usize), sizes: (u64, u64)) {
     eprintln!();
-    eprintln!("bundle {commit}: {} ({tests} test and {benches} bench executables, {:.1} MB)", dir.display(), mb(total));
-    eprintln!("packed: {} ({:.1} MB)", tarball.display(), mb(packed));
-    eprintln!("on a GPU host (CUDA driver 580+, no Rust needed), copy it there and run it:");
-    eprintln!("    scp {} gpuhost: && ssh gpuhost 'tar -xzf deepkern-bundle.tar.gz && bundle/run.sh results'", tarball.display());
-    eprintln!("or, from this checkout with the device tool: carry [\"{BUNDLE_DIR}\"], command `{BUNDLE_DIR}/run.sh \"$OUT/results\"`");
-    eprintln!("then copy results/*.jsonl into bench-results/ and run `cargo xtask report`");
+    eprint!("{}", how_to_run(dir, tarball, commit, counts, sizes));
+}
+
+/// What the bundle holds and how to run it on a GPU host.
+fn how_to_run(dir: &Path, tarball: &Path, commit: &str, (tests, benches): (usize, usize), (total, packed): (u64, u64)) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    format!(
+        "bundle {commit}: {} ({tests} test and {benches} bench executables, {:.1} MB)\n\
+         packed: {} ({:.1} MB)\n\
+         copy the folder to a GPU host (CUDA driver 580+, no Rust needed) and run it there:\n    \
+         scp -r {} gpu-host:deepkern && ssh gpu-host 'cd deepkern && ./run.sh results'\n\
+         (or copy {} and unpack it there: `tar -xzf deepkern-bundle.tar.gz && bundle/run.sh results`)\n\
+         then copy results/*.jsonl into bench-results/ here and run `cargo xtask report`\n",
+        dir.display(),
+        mb(total),
+        tarball.display(),
+        mb(packed),
+        dir.display(),
+        tarball.display(),
+    )
 }
 
 /// The bundle's entry point. `@COMMIT@` is replaced at bundle time.
@@ -300,6 +313,22 @@ exit "$status"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closing_message_speaks_of_a_gpu_host() {
+        let text = how_to_run(
+            Path::new("/w/target/bundle"),
+            Path::new("/w/target/deepkern-bundle.tar.gz"),
+            "abc1234",
+            (7, 5),
+            (9e6 as u64, 3e6 as u64),
+        );
+        assert!(text.contains("copy the folder to a GPU host"), "{text}");
+        assert!(text.contains("scp -r /w/target/bundle gpu-host:deepkern") && text.contains("./run.sh results"), "{text}");
+        for foreign in ["device tool", "carry", "$OUT"] {
+            assert!(!text.contains(foreign), "`{foreign}` means nothing to a user: {text}");
+        }
+    }
 
     #[test]
     fn picks_test_profile_executables_of_deepkern() {
