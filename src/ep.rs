@@ -301,8 +301,10 @@ enum Storage {
     /// All ranks' buffers, in this process.
     Virtual(Vec<CudaSlice<u8>>),
     /// This rank's buffer (exported) and the peers' (opened through CUDA IPC).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     Node(NodeBuffers),
     /// This rank's buffer only; payloads move with NCCL over the communicator.
+    #[cfg(feature = "nccl")]
     Nccl { rank: usize, own: CudaSlice<u8>, comm: cudarc::nccl::Comm },
 }
 
@@ -438,6 +440,7 @@ impl Group {
     /// Ranks must call the group's operations in the same order; normal dispatch and combine (or
     /// low-latency dispatch and combine) alternate, which is what keeps a rank from overwriting a
     /// peer's receive buffer before the peer has read it.
+    #[cfg(feature = "nccl")]
     pub fn new_node(comm: &cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         use cudarc::driver::sys::{CUipcMem_flags, CUipcMemHandle};
         refuse_nccl(&shape, "Group::new_node")?;
@@ -512,6 +515,7 @@ impl Group {
     /// refused. Collective: every rank of `comm` calls the group's operations in the same order.
     /// All of the group's work runs on `comm.stream()`; the group keeps the communicator
     /// ([`Group::comm`] lends it back).
+    #[cfg(feature = "nccl")]
     pub fn new_nccl(comm: cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         let shape = GroupShape { transport: Transport::Nccl, ..shape };
         check_world(&shape, &comm)?;
@@ -541,6 +545,7 @@ impl Group {
     }
 
     /// The NCCL communicator of a group built by [`Group::new_nccl`].
+    #[cfg(feature = "nccl")]
     pub fn comm(&self) -> Option<&cudarc::nccl::Comm> {
         match &self.storage {
             Storage::Nccl { comm, .. } => Some(comm),
@@ -550,6 +555,7 @@ impl Group {
 
     /// Dissolves an NCCL group and returns its communicator (after the group's work is done:
     /// synchronises the stream); `None` for other groups.
+    #[cfg(feature = "nccl")]
     pub fn into_comm(self) -> Option<cudarc::nccl::Comm> {
         let _ = self.stream.synchronize();
         match self.storage {
@@ -569,6 +575,7 @@ impl Group {
         match &self.storage {
             Storage::Virtual(b) => (0..b.len()).collect(),
             Storage::Node(n) => vec![n.rank],
+            #[cfg(feature = "nccl")]
             Storage::Nccl { rank, .. } => vec![*rank],
         }
     }
@@ -584,6 +591,7 @@ impl Group {
                 unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, n.own + offset as u64) }?;
                 Ok(v)
             }
+            #[cfg(feature = "nccl")]
             Storage::Nccl { own, .. } => Ok(self.stream.clone_dtoh(&own.slice(offset..offset + len))?),
         }
     }
@@ -867,6 +875,7 @@ impl Group {
         let preps = inputs.iter().map(|i| self.prepare(i)).collect::<Result<Vec<_>>>()?;
         for (&rank, prep) in local.iter().zip(&preps) {
             let epoch = self.bump(rank, NOTIFY);
+            #[cfg(feature = "nccl")]
             if let Storage::Nccl { own, comm, .. } = &mut self.storage {
                 let (r, e) = (self.shape.ranks, self.shape.num_experts);
                 let mut counts = own.slice_mut(self.layout.counts..self.layout.counts + r * e * 4);
@@ -1070,6 +1079,7 @@ impl Group {
                     }
                 }
             }
+            #[cfg(feature = "nccl")]
             Storage::Nccl { rank, own, comm } => {
                 let me = *rank;
                 let nccl = |e: cudarc::nccl::result::NcclError| Error::Communication { rank: me, reason: format!("NCCL: {e:?}") };
@@ -1183,6 +1193,7 @@ impl Group {
     /// are ignored and counted ([`Handle::invalid_slots`]).
     pub fn dispatch_low_latency_send(&mut self, rank: usize, input: &RankInput<'_>) -> Result<PendingLowLatency> {
         self.check_local(rank)?;
+        #[cfg(feature = "nccl")]
         if matches!(self.storage, Storage::Nccl { .. }) {
             return Err(Error::InvalidArgument {
                 arg: "transport",
@@ -1376,6 +1387,7 @@ enum Direction {
     Combine,
 }
 
+#[cfg(feature = "nccl")]
 fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
     if shape.ranks != comm.world_size() {
         return Err(Error::InvalidArgument {

@@ -50,3 +50,13 @@ fn unused_and_bench_only_features_are_not_imposed() {
     let bytemuck = normal_features(&pkg, "bytemuck");
     assert!(bytemuck.is_empty(), "bytemuck's {bytemuck:?} are unused");
 }
+
+#[test]
+fn nccl_is_a_default_feature_of_deepkern_not_a_forced_one() {
+    let pkg = deepkern();
+    let cudarc = normal_features(&pkg, "cudarc");
+    assert!(!cudarc.iter().any(|f| f.starts_with("nccl")), "NCCL cannot be turned off: cudarc's {cudarc:?}");
+    let features = &pkg["features"];
+    assert_eq!(features["nccl"], serde_json::json!(["cudarc/nccl"]), "{features}");
+    assert!(features["default"].as_array().is_some_and(|d| d.iter().any(|f| f == "nccl")), "{features}");
+}
