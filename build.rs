@@ -8,12 +8,16 @@
 //! the simulator takes each kernel's registers and static shared memory from ptxas' report.
 //!
 //! nvcc is looked up in `NVCC`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, `PATH`, then the project-local
-//! toolchain that `cargo xtask setup` installs. Without nvcc the crate still builds: a cargo warning
-//! says so and every GPU entry point returns `Error::KernelsNotBuilt`. This script never touches
-//! the network.
+//! toolchain that `cargo xtask setup` installs; a change of `PATH` reruns the lookup unless `NVCC`,
+//! `CUDA_HOME` or `CUDA_PATH` named the nvcc. Without nvcc the crate still builds: a cargo warning
+//! says so and every GPU entry point returns `Error::KernelsNotBuilt`; with the `require-kernels`
+//! feature or `DEEPKERN_REQUIRE_KERNELS=1` the build fails instead. This script never touches the
+//! network.
 //!
 //! Outputs in `OUT_DIR`: `obj/<unit>.o`, `ptxas/<unit>.log`, `libdeepkern_kernels.a`, and the
-//! manifest `deepkern-kernels.json` that `cargo xtask sass` reads.
+//! manifest `deepkern-kernels.json` that `cargo xtask sass` reads. For dependents' build scripts
+//! (`links = "deepkern_kernels"`): `DEP_DEEPKERN_KERNELS_INCLUDE`, the folder of `deepkern.h`, and,
+//! when the kernels were built, `DEP_DEEPKERN_KERNELS_LIB_DIR`, the folder of the library.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -41,6 +45,7 @@ fn main() {
         "NVCC_CCBIN",
         "DEEPKERN_CUDA_ARCHS",
         "DEEPKERN_SKIP_KERNELS",
+        "DEEPKERN_REQUIRE_KERNELS",
         "DEEPKERN_SIM",
         "DEEPKERN_SIM_REUSE_PTXAS",
         "DEEPKERN_SIM_RACES",
@@ -56,12 +61,19 @@ fn main() {
     if local.parent().is_some_and(Path::is_dir) {
         println!("cargo::rerun-if-changed={}", local.display());
     }
+    // The C header, for dependents' build scripts (DEP_DEEPKERN_KERNELS_INCLUDE).
+    println!("cargo::metadata=include={}", root.join("csrc/include").display());
 
     if env::var_os("DEEPKERN_SKIP_KERNELS").is_some_and(|v| !v.is_empty() && v != "0") {
         return skip(&out, "DEEPKERN_SKIP_KERNELS is set");
     }
-    let Some(nvcc) = find_nvcc(&local) else {
-        return skip(&out, "nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH; `cargo xtask setup` installs one)");
+    let (found, searched_path) = find_nvcc(&local);
+    if searched_path {
+        // An nvcc installed on PATH after a kernel-less build is found on the next build.
+        println!("cargo::rerun-if-env-changed=PATH");
+    }
+    let Some(nvcc) = found else {
+        return skip(&out, "nvcc not found (looked in NVCC, CUDA_HOME/bin, CUDA_PATH/bin and PATH; install nvcc or set NVCC or CUDA_HOME)");
     };
     let version = nvcc_version(&nvcc);
     let archs = archs();
@@ -75,6 +87,7 @@ fn main() {
     if env::var("DEEPKERN_SIM").is_ok_and(|v| v == "1") {
         println!("cargo::rerun-if-changed=sim");
         sim::build(&root, &out, &nvcc, &units, &compiled, header_hash, jobs, &library);
+        println!("cargo::metadata=lib_dir={}", out.display());
         println!("cargo::rustc-cfg=deepkern_kernels");
         println!("cargo::rustc-cfg=deepkern_sim");
         write_manifest(
@@ -93,6 +106,7 @@ fn main() {
     archive(&nvcc, &library, compiled.iter().map(|u| u.object.as_path()));
 
     println!("cargo::rustc-cfg=deepkern_kernels");
+    println!("cargo::metadata=lib_dir={}", out.display());
     println!("cargo::rustc-link-search=native={}", out.display());
     println!("cargo::rustc-link-lib=static={LIB_NAME}");
     match cudart_dir(&nvcc) {
@@ -120,25 +134,44 @@ struct Unit {
     ptxas_log: PathBuf,
 }
 
+/// Whether a build without kernels must fail: the `require-kernels` feature, or
+/// `DEEPKERN_REQUIRE_KERNELS=1` (for a build whose features one cannot change).
+fn kernels_required() -> bool {
+    env::var_os("CARGO_FEATURE_REQUIRE_KERNELS").is_some() || env::var("DEEPKERN_REQUIRE_KERNELS").is_ok_and(|v| v == "1")
+}
+
 fn skip(out: &Path, reason: &str) {
-    println!("cargo::warning=deepkern: CUDA kernels NOT built: {reason}. GPU entry points will return Error::KernelsNotBuilt.");
+    if kernels_required() {
+        eprintln!(
+            "error: deepkern: the CUDA kernels are required (the `require-kernels` feature or DEEPKERN_REQUIRE_KERNELS=1) \
+             and were not built: {reason}.\n\
+             Install nvcc (CUDA 12 or later; 13.0 is what deepkern is tested with) on PATH, or set NVCC to the nvcc \
+             executable or CUDA_HOME to the CUDA installation, and build again."
+        );
+        std::process::exit(1);
+    }
+    println!(
+        "cargo::warning=deepkern: CUDA kernels NOT built: {reason}. GPU entry points will return Error::KernelsNotBuilt \
+         (the `require-kernels` feature makes this a build error)."
+    );
     write_manifest(out, &Manifest { nvcc: None, version: None, archs: &[], library: None, units: &[], reason: Some(reason) });
 }
 
-fn find_nvcc(local: &Path) -> Option<PathBuf> {
+/// The nvcc to use, and whether `PATH` was searched (so that the answer depends on it).
+fn find_nvcc(local: &Path) -> (Option<PathBuf>, bool) {
     let exe = |p: PathBuf| p.is_file().then_some(p);
     if let Some(p) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
-        return exe(PathBuf::from(p));
+        return (exe(PathBuf::from(p)), false);
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(p) = env::var_os(var).filter(|v| !v.is_empty()).and_then(|d| exe(PathBuf::from(d).join("bin/nvcc"))) {
-            return Some(p);
+            return (Some(p), false);
         }
     }
     if let Some(p) = env::var_os("PATH").and_then(|path| env::split_paths(&path).find_map(|d| exe(d.join("nvcc")))) {
-        return Some(p);
+        return (Some(p), true);
     }
-    exe(local.to_path_buf())
+    (exe(local.to_path_buf()), true)
 }
 
 fn nvcc_version(nvcc: &Path) -> String {

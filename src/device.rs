@@ -19,10 +19,39 @@ pub fn cuda_available() -> bool {
     device_count() > 0
 }
 
+/// Whether the CUDA driver library can be loaded. Works whichever way cudarc reaches the driver:
+/// loaded at run time (this crate's default), or linked when another crate in the build asked for
+/// cudarc's `dynamic-linking` (then the library is already loaded and this finds it).
+fn driver_library_present() -> bool {
+    #[cfg(unix)]
+    {
+        use std::ffi::{c_char, c_int, c_void};
+        unsafe extern "C" {
+            fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+            fn dlclose(handle: *mut c_void) -> c_int;
+        }
+        const RTLD_LAZY: c_int = 1;
+        // The name cudarc's loader opens first, then the driver's soname (what a linked build has).
+        [c"libcuda.so", c"libcuda.so.1"].iter().any(|name| {
+            // SAFETY: a NUL-terminated name; a handle that dlopen returned is closed once.
+            let handle = unsafe { dlopen(name.as_ptr(), RTLD_LAZY) };
+            if handle.is_null() {
+                return false;
+            }
+            unsafe { dlclose(handle) };
+            true
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        // The probe below catches the loader's panic.
+        true
+    }
+}
+
 /// Number of CUDA devices; 0 when there is no driver library or the driver reports none.
 pub fn device_count() -> usize {
-    // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return 0;
     }
     match std::panic::catch_unwind(CudaContext::device_count) {

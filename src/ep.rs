@@ -344,8 +344,10 @@ enum Storage {
     /// All ranks' buffers, in this process.
     Virtual(Vec<CudaSlice<u8>>),
     /// This rank's buffer (exported) and the peers' (opened through CUDA IPC).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     Node(NodeBuffers),
     /// This rank's buffer only; payloads move with NCCL over the communicator.
+    #[cfg(feature = "nccl")]
     Nccl { rank: usize, own: CudaSlice<u8>, comm: cudarc::nccl::Comm },
 }
 
@@ -484,6 +486,7 @@ impl Group {
     /// Ranks must call the group's operations in the same order; normal dispatch and combine (or
     /// low-latency dispatch and combine) alternate, which is what keeps a rank from overwriting a
     /// peer's receive buffer before the peer has read it.
+    #[cfg(feature = "nccl")]
     pub fn new_node(comm: &cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         use cudarc::driver::sys::{CUipcMem_flags, CUipcMemHandle};
         refuse_nccl(&shape, "Group::new_node")?;
@@ -565,6 +568,7 @@ impl Group {
     /// refused. Collective: every rank of `comm` calls the group's operations in the same order.
     /// All of the group's work runs on `comm.stream()`; the group keeps the communicator
     /// ([`Group::comm`] lends it back).
+    #[cfg(feature = "nccl")]
     pub fn new_nccl(comm: cudarc::nccl::Comm, shape: GroupShape) -> Result<Self> {
         let shape = GroupShape { transport: Transport::Nccl, ..shape };
         check_world(&shape, &comm)?;
@@ -603,6 +607,7 @@ impl Group {
     }
 
     /// The NCCL communicator of a group built by [`Group::new_nccl`].
+    #[cfg(feature = "nccl")]
     pub fn comm(&self) -> Option<&cudarc::nccl::Comm> {
         match &self.storage {
             Storage::Nccl { comm, .. } => Some(comm),
@@ -612,6 +617,7 @@ impl Group {
 
     /// Dissolves an NCCL group and returns its communicator (after the group's work is done:
     /// synchronises the stream); `None` for other groups.
+    #[cfg(feature = "nccl")]
     pub fn into_comm(mut self) -> Option<cudarc::nccl::Comm> {
         let _ = self.stream.synchronize();
         if !matches!(self.storage, Storage::Nccl { .. }) {
@@ -635,6 +641,7 @@ impl Group {
         match &self.storage {
             Storage::Virtual(b) => (0..b.len()).collect(),
             Storage::Node(n) => vec![n.rank],
+            #[cfg(feature = "nccl")]
             Storage::Nccl { rank, .. } => vec![*rank],
         }
     }
@@ -650,6 +657,7 @@ impl Group {
                 unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, n.own + offset as u64) }?;
                 Ok(v)
             }
+            #[cfg(feature = "nccl")]
             Storage::Nccl { own, .. } => Ok(self.stream.clone_dtoh(&own.slice(offset..offset + len))?),
         }
     }
@@ -989,6 +997,7 @@ impl Group {
             // so a round refused between the two leaves the counters equal.
             let epoch = self.bump(rank, NOTIFY);
             self.epochs[rank][DISPATCH] = epoch;
+            #[cfg(feature = "nccl")]
             if matches!(self.storage, Storage::Nccl { .. }) {
                 self.nccl_notify(rank, prep)?;
                 continue;
@@ -1084,6 +1093,7 @@ impl Group {
 
     /// NCCL groups: all-gathers this rank's counts, invalid-slot count and error word into its
     /// own buffer, where the notify kernel of the other groups writes them into every peer's.
+    #[cfg(feature = "nccl")]
     fn nccl_notify(&mut self, rank: usize, prep: &Prepared) -> Result<()> {
         let (r, e) = (self.shape.ranks, self.shape.num_experts);
         let l = self.layout;
@@ -1165,6 +1175,7 @@ impl Group {
                 // SAFETY: the two words lie inside this rank's live buffer; the stream is idle.
                 unsafe { cudarc::driver::result::memcpy_htod_sync(n.own + at as u64, &zeros) }?;
             }
+            #[cfg(feature = "nccl")]
             Storage::Nccl { own, .. } => self.stream.memcpy_htod(&zeros, &mut own.slice_mut(at..at + 8))?,
         }
         Ok(())
@@ -1295,6 +1306,7 @@ impl Group {
                     }
                 }
             }
+            #[cfg(feature = "nccl")]
             Storage::Nccl { rank, own, comm } => {
                 let me = *rank;
                 let nccl = |e: cudarc::nccl::result::NcclError| Error::Communication { rank: me, reason: format!("NCCL: {e:?}") };
@@ -1409,6 +1421,7 @@ impl Group {
     /// are ignored and counted ([`Handle::invalid_slots`]).
     pub fn dispatch_low_latency_send(&mut self, rank: usize, input: &RankInput<'_>) -> Result<PendingLowLatency> {
         self.check_local(rank)?;
+        #[cfg(feature = "nccl")]
         if matches!(self.storage, Storage::Nccl { .. }) {
             return Err(Error::InvalidArgument {
                 arg: "transport",
@@ -1697,6 +1710,7 @@ fn describe_bits(bits: u32) -> String {
     what.join("; ")
 }
 
+#[cfg(feature = "nccl")]
 fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
     if shape.ranks != comm.world_size() {
         return Err(Error::InvalidArgument {
@@ -1709,6 +1723,7 @@ fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
 
 /// Refuses to form a multi-process group whose ranks' shapes differ (`prints[r]`: rank r's
 /// [`GroupShape::fingerprint`]).
+#[cfg(feature = "nccl")]
 fn check_fingerprints(shape: &GroupShape, prints: &[u64]) -> Result<()> {
     let mine = shape.fingerprint();
     match prints.iter().position(|&p| p != mine) {

@@ -32,8 +32,10 @@ pub enum Error {
     Kernel { kernel: &'static str, status: KernelStatus, cuda_error: Option<String> },
     /// The crate was built without nvcc, so it carries no kernels.
     #[error(
-        "deepkern was built without its CUDA kernels (nvcc was not found at build time); \
-         run `cargo xtask setup`, or set NVCC or CUDA_HOME, and rebuild"
+        "deepkern was built without its CUDA kernels (nvcc was not found when it was built): install nvcc \
+         (CUDA 12 or later) on PATH, or set NVCC to the nvcc executable or CUDA_HOME to the CUDA installation, \
+         then run `cargo clean -p deepkern` and build again (the `require-kernels` feature makes a build \
+         without kernels fail)"
     )]
     KernelsNotBuilt,
     /// An expert-parallel group reported a failure on the device (a peer that never signalled, a
@@ -114,6 +116,16 @@ impl fmt::Display for KernelStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The advice must be something a crate depending on deepkern can follow (it has no xtask).
+    #[test]
+    fn kernels_not_built_says_what_a_dependent_can_do() {
+        let msg = Error::KernelsNotBuilt.to_string();
+        for advice in ["install nvcc", "NVCC", "CUDA_HOME", "cargo clean -p deepkern"] {
+            assert!(msg.contains(advice), "`{advice}` missing from: {msg}");
+        }
+        assert!(!msg.contains("xtask"), "dependents have no xtask: {msg}");
+    }
 
     #[test]
     fn status_round_trips_through_raw() {

@@ -16,7 +16,8 @@
 //! cudarc's own types, re-exported as [`cudarc`]; element types are [`bf16`] and [`F8E4M3`].
 //!
 //! Without nvcc at build time the crate still builds: [`kernels_built`] is false and GPU entry
-//! points return [`Error::KernelsNotBuilt`].
+//! points return [`Error::KernelsNotBuilt`]. The `require-kernels` feature (or
+//! `DEEPKERN_REQUIRE_KERNELS=1`) makes such a build fail instead.
 //!
 //! Built with `DEEPKERN_SIM=1`, the same kernel sources run on the deepkern simulator, on the CPU,
 //! through this same API ([`simulated`]; docs/simulator.md): how the tests run without a GPU.

@@ -19,10 +19,10 @@ pub const BUNDLE_TARBALL: &str = "target/deepkern-bundle.tar.gz";
 /// An executable cargo built: (bundle name, path).
 type Executable = (String, PathBuf);
 
-/// Test-profile executables of the deepkern package whose target kind is one of `kinds`.
-fn executables(msgs: &[Value], kinds: &[&str]) -> Vec<Executable> {
+/// Test-profile executables of the package `id` whose target kind is one of `kinds`.
+fn executables(msgs: &[Value], id: &str, kinds: &[&str]) -> Vec<Executable> {
     msgs.iter()
-        .filter(|m| m["reason"] == "compiler-artifact" && cargo::is_deepkern(m) && m["profile"]["test"] == Value::Bool(true))
+        .filter(|m| m["reason"] == "compiler-artifact" && cargo::is_package(m, id) && m["profile"]["test"] == Value::Bool(true))
         .filter_map(|m| {
             let kind = m["target"]["kind"][0].as_str()?;
             let exe = m["executable"].as_str()?;
@@ -46,10 +46,10 @@ pub fn commit_id(root: &Path) -> String {
 }
 
 /// The release test executables (`cargo test --release --no-run`): lib unit tests as `unit`.
-fn test_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+fn test_executables(tc: &Toolchain, id: &str) -> Result<Vec<Executable>> {
     let mut c = cargo::cargo(tc);
     c.args(["test", "-p", "deepkern", "--release", "--no-run"]);
-    let tests = executables(&cargo::messages(c)?, &["lib", "test"]);
+    let tests = executables(&cargo::messages(c)?, id, &["lib", "test"]);
     if tests.is_empty() {
         return Err("cargo reported no test executables for deepkern".into());
     }
@@ -57,10 +57,10 @@ fn test_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
 }
 
 /// The bench executables (`cargo bench --no-run`), less the CPU-only ones.
-fn bench_executables(tc: &Toolchain) -> Result<Vec<Executable>> {
+fn bench_executables(tc: &Toolchain, id: &str) -> Result<Vec<Executable>> {
     let mut c = cargo::cargo(tc);
     c.args(["bench", "-p", "deepkern", "--no-run"]);
-    let all = executables(&cargo::messages(c)?, &["bench"]);
+    let all = executables(&cargo::messages(c)?, id, &["bench"]);
     Ok(all.into_iter().filter(|(n, _)| !CPU_ONLY_BENCHES.contains(&n.as_str())).collect())
 }
 
@@ -120,15 +120,16 @@ pub fn run_script(commit: &str) -> String {
 /// Builds the bundle and returns its folder.
 pub fn run(tc: &Toolchain) -> Result<PathBuf> {
     let root = project_root();
-    let (_, kernels) = cargo::kernels_manifest(tc, &["build", "--release"])?;
+    let (_, kernels) = cargo::kernels_manifest(tc, &["build", "--release", "-p", "deepkern", "--lib"])?;
     if kernels["built"] != Value::Bool(true) {
         return Err(format!(
             "the bundle needs the kernels, and build.rs did not build them: {}",
             kernels["reason"].as_str().unwrap_or("no reason given")
         ));
     }
-    let tests = test_executables(tc)?;
-    let benches = bench_executables(tc)?;
+    let id = cargo::deepkern_id(tc)?;
+    let tests = test_executables(tc, &id)?;
+    let benches = bench_executables(tc, &id)?;
     let dir = root.join(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove the old {}: {e}", dir.display()))?;
@@ -145,15 +146,28 @@ pub fn run(tc: &Toolchain) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_how_to_run(dir: &Path, tarball: &Path, commit: &str, (tests, benches): (usize, usize), (total, packed): (u64, u64)) {
-    let mb = |b: u64| b as f64 / 1e6;
+fn print_how_to_run(dir: &Path, tarball: &Path, commit: &str, counts: (usize, usize), sizes: (u64, u64)) {
     eprintln!();
-    eprintln!("bundle {commit}: {} ({tests} test and {benches} bench executables, {:.1} MB)", dir.display(), mb(total));
-    eprintln!("packed: {} ({:.1} MB)", tarball.display(), mb(packed));
-    eprintln!("on a GPU host (CUDA driver 580+, no Rust needed), copy it there and run it:");
-    eprintln!("    scp {} gpuhost: && ssh gpuhost 'tar -xzf deepkern-bundle.tar.gz && bundle/run.sh results'", tarball.display());
-    eprintln!("or, from this checkout with the device tool: carry [\"{BUNDLE_DIR}\"], command `{BUNDLE_DIR}/run.sh \"$OUT/results\"`");
-    eprintln!("then copy results/*.jsonl into bench-results/ and run `cargo xtask report`");
+    eprint!("{}", how_to_run(dir, tarball, commit, counts, sizes));
+}
+
+/// What the bundle holds and how to run it on a GPU host.
+fn how_to_run(dir: &Path, tarball: &Path, commit: &str, (tests, benches): (usize, usize), (total, packed): (u64, u64)) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    format!(
+        "bundle {commit}: {} ({tests} test and {benches} bench executables, {:.1} MB)\n\
+         packed: {} ({:.1} MB)\n\
+         copy the folder to a GPU host (CUDA driver 580+, no Rust needed) and run it there:\n    \
+         scp -r {} gpu-host:deepkern && ssh gpu-host 'cd deepkern && ./run.sh results'\n\
+         (or copy {} and unpack it there: `tar -xzf deepkern-bundle.tar.gz && bundle/run.sh results`)\n\
+         then copy results/*.jsonl into bench-results/ here and run `cargo xtask report`\n",
+        dir.display(),
+        mb(total),
+        tarball.display(),
+        mb(packed),
+        dir.display(),
+        tarball.display(),
+    )
 }
 
 /// The bundle's entry point. `@COMMIT@` is replaced at bundle time.
@@ -301,6 +315,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn closing_message_speaks_of_a_gpu_host() {
+        let text = how_to_run(
+            Path::new("/w/target/bundle"),
+            Path::new("/w/target/deepkern-bundle.tar.gz"),
+            "abc1234",
+            (7, 5),
+            (9e6 as u64, 3e6 as u64),
+        );
+        assert!(text.contains("copy the folder to a GPU host"), "{text}");
+        assert!(text.contains("scp -r /w/target/bundle gpu-host:deepkern") && text.contains("./run.sh results"), "{text}");
+        for foreign in ["device tool", "carry", "$OUT"] {
+            assert!(!text.contains(foreign), "`{foreign}` means nothing to a user: {text}");
+        }
+    }
+
+    #[test]
     fn picks_test_profile_executables_of_deepkern() {
         let msgs: Vec<Value> = [
             r#"{"reason":"compiler-artifact","package_id":"path+file:///w#deepkern@0.1.0","target":{"kind":["lib"],"name":"deepkern"},"profile":{"test":true},"executable":"/t/deepkern-1"}"#,
@@ -312,7 +342,7 @@ mod tests {
         .iter()
         .map(|s| serde_json::from_str(s).unwrap())
         .collect();
-        let got = executables(&msgs, &["lib", "test"]);
+        let got = executables(&msgs, "path+file:///w#deepkern@0.1.0", &["lib", "test"]);
         assert_eq!(
             got,
             vec![("unit".to_string(), PathBuf::from("/t/deepkern-1")), ("quant_gpu".to_string(), PathBuf::from("/t/quant_gpu-2"))]

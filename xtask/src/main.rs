@@ -65,7 +65,7 @@ fn setup() -> Result<Toolchain> {
 fn test(extra: &[String]) -> Result<()> {
     let tc = setup()?;
     let mut c = cargo::cargo(&tc);
-    c.args(["test", "--workspace"]).args(extra);
+    c.args(cargo::TEST_ARGS).args(extra);
     let tests = cmd::run(&mut c);
     // The sass check and the simulated suite run even when a test failed, so one run shows all.
     let checked = sass::run(&tc);
@@ -90,7 +90,7 @@ fn bench(extra: &[String]) -> Result<()> {
     let root = project_root();
     let gpu = gpu_present();
     let mut c = cargo::cargo(&tc);
-    c.args(["bench", "-p", "deepkern"]).args(extra);
+    c.args(bench_args(extra));
     c.env("DEEPKERN_BENCH_OUT", root.join("bench-results")).env("DEEPKERN_COMMIT", bundle::commit_id(&root));
     cmd::run(&mut c)?;
     if !gpu {
@@ -100,10 +100,27 @@ fn bench(extra: &[String]) -> Result<()> {
     if report::has_results(&root) { report::run() } else { Ok(()) }
 }
 
+/// `cargo bench` for the bench targets only: without `--benches`, cargo also runs the library's
+/// unit tests in bench mode, where every one of them is listed as ignored.
+fn bench_args(extra: &[String]) -> Vec<String> {
+    ["bench", "-p", "deepkern", "--benches"].into_iter().map(String::from).chain(extra.iter().cloned()).collect()
+}
+
 fn bindgen() -> Result<()> {
     let root = project_root();
     let text = xtask::bindings::generate(&root)?;
     std::fs::write(root.join(xtask::bindings::OUTPUT), text).map_err(|e| e.to_string())?;
     println!("wrote {}", xtask::bindings::OUTPUT);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_runs_only_the_benches() {
+        let args = bench_args(&["--".to_string(), "gemm".to_string()]);
+        assert_eq!(args, ["bench", "-p", "deepkern", "--benches", "--", "gemm"]);
+    }
 }

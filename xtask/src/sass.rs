@@ -183,9 +183,14 @@ pub struct UnitReport {
     pub problems: Vec<String>,
 }
 
+/// The build whose kernels are checked: the tests' own (`cargo xtask test` runs `cargo test
+/// --workspace`), so that after the tests nothing is rebuilt. A narrower build (`cargo build -p
+/// deepkern`) resolves other dependency features and would rebuild a score of crates.
+pub const BUILD_ARGS: [&str; 3] = [cargo::TEST_ARGS[0], cargo::TEST_ARGS[1], "--no-run"];
+
 /// Builds (dev profile, as the tests do), reads the kernels manifest, and checks every unit.
 pub fn run(tc: &Toolchain) -> Result<()> {
-    let (path, manifest) = cargo::kernels_manifest(tc, &["build"])?;
+    let (path, manifest) = cargo::kernels_manifest(tc, &BUILD_ARGS)?;
     if manifest["built"] != Value::Bool(true) {
         return Err(format!("kernels were not built ({}): {}", path.display(), manifest["reason"].as_str().unwrap_or("no reason given")));
     }
@@ -287,6 +292,14 @@ mod tests {
 
     fn fixture(name: &str) -> String {
         std::fs::read_to_string(crate::project_root().join("xtask/tests/fixtures").join(name)).unwrap()
+    }
+
+    /// The check reads the kernels of the tests' own build: any other cargo command may resolve
+    /// other dependency features and rebuild a score of crates after the tests.
+    #[test]
+    fn checks_the_kernels_of_the_test_build() {
+        assert_eq!(BUILD_ARGS[..2], cargo::TEST_ARGS);
+        assert_eq!(BUILD_ARGS[2..], ["--no-run"]);
     }
 
     #[test]
