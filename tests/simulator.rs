@@ -399,7 +399,11 @@ fn nccl_ranks_that_disagree_are_reported() {
     nccl_fails(
         "nccl_count_mismatch",
         &["RANK0 ncclInvalidUsage RANK1 ncclInvalidUsage"],
-        &["the ranks disagree at ncclAllGather #0 of communicator", "rank 0 posted ncclAllGather(4 x ncclInt32)", "rank 1 posted ncclAllGather(8 x ncclInt32)"],
+        &[
+            "the ranks disagree at ncclAllGather #0 of communicator",
+            "rank 0 posted ncclAllGather(4 x ncclInt32)",
+            "rank 1 posted ncclAllGather(8 x ncclInt32)",
+        ],
     );
     nccl_fails(
         "nccl_kind_mismatch",
@@ -417,7 +421,12 @@ fn nccl_a_peer_that_never_takes_part_is_reported_not_waited_for() {
     nccl_fails(
         "nccl_peer_never_posts",
         &["RANK0 ncclRemoteError"],
-        &["waited 1 s (DEEPKERN_SIM_NCCL_TIMEOUT) for peers that never posted", "rank 0 of communicator", "ncclAllReduce(8 x ncclInt32, ncclSum)", "for rank 1"],
+        &[
+            "waited 1 s (DEEPKERN_SIM_NCCL_TIMEOUT) for peers that never posted",
+            "rank 0 of communicator",
+            "ncclAllReduce(8 x ncclInt32, ncclSum)",
+            "for rank 1",
+        ],
     );
     nccl_fails("nccl_peer_destroys_first", &["RANK0 ncclRemoteError"], &["for rank 1, which left the communicator (ncclCommDestroy)"]);
     // Posted on the host, but rank 1's stream never reaches its part: the engine's deadlock report.

@@ -88,11 +88,22 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
     run_with(tests, &[])
 }
 
-/// As [`run`], with the tests the simulator cannot run and why (e.g. they need NCCL): on a
-/// simulated build those are reported as ignored with the reason; on a GPU they run.
+/// As [`run`], with the tests the simulator cannot run and why: on a simulated build those are
+/// reported as ignored with the reason; on a GPU they run.
 pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)]) -> ! {
-    for (name, _) in not_simulated {
-        assert!(tests.iter().any(|(t, _)| t == name), "not_simulated names `{name}`, which is not a test of this binary");
+    run_with_requirements(tests, not_simulated, &[])
+}
+
+/// What a test needs beyond the shared device (e.g. one GPU per rank): `None` when this host has
+/// it, else why not. The test is then reported as ignored with the reason, even with
+/// `DEEPKERN_REQUIRE_GPU=1` (a host that has the GPU the others need runs everything it can; a
+/// host with enough GPUs runs these too).
+pub type Requirement = (&'static str, fn() -> Option<String>);
+
+/// As [`run_with`], with the tests' [`Requirement`]s.
+pub fn run_with_requirements(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)], requirements: &[Requirement]) -> ! {
+    for name in not_simulated.iter().map(|(n, _)| n).chain(requirements.iter().map(|(n, _)| n)) {
+        assert!(tests.iter().any(|(t, _)| t == name), "`{name}` is not a test of this binary");
     }
     let args = Arguments::from_args();
     let gpu = match open_gpu() {
@@ -128,11 +139,15 @@ pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static st
         .map(|(name, test)| {
             let gpu = gpu.clone();
             let skip = not_simulated.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
+            let needs = requirements.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
             Trial::ignorable_test(name, move || match gpu {
                 Ok(gpu) if gpu.simulated && skip.is_some() => {
                     Ok(Completion::ignored_with(format!("not simulated: {}", skip.unwrap_or_default())))
                 }
-                Ok(gpu) => test(&gpu).map(|()| Completion::Completed),
+                Ok(gpu) => match needs.and_then(|f| f()) {
+                    Some(why) => Ok(Completion::ignored_with(why)),
+                    None => test(&gpu).map(|()| Completion::Completed),
+                },
                 Err(reason) if gpu_required() => Err(format!("DEEPKERN_REQUIRE_GPU=1 but {reason}").into()),
                 Err(reason) => Ok(Completion::ignored_with(reason)),
             })
