@@ -5,7 +5,9 @@
 //! - a generated table of each kernel's registers, static shared memory and stack frame, read from
 //!   the ptxas report of the nvcc build of the same sources, linked into that library;
 //! - the driver stand-in `sim/libcuda.so` (engine, driver and runtime API), which the test, bench
-//!   and example executables load through their run path and cudarc finds by its name.
+//!   and example executables load through their run path and cudarc finds by its name;
+//! - the NCCL stand-in `sim/libnccl.so` (sim/nccl/), on top of the driver stand-in, linked into the
+//!   same executables so that cudarc's `libnccl.so` is the one already loaded.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -237,9 +239,14 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
         }
     });
     engine_objects.sort();
+    // The NCCL stand-in.
+    let nccl_obj = sim_out.join("engine/nccl_stand_in.o");
+    jobs_list.push((root.join("sim/nccl/nccl.cpp"), nccl_obj.clone(), engine_args.clone()));
     // The simulator's self-test program (tests/simulator.rs runs it).
     let selftest_obj = sim_out.join("obj/selftest.o");
     jobs_list.push((root.join("sim/tests/selftest.cu"), selftest_obj.clone(), kernel_args.clone()));
+    let threads_obj = sim_out.join("obj/selftest_threads.o");
+    jobs_list.push((root.join("sim/tests/threads.cpp"), threads_obj.clone(), engine_args.clone()));
     compile(jobs_list, jobs);
 
     archive(library, &objects);
@@ -252,15 +259,27 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
         .status()
         .unwrap_or_else(|e| panic!("cannot link the simulator: {e}"));
     assert!(status.success(), "linking {} failed", stand_in.display());
+    let nccl = sim_out.join("libnccl.so");
+    let status = Command::new(cxx())
+        .args(["-shared", "-pthread", "-Wl,-soname,libnccl.so", "-o"])
+        .arg(&nccl)
+        .arg(&nccl_obj)
+        .arg(format!("-L{}", sim_out.display()))
+        .arg(format!("-Wl,-rpath,{}", sim_out.display()))
+        .arg("-lcuda")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot link the NCCL stand-in: {e}"));
+    assert!(status.success(), "linking {} failed", nccl.display());
     let selftest = sim_out.join("dksim-selftest");
     let status = Command::new(cxx())
         .arg("-o")
         .arg(&selftest)
         .arg(&selftest_obj)
+        .arg(&threads_obj)
         .arg(library)
         .arg(format!("-L{}", sim_out.display()))
         .arg(format!("-Wl,-rpath,{}", sim_out.display()))
-        .args(["-lcuda", "-pthread"])
+        .args(["-lnccl", "-lcuda", "-pthread"])
         .status()
         .unwrap_or_else(|e| panic!("cannot link the simulator's self-test: {e}"));
     assert!(status.success(), "linking {} failed", selftest.display());
@@ -274,4 +293,8 @@ pub fn build(root: &Path, out: &Path, nvcc: &Path, units: &[PathBuf], compiled: 
     // The stand-in must be the libcuda.so this program loads (cudarc opens it by that name, and
     // finds it already loaded): the run path points at it.
     println!("cargo::rustc-link-arg=-Wl,-rpath,{}", sim_out.display());
+    // The same for libnccl.so, which no Rust code links to (cudarc opens it when a program first
+    // calls NCCL): loaded at start, whatever LD_LIBRARY_PATH holds, so that a real NCCL (which
+    // would load the real driver) is never the one cudarc finds.
+    println!("cargo::rustc-link-arg=-Wl,--push-state,--no-as-needed,-lnccl,--pop-state");
 }

@@ -26,14 +26,21 @@
 //! - `unweighted_combine_sums_rows`: `combine_unweighted` of the dispatched rows is x times the
 //!   number of valid slots, `combine` of the same rows x times the weights' sum.
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
-//!   world size 1, the most one GPU allows: both dispatch modes and combine equal the reference.
+//!   world size 1: both dispatch modes and combine equal the reference.
+//! - `node_group_of_two_ranks`, `nccl_group_of_two_ranks`: two ranks, each on a host thread of its
+//!   own with its own device, communicator (`Comm::from_rank`) and group (`Group::new_node`, with
+//!   normal and low-latency dispatch and combine; `Group::new_nccl`, both payloads): every rank's
+//!   received rows and combined tokens equal the reference of both ranks' routing, for several
+//!   rounds. They need one GPU per rank: a host with fewer reports them as ignored. On the
+//!   simulator each rank has a simulated device of its own (this binary asks for
+//!   `DEEPKERN_SIM_DEVICES=2` unless it is set).
 
 mod common;
 
 use common::{Gpu, TestResult, ensure};
 use deepkern::Error;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
-use deepkern::ep::{DeviceLayout, Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport, layout};
+use deepkern::ep::{DeviceLayout, Dispatched, Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport, layout};
 use deepkern::reference::ep::{
     EpConfig, Received, Routing, RowSource, combine, dispatch, dispatch_low_latency, layout as reference_layout,
 };
@@ -42,8 +49,16 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use std::sync::Arc;
 
+/// Ranks of the multi-rank tests: one host thread, one device and one communicator each.
+const RANKS: usize = 2;
+
 fn main() {
-    common::run_with(
+    if deepkern::simulated() && std::env::var_os("DEEPKERN_SIM_DEVICES").is_none() {
+        // SAFETY: the first statement of main, before any other thread exists (the simulator reads
+        // the variable when the driver stand-in starts, at the first CUDA call).
+        unsafe { std::env::set_var("DEEPKERN_SIM_DEVICES", RANKS.to_string()) };
+    }
+    common::run_with_requirements(
         vec![
             ("layout_matches_reference", layout_matches_reference),
             ("layout_counts_and_ignores_invalid_indices", layout_counts_and_ignores_invalid_indices),
@@ -62,12 +77,26 @@ fn main() {
             ("unweighted_combine_sums_rows", unweighted_combine_sums_rows),
             ("node_group_of_one_process", node_group_of_one_process),
             ("nccl_group_of_one_process", nccl_group_of_one_process),
+            ("node_group_of_two_ranks", node_group_of_two_ranks),
+            ("nccl_group_of_two_ranks", nccl_group_of_two_ranks),
         ],
-        &[
-            ("node_group_of_one_process", "needs NCCL, which the simulator does not model"),
-            ("nccl_group_of_one_process", "needs NCCL, which the simulator does not model"),
-        ],
+        &[],
+        &[("node_group_of_two_ranks", one_gpu_per_rank), ("nccl_group_of_two_ranks", one_gpu_per_rank)],
     );
+}
+
+/// Why the multi-rank tests cannot run here, if they cannot: NCCL missing, or fewer GPUs than ranks.
+fn one_gpu_per_rank() -> Option<String> {
+    // SAFETY: only probes for the library; cudarc's loader panics when it is absent. (A simulated
+    // build always has the simulator's: without it, the test fails.)
+    if !deepkern::simulated() && !unsafe { deepkern::cudarc::nccl::sys::is_culib_present() } {
+        return Some("libnccl not found: multi-rank groups need NCCL".into());
+    }
+    let n = deepkern::device_count();
+    (n < RANKS).then(|| {
+        let hint = if deepkern::simulated() { " (simulated devices: DEEPKERN_SIM_DEVICES)" } else { "" };
+        format!("needs {RANKS} GPUs, one per rank; this host has {n}{hint}")
+    })
 }
 
 /// Random top-k routing with distinct experts per token, some -1 slots, optionally a hot expert.
@@ -332,6 +361,37 @@ fn check_row(
     Ok(())
 }
 
+/// Random `y` (bf16 values) for every rank's received rows.
+fn random_ys(rng: &mut StdRng, received: &[Received], h: usize) -> Vec<Vec<f32>> {
+    received.iter().map(|r| (0..r.rows.len() * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0f32)).to_f32()).collect()).collect()
+}
+
+/// Checks rank `r`'s combined tokens `got` against the f64 reference of every rank's `received`
+/// rows and `ys`, within bf16 rounding and the f32 accumulation bound.
+fn expect_combined(what: &str, received: &[Received], ys: &[Vec<f32>], tokens: &[usize], h: usize, r: usize, got: &[bf16]) -> TestResult {
+    let yrefs: Vec<&[f32]> = ys.iter().map(Vec::as_slice).collect();
+    let want = combine(received, &yrefs, tokens, h);
+    // |w·y| per token, for the f32 accumulation bound.
+    let mut mag = vec![0.0f64; tokens[r] * h];
+    for (d, recv) in received.iter().enumerate() {
+        for (row, src) in recv.rows.iter().enumerate() {
+            let Some(s) = src else { continue };
+            if s.src_rank as usize != r {
+                continue;
+            }
+            for c in 0..h {
+                mag[s.token as usize * h + c] += f64::from(s.weight).abs() * f64::from(ys[d][row * h + c]).abs();
+            }
+        }
+    }
+    for i in 0..tokens[r] * h {
+        let (g, w) = (f64::from(got[i].to_f32()), want[r][i]);
+        let tol = w.abs() * 2f64.powi(-8) + mag[i] * 1e-6 + 1e-30;
+        ensure((g - w).abs() <= tol, || format!("{what}: combine rank {r} element {i}: {g} vs {w}"))?;
+    }
+    Ok(())
+}
+
 /// Runs combine with random `y` per rank and checks it against the f64 reference.
 fn check_combine(
     gpu: &Gpu,
@@ -344,34 +404,17 @@ fn check_combine(
 ) -> TestResult {
     let stream = group.stream().clone();
     let h = group.shape().hidden;
-    let ys: Vec<Vec<f32>> =
-        received.iter().map(|r| (0..r.rows.len() * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0f32)).to_f32()).collect()).collect();
+    let ys = random_ys(rng, received, h);
     let d_ys = ys
         .iter()
         .map(|y| upload(&stream, &y.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), bf16::ZERO))
         .collect::<Result<Vec<_>, _>>()?;
     let views: Vec<_> = d_ys.iter().zip(received).map(|(y, r)| y.slice(..r.rows.len() * h)).collect();
     let outs = group.combine(&views, handles).map_err(err)?;
-    let yrefs: Vec<&[f32]> = ys.iter().map(Vec::as_slice).collect();
     let tokens: Vec<usize> = ranks.iter().map(|r| r.tokens).collect();
-    let want = combine(received, &yrefs, &tokens, h);
-    // |w·y| per token, for the f32 accumulation bound.
-    let mut mag: Vec<Vec<f64>> = tokens.iter().map(|&t| vec![0.0; t * h]).collect();
-    for (d, recv) in received.iter().enumerate() {
-        for (row, src) in recv.rows.iter().enumerate() {
-            let Some(s) = src else { continue };
-            for c in 0..h {
-                mag[s.src_rank as usize][s.token as usize * h + c] += f64::from(s.weight).abs() * f64::from(ys[d][row * h + c]).abs();
-            }
-        }
-    }
     for (r, out) in outs.iter().enumerate() {
         let got = stream.clone_dtoh(out).map_err(err)?;
-        for i in 0..tokens[r] * h {
-            let (g, w) = (f64::from(got[i].to_f32()), want[r][i]);
-            let tol = w.abs() * 2f64.powi(-8) + mag[r][i] * 1e-6 + 1e-30;
-            ensure((g - w).abs() <= tol, || format!("{what}: combine rank {r} element {i}: {g} vs {w}"))?;
-        }
+        expect_combined(what, received, &ys, &tokens, h, r, &got)?;
     }
     let _ = gpu;
     group.check().map_err(err)?;
@@ -930,4 +973,172 @@ fn nccl_group_of_one_process(gpu: &Gpu) -> TestResult {
         comm = Some(group.into_comm().ok_or("the NCCL group gave no communicator back")?);
     }
     Ok(())
+}
+
+// ---- Ranks on threads of their own --------------------------------------------------------------
+
+/// Runs `body(rank, comm)` for every rank of a fresh communicator, each on a host thread of its own
+/// with device `rank` and a stream of it (`cudarc`'s `Comm` is not `Send`: each thread makes its
+/// own). Every rank's failure is reported, prefixed with its rank.
+fn on_ranks(body: impl Fn(usize, deepkern::cudarc::nccl::Comm) -> TestResult + Sync) -> TestResult {
+    let id = deepkern::cudarc::nccl::Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
+    let body = &body;
+    let results: Vec<TestResult> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..RANKS)
+            .map(|r| {
+                s.spawn(move || -> TestResult {
+                    let device = deepkern::Device::new(r).map_err(err)?;
+                    let stream = device.new_stream().map_err(err)?;
+                    let comm = deepkern::cudarc::nccl::Comm::from_rank(stream, r, RANKS, id).map_err(|e| format!("NCCL init: {e:?}"))?;
+                    body(r, comm)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("panicked".into()))).collect()
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {}", e.message().unwrap_or("failed"))))
+        .collect();
+    ensure(failed.is_empty(), || failed.join("\n"))
+}
+
+/// Every rank's host data, the same on every thread (one seed), with `tokens[r]` tokens on rank r.
+fn all_ranks(seed: u64, shape: &GroupShape, tokens: &[usize], k: usize) -> Vec<HostRank> {
+    host_ranks(&mut <StdRng as rand::SeedableRng>::seed_from_u64(seed), shape, tokens, k, true)
+}
+
+/// Checks rank `me`'s normal dispatch against the reference of every rank's routing.
+fn check_dispatched(
+    shape: &GroupShape,
+    all: &[HostRank],
+    me: usize,
+    got: &Dispatched,
+    want: &Received,
+    s: &Arc<CudaStream>,
+    what: &str,
+) -> TestResult {
+    ensure(got.rows == want.rows.len(), || format!("{what}: {} rows, want {}", got.rows, want.rows.len()))?;
+    ensure(got.counts.iter().map(|&c| c as u32).eq(want.counts.iter().copied()), || {
+        format!("{what}: counts {:?} vs {:?}", got.counts, want.counts)
+    })?;
+    let m_idx = s.clone_dtoh(&got.m_indices).map_err(err)?;
+    ensure(m_idx[..got.rows] == want.expert[..], || format!("{what}: m_indices differ"))?;
+    let weights = s.clone_dtoh(&got.weights).map_err(err)?;
+    let src = s.clone_dtoh(&got.handle.src()).map_err(err)?;
+    let (x, sf) = download_rows(s, &got.x)?;
+    for (row, w) in want.rows.iter().enumerate() {
+        let (want_w, want_src) = w.as_ref().map_or((0.0, -1), |w| (w.weight, packed(shape, w)));
+        ensure(weights[row].to_bits() == want_w.to_bits() && src[row] == want_src, || format!("{what}: row {row} weight/source"))?;
+        check_row(shape, all, &x, &sf, row, |kb| kb * got.rows + row, w.as_ref(), what)?;
+    }
+    let _ = me;
+    Ok(())
+}
+
+/// Combines rank `me`'s received rows with `ys[me]` (every rank's `ys` drawn from one seed) and
+/// checks its tokens against the reference of every rank's rows.
+#[allow(clippy::too_many_arguments)]
+fn check_combine_rank(
+    group: &mut Group,
+    all: &[HostRank],
+    me: usize,
+    received: &[Received],
+    handle: &Handle,
+    seed: u64,
+    what: &str,
+) -> TestResult {
+    let h = group.shape().hidden;
+    let ys = random_ys(&mut <StdRng as rand::SeedableRng>::seed_from_u64(seed), received, h);
+    let s = group.stream().clone();
+    let y = upload(&s, &ys[me].iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), bf16::ZERO)?;
+    let outs = group.combine(&[y.slice(..received[me].rows.len() * h)], &[handle]).map_err(err)?;
+    let got = s.clone_dtoh(&outs[0]).map_err(err)?;
+    let tokens: Vec<usize> = all.iter().map(|r| r.tokens).collect();
+    expect_combined(what, received, &ys, &tokens, h, me, &got)
+}
+
+/// A node group of two ranks (one host thread and device each): the IPC handles all-gathered with
+/// NCCL, then rounds of normal dispatch + combine and low-latency dispatch + combine, each rank
+/// checking its own results against the reference of both ranks' routing.
+fn node_group_of_two_ranks(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x6e6f_6465;
+    let hidden = gpu.pick(2048, 256);
+    let rounds = gpu.pick(4, 2);
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, hidden, 64, 4, Payload::Fp8);
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        ensure(group.local_ranks() == vec![me], || format!("local ranks {:?}", group.local_ranks()))?;
+        let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+        let s = group.stream().clone();
+        for round in 0..rounds {
+            let all = all_ranks(seed ^ round as u64, &shape, &[50, 23], 4);
+            let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+            let what = format!("node round {round}, rank {me}");
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let want = dispatch(&routings(&all), &cfg).map_err(err)?;
+            check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
+            check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x10 ^ round as u64, &what)?;
+            let ll = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
+            let want_ll = dispatch_low_latency(&routings(&all), &cfg, shape.ll_max_tokens).map_err(err)?;
+            let (el, kb) = (shape.experts_per_rank(), hidden / 128);
+            let stride = shape.ll_capacity().div_ceil(4) * 4;
+            let w = &want_ll[me];
+            let masked = s.clone_dtoh(&ll[0].masked_m).map_err(err)?;
+            ensure(masked[..el].iter().map(|&c| c as u32).eq(w.counts.iter().copied()), || {
+                format!("{what}: masked_m {masked:?} vs {:?}", w.counts)
+            })?;
+            let src = s.clone_dtoh(&ll[0].handle.src()).map_err(err)?;
+            let (x, sf) = download_rows(&s, &ll[0].x)?;
+            for le in 0..el {
+                for row in 0..ll[0].capacity {
+                    let i = le * ll[0].capacity + row;
+                    let want_src = w.rows[i].as_ref().map_or(-1, |r| packed(&shape, r));
+                    ensure(src[i] == want_src, || format!("{what}: LL expert {le} row {row} source {} vs {want_src}", src[i]))?;
+                    if let Some(r) = &w.rows[i] {
+                        check_row(&shape, &all, &x, &sf, i, |b| (le * kb + b) * stride + row, Some(r), &what)?;
+                    }
+                }
+            }
+            let received: Vec<Received> = want_ll
+                .iter()
+                .map(|w| Received { rows: w.rows.clone(), expert: Vec::new(), counts: Vec::new(), offsets: Vec::new() })
+                .collect();
+            check_combine_rank(&mut group, &all, me, &received, &ll[0].handle, seed ^ 0x20 ^ round as u64, &format!("LL {what}"))?;
+        }
+        group.check().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// An NCCL-transport group of two ranks (one host thread and device each): counts all-gathered
+/// and rows moved with NCCL grouped sends and receives, for both payloads and several rounds, each
+/// rank checking its own results; the communicator goes from one group to the next.
+fn nccl_group_of_two_ranks(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x6e63_636c;
+    let hidden = gpu.pick(2048, 256);
+    let rounds = gpu.pick(3, 2);
+    on_ranks(|me, comm| {
+        let mut comm = Some(comm);
+        for payload in [Payload::Fp8, Payload::Bf16] {
+            let shape = GroupShape::new(RANKS, 8, hidden, 64, 4, payload);
+            let mut group = Group::new_nccl(comm.take().ok_or("no communicator")?, shape).map_err(err)?;
+            ensure(group.transport() == Transport::Nccl && group.local_ranks() == vec![me], || "not an NCCL group of this rank".into())?;
+            let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+            let s = group.stream().clone();
+            for round in 0..rounds {
+                let all = all_ranks(seed ^ round as u64, &shape, &[50, 23], 4);
+                let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+                let what = format!("NCCL {payload:?} round {round}, rank {me}");
+                let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+                let want = dispatch(&routings(&all), &cfg).map_err(err)?;
+                check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
+                check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x10 ^ round as u64, &what)?;
+            }
+            group.check().map_err(err)?;
+            comm = Some(group.into_comm().ok_or("the NCCL group gave no communicator back")?);
+        }
+        Ok(())
+    })
 }

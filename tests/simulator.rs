@@ -16,12 +16,17 @@ struct Run {
 }
 
 fn scenario(name: &str, seed: u64) -> Run {
-    let out = Command::new(env!("DKSIM_SELFTEST"))
-        .arg(name)
-        .env("DEEPKERN_SIM_SEED", seed.to_string())
-        .env_remove("DEEPKERN_SIM_ALLOW_FAILURES")
-        .output()
-        .expect("run the simulator's self-test");
+    scenario_with(name, seed, &[])
+}
+
+/// A scenario with extra environment variables.
+fn scenario_with(name: &str, seed: u64, env: &[(&str, &str)]) -> Run {
+    let mut c = Command::new(env!("DKSIM_SELFTEST"));
+    c.arg(name).env("DEEPKERN_SIM_SEED", seed.to_string()).env_remove("DEEPKERN_SIM_ALLOW_FAILURES");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run the simulator's self-test");
     Run {
         stdout: String::from_utf8_lossy(&out.stdout).into(),
         stderr: String::from_utf8_lossy(&out.stderr).into(),
@@ -337,4 +342,115 @@ fn an_mbarrier_phase_nobody_completes_is_a_deadlock_report() {
 #[test]
 fn wgmma_accumulators_are_undefined_until_its_wait() {
     passes("wgmma_accumulators", &["BEFORE_WAIT_NAN 1 AFTER 32\n"]);
+}
+
+// ---- The NCCL stand-in: ranks on host threads, each on a simulated device of its own --------------
+
+/// A scenario of NCCL ranks: four simulated devices, and a short quiet time before a peer that
+/// never posts is reported.
+fn nccl_scenario(name: &str) -> Run {
+    scenario_with(name, 7, &[("DEEPKERN_SIM_DEVICES", "4"), ("DEEPKERN_SIM_NCCL_TIMEOUT", "1")])
+}
+
+/// An NCCL scenario that must succeed with every one of `stdout` and report nothing.
+fn nccl_passes(name: &str, stdout: &[&str]) {
+    let r = nccl_scenario(name);
+    assert_eq!(r.status, Some(0), "{name}: exit status\nstdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    for want in stdout.iter().chain(&["RESULT CUDA_SUCCESS"]) {
+        assert!(r.stdout.contains(want), "{name}: stdout lacks {want:?}:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    }
+    assert!(!r.stderr.contains("deepkern simulator:"), "{name}: unexpected report:\n{}", r.stderr);
+}
+
+/// An NCCL scenario that must print every one of `stdout`, report every one of `report` and fail
+/// the process.
+fn nccl_fails(name: &str, stdout: &[&str], report: &[&str]) {
+    let r = nccl_scenario(name);
+    for want in stdout {
+        assert!(r.stdout.contains(want), "{name}: stdout lacks {want:?}:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    }
+    for want in report.iter().chain(&["DEEPKERN_SIM_SEED=7"]) {
+        assert!(r.stderr.contains(want), "{name}: the report lacks {want:?}:\n{}", r.stderr);
+    }
+    assert_eq!(r.status, Some(101), "{name}: a reported NCCL failure must fail the process\n{}", r.stderr);
+}
+
+#[test]
+fn nccl_collectives_on_two_and_four_ranks() {
+    nccl_passes("nccl_collectives_2", &["RANKS 2 WRONG 0"]);
+    nccl_passes("nccl_collectives_4", &["RANKS 4 WRONG 0"]);
+}
+
+#[test]
+fn nccl_grouped_sends_and_receives_with_self_and_zero_bytes() {
+    nccl_passes("nccl_send_recv_2", &["RANKS 2 WRONG 0"]);
+    nccl_passes("nccl_send_recv_4", &["RANKS 4 WRONG 0"]);
+}
+
+#[test]
+fn nccl_operations_are_stream_ordered() {
+    // Rank 0's all-gather cannot finish (nor the memset behind it run) before rank 1's stream
+    // reaches its part; what was sent is what the kernel before it wrote.
+    nccl_passes("nccl_stream_order", &["QUERY_BEFORE CUDA_ERROR_NOT_READY WRONG 0"]);
+}
+
+#[test]
+fn nccl_ranks_that_disagree_are_reported() {
+    nccl_fails(
+        "nccl_count_mismatch",
+        &["RANK0 ncclInvalidUsage RANK1 ncclInvalidUsage"],
+        &[
+            "the ranks disagree at ncclAllGather #0 of communicator",
+            "rank 0 posted ncclAllGather(4 x ncclInt32)",
+            "rank 1 posted ncclAllGather(8 x ncclInt32)",
+        ],
+    );
+    nccl_fails(
+        "nccl_kind_mismatch",
+        &["RANK0 ncclInvalidUsage RANK1 ncclInvalidUsage"],
+        &[
+            "waits for another: their calls do not match",
+            "rank 0 waits at ncclAllGather(4 x ncclInt32)",
+            "rank 1 waits at ncclSend(4 x ncclInt32 to rank 0)",
+        ],
+    );
+}
+
+#[test]
+fn nccl_a_peer_that_never_takes_part_is_reported_not_waited_for() {
+    nccl_fails(
+        "nccl_peer_never_posts",
+        &["RANK0 ncclRemoteError"],
+        &[
+            "waited 1 s (DEEPKERN_SIM_NCCL_TIMEOUT) for peers that never posted",
+            "rank 0 of communicator",
+            "ncclAllReduce(8 x ncclInt32, ncclSum)",
+            "for rank 1",
+        ],
+    );
+    nccl_fails("nccl_peer_destroys_first", &["RANK0 ncclRemoteError"], &["for rank 1, which left the communicator (ncclCommDestroy)"]);
+    // Posted on the host, but rank 1's stream never reaches its part: the engine's deadlock report.
+    nccl_fails(
+        "nccl_peer_stream_never_reaches",
+        &["RESULT CUDA_ERROR_LAUNCH_TIMEOUT"],
+        &["deadlock", "ncclAllGather waits for ncclAllGather #0 of communicator", "rank 1 has not reached its part on its stream"],
+    );
+    // Rank 1 aborts (drops) its communicator before its part ran: both ranks' operations fail.
+    nccl_fails(
+        "nccl_peer_aborts_first",
+        &["RESULT CUDA_ERROR_LAUNCH_FAILED"],
+        &["rank 1 of communicator", "was aborted (ncclCommAbort", "before 1 of its operations had run", "ncclAllGather #0"],
+    );
+}
+
+#[test]
+fn nccl_wrong_arguments_are_invalid_arguments() {
+    nccl_passes(
+        "nccl_bad_arguments",
+        &[
+            "NULL ncclInvalidArgument PEER ncclInvalidArgument ROOT ncclInvalidArgument TYPE ncclInvalidArgument FP8_SUM \
+             ncclInvalidArgument TOO_LONG ncclInvalidArgument ZERO ncclSuccess",
+            "AFTER_DESTROY ncclInvalidArgument",
+        ],
+    );
 }

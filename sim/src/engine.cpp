@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "comm.hpp"
 #include "sim.hpp"
 
 extern "C" {
@@ -334,6 +335,9 @@ void start_op(const OpPtr& op) {
             // Validated when enqueued; a second free of the same memory in between fails here.
             finish_op(op, mem_free(op->addr, MemKind::Device));
             return;
+        case OpKind::Comm:
+            comm_op_start(op);
+            return;
         case OpKind::Record:
         case OpKind::WaitEvent:
         case OpKind::Barrier:
@@ -373,6 +377,11 @@ void pump() {
             if (s->error != CUDA_SUCCESS || inherited != CUDA_SUCCESS) {
                 // A failed stream runs nothing more; the error is what every later wait returns.
                 finish_op(op, s->error != CUDA_SUCCESS ? s->error : inherited);
+                if (op->kind == OpKind::Comm) {
+                    // Its peers' parts can never run either.
+                    comm_op_abandon(op, "a participant's stream failed before reaching its part", s->error != CUDA_SUCCESS ? s->error : inherited);
+                    op->comm.clear();
+                }
                 if (op->kind == OpKind::Kernel) {
                     delete op->kernel;
                     op->kernel = nullptr;
@@ -395,6 +404,8 @@ void pump() {
 }
 
 }  // namespace
+
+void finish_operation(const OpPtr& op, CUresult result) { finish_op(op, result); }
 
 OpPtr enqueue(Stream* s, OpKind kind, const char* api) {
     Engine& g = eng();
@@ -1227,6 +1238,9 @@ void deadlock() {
             os << "  stream " << s->id << ": " << op.api << " waits for [" << hex(op.addr) << "] (flags " << op.flags << ", value " << op.value
                << ")\n";
         }
+        if (!s->queue.empty() && s->queue.front()->kind == OpKind::Comm && s->queue.front()->started && !s->queue.front()->done) {
+            os << "  stream " << s->id << ": " << comm_op_waiting(*s->queue.front()) << "\n";
+        }
     }
     os << "  seed: DEEPKERN_SIM_SEED=" << config().seed << " reproduces this run (run the test alone, --test-threads=1)\n";
     std::fputs(os.str().c_str(), stderr);
@@ -1240,6 +1254,17 @@ void deadlock() {
         if (!s->queue.empty() && s->queue.front()->kind == OpKind::WaitValue && s->queue.front()->started && !s->queue.front()->done) {
             finish_op(s->queue.front(), CUDA_ERROR_LAUNCH_TIMEOUT);
         }
+    }
+    // Communication operations waiting for peers whose streams never reach their part: their
+    // tasks fail, so every participant's operation ends (now, or when its stream reaches it).
+    std::vector<OpPtr> comms;
+    for (Stream* s : g.streams) {
+        if (!s->queue.empty() && s->queue.front()->kind == OpKind::Comm && s->queue.front()->started && !s->queue.front()->done) {
+            comms.push_back(s->queue.front());
+        }
+    }
+    for (const OpPtr& op : comms) {
+        comm_op_abandon(op, "a deadlock: the other participants' streams never reached their part", CUDA_ERROR_LAUNCH_TIMEOUT);
     }
     g.time_jumps = 0;
 }

@@ -739,6 +739,21 @@ void race_op_finished(Op* op) {
     g_finished_know = join(g_finished_know, done);
 }
 
+void race_ops_meet(const std::vector<Op*>& ops) {
+    if (!g_races) {
+        return;
+    }
+    KnowPtr all;
+    for (Op* op : ops) {
+        auto own = std::make_shared<Know>();
+        own->streams.emplace_back(op->stream->id, op->id);
+        all = join(join(all, op->race_know), own);
+    }
+    for (Op* op : ops) {
+        op->race_know = all;
+    }
+}
+
 void race_host_synchronised() {
     if (g_races) {
         g_host_know = g_finished_know;

@@ -64,6 +64,9 @@ bool race_op_access(Op* op, uintptr_t addr, size_t bytes, bool write, std::strin
 void race_op_release(Op* op, uintptr_t key);
 void race_op_acquire(Op* op, uintptr_t key);
 void race_op_finished(Op* op);
+// Started operations that meet (the participants of one collective): each knows what all of
+// them knew, and the others' operations themselves.
+void race_ops_meet(const std::vector<Op*>& ops);
 // A host thread's wait was satisfied: the host now knows every finished operation.
 void race_host_synchronised();
 // Device or host memory freed: its records go.

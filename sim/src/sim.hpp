@@ -157,7 +157,15 @@ KernelInfo& kernel_info(const void* fn, const char* pretty);
 
 // ---- Streams and their operations ---------------------------------------------------------------
 
-enum class OpKind : uint8_t { Kernel, Copy, Memset, Record, WaitEvent, WriteValue, WaitValue, HostFunc, Barrier, Free };
+enum class OpKind : uint8_t { Kernel, Copy, Memset, Record, WaitEvent, WriteValue, WaitValue, HostFunc, Barrier, Free, Comm };
+
+// The NCCL stand-in's communication (comm.hpp): an operation of kind Comm takes part in one or
+// more tasks (a collective, or one send matched with its receive), each in one role.
+struct CommTask;
+struct CommPart {
+    std::shared_ptr<CommTask> task;
+    int role = 0;
+};
 
 struct Copy {
     uintptr_t dst, src;
@@ -186,6 +194,7 @@ struct Op {
     CUhostFn host_fn = nullptr;
     void* host_data = nullptr;
     Kernel* kernel = nullptr;
+    std::vector<CommPart> comm;  // OpKind::Comm: the tasks it takes part in
     // Race mode (races.cpp): what the operation knows (from the host at enqueue, then from its
     // stream and dependencies at start), what it learned while running, and what it knew when done.
     KnowPtr race_know, race_acc, race_done;
@@ -473,6 +482,8 @@ inline void made_progress() { ++eng().progress; }
 
 // Host side (lock held): enqueue and wait.
 void host_activity();
+// Marks `op` done with `result` (the engine's lock held; any thread).
+void finish_operation(const OpPtr& op, CUresult result);
 OpPtr enqueue(Stream* s, OpKind kind, const char* api);
 // Blocks the calling host thread until `ready()` holds (the GPU thread runs meanwhile).
 void wait_until(std::unique_lock<std::mutex>& lock, std::function<bool()> ready);

@@ -6,11 +6,15 @@
 // Each scenario prints "RESULT <name of the CUresult the host saw>" on stdout.
 #include <cuda.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
+
+#include "../nccl/nccl.h"
 
 #include "common/kernel.cuh"
 #include "common/ptx.cuh"
@@ -684,6 +688,293 @@ int wgmma_accumulators() {
     return report(r);
 }
 
+
+// ---- NCCL: ranks on host threads, each on its own device (DEEPKERN_SIM_DEVICES) ------------------
+
+__global__ void fill_ramp(int* p, int n, int base) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        p[i] = base + i;
+    }
+}
+
+const char* nccl_name(ncclResult_t r) {
+    static const char* const names[] = {"ncclSuccess",     "ncclUnhandledCudaError", "ncclSystemError", "ncclInternalError",
+                                        "ncclInvalidArgument", "ncclInvalidUsage", "ncclRemoteError", "ncclInProgress", "ncclTimeout"};
+    return r >= 0 && r <= ncclTimeout ? names[r] : "?";
+}
+
+#define NCHECK(x)                                                                                  \
+    do {                                                                                           \
+        ncclResult_t r_ = (x);                                                                     \
+        if (r_ != ncclSuccess) {                                                                   \
+            std::printf("SETUP FAILED %s: %s at line %d\n", #x, nccl_name(r_), __LINE__);          \
+            std::fflush(stdout);                                                                   \
+            std::exit(3);                                                                          \
+        }                                                                                          \
+    } while (0)
+
+struct Rank {
+    int rank;
+    int ranks;
+    CUstream stream;
+    ncclComm_t comm;
+};
+
+extern "C" void dksim_selftest_threads(int n, void (*fn)(int, void*), void* arg);  // threads.cpp
+
+// Runs body(rank) for `ranks` ranks, each on a host thread of its own with device `rank`'s context
+// and a stream; the communicator is formed from one unique id. Returns the first stream error.
+CUresult on_ranks(int ranks, const std::function<void(Rank&)>& body) {
+    ncclUniqueId id;
+    NCHECK(ncclGetUniqueId(&id));
+    std::vector<CUresult> results(size_t(ranks), CUDA_SUCCESS);
+    const std::function<void(int)> each = [&](int r) {
+            CUcontext ctx;
+            CHECK(cuDevicePrimaryCtxRetain(&ctx, r));
+            CHECK(cuCtxSetCurrent(ctx));
+            Rank me{r, ranks, nullptr, nullptr};
+            CHECK(cuStreamCreate(&me.stream, CU_STREAM_NON_BLOCKING));
+            NCHECK(ncclCommInitRank(&me.comm, ranks, id, r));
+            body(me);
+            results[size_t(r)] = cuStreamSynchronize(me.stream);
+    };
+    dksim_selftest_threads(
+        ranks, [](int r, void* f) { (*static_cast<const std::function<void(int)>*>(f))(r); }, const_cast<std::function<void(int)>*>(&each));
+    for (CUresult r : results) {
+        if (r != CUDA_SUCCESS) {
+            return r;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+template <typename T>
+std::vector<T> download(const T* p, size_t n) {
+    std::vector<T> h(n);
+    CHECK(cuMemcpyDtoH(h.data(), reinterpret_cast<CUdeviceptr>(p), n * sizeof(T)));
+    return h;
+}
+
+template <typename T>
+T* upload(const std::vector<T>& v) {
+    T* p = alloc<T>(v.size());
+    CHECK(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(p), v.data(), v.size() * sizeof(T)));
+    return p;
+}
+
+uint16_t bf16_of(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return static_cast<uint16_t>(u >> 16);  // exact for the small integers used here
+}
+
+// All-gather, all-reduce (sum of f32, max of i32, sum of bf16), broadcast: every rank checks.
+int nccl_collectives(int ranks) {
+    std::atomic<int> wrong{0};
+    const CUresult r = on_ranks(ranks, [&](Rank& me) {
+        const int n = 5;
+        std::vector<int> mine(n);
+        for (int i = 0; i < n; ++i) {
+            mine[size_t(i)] = me.rank * 100 + i;
+        }
+        int* send = upload(mine);
+        int* gathered = alloc<int>(size_t(n * ranks));
+        NCHECK(ncclAllGather(send, gathered, n, ncclInt32, me.comm, me.stream));
+        std::vector<float> f(n);
+        for (int i = 0; i < n; ++i) {
+            f[size_t(i)] = float(me.rank + 1) * float(i + 1) * 0.5f;
+        }
+        float* fsend = upload(f);
+        float* fsum = alloc<float>(n);
+        NCHECK(ncclAllReduce(fsend, fsum, n, ncclFloat32, ncclSum, me.comm, me.stream));
+        int* imax = alloc<int>(n);
+        NCHECK(ncclAllReduce(send, imax, n, ncclInt32, ncclMax, me.comm, me.stream));
+        std::vector<uint16_t> b(n);
+        for (int i = 0; i < n; ++i) {
+            b[size_t(i)] = bf16_of(float(me.rank + i));
+        }
+        uint16_t* bsend = upload(b);
+        uint16_t* bsum = alloc<uint16_t>(n);
+        NCHECK(ncclAllReduce(bsend, bsum, n, ncclBfloat16, ncclSum, me.comm, me.stream));
+        const int root = ranks - 1;
+        int* bcast = alloc<int>(n);
+        NCHECK(ncclBroadcast(me.rank == root ? send : nullptr, bcast, n, ncclInt32, root, me.comm, me.stream));
+        CHECK(cuStreamSynchronize(me.stream));
+        const auto g = download(gathered, size_t(n * ranks));
+        const auto fs = download(fsum, n);
+        const auto im = download(imax, n);
+        const auto bs = download(bsum, n);
+        const auto bc = download(bcast, n);
+        const int tri = ranks * (ranks + 1) / 2;
+        for (int i = 0; i < n; ++i) {
+            for (int q = 0; q < ranks; ++q) {
+                wrong += g[size_t(q * n + i)] != q * 100 + i;
+            }
+            wrong += fs[size_t(i)] != float(tri) * float(i + 1) * 0.5f;
+            wrong += im[size_t(i)] != (ranks - 1) * 100 + i;
+            wrong += bs[size_t(i)] != bf16_of(float(ranks * i + tri - ranks));
+            wrong += bc[size_t(i)] != root * 100 + i;
+        }
+        NCHECK(ncclCommDestroy(me.comm));
+    });
+    std::printf("RANKS %d WRONG %d\n", ranks, wrong.load());
+    return report(r);
+}
+
+// Grouped sends and receives between every pair (each rank to itself too), 4 ints each, with a
+// zero-byte send and receive around a ring (null buffers), in one group per rank.
+int nccl_send_recv(int ranks) {
+    std::atomic<int> wrong{0};
+    const CUresult r = on_ranks(ranks, [&](Rank& me) {
+        const int n = 4;
+        std::vector<int> out(size_t(n * ranks));
+        for (int p = 0; p < ranks; ++p) {
+            for (int i = 0; i < n; ++i) {
+                out[size_t(p * n + i)] = me.rank * 1000 + p * 10 + i;
+            }
+        }
+        int* send = upload(out);
+        int* recv = alloc<int>(size_t(n * ranks));
+        NCHECK(ncclGroupStart());
+        for (int p = 0; p < ranks; ++p) {
+            NCHECK(ncclSend(send + p * n, n, ncclInt32, p, me.comm, me.stream));
+            NCHECK(ncclRecv(recv + p * n, n, ncclInt32, p, me.comm, me.stream));
+        }
+        NCHECK(ncclSend(nullptr, 0, ncclUint8, (me.rank + 1) % ranks, me.comm, me.stream));
+        NCHECK(ncclRecv(nullptr, 0, ncclUint8, (me.rank + ranks - 1) % ranks, me.comm, me.stream));
+        NCHECK(ncclGroupEnd());
+        CHECK(cuStreamSynchronize(me.stream));
+        const auto got = download(recv, size_t(n * ranks));
+        for (int p = 0; p < ranks; ++p) {
+            for (int i = 0; i < n; ++i) {
+                wrong += got[size_t(p * n + i)] != p * 1000 + me.rank * 10 + i;
+            }
+        }
+        NCHECK(ncclCommDestroy(me.comm));
+    });
+    std::printf("RANKS %d WRONG %d\n", ranks, wrong.load());
+    return report(r);
+}
+
+// Stream order: rank 0's kernel fills its send buffer, the all-gather sends it, and a memset then
+// clears it; rank 1's stream reaches its all-gather only once a flag is set, so rank 0's
+// operation (and the memset behind it) must wait. A kernel behind the all-gather on each stream
+// copies what arrived.
+int nccl_stream_order() {
+    static uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    std::atomic<int> wrong{0};
+    std::atomic<int> query{-1};
+    const int n = 64;
+    const CUresult r = on_ranks(2, [&](Rank& me) {
+        int* send = alloc<int>(n);
+        int* recv = alloc<int>(2 * n);
+        int* seen = alloc<int>(2 * n);
+        CHECK(cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(send), 0xdead, n, me.stream));
+        dk::launch<fill_ramp>(1, 32, 0, reinterpret_cast<cudaStream_t>(me.stream), send, n, 1000 * (me.rank + 1));
+        if (me.rank == 1) {
+            CHECK(cuStreamWaitValue32(me.stream, reinterpret_cast<CUdeviceptr>(flag), 1, CU_STREAM_WAIT_VALUE_GEQ));
+        }
+        NCHECK(ncclAllGather(send, recv, n, ncclInt32, me.comm, me.stream));
+        CHECK(cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(send), 0, n, me.stream));
+        dk::launch<copy_words>(1, 32, 0, reinterpret_cast<cudaStream_t>(me.stream), reinterpret_cast<const uint32_t*>(recv),
+                               reinterpret_cast<uint32_t*>(seen), 2 * n);
+        if (me.rank == 0) {
+            query = static_cast<int>(cuStreamQuery(me.stream));
+            CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 1, 1));
+        }
+        CHECK(cuStreamSynchronize(me.stream));
+        const auto got = download(seen, size_t(2 * n));
+        for (int q = 0; q < 2; ++q) {
+            for (int i = 0; i < n; ++i) {
+                wrong += got[size_t(q * n + i)] != 1000 * (q + 1) + i;
+            }
+        }
+        wrong += download(send, n)[0] != 0;
+        NCHECK(ncclCommDestroy(me.comm));
+    });
+    std::printf("QUERY_BEFORE %s WRONG %d\n", name_of(static_cast<CUresult>(query.load())), wrong.load());
+    return report(r);
+}
+
+// Ranks that post different operations: every poster gets ncclInvalidUsage, and the report names
+// each rank's call. mode 0: counts differ; 1: an all-gather against a send.
+int nccl_mismatch(int mode) {
+    std::vector<ncclResult_t> got(2, ncclSuccess);
+    const CUresult r = on_ranks(2, [&](Rank& me) {
+        int* buf = alloc<int>(16);
+        if (mode == 0) {
+            got[size_t(me.rank)] = ncclAllGather(buf, buf, me.rank == 0 ? 4 : 8, ncclInt32, me.comm, me.stream);
+        } else if (me.rank == 0) {
+            got[0] = ncclAllGather(buf, buf, 4, ncclInt32, me.comm, me.stream);
+        } else {
+            got[1] = ncclSend(buf, 4, ncclInt32, 0, me.comm, me.stream);
+        }
+        NCHECK(ncclCommDestroy(me.comm));
+    });
+    std::printf("RANK0 %s RANK1 %s\n", nccl_name(got[0]), nccl_name(got[1]));
+    return report(r);
+}
+
+// A peer that never posts its part. mode 0: rank 1 just stops (reported once nothing changes for
+// DEEPKERN_SIM_NCCL_TIMEOUT); 1: rank 1 destroys its communicator instead (reported at once).
+int nccl_missing_peer(int mode) {
+    ncclResult_t got = ncclSuccess;
+    const CUresult r = on_ranks(2, [&](Rank& me) {
+        int* buf = alloc<int>(8);
+        if (me.rank == 0) {
+            got = ncclAllReduce(buf, buf, 8, ncclInt32, ncclSum, me.comm, me.stream);
+            NCHECK(ncclCommDestroy(me.comm));
+        } else if (mode == 1) {
+            NCHECK(ncclCommDestroy(me.comm));
+        }
+    });
+    std::printf("RANK0 %s\n", nccl_name(got));
+    return report(r);
+}
+
+// Both ranks post, but rank 1's stream never reaches its part: the device is stuck, and the
+// engine's deadlock report names the operation and the rank it waits for. mode 1: rank 1 aborts
+// its communicator before its part ran instead (a teardown-order bug): reported, and rank 0's
+// operation fails.
+int nccl_unreached(int mode) {
+    static uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    const CUresult r = on_ranks(2, [&](Rank& me) {
+        int* send = alloc<int>(8);
+        int* recv = alloc<int>(16);
+        if (me.rank == 1) {
+            CHECK(cuStreamWaitValue32(me.stream, reinterpret_cast<CUdeviceptr>(flag), 1, CU_STREAM_WAIT_VALUE_GEQ));
+        }
+        NCHECK(ncclAllGather(send, recv, 8, ncclInt32, me.comm, me.stream));
+        if (me.rank == 1 && mode == 1) {
+            NCHECK(ncclCommAbort(me.comm));
+            CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 1, 1));
+        }
+    });
+    return report(r);
+}
+
+// Wrong arguments are ncclInvalidArgument, reported nowhere else; zero-byte calls with null
+// buffers are fine. One rank (ncclCommInitAll).
+int nccl_bad_arguments() {
+    ncclComm_t comm;
+    int dev = 0;
+    NCHECK(ncclCommInitAll(&comm, 1, &dev));
+    int* buf = alloc<int>(4);
+    std::printf("NULL %s ", nccl_name(ncclAllReduce(nullptr, buf, 4, ncclInt32, ncclSum, comm, g_stream)));
+    std::printf("PEER %s ", nccl_name(ncclSend(buf, 4, ncclInt32, 1, comm, g_stream)));
+    std::printf("ROOT %s ", nccl_name(ncclBroadcast(buf, buf, 4, ncclInt32, -1, comm, g_stream)));
+    std::printf("TYPE %s ", nccl_name(ncclAllGather(buf, buf, 1, static_cast<ncclDataType_t>(99), comm, g_stream)));
+    std::printf("FP8_SUM %s ", nccl_name(ncclAllReduce(buf, buf, 4, ncclFloat8e4m3, ncclSum, comm, g_stream)));
+    std::printf("TOO_LONG %s ", nccl_name(ncclAllGather(buf, buf, 5, ncclInt32, comm, g_stream)));
+    std::printf("ZERO %s\n", nccl_name(ncclAllGather(nullptr, nullptr, 0, ncclInt32, comm, g_stream)));
+    const CUresult r = sync();
+    NCHECK(ncclCommDestroy(comm));
+    std::printf("AFTER_DESTROY %s\n", nccl_name(ncclAllGather(buf, buf, 1, ncclInt32, comm, g_stream)));
+    return report(r);
+}
+
 struct Scenario {
     const char* name;
     int (*run)();
@@ -732,6 +1023,18 @@ const Scenario kScenarios[] = {
     {"setmaxnreg_dec_upwards", [] { return registers_and_barriers_mode(2); }},
     {"mbarrier_never_completes", [] { return registers_and_barriers_mode(3); }},
     {"wgmma_accumulators", wgmma_accumulators},
+    {"nccl_collectives_2", [] { return nccl_collectives(2); }},
+    {"nccl_collectives_4", [] { return nccl_collectives(4); }},
+    {"nccl_send_recv_2", [] { return nccl_send_recv(2); }},
+    {"nccl_send_recv_4", [] { return nccl_send_recv(4); }},
+    {"nccl_stream_order", nccl_stream_order},
+    {"nccl_count_mismatch", [] { return nccl_mismatch(0); }},
+    {"nccl_kind_mismatch", [] { return nccl_mismatch(1); }},
+    {"nccl_peer_never_posts", [] { return nccl_missing_peer(0); }},
+    {"nccl_peer_destroys_first", [] { return nccl_missing_peer(1); }},
+    {"nccl_peer_stream_never_reaches", [] { return nccl_unreached(0); }},
+    {"nccl_peer_aborts_first", [] { return nccl_unreached(1); }},
+    {"nccl_bad_arguments", nccl_bad_arguments},
 };
 
 }  // namespace

@@ -88,10 +88,10 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
     run_with(tests, &[])
 }
 
-/// As [`run`], with the tests the simulator cannot run and why (e.g. they need NCCL): on a
-/// simulated build those are reported as ignored with the reason; on a GPU they run.
+/// As [`run`], with the tests the simulator cannot run and why: on a simulated build those are
+/// reported as ignored with the reason; on a GPU they run.
 pub fn run_with(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)]) -> ! {
-    run_with_sets(tests, not_simulated, &[])
+    run_with_all(tests, not_simulated, &[], &[])
 }
 
 /// As [`run_with`], also with the tests only the simulator can run and why (e.g. they write into
@@ -102,7 +102,29 @@ pub fn run_with_sets(
     not_simulated: &[(&'static str, &'static str)],
     simulator_only: &[(&'static str, &'static str)],
 ) -> ! {
-    for (name, _) in not_simulated.iter().chain(simulator_only) {
+    run_with_all(tests, not_simulated, simulator_only, &[])
+}
+
+/// What a test needs beyond the shared device (e.g. one GPU per rank): `None` when this host has
+/// it, else why not. The test is then reported as ignored with the reason, even with
+/// `DEEPKERN_REQUIRE_GPU=1` (a host that has the GPU the others need runs everything it can; a
+/// host with enough GPUs runs these too).
+pub type Requirement = (&'static str, fn() -> Option<String>);
+
+/// As [`run_with`], with the tests' [`Requirement`]s.
+pub fn run_with_requirements(tests: Vec<GpuTest>, not_simulated: &[(&'static str, &'static str)], requirements: &[Requirement]) -> ! {
+    run_with_all(tests, not_simulated, &[], requirements)
+}
+
+/// The general form of [`run_with_sets`] and [`run_with_requirements`].
+pub fn run_with_all(
+    tests: Vec<GpuTest>,
+    not_simulated: &[(&'static str, &'static str)],
+    simulator_only: &[(&'static str, &'static str)],
+    requirements: &[Requirement],
+) -> ! {
+    let named = not_simulated.iter().chain(simulator_only).map(|(n, _)| n).chain(requirements.iter().map(|(n, _)| n));
+    for name in named {
         assert!(tests.iter().any(|(t, _)| t == name), "a skip list names `{name}`, which is not a test of this binary");
     }
     let args = Arguments::from_args();
@@ -140,6 +162,7 @@ pub fn run_with_sets(
             let gpu = gpu.clone();
             let skip = not_simulated.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
             let sim_only = simulator_only.iter().find(|(n, _)| *n == name).map(|(_, why)| *why);
+            let needs = requirements.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
             Trial::ignorable_test(name, move || match gpu {
                 Ok(gpu) if gpu.simulated && skip.is_some() => {
                     Ok(Completion::ignored_with(format!("not simulated: {}", skip.unwrap_or_default())))
@@ -147,7 +170,10 @@ pub fn run_with_sets(
                 Ok(gpu) if !gpu.simulated && sim_only.is_some() => {
                     Ok(Completion::ignored_with(format!("simulator only: {}", sim_only.unwrap_or_default())))
                 }
-                Ok(gpu) => test(&gpu).map(|()| Completion::Completed),
+                Ok(gpu) => match needs.and_then(|f| f()) {
+                    Some(why) => Ok(Completion::ignored_with(why)),
+                    None => test(&gpu).map(|()| Completion::Completed),
+                },
                 Err(reason) if gpu_required() => Err(format!("DEEPKERN_REQUIRE_GPU=1 but {reason}").into()),
                 Err(reason) => Ok(Completion::ignored_with(reason)),
             })
