@@ -25,6 +25,11 @@
 //!   is reported and cleared by `check` (a second `check` passes), and the group then works.
 //! - `unweighted_combine_sums_rows`: `combine_unweighted` of the dispatched rows is x times the
 //!   number of valid slots, `combine` of the same rows x times the weights' sum.
+//! - `node_group_failures_are_loud` (two ranks, one GPU each): differing shapes are refused by
+//!   both ranks; a round with one rank's invalid expert is refused by both and the next rounds
+//!   are right; a silent peer makes dispatch fail naming it; `check` reads and clears the error.
+//! - `node_group_drop_waits_for_peers` (two ranks): a rank dropping its group while its peer's
+//!   writes into its buffer are still queued waits for them (the drop's barrier).
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
 //!   world size 1: both dispatch modes and combine equal the reference.
 //! - `node_group_of_two_ranks`, `nccl_group_of_two_ranks`: two ranks, each on a host thread of its
@@ -78,10 +83,17 @@ fn main() {
             ("node_group_of_one_process", node_group_of_one_process),
             ("nccl_group_of_one_process", nccl_group_of_one_process),
             ("node_group_of_two_ranks", node_group_of_two_ranks),
+            ("node_group_failures_are_loud", node_group_failures_are_loud),
+            ("node_group_drop_waits_for_peers", node_group_drop_waits_for_peers),
             ("nccl_group_of_two_ranks", nccl_group_of_two_ranks),
         ],
         &[],
-        &[("node_group_of_two_ranks", one_gpu_per_rank), ("nccl_group_of_two_ranks", one_gpu_per_rank)],
+        &[
+            ("node_group_of_two_ranks", one_gpu_per_rank),
+            ("node_group_failures_are_loud", one_gpu_per_rank),
+            ("node_group_drop_waits_for_peers", one_gpu_per_rank),
+            ("nccl_group_of_two_ranks", one_gpu_per_rank),
+        ],
     );
 }
 
@@ -925,6 +937,7 @@ fn node_group_of_one_process(gpu: &Gpu) -> TestResult {
         let want_ll = dispatch_low_latency(&routings(&ranks), &cfg, shape.ll_max_tokens).map_err(err)?;
         let masked = s.clone_dtoh(&ll[0].masked_m).map_err(err)?;
         ensure(masked.iter().map(|&c| c as u32).eq(want_ll[0].counts.iter().copied()), || format!("round {round}: masked_m differs"))?;
+        combine_zeros(&s, &mut group, &[&ll[0].handle])?;
     }
     group.check().map_err(err)?;
     Ok(())
@@ -981,6 +994,10 @@ fn nccl_group_of_one_process(gpu: &Gpu) -> TestResult {
 /// with device `rank` and a stream of it (`cudarc`'s `Comm` is not `Send`: each thread makes its
 /// own). Every rank's failure is reported, prefixed with its rank.
 fn on_ranks(body: impl Fn(usize, deepkern::cudarc::nccl::Comm) -> TestResult + Sync) -> TestResult {
+    // One multi-rank test at a time: each uses every device, and a test whose peer is silent on
+    // purpose lets the simulator's clock jump, which must not time out another test's waits.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let id = deepkern::cudarc::nccl::Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
     let body = &body;
     let results: Vec<TestResult> = std::thread::scope(|s| {
@@ -1057,6 +1074,82 @@ fn check_combine_rank(
     let got = s.clone_dtoh(&outs[0]).map_err(err)?;
     let tokens: Vec<usize> = all.iter().map(|r| r.tokens).collect();
     expect_combined(what, received, &ys, &tokens, h, me, &got)
+}
+
+/// Node groups of two ranks when something goes wrong: ranks whose shapes differ both refuse to
+/// form the group; a round in which one rank names an invalid expert is refused by both, and the
+/// next rounds are right on both; a rank that never signals makes its peer's dispatch fail with
+/// an error naming it; `check` reads and clears that error; both ranks then drop the group.
+fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x6661_696c;
+    // Rank 1 waits on the host while rank 0 times out, then both drop the group together.
+    let host_barrier = std::sync::Barrier::new(RANKS);
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Fp8);
+        let odd = if me == 1 { GroupShape { hidden: 384, ..shape } } else { shape };
+        refused(Group::new_node(&comm, odd).map(|_| ()), "shape")?;
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+        let s = group.stream().clone();
+        for round in 0..2 {
+            let what = format!("rank {me} round {round}");
+            let mut bad = all_ranks(seed ^ round, &shape, &[32, 11], 4);
+            bad[1].idx[3] = 8;
+            let bad_dev = upload_ranks(&s, &shape, &bad[me..=me])?;
+            refused(group.dispatch(&inputs(&bad_dev)).map(|_| ()), "topk_idx").map_err(|e| format!("{what}: {e}"))?;
+            let all = all_ranks(seed ^ 0x100 ^ round, &shape, &[32, 11], 4);
+            let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let want = dispatch(&routings(&all), &cfg).map_err(err)?;
+            check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
+            check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x200 ^ round, &what)?;
+        }
+        group.check().map_err(err)?;
+        // Rank 1 skips a round: rank 0's wait for its counts times out, and dispatch says who.
+        if me == 0 {
+            group.set_timeout(std::time::Duration::from_millis(20)).map_err(err)?;
+            let all = all_ranks(seed ^ 0x300, &shape, &[32, 11], 4);
+            let dev = upload_ranks(&s, &shape, &all[..1])?;
+            match group.dispatch(&inputs(&dev)) {
+                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal NOTIFY") => {}
+                other => return Err(format!("dispatch with a silent peer: {:?}", other.map(|_| ())).into()),
+            }
+            match group.check() {
+                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal") => {}
+                other => return Err(format!("check after the timeout: {other:?}").into()),
+            }
+            group.check().map_err(|e| format!("a second check still reports: {e}"))?;
+        }
+        host_barrier.wait();
+        drop(group);
+        s.synchronize().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// Dropping a node group waits for the peers: rank 0 drops its group right after its combine's
+/// send, while rank 1's send, which writes into rank 0's buffer, is still to come. The barrier in
+/// drop holds rank 0's buffer until rank 1 is done with it (without it, rank 1 writes into freed
+/// memory, which the simulator reports and a GPU faults on).
+fn node_group_drop_waits_for_peers(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x6472_6f70;
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Bf16);
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        let s = group.stream().clone();
+        let all = all_ranks(seed, &shape, &[32, 32], 4);
+        let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+        let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+        if me == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let y = zeros_for(&s, &got[0].handle, shape.hidden)?;
+        group.combine_send(&y.slice(..got[0].rows * shape.hidden), &got[0].handle).map_err(err)?;
+        drop(got);
+        drop(group);
+        s.synchronize().map_err(|e| format!("rank {me} after the drop: {e}"))?;
+        Ok(())
+    })
 }
 
 /// A node group of two ranks (one host thread and device each): the IPC handles all-gathered with
