@@ -450,6 +450,7 @@ fn nccl_wrong_arguments_are_invalid_arguments() {
         &[
             "NULL ncclInvalidArgument PEER ncclInvalidArgument ROOT ncclInvalidArgument TYPE ncclInvalidArgument FP8_SUM \
              ncclInvalidArgument TOO_LONG ncclInvalidArgument ZERO ncclSuccess",
+            "GROUP ncclInvalidArgument ncclInvalidArgument",
             "AFTER_DESTROY ncclInvalidArgument",
         ],
     );

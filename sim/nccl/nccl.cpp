@@ -114,6 +114,7 @@ struct Pending {
 
 thread_local int t_group_depth = 0;
 thread_local std::vector<Pending> t_group;
+thread_local ncclResult_t t_group_error = ncclSuccess;  // the first call of the open group that failed
 thread_local char t_last_error[1024] = "";
 
 int timeout_s() {
@@ -149,6 +150,10 @@ ncclResult_t refuse(ncclResult_t r, const char* fmt, ...) {
     va_end(ap);
     if (config().verbose) {
         std::fprintf(stderr, "deepkern simulator: NCCL: %s\n", t_last_error);
+    }
+    // Inside a group, NCCL's ncclGroupEnd fails too, and posts nothing.
+    if (t_group_depth > 0 && t_group_error == ncclSuccess) {
+        t_group_error = r;
     }
     return r;
 }
@@ -860,6 +865,12 @@ DKSIM_API ncclResult_t ncclGroupEnd() {
     }
     std::vector<Pending> calls;
     calls.swap(t_group);
+    const ncclResult_t failed = t_group_error;
+    t_group_error = ncclSuccess;
+    if (failed != ncclSuccess) {
+        const std::string first = t_last_error;
+        return refuse(failed, "ncclGroupEnd: a call of the group failed (%s); nothing of the group was posted", first.c_str());
+    }
     if (calls.empty()) {
         return ncclSuccess;
     }

@@ -969,6 +969,11 @@ int nccl_bad_arguments() {
     std::printf("FP8_SUM %s ", nccl_name(ncclAllReduce(buf, buf, 4, ncclFloat8e4m3, ncclSum, comm, g_stream)));
     std::printf("TOO_LONG %s ", nccl_name(ncclAllGather(buf, buf, 5, ncclInt32, comm, g_stream)));
     std::printf("ZERO %s\n", nccl_name(ncclAllGather(nullptr, nullptr, 0, ncclInt32, comm, g_stream)));
+    // A group with a bad call fails at ncclGroupEnd too, and posts none of its calls.
+    NCHECK(ncclGroupStart());
+    NCHECK(ncclSend(buf, 4, ncclInt32, 0, comm, g_stream));
+    const ncclResult_t bad_recv = ncclRecv(buf, 4, ncclInt32, 3, comm, g_stream);
+    std::printf("GROUP %s %s\n", nccl_name(bad_recv), nccl_name(ncclGroupEnd()));
     const CUresult r = sync();
     NCHECK(ncclCommDestroy(comm));
     std::printf("AFTER_DESTROY %s\n", nccl_name(ncclAllGather(buf, buf, 1, ncclInt32, comm, g_stream)));

@@ -96,6 +96,10 @@ pub const RACE_CASES: &[(&str, &str)] = &[
     ("ep_gpu", "identity_experts_combine_to_weighted_x"),
     // Ranks on streams of their own: the dispatch signals are the only ordering.
     ("ep_gpu", "concurrent_ranks_match_reference"),
+    // Two ranks on host threads and devices of their own: node group (IPC buffers, signals across
+    // devices) and NCCL transport (the stand-in's collectives and sends).
+    ("ep_gpu", "node_group_of_two_ranks"),
+    ("ep_gpu", "nccl_group_of_two_ranks"),
     ("mla_gpu", "device_schedule_matches_the_reference"),
     ("mla_gpu", "combine_matches_reference"),
     ("mla_gpu", "decode_is_deterministic"),
