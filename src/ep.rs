@@ -517,8 +517,7 @@ impl Group {
         bytes.extend(shape.fingerprint().to_le_bytes());
         let send = stream.clone_htod(&bytes)?;
         let mut recv = stream.alloc_zeros::<u8>(bytes.len() * shape.ranks)?;
-        comm.all_gather(&send, &mut recv)
-            .map_err(|e| Error::Communication { rank, reason: format!("NCCL all-gather of IPC handles: {e:?}") })?;
+        comm.all_gather(&send, &mut recv).map_err(|e| nccl_error(rank, "all-gather of IPC handles", &e))?;
         let all = stream.clone_dtoh(&recv)?;
         let prints: Vec<u64> = all.chunks_exact(bytes.len()).map(|c| u64::from_le_bytes(c[64..72].try_into().expect("8 bytes"))).collect();
         check_fingerprints(&shape, &prints)?;
@@ -581,8 +580,7 @@ impl Group {
         let rank = comm.rank();
         let send = stream.clone_htod(&shape.fingerprint().to_le_bytes())?;
         let mut recv = stream.alloc_zeros::<u8>(8 * shape.ranks)?;
-        comm.all_gather(&send, &mut recv)
-            .map_err(|e| Error::Communication { rank, reason: format!("NCCL all-gather of the group shapes: {e:?}") })?;
+        comm.all_gather(&send, &mut recv).map_err(|e| nccl_error(rank, "all-gather of the group shapes", &e))?;
         let prints: Vec<u64> =
             stream.clone_dtoh(&recv)?.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
         check_fingerprints(&shape, &prints)?;
@@ -1101,10 +1099,7 @@ impl Group {
         let Storage::Nccl { own, comm, .. } = &mut self.storage else {
             return Ok(());
         };
-        let nccl = |what: &str, err: cudarc::nccl::result::NcclError| Error::Communication {
-            rank,
-            reason: format!("NCCL all-gather of {what}: {err:?}"),
-        };
+        let nccl = |what: &str, err: cudarc::nccl::result::NcclError| nccl_error(rank, &format!("all-gather of {what}"), &err);
         let word = |w: u32| l.signals + w as usize * 4;
         // The error word as it stands on the stream (the readers ignore DK_EP_ERROR_PEER).
         let mut error = stream.alloc_zeros::<u32>(1)?;
@@ -1309,7 +1304,7 @@ impl Group {
             #[cfg(feature = "nccl")]
             Storage::Nccl { rank, own, comm } => {
                 let me = *rank;
-                let nccl = |e: cudarc::nccl::result::NcclError| Error::Communication { rank: me, reason: format!("NCCL: {e:?}") };
+                let nccl = |e: cudarc::nccl::result::NcclError| nccl_error(me, "grouped send/receive", &e);
                 cudarc::nccl::result::group_start().map_err(nccl)?;
                 let moved = (|| {
                     for peer in 0..r {
@@ -1719,6 +1714,13 @@ fn check_world(shape: &GroupShape, comm: &cudarc::nccl::Comm) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An NCCL failure of `what` on `rank`, with NCCL's result code (cudarc's `Debug` of the error
+/// omits it).
+#[cfg(feature = "nccl")]
+fn nccl_error(rank: usize, what: &str, e: &cudarc::nccl::result::NcclError) -> Error {
+    Error::Communication { rank, reason: format!("NCCL {what} failed: {:?}", e.0) }
 }
 
 /// Refuses to form a multi-process group whose ranks' shapes differ (`prints[r]`: rank r's

@@ -9,6 +9,12 @@
 //
 // Data-moving kernels: one warp per token (send) or per row (receive), 16-byte vector copies.
 // Every index read from device memory is range-checked before it is used as an address.
+//
+// Waits poll with relaxed loads and a sleep, then acquire once (no cache invalidation per poll):
+// SASS-EXPECT: recv_kernel NANOSLEEP
+// SASS-EXPECT: ep::dispatch_send_kernel NANOSLEEP
+// SASS-EXPECT: wait_kernel NANOSLEEP
+// SASS-EXPECT: barrier_kernel NANOSLEEP
 #include <cuda_bf16.h>
 
 #include <cstdint>

@@ -2,7 +2,7 @@
 // the layout belongs to one expert), every block_n of the menu; one unit per layout so the three
 // compile in parallel. Kernel: fp8_kernel.cuh; C entry point: fp8.cu.
 //
-// SASS-EXPECT: fp8_gemm_kernel QGMMA UTMALDG USETMAXREG
+// SASS-EXPECT: fp8_gemm_kernel QGMMA UTMALDG USETMAXREG NANOSLEEP
 #include "gemm/fp8_kernel.cuh"
 
 namespace dk::gemm {

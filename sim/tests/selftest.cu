@@ -7,6 +7,7 @@
 #include <cuda.h>
 
 #include <atomic>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -940,6 +941,10 @@ int nccl_missing_peer(int mode) {
 int nccl_unreached(int mode) {
     static uint32_t* flag = alloc<uint32_t>(1);
     CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    // Rank 1 aborts only once rank 0's call has returned, so rank 0 always sees the abort at its
+    // synchronisation (a cancelled operation), never at the call.
+    static std::atomic<bool> posted{false};
+    posted = false;
     const CUresult r = on_ranks(2, [&](Rank& me) {
         int* send = alloc<int>(8);
         int* recv = alloc<int>(16);
@@ -947,7 +952,13 @@ int nccl_unreached(int mode) {
             CHECK(cuStreamWaitValue32(me.stream, reinterpret_cast<CUdeviceptr>(flag), 1, CU_STREAM_WAIT_VALUE_GEQ));
         }
         NCHECK(ncclAllGather(send, recv, 8, ncclInt32, me.comm, me.stream));
+        if (me.rank == 0) {
+            posted = true;
+        }
         if (me.rank == 1 && mode == 1) {
+            while (!posted) {
+                std::this_thread::yield();
+            }
             NCHECK(ncclCommAbort(me.comm));
             CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 1, 1));
         }

@@ -116,7 +116,11 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "a release store on an EP signal weakened to relaxed",
         file: EP,
-        edits: &[("ptx::st_release_sys_global_u32(flag, g.epoch);", "*reinterpret_cast<volatile uint32_t*>(flag) = g.epoch;", 1)],
+        edits: &[(
+            "ptx::st_release_sys_global_u32(signals + kind * DK_EP_MAX_RANKS + g.rank, g.epoch);",
+            "*reinterpret_cast<volatile uint32_t*>(signals + kind * DK_EP_MAX_RANKS + g.rank) = g.epoch;",
+            1,
+        )],
         tests: &[("ep_gpu", "concurrent_ranks_match_reference"), ("ep_gpu", "low_latency_matches_reference")],
         env: &[],
         races: true,
@@ -143,7 +147,7 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[(
             "ptx::red_release_gpu_global_add_s32(p.arrivals + r / kArrivalRows, 1);",
             "atomicAdd(p.arrivals + r / kArrivalRows, 1);",
-            1,
+            2,
         )],
         tests: &[("moe_gpu", "two_batch_is_bit_identical")],
         env: &[],
@@ -152,7 +156,11 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "the arrival-gated GEMM loading rows with TMA after its acquire, without fence.proxy.async.global",
         file: GEMM,
-        edits: &[("        }\n    }\n    ptx::fence_proxy_async_global();\n}", "        }\n    }\n}", 1)],
+        edits: &[(
+            "    (void)ptx::ld_acquire_gpu_global_s32(counter);\n    ptx::fence_proxy_async_global();\n}",
+            "    (void)ptx::ld_acquire_gpu_global_s32(counter);\n}",
+            1,
+        )],
         tests: &[("moe_gpu", "two_batch_is_bit_identical")],
         env: &[],
         races: false,
@@ -192,7 +200,7 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "EP dispatch receive not waiting for the senders' signal",
         file: EP,
-        edits: &[("    wait_all(g, DK_EP_SIGNAL_DISPATCH);\n", "", 1)],
+        edits: &[("must_poison(g, wait_all(g, DK_EP_SIGNAL_DISPATCH))", "must_poison(g, true)", 1)],
         tests: &[("ep_gpu", "concurrent_ranks_match_reference")],
         env: &[],
         races: false,
@@ -203,11 +211,10 @@ pub const MUTANTS: &[Mutant] = &[
         edits: &[
             ("            *done = 0;\n            __threadfence_system();\n", "            *done = 0;\n", 1),
             (
-                "    if (threadIdx.x == 0) {\n        __threadfence_system();\n        for (int r = 0;",
-                "    if (threadIdx.x == 0) {\n        for (int r = 0;",
+                "ptx::st_release_sys_global_u32(signals + kind * DK_EP_MAX_RANKS + g.rank, g.epoch);",
+                "*reinterpret_cast<volatile uint32_t*>(signals + kind * DK_EP_MAX_RANKS + g.rank) = g.epoch;",
                 1,
             ),
-            ("ptx::st_release_sys_global_u32(flag, g.epoch);", "*reinterpret_cast<volatile uint32_t*>(flag) = g.epoch;", 1),
         ],
         tests: &[("ep_gpu", "concurrent_ranks_match_reference")],
         env: &[],

@@ -106,11 +106,19 @@ pub fn parse_sass(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// One `// SASS-EXPECT:` line: functions whose name contains `kernel` must use each opcode.
+/// One `// SASS-EXPECT:` line: functions whose name (mangled or demangled, e.g.
+/// `ep::dispatch_send_kernel`) contains `kernel` must use each opcode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expectation {
     pub kernel: String,
     pub opcodes: Vec<String>,
+}
+
+impl Expectation {
+    /// Whether the expectation applies to the function with mangled name `name`.
+    pub fn names(&self, name: &str) -> bool {
+        name.contains(&self.kernel) || demangle(name).contains(&self.kernel)
+    }
 }
 
 /// The expectations declared in a source file.
@@ -130,7 +138,7 @@ pub fn parse_expectations(source: &str) -> Vec<Expectation> {
 pub fn check_expectations(exps: &[Expectation], sass: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut problems = Vec::new();
     for e in exps {
-        let funcs: Vec<_> = sass.iter().filter(|(name, _)| name.contains(&e.kernel)).collect();
+        let funcs: Vec<_> = sass.iter().filter(|(name, _)| e.names(name)).collect();
         if funcs.is_empty() {
             problems.push(format!("SASS-EXPECT `{}` matches no function", e.kernel));
         }
@@ -258,7 +266,7 @@ pub fn check_unit(tc: &Toolchain, unit: &str, source: &Path, object: &Path, log:
 fn expectation_summary(exps: &[Expectation], name: &str, sass: &BTreeMap<String, BTreeSet<String>>) -> String {
     let ops = sass.get(name);
     exps.iter()
-        .filter(|e| name.contains(&e.kernel))
+        .filter(|e| e.names(name))
         .flat_map(|e| e.opcodes.iter())
         .map(|want| {
             let found = ops.is_some_and(|ops| ops.iter().any(|o| o.starts_with(want.as_str())));
@@ -361,7 +369,8 @@ mod tests {
 
     #[test]
     fn expectations_are_checked_by_prefix_and_must_match_a_function() {
-        let src = "// x\n// SASS-EXPECT: per_token_group F2FP LDG\n  // SASS-EXPECT: with_smem QGMMA\n// SASS-EXPECT: nothing_here HGMMA\n";
+        let src = "// x\n// SASS-EXPECT: per_token_group F2FP LDG\n  // SASS-EXPECT: with_smem QGMMA\n// SASS-EXPECT: nothing_here HGMMA\n\
+                   // SASS-EXPECT: quant::per_token_group_kernel<false> EXIT\n";
         let exps = parse_expectations(src);
         assert_eq!(exps[0], Expectation { kernel: "per_token_group".into(), opcodes: vec!["F2FP".into(), "LDG".into()] });
         let problems = check_expectations(&exps, &parse_sass(SASS));
