@@ -28,6 +28,8 @@
 //! - `node_group_failures_are_loud` (two ranks, one GPU each): differing shapes are refused by
 //!   both ranks; a round with one rank's invalid expert is refused by both and the next rounds
 //!   are right; a silent peer makes dispatch fail naming it; `check` reads and clears the error.
+//! - `node_group_receive_timeout_poisons` (two ranks): a normal receive whose peer never sends
+//!   times out and returns NaN rows without sources; each rank's `check` names the other.
 //! - `node_group_drop_waits_for_peers` (two ranks): a rank dropping its group while its peer's
 //!   writes into its buffer are still queued waits for them (the drop's barrier).
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
@@ -85,6 +87,7 @@ fn main() {
             ("node_group_of_two_ranks", node_group_of_two_ranks),
             ("node_group_failures_are_loud", node_group_failures_are_loud),
             ("node_group_drop_waits_for_peers", node_group_drop_waits_for_peers),
+            ("node_group_receive_timeout_poisons", node_group_receive_timeout_poisons),
             ("nccl_group_of_two_ranks", nccl_group_of_two_ranks),
         ],
         &[],
@@ -92,6 +95,7 @@ fn main() {
             ("node_group_of_two_ranks", one_gpu_per_rank),
             ("node_group_failures_are_loud", one_gpu_per_rank),
             ("node_group_drop_waits_for_peers", one_gpu_per_rank),
+            ("node_group_receive_timeout_poisons", one_gpu_per_rank),
             ("nccl_group_of_two_ranks", one_gpu_per_rank),
         ],
     );
@@ -1120,7 +1124,69 @@ fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
             }
             group.check().map_err(|e| format!("a second check still reports: {e}"))?;
         }
+        group.set_timeout(deepkern::ep::DEFAULT_TIMEOUT).map_err(err)?;
         host_barrier.wait();
+        drop(group);
+        s.synchronize().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// A normal receive that times out poisons its outputs: rank 1 gives up waiting for rank 0's
+/// counts (a short timeout) and refuses its round; rank 0, later, finds rank 1's counts, sends,
+/// and its receive waits for rank 1's rows in vain. Rank 0's dispatch returns rows that are all
+/// NaN with no sources, and each rank's `check` names the other.
+fn node_group_receive_timeout_poisons(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x706f_6973;
+    let rank1_gave_up = std::sync::Barrier::new(RANKS);
+    let done = std::sync::Barrier::new(RANKS);
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Fp8);
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(std::time::Duration::from_millis(20)).map_err(err)?;
+        let s = group.stream().clone();
+        let all = all_ranks(seed, &shape, &[32, 32], 4);
+        let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+        if me == 1 {
+            match group.dispatch(&inputs(&dev)) {
+                Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
+                other => return Err(format!("rank 1's dispatch without rank 0: {:?}", other.map(|_| ())).into()),
+            }
+            rank1_gave_up.wait();
+            match group.check() {
+                Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
+                other => return Err(format!("rank 1's check: {other:?}").into()),
+            }
+        } else {
+            rank1_gave_up.wait();
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let g = &got[0];
+            let m_idx = s.clone_dtoh(&g.m_indices).map_err(err)?;
+            let weights = s.clone_dtoh(&g.weights).map_err(err)?;
+            let src = s.clone_dtoh(&g.handle.src()).map_err(err)?;
+            let (x, sf) = download_rows(&s, &g.x)?;
+            let kb = shape.hidden / 128;
+            ensure(g.rows > 0, || "no rows: nothing to check".into())?;
+            for row in 0..g.rows {
+                ensure(src[row] == -1, || format!("row {row} of a timed-out receive has a source"))?;
+                if m_idx[row] >= 0 {
+                    ensure(weights[row].is_nan() && (0..kb).all(|k| sf[k * g.rows + row].is_nan()), || {
+                        format!("row {row}: weight or scales not poisoned")
+                    })?;
+                    ensure(x[row * shape.hidden..(row + 1) * shape.hidden].iter().all(|&b| b == 0xff), || {
+                        format!("row {row}: payload not NaN")
+                    })?;
+                }
+            }
+            match group.check() {
+                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal DISPATCH") => {}
+                other => return Err(format!("rank 0's check: {other:?}").into()),
+            }
+        }
+        // Teardown with the default limit: a barrier that gave up early would free this rank's
+        // buffer while the peer's barrier still signals into it.
+        group.set_timeout(deepkern::ep::DEFAULT_TIMEOUT).map_err(err)?;
+        done.wait();
         drop(group);
         s.synchronize().map_err(err)?;
         Ok(())
