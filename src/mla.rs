@@ -20,20 +20,54 @@ use crate::plan::mla::{BLOCK_M, num_parts};
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
 
-/// A 16-bit element type of the MLA kernels (queries, cache and outputs).
-pub trait MlaElement: cudarc::driver::DeviceRepr {
-    const DTYPE: ffi::dk_dtype;
-    #[doc(hidden)]
-    const TMA_DTYPE: CUtensorMapDataType;
+/// A 16-bit element type of the MLA kernels (queries, cache and outputs): [`bf16`] or [`f16`].
+///
+/// Sealed: the kernels are compiled for these two types only, so no other type can implement it.
+pub trait MlaElement: sealed::Sealed + cudarc::driver::DeviceRepr {}
+impl MlaElement for bf16 {}
+impl MlaElement for f16 {}
+
+/// The private supertrait that seals [`MlaElement`] and carries what the launchers need to know of
+/// an element type (types of the private C bindings, which users cannot name).
+mod sealed {
+    use super::*;
+
+    pub trait Sealed {
+        const DTYPE: ffi::dk_dtype;
+        const TMA_DTYPE: CUtensorMapDataType;
+    }
+    impl Sealed for bf16 {
+        const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_BF16;
+        const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    }
+    impl Sealed for f16 {
+        const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_F16;
+        const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    }
 }
-impl MlaElement for bf16 {
-    const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_BF16;
-    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-}
-impl MlaElement for f16 {
-    const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_F16;
-    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
+
+/// The seal, checked where users stand (doctests compile against the public API only):
+///
+/// ```compile_fail
+/// // The element's C type is no longer reachable through the public trait.
+/// let _ = <deepkern::bf16 as deepkern::mla::MlaElement>::DTYPE;
+/// ```
+///
+/// ```compile_fail
+/// // No type outside the crate can implement it, even one cudarc can copy.
+/// #[derive(Clone, Copy)]
+/// struct Mine(u16);
+/// unsafe impl deepkern::cudarc::driver::DeviceRepr for Mine {}
+/// impl deepkern::mla::MlaElement for Mine {}
+/// ```
+///
+/// ```
+/// fn element<T: deepkern::mla::MlaElement>() {}
+/// element::<deepkern::bf16>();
+/// element::<half::f16>();
+/// ```
+#[cfg(doctest)]
+pub struct MlaElementIsSealed;
 
 /// The split kernel's partial results, on the device.
 pub struct Partials<'a> {
