@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use float8::F8E4M3;
 use half::bf16;
 
-use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Rows, Tokens};
+use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Tokens};
 use crate::error::{Error, Result};
 use crate::gemm::{
     ARRIVAL_ROWS, Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with,
@@ -185,7 +185,7 @@ pub fn expert_stage(
         let m = d.rows;
         let mut y = stream.alloc_zeros::<bf16>((m * h).max(1))?;
         if m > 0 {
-            let Rows::Fp8 { q, sf } = &d.x else { unreachable!("an FP8 group receives FP8 rows") };
+            let (q, sf) = d.x.fp8().expect("an FP8 group receives FP8 rows");
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
             let m_idx = d.m_indices.slice(..m);
             let mut h13 = stream.alloc_zeros::<bf16>(m * 2 * inter)?;
@@ -213,10 +213,8 @@ pub fn expert_stage(
 /// Stage 3 of the layer, on the group's stream: every expert output back to its token's rank,
 /// weighted by the router (`ys[i]` from [`expert_stage`] for `received[i]`).
 pub fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Dispatched]) -> Result<Vec<CudaSlice<bf16>>> {
-    let h = group.shape().hidden;
-    let views: Vec<_> = ys.iter().zip(received).map(|(y, d)| y.slice(..d.rows * h)).collect();
-    let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
-    group.combine(&views, &handles)
+    // A rank that received no rows has a one-row `y` (expert_stage's allocation), which combine takes.
+    group.combine(ys, received)
 }
 
 /// Runs the layer for every local rank of `group` (an FP8 group), every stage one after another
@@ -367,7 +365,7 @@ pub fn forward_low_latency(
     // Experts on the masked layout: only the first masked_m[e] rows of each expert are computed.
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
-        let Rows::Fp8 { q, sf } = &d.x else { unreachable!("an FP8 group receives FP8 rows") };
+        let (q, sf) = d.x.fp8().expect("an FP8 group receives FP8 rows");
         let a = Fp8Activations { q: q.slice(..el * cap * h), sf: sf.slice(..el * (h / GROUP) * crate::layout::tma_aligned_rows(cap)) };
         let masked = d.masked_m.slice(..el);
         let mut h13 = stream.alloc_zeros::<bf16>(el * cap * 2 * inter)?;
@@ -381,7 +379,5 @@ pub fn forward_low_latency(
         gemm_fp8_masked(&stream, &a2, &e.w2, &masked, &mut y.slice_mut(..), MaskedShape { groups: el, max_m: cap, n: h, k: inter })?;
         ys.push(y);
     }
-    let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
-    let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
-    group.combine(&views, &handles)
+    group.combine(&ys, &received)
 }
