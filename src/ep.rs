@@ -213,6 +213,38 @@ pub struct RankInput<'a> {
     pub k: usize,
 }
 
+impl<'a> From<&'a CudaSlice<bf16>> for Tokens<'a> {
+    fn from(x: &'a CudaSlice<bf16>) -> Self {
+        Tokens::Bf16(x.as_view())
+    }
+}
+
+impl<'a> From<CudaView<'a, bf16>> for Tokens<'a> {
+    fn from(x: CudaView<'a, bf16>) -> Self {
+        Tokens::Bf16(x)
+    }
+}
+
+/// An FP8 tensor from [`crate::quantize`] (per token group: `[tokens, hidden]` with its scales).
+impl<'a> From<&'a crate::quant::Fp8Tensor> for Tokens<'a> {
+    fn from(t: &'a crate::quant::Fp8Tensor) -> Self {
+        Tokens::Fp8 { q: t.q(), sf: t.sf() }
+    }
+}
+
+impl<'a> RankInput<'a> {
+    /// One rank's input from whole buffers: `x` (a bf16 `CudaSlice` or view, or an
+    /// [`crate::Fp8Tensor`]), the router's `topk_idx` and `topk_weights` (`[tokens, k]`). The
+    /// token count is given once, by the routing: `topk_idx.len() / k` (0 when `k = 0`); the
+    /// dispatch checks `x`, `topk_weights` and a routing length that `k` does not divide against
+    /// it, naming the argument. For buffers longer than the tokens (a reused `max_tokens`
+    /// allocation), build the struct with views and `tokens` instead.
+    pub fn new(x: impl Into<Tokens<'a>>, topk_idx: &'a CudaSlice<i32>, topk_weights: &'a CudaSlice<f32>, k: usize) -> Self {
+        let tokens = topk_idx.len().checked_div(k).unwrap_or(0);
+        Self { x: x.into(), topk_idx: topk_idx.as_view(), topk_weights: topk_weights.as_view(), tokens, k }
+    }
+}
+
 /// Received rows: bf16, or e4m3 with f32 1x128 scales in the layout the grouped GEMMs read.
 /// Buffers hold at least one element even when no row was received.
 pub enum Rows {

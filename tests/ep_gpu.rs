@@ -873,7 +873,8 @@ fn errors_poison_refuse_and_clear(gpu: &Gpu) -> TestResult {
     Ok(())
 }
 
-/// What users write: `combine(&ys, &received)` with whole `CudaSlice`s as expert outputs, the rows
+/// What users write: `RankInput::new` on whole buffers, `combine(&ys, &received)` with whole
+/// `CudaSlice`s as expert outputs, the rows
 /// reached through `Rows::bf16`, and for a rank that received no rows the one-row buffer of
 /// `Group::alloc_expert_output` (no `rows.max(1)` and no view to cut). Identity experts, so every
 /// token comes back as `Σ weights · x`.
@@ -888,9 +889,16 @@ fn combine_takes_dispatch_results(gpu: &Gpu) -> TestResult {
             *e = (i % 4) as i32;
         }
     }
-    let dev = upload_ranks(&stream, &shape, &ranks)?;
+    // Whole buffers of exactly each rank's tokens, through RankInput::new (tokens from the routing).
+    let mut bufs = Vec::new();
+    for r in &ranks {
+        let x: Vec<bf16> = r.x.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+        bufs.push((upload(&stream, &x, bf16::ZERO)?, upload(&stream, &r.idx, -1)?, upload(&stream, &r.w, 0.0)?));
+    }
+    let ins: Vec<RankInput> = bufs.iter().map(|(x, idx, w)| RankInput::new(x, idx, w, 4)).collect();
+    ensure(ins[0].tokens == 32 && ins[1].tokens == 5, || format!("tokens derived as {} and {}", ins[0].tokens, ins[1].tokens))?;
     let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
-    let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+    let got = group.dispatch(&ins).map_err(err)?;
     ensure(got[0].rows > 0 && got[1].rows == 0, || format!("rows received: {} and {}", got[0].rows, got[1].rows))?;
     ensure(got.iter().all(|g| g.x.fp8().is_none() && g.x.payload() == Payload::Bf16), || "a bf16 group's rows read as FP8".into())?;
     let mut ys: Vec<CudaSlice<bf16>> = Vec::new();
