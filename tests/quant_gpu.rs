@@ -15,8 +15,9 @@
 //! - `owned_tensor_quantize`: the allocating `quantize` returns an `Fp8Tensor` whose values and
 //!   scales equal the CPU quantiser's (1x128 and 128x128, both scale formats), whose views have
 //!   exactly the shape's lengths (empty shapes included), and which refuses a bad input by name.
-//! - `silu_mul_matches_reference`: the fused SwiGLU quantiser against the CPU's `silu_mul` +
-//!   per-token-group, batched, both scale formats: scales equal up to the last bit of `exp`, E4M3
+//! - `silu_mul_matches_reference`: the fused SwiGLU quantiser (and its allocating form,
+//!   `silu_mul_quantize_new`, bit for bit) against the CPU's `silu_mul` + per-token-group, batched,
+//!   both scale formats: scales equal up to the last bit of `exp`, E4M3
 //!   codes equal except where that bit moves a value across a rounding boundary (one code, rare),
 //!   padding rows of the scales untouched; bad lengths are rejected before launch.
 
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
+use deepkern::quant::silu_mul_quantize_new;
 use deepkern::reference::quant::{per_block, per_token_group, silu_mul_per_token_group};
 use deepkern::{Error, F8E4M3, Fp8Shape, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group, silu_mul_quantize};
 use rand::Rng;
@@ -443,6 +445,14 @@ fn silu_mul_matches_reference(gpu: &Gpu) -> TestResult {
             silu_mul_quantize(&stream, &d_h, &mut d_q, &mut d_sf, shape, fmt).map_err(|e| e.to_string())?;
             let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
             let sf = stream.clone_dtoh(&d_sf).unwrap();
+            // The allocating form writes the same bits (scales compared without the padding,
+            // which the borrowed form leaves poisoned and the owned one zero).
+            let t = silu_mul_quantize_new(&stream, &d_h, shape, fmt).map_err(|e| e.to_string())?;
+            ensure(q_bytes(stream.clone_dtoh(&t.q()).unwrap()) == q, || format!("{shape:?} {fmt:?}: silu_mul_quantize_new's q differs"))?;
+            let owned_sf = stream.clone_dtoh(&t.sf()).unwrap();
+            let real =
+                |v: &[f32]| -> Vec<u32> { v.iter().enumerate().filter(|(i, _)| i % shape.m_pad() < m).map(|(_, x)| x.to_bits()).collect() };
+            ensure(real(&owned_sf) == real(&sf), || format!("{shape:?} {fmt:?}: silu_mul_quantize_new's scales differ"))?;
             let (per_op, kb, m_pad) = (m * k, shape.k_blocks(), shape.m_pad());
             let mut moved = 0usize;
             for op in 0..g {
