@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
-use deepkern::ep::{Group, GroupShape, Handle, Payload, RankInput, Rows, Tokens, Transport};
+use deepkern::ep::{Group, GroupShape, Payload, RankInput, Tokens, Transport};
 use deepkern::reference::ep::{EpConfig, Routing, dispatch};
 use deepkern::{F8E4M3, bf16};
 use harness::{GpuBench, Record, Span, Xs};
@@ -122,7 +122,7 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
         for (d, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.rows, w.rows.len(), "R={ranks} rank {d}: row count differs from the reference; not timing a wrong kernel");
             let src = stream.clone_dtoh(&g.handle.src()).expect("download src");
-            let Rows::Fp8 { q, .. } = &g.x else { unreachable!() };
+            let (q, _) = g.x.fp8().expect("an FP8 group receives FP8 rows");
             let x = stream.clone_dtoh(q).expect("download x");
             for (row, s) in w.rows.iter().enumerate() {
                 let want_src = s.map_or(-1, |s| ((s.src_rank as usize * tokens + s.token as usize) * TOPK + s.slot as usize) as i32);
@@ -148,9 +148,7 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
                 stream.clone_htod(&y).expect("upload y")
             })
             .collect();
-        let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
-        let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
-        let out = ep.combine(&views, &handles).expect("combine");
+        let out = ep.combine(&ys, &got).expect("combine");
         let out0 = stream.clone_dtoh(&out[0]).expect("download combine");
         for t in (0..tokens).step_by(61) {
             for c in (0..HIDDEN).step_by(113) {
@@ -180,8 +178,7 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
             } else {
                 span.start();
             }
-            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
-            ep.combine(&views, &handles).expect("combine");
+            ep.combine(&ys, &got).expect("combine");
             if !time_dispatch {
                 span.stop();
             }
@@ -247,9 +244,7 @@ fn low_latency(gpu: &mut GpuBench, c: &mut Criterion) {
             );
         }
         let ys: Vec<CudaSlice<bf16>> = got.iter().map(|g| stream.alloc_zeros::<bf16>(g.handle.rows() * HIDDEN).expect("alloc y")).collect();
-        let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
-        let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
-        ep.combine(&views, &handles).expect("combine");
+        ep.combine(&ys, &got).expect("combine");
         ep.check().expect("device error");
 
         let sms = ep.num_sms();
@@ -266,8 +261,7 @@ fn low_latency(gpu: &mut GpuBench, c: &mut Criterion) {
             } else {
                 span.start();
             }
-            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
-            ep.combine(&views, &handles).expect("combine");
+            ep.combine(&ys, &got).expect("combine");
             if !time_dispatch {
                 span.stop();
             }

@@ -9,7 +9,7 @@
 //!
 //! Without a Hopper GPU (or a build without nvcc) it says why and runs the CPU reference alone.
 
-use deepkern::ep::{Group, GroupShape, Payload, RankInput, Rows, Tokens};
+use deepkern::ep::{Group, GroupShape, Payload, RankInput, Tokens};
 use deepkern::layout::TokenGroupShape;
 use deepkern::reference::ep::{EpConfig, Routing, dispatch};
 use deepkern::{Device, F8E4M3, ScaleFormat, bf16, quantize_per_token_group};
@@ -85,14 +85,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Identity experts: dequantise each received row to bf16 on the host and send it back.
     let mut ys = Vec::new();
     for g in &got {
-        let Rows::Fp8 { q, sf } = &g.x else { unreachable!() };
+        let (q, sf) = g.x.fp8().expect("an FP8 group receives FP8 rows");
         let (q, sf) = (stream.clone_dtoh(q)?, stream.clone_dtoh(sf)?);
         let y: Vec<bf16> =
             (0..g.rows * HIDDEN).map(|i| bf16::from_f32(q[i].to_f32() * sf[i % HIDDEN / 128 * g.rows + i / HIDDEN])).collect();
         ys.push(stream.clone_htod(&y)?);
     }
-    let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
-    let out = group.combine(&views, &got.iter().map(|g| &g.handle).collect::<Vec<_>>())?;
+    let out = group.combine(&ys, &got)?;
     group.check()?;
     // Rank 0's tokens came back as dequant(x) · Σ weights (within bf16 rounding).
     let (q0, sf0) = (stream.clone_dtoh(&per_rank[0].0)?, stream.clone_dtoh(&per_rank[0].1)?);

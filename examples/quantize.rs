@@ -10,7 +10,7 @@
 
 use deepkern::layout::{TokenGroupShape, scales_from_tma_layout};
 use deepkern::reference::quant::per_token_group;
-use deepkern::{Device, F8E4M3, ScaleFormat, bf16, quantize_per_token_group};
+use deepkern::{Device, F8E4M3, ScaleFormat, bf16, quantize};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 64 tokens of a 7168-wide hidden state, as a decode step of DeepSeek-V3 would produce.
@@ -30,13 +30,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}: {} ({} SMs)", gpu(), device.info().name, device.info().sm_count);
     let stream = device.default_stream();
     let d_x = stream.clone_htod(&x)?;
-    let mut d_q = stream.alloc_zeros::<F8E4M3>(shape.elements().unwrap())?;
-    // Scales come out transposed and padded for TMA: [k / 128, round_up(m, 4)].
-    let mut d_sf = stream.alloc_zeros::<f32>(shape.scale_elements().unwrap())?;
-    quantize_per_token_group(&stream, &d_x, &mut d_q, &mut d_sf, shape, ScaleFormat::F32)?;
+    // An owned FP8 tensor; its scales come out transposed and padded for TMA: [k / 128, round_up(m, 4)].
+    let t = quantize(&stream, &d_x, shape, ScaleFormat::F32)?;
 
-    let q: Vec<u8> = stream.clone_dtoh(&d_q)?.iter().map(F8E4M3::to_bits).collect();
-    let sf = scales_from_tma_layout(&stream.clone_dtoh(&d_sf)?, shape.m, shape.k_blocks());
+    let q: Vec<u8> = stream.clone_dtoh(&t.q())?.iter().map(F8E4M3::to_bits).collect();
+    let sf = scales_from_tma_layout(&stream.clone_dtoh(&t.sf())?, shape.m, shape.k_blocks());
     let same = q == cpu.q && sf == cpu.scales;
     println!("{} result {} the CPU reference bit for bit", gpu(), if same { "matches" } else { "DIFFERS from" });
     if same { Ok(()) } else { Err("GPU and CPU quantisers disagree".into()) }

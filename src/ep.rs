@@ -213,11 +213,115 @@ pub struct RankInput<'a> {
     pub k: usize,
 }
 
+impl<'a> From<&'a CudaSlice<bf16>> for Tokens<'a> {
+    fn from(x: &'a CudaSlice<bf16>) -> Self {
+        Tokens::Bf16(x.as_view())
+    }
+}
+
+impl<'a> From<CudaView<'a, bf16>> for Tokens<'a> {
+    fn from(x: CudaView<'a, bf16>) -> Self {
+        Tokens::Bf16(x)
+    }
+}
+
+/// An FP8 tensor from [`crate::quantize`] (per token group: `[tokens, hidden]` with its scales).
+impl<'a> From<&'a crate::quant::Fp8Tensor> for Tokens<'a> {
+    fn from(t: &'a crate::quant::Fp8Tensor) -> Self {
+        Tokens::Fp8 { q: t.q(), sf: t.sf() }
+    }
+}
+
+impl<'a> RankInput<'a> {
+    /// One rank's input from whole buffers: `x` (a bf16 `CudaSlice` or view, or an
+    /// [`crate::Fp8Tensor`]), the router's `topk_idx` and `topk_weights` (`[tokens, k]`). The
+    /// token count is given once, by the routing: `topk_idx.len() / k` (0 when `k = 0`); the
+    /// dispatch checks `x`, `topk_weights` and a routing length that `k` does not divide against
+    /// it, naming the argument. For buffers longer than the tokens (a reused `max_tokens`
+    /// allocation), build the struct with views and `tokens` instead.
+    pub fn new(x: impl Into<Tokens<'a>>, topk_idx: &'a CudaSlice<i32>, topk_weights: &'a CudaSlice<f32>, k: usize) -> Self {
+        let tokens = topk_idx.len().checked_div(k).unwrap_or(0);
+        Self { x: x.into(), topk_idx: topk_idx.as_view(), topk_weights: topk_weights.as_view(), tokens, k }
+    }
+}
+
 /// Received rows: bf16, or e4m3 with f32 1x128 scales in the layout the grouped GEMMs read.
 /// Buffers hold at least one element even when no row was received.
 pub enum Rows {
     Bf16(CudaSlice<bf16>),
     Fp8 { q: CudaSlice<F8E4M3>, sf: CudaSlice<f32> },
+}
+
+impl Rows {
+    /// The bf16 rows, or `None` for FP8 rows.
+    pub fn bf16(&self) -> Option<&CudaSlice<bf16>> {
+        match self {
+            Rows::Bf16(x) => Some(x),
+            Rows::Fp8 { .. } => None,
+        }
+    }
+
+    /// The e4m3 rows and their scales, or `None` for bf16 rows.
+    pub fn fp8(&self) -> Option<(&CudaSlice<F8E4M3>, &CudaSlice<f32>)> {
+        match self {
+            Rows::Fp8 { q, sf } => Some((q, sf)),
+            Rows::Bf16(_) => None,
+        }
+    }
+
+    /// The payload these rows carry.
+    pub fn payload(&self) -> Payload {
+        match self {
+            Rows::Bf16(_) => Payload::Bf16,
+            Rows::Fp8 { .. } => Payload::Fp8,
+        }
+    }
+}
+
+/// What one rank's dispatch returned, as combine takes it: a [`Dispatched`], a
+/// [`DispatchedLowLatency`], their [`Handle`], or a reference to any of them.
+pub trait Received {
+    /// The handle combine needs.
+    fn handle(&self) -> &Handle;
+
+    /// Rows of the received layout: the expert outputs `y` combine takes are `[rows, hidden]`.
+    fn rows(&self) -> usize {
+        self.handle().rows
+    }
+}
+
+impl Received for Handle {
+    fn handle(&self) -> &Handle {
+        self
+    }
+}
+
+impl Received for Dispatched {
+    fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Received for DispatchedLowLatency {
+    fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl<T: Received + ?Sized> Received for &T {
+    fn handle(&self) -> &Handle {
+        (**self).handle()
+    }
+}
+
+/// Checks the length of combine's `y` for `rows` received rows: `rows · hidden`, or for a rank
+/// that received no rows either no element or one row (CUDA cannot allocate zero bytes; what
+/// [`Group::alloc_expert_output`] gives).
+fn check_y_len(len: usize, rows: usize, hidden: usize) -> Result<()> {
+    if len == rows * hidden || (rows == 0 && len == hidden) {
+        return Ok(());
+    }
+    expect_len("y", len, rows * hidden, || format!("[{rows}, {hidden}] bf16"))
 }
 
 /// Where every received row came from, and the source rank's routing: what combine needs.
@@ -318,6 +422,13 @@ pub struct DispatchedLowLatency {
 }
 
 /// An expert-parallel group. See the module docs.
+///
+/// A `Group` is [`Send`] (it can be built on one thread and used or dropped on another, e.g. one
+/// thread per GPU), but not [`Sync`]: every operation takes `&mut self`. What it holds is `Send`:
+/// cudarc's streams, contexts and buffers are; a node group's mapped peer buffers are plain device
+/// addresses owned by the group alone; an NCCL group's communicator is owned by the group and used
+/// by one thread at a time (see the private `SendComm`). The CUDA calls bind the stream's context
+/// to whichever thread makes them.
 pub struct Group {
     shape: GroupShape,
     layout: SymmetricLayout,
@@ -348,7 +459,30 @@ enum Storage {
     Node(NodeBuffers),
     /// This rank's buffer only; payloads move with NCCL over the communicator.
     #[cfg(feature = "nccl")]
-    Nccl { rank: usize, own: CudaSlice<u8>, comm: cudarc::nccl::Comm },
+    Nccl { rank: usize, own: CudaSlice<u8>, comm: SendComm },
+}
+
+/// The NCCL communicator of an NCCL group, movable to another thread with its group.
+///
+/// cudarc's `Comm` is not `Send` only because it holds NCCL's raw `ncclComm_t`. NCCL allows a
+/// communicator to be used from any host thread as long as no two threads use it at the same time;
+/// the group owns this one, every use goes through the group's `&mut self` methods (or the
+/// `&self` of [`Group::comm`], and a `Group` is not `Sync`, so no second thread holds one), and
+/// `Comm`'s drop (which aborts or destroys the communicator) runs on whichever single thread drops
+/// the group. Moving the group therefore never lets two threads use the communicator at once.
+#[cfg(feature = "nccl")]
+struct SendComm(cudarc::nccl::Comm);
+
+// SAFETY: see the type's docs: exclusive ownership, one thread at a time.
+#[cfg(feature = "nccl")]
+unsafe impl Send for SendComm {}
+
+#[cfg(feature = "nccl")]
+impl std::ops::Deref for SendComm {
+    type Target = cudarc::nccl::Comm;
+    fn deref(&self) -> &cudarc::nccl::Comm {
+        &self.0
+    }
 }
 
 struct NodeBuffers {
@@ -592,7 +726,7 @@ impl Group {
             shape,
             layout,
             stream: stream.clone(),
-            storage: Storage::Nccl { rank, own, comm },
+            storage: Storage::Nccl { rank, own, comm: SendComm(comm) },
             peers,
             peer_addrs: addrs,
             epochs: vec![[0; KINDS]; shape.ranks],
@@ -608,7 +742,7 @@ impl Group {
     #[cfg(feature = "nccl")]
     pub fn comm(&self) -> Option<&cudarc::nccl::Comm> {
         match &self.storage {
-            Storage::Nccl { comm, .. } => Some(comm),
+            Storage::Nccl { comm, .. } => Some(&comm.0),
             _ => None,
         }
     }
@@ -623,7 +757,7 @@ impl Group {
         }
         // What remains of the group is dropped as an empty virtual group (nothing to tear down).
         match std::mem::replace(&mut self.storage, Storage::Virtual(Vec::new())) {
-            Storage::Nccl { comm, .. } => Some(comm),
+            Storage::Nccl { comm, .. } => Some(comm.0),
             _ => None,
         }
     }
@@ -1512,13 +1646,24 @@ impl Group {
         pending.into_iter().map(|mut p| self.dispatch_low_latency_recv(&mut p)).collect()
     }
 
-    /// Combine, send phase of `handle.rank()`: `y` (`[handle.rows(), hidden]` bf16, the expert
-    /// outputs in the received layout) goes back to the tokens' ranks.
-    pub fn combine_send(&mut self, y: &CudaView<'_, bf16>, handle: &Handle) -> Result<()> {
+    /// A zeroed buffer for one rank's expert outputs `y`, `[rows, hidden]` bf16 in the received
+    /// layout, the length combine expects; one row when the rank received none (CUDA cannot
+    /// allocate zero bytes, and combine accepts that row).
+    pub fn alloc_expert_output(&self, received: &impl Received) -> Result<CudaSlice<bf16>> {
+        let rows = received.rows();
+        Ok(self.stream.alloc_zeros(rows.max(1) * self.shape.hidden)?)
+    }
+
+    /// Combine, send phase of the rank `received` came from: `y` (`[rows, hidden]` bf16, the
+    /// expert outputs in the received layout; for a rank that received no rows, empty or one
+    /// row) goes back to the tokens' ranks. `received` is the rank's [`Dispatched`],
+    /// [`DispatchedLowLatency`] or [`Handle`].
+    pub fn combine_send(&mut self, y: &impl DevicePtr<bf16>, received: &impl Received) -> Result<()> {
+        let handle = received.handle();
         let rank = handle.rank;
         self.check_local(rank)?;
         let h = self.shape.hidden;
-        expect_len("y", y.len(), handle.rows * h, || format!("[{}, {h}] bf16", handle.rows))?;
+        check_y_len(y.len(), handle.rows, h)?;
         check_aligned("y", y.device_ptr(&self.stream).0, 16)?;
         self.expect_phase("combine_send", rank, Phase::Received)?;
         self.expect_current(rank, handle)?;
@@ -1565,13 +1710,13 @@ impl Group {
     /// returned). The weights are applied here, so the expert outputs `y` must not already carry
     /// them; code ported from DeepEP, whose normal-mode combine does not weight (the caller
     /// weights before it), would apply them twice: use [`Group::combine_recv_unweighted`] there.
-    pub fn combine_recv(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
-        self.combine_recv_impl(handle, true)
+    pub fn combine_recv(&mut self, received: &impl Received) -> Result<CudaSlice<bf16>> {
+        self.combine_recv_impl(received.handle(), true)
     }
 
     /// [`Group::combine_recv`] with every weight 1: each token gets the plain sum of its rows.
-    pub fn combine_recv_unweighted(&mut self, handle: &Handle) -> Result<CudaSlice<bf16>> {
-        self.combine_recv_impl(handle, false)
+    pub fn combine_recv_unweighted(&mut self, received: &impl Received) -> Result<CudaSlice<bf16>> {
+        self.combine_recv_impl(received.handle(), false)
     }
 
     fn combine_recv_impl(&mut self, handle: &Handle, weighted: bool) -> Result<CudaSlice<bf16>> {
@@ -1605,32 +1750,46 @@ impl Group {
         Ok(out)
     }
 
-    /// Combine of every local rank: `ys[i]` with `handles[i]` (from the same dispatch) for the
-    /// i-th local rank; all send phases, then all receive phases. Returns each local rank's
-    /// `[tokens, hidden]` output: router-weighted sums, as [`Group::combine_recv`] explains.
-    pub fn combine(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
-        self.combine_impl(ys, handles, true)
+    /// Combine of every local rank: `ys[i]` (the expert outputs, `[rows, hidden]` bf16: a
+    /// `CudaSlice`, a `CudaView`, or anything else cudarc can address) goes back with
+    /// `received[i]`, what the same dispatch returned for the i-th local rank (`&received` of a
+    /// [`Group::dispatch`] or [`Group::dispatch_low_latency`] result, or their handles); all send
+    /// phases, then all receive phases. Returns each local rank's `[tokens, hidden]` output:
+    /// router-weighted sums, as [`Group::combine_recv`] explains.
+    pub fn combine<Y: DevicePtr<bf16>, R: Received>(&mut self, ys: &[Y], received: &[R]) -> Result<Vec<CudaSlice<bf16>>> {
+        self.combine_impl(ys, received, true)
     }
 
     /// [`Group::combine`] with every weight 1 (plain sums), for expert outputs that already carry
     /// the router weights.
-    pub fn combine_unweighted(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
+    pub fn combine_unweighted<Y: DevicePtr<bf16>, R: Received>(&mut self, ys: &[Y], received: &[R]) -> Result<Vec<CudaSlice<bf16>>> {
+        self.combine_impl(ys, received, false)
+    }
+
+    /// [`Group::combine`] with the handles gathered by the caller (`handles[i]` for the i-th
+    /// local rank), for code that keeps the handles apart from the received rows.
+    pub fn combine_handles<Y: DevicePtr<bf16>>(&mut self, ys: &[Y], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
+        self.combine_impl(ys, handles, true)
+    }
+
+    /// [`Group::combine_unweighted`] with the handles gathered by the caller.
+    pub fn combine_handles_unweighted<Y: DevicePtr<bf16>>(&mut self, ys: &[Y], handles: &[&Handle]) -> Result<Vec<CudaSlice<bf16>>> {
         self.combine_impl(ys, handles, false)
     }
 
-    fn combine_impl(&mut self, ys: &[CudaView<'_, bf16>], handles: &[&Handle], weighted: bool) -> Result<Vec<CudaSlice<bf16>>> {
+    fn combine_impl<Y: DevicePtr<bf16>, R: Received>(&mut self, ys: &[Y], received: &[R], weighted: bool) -> Result<Vec<CudaSlice<bf16>>> {
         let local = self.check_local_count("ys", ys.len())?;
-        self.check_local_count("handles", handles.len())?;
-        if let Some((i, h)) = handles.iter().enumerate().find(|(i, h)| h.rank != local[*i]) {
+        self.check_local_count("received", received.len())?;
+        if let Some((i, h)) = received.iter().map(Received::handle).enumerate().find(|(i, h)| h.rank != local[*i]) {
             return Err(Error::InvalidArgument {
-                arg: "handles",
+                arg: "received",
                 reason: format!("entry {i} is rank {}'s handle, not rank {}'s", h.rank, local[i]),
             });
         }
-        for (y, h) in ys.iter().zip(handles) {
-            self.combine_send(y, h)?;
+        for (y, r) in ys.iter().zip(received) {
+            self.combine_send(y, r)?;
         }
-        handles.iter().map(|h| self.combine_recv_impl(h, weighted)).collect()
+        received.iter().map(|r| self.combine_recv_impl(r.handle(), weighted)).collect()
     }
 
     /// Reads and clears every local rank's device error words (synchronises the stream): a peer
@@ -1755,4 +1914,37 @@ struct Prepared {
     topk_weights: CudaSlice<f32>,
     tokens: usize,
     k: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    /// Groups (virtual, node and NCCL: one type) and what a round returns move between threads.
+    #[test]
+    fn group_and_results_are_send() {
+        assert_send::<Group>();
+        assert_send::<Dispatched>();
+        assert_send::<DispatchedLowLatency>();
+        assert_send::<PendingLowLatency>();
+        assert_send::<Handle>();
+        assert_send::<Rows>();
+    }
+
+    #[test]
+    fn expert_output_length_is_exact_or_one_row_when_empty() {
+        assert!(check_y_len(3 * 256, 3, 256).is_ok());
+        assert!(check_y_len(0, 0, 256).is_ok());
+        assert!(check_y_len(256, 0, 256).is_ok(), "the one-row buffer of alloc_expert_output");
+        let arg = |r: Result<()>| match r {
+            Err(Error::Shape { arg, .. }) => arg,
+            other => panic!("expected a shape error, got {other:?}"),
+        };
+        assert_eq!(arg(check_y_len(256, 3, 256)), "y");
+        assert_eq!(arg(check_y_len(4 * 256, 3, 256)), "y");
+        assert_eq!(arg(check_y_len(2 * 256, 0, 256)), "y");
+        assert_eq!(arg(check_y_len(1, 0, 256)), "y");
+    }
 }

@@ -14,7 +14,9 @@
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
 };
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use float8::F8E4M3;
 use half::bf16;
 
@@ -264,7 +266,7 @@ pub(crate) fn tensor_map_2d(
 /// with an error naming the argument: `k` a positive multiple of 128; exact buffer lengths; `a`,
 /// `b` and the scales 16-byte aligned (TMA). `m = 0` or `n = 0` is a no-op. Asynchronous on
 /// `stream`.
-pub fn gemm_fp8(stream: &CudaStream, a: &Fp8Activations, b: &Fp8Weights, d: &mut CudaViewMut<bf16>, shape: GemmShape) -> Result<()> {
+pub fn gemm_fp8(stream: &CudaStream, a: &Fp8Activations, b: &Fp8Weights, d: &mut impl DevicePtrMut<bf16>, shape: GemmShape) -> Result<()> {
     gemm_fp8_with(stream, a, b, d, shape, GemmOptions::default())
 }
 
@@ -273,13 +275,37 @@ pub fn gemm_fp8_with(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    d: &mut CudaViewMut<bf16>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: GemmShape,
     options: GemmOptions,
 ) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, Output::Bf16(d), None, None, options)
+    launch(stream, &p, a, b, Bf16Out::Bf16(d), None::<&CudaSlice<i32>>, None::<&CudaSlice<i32>>, options)
+}
+
+/// [`gemm_fp8`] into a new `d` (`[m, n]` bf16), returned; with `m · n = 0` it holds one element
+/// (CUDA allocates no empty buffer) and nothing is launched. The shape and operands are checked
+/// before anything is allocated.
+pub fn gemm_fp8_alloc(stream: &Arc<CudaStream>, a: &Fp8Activations, b: &Fp8Weights, shape: GemmShape) -> Result<CudaSlice<bf16>> {
+    gemm_fp8_alloc_with(stream, a, b, shape, GemmOptions::default())
+}
+
+/// [`gemm_fp8_alloc`] with launch options (an SM budget).
+pub fn gemm_fp8_alloc_with(
+    stream: &Arc<CudaStream>,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    shape: GemmShape,
+    options: GemmOptions,
+) -> Result<CudaSlice<bf16>> {
+    let p = Problem::dense(shape);
+    let len =
+        shape.m.checked_mul(shape.n).ok_or(Error::InvalidArgument { arg: "shape", reason: format!("{shape:?}: m · n overflows") })?;
+    p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), len, None)?;
+    let mut d = stream.alloc_zeros::<bf16>(len.max(1))?;
+    launch(stream, &p, a, b, Bf16Out::Bf16(&mut d.slice_mut(..len)), None::<&CudaSlice<i32>>, None::<&CudaSlice<i32>>, options)?;
+    Ok(d)
 }
 
 /// The f32 variant for weight gradients: `d = a · bᵀ` in f32, or with `accumulate`, `d += a · bᵀ`
@@ -289,20 +315,32 @@ pub fn gemm_fp8_f32(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    d: &mut CudaViewMut<f32>,
+    d: &mut impl DevicePtrMut<f32>,
     shape: GemmShape,
     accumulate: bool,
 ) -> Result<()> {
     let p = Problem::dense(shape);
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), None)?;
-    launch(stream, &p, a, b, Output::F32 { d, accumulate }, None, None, GemmOptions::default())
+    launch::<CudaSlice<bf16>, _, CudaSlice<i32>, CudaSlice<i32>>(
+        stream,
+        &p,
+        a,
+        b,
+        Output::F32 { d, accumulate },
+        None,
+        None,
+        GemmOptions::default(),
+    )
 }
 
 /// Where a launch writes.
-enum Output<'v, 'a> {
-    Bf16(&'v mut CudaViewMut<'a, bf16>),
-    F32 { d: &'v mut CudaViewMut<'a, f32>, accumulate: bool },
+enum Output<'v, B, F> {
+    Bf16(&'v mut B),
+    F32 { d: &'v mut F, accumulate: bool },
 }
+
+/// A launch writing bf16 (the f32 type is a placeholder).
+type Bf16Out<'v, B> = Output<'v, B, CudaSlice<f32>>;
 
 /// M-grouped contiguous GEMM (MoE prefill): `a` holds the rows of all `groups` experts stacked
 /// (`[m, k]`, each expert's segment padded to a multiple of 128 rows, so `m % 128 == 0`),
@@ -313,8 +351,8 @@ pub fn gemm_fp8_contiguous(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    m_indices: &CudaView<i32>,
-    d: &mut CudaViewMut<bf16>,
+    m_indices: &impl DevicePtr<i32>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: GemmShape,
     groups: usize,
 ) -> Result<()> {
@@ -327,13 +365,13 @@ pub fn gemm_fp8_contiguous_with(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    m_indices: &CudaView<i32>,
-    d: &mut CudaViewMut<bf16>,
+    m_indices: &impl DevicePtr<i32>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: GemmShape,
     groups: usize,
     options: GemmOptions,
 ) -> Result<()> {
-    contiguous(stream, a, b, m_indices, None, d, shape, groups, options)
+    contiguous(stream, a, b, m_indices, None::<&CudaSlice<i32>>, d, shape, groups, options)
 }
 
 /// [`gemm_fp8_contiguous_with`] on rows that are still arriving: `arrivals[b]` counts the rows of
@@ -355,9 +393,9 @@ pub fn gemm_fp8_contiguous_arrived(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    m_indices: &CudaView<i32>,
-    arrivals: &CudaView<i32>,
-    d: &mut CudaViewMut<bf16>,
+    m_indices: &impl DevicePtr<i32>,
+    arrivals: &impl DevicePtr<i32>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: GemmShape,
     groups: usize,
     options: GemmOptions,
@@ -367,13 +405,13 @@ pub fn gemm_fp8_contiguous_arrived(
 
 /// The contiguous layout's one path, with or without arrival counters: its checks, then [`launch`].
 #[allow(clippy::too_many_arguments)]
-fn contiguous(
+fn contiguous<A: DevicePtr<i32>>(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    m_indices: &CudaView<i32>,
-    arrivals: Option<&CudaView<i32>>,
-    d: &mut CudaViewMut<bf16>,
+    m_indices: &impl DevicePtr<i32>,
+    arrivals: Option<&A>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: GemmShape,
     groups: usize,
     options: GemmOptions,
@@ -404,7 +442,7 @@ fn contiguous(
     }
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups, ..Problem::dense(shape) };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(m_indices.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(m_indices), arrivals, options)
+    launch(stream, &p, a, b, Bf16Out::Bf16(d), Some(m_indices), arrivals, options)
 }
 
 /// M-grouped masked GEMM (MoE decode, CUDA-graph friendly): `a` is `[groups, max_m, k]` with the
@@ -415,8 +453,8 @@ pub fn gemm_fp8_masked(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    masked_m: &CudaView<i32>,
-    d: &mut CudaViewMut<bf16>,
+    masked_m: &impl DevicePtr<i32>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: MaskedShape,
 ) -> Result<()> {
     gemm_fp8_masked_with(stream, a, b, masked_m, d, shape, GemmOptions::default())
@@ -427,8 +465,8 @@ pub fn gemm_fp8_masked_with(
     stream: &CudaStream,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    masked_m: &CudaView<i32>,
-    d: &mut CudaViewMut<bf16>,
+    masked_m: &impl DevicePtr<i32>,
+    d: &mut impl DevicePtrMut<bf16>,
     shape: MaskedShape,
     options: GemmOptions,
 ) -> Result<()> {
@@ -436,19 +474,19 @@ pub fn gemm_fp8_masked_with(
     let m = groups.checked_mul(max_m).ok_or(Error::InvalidArgument { arg: "max_m", reason: format!("{groups} x {max_m} overflows") })?;
     let p = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m, n, k, groups, scale_rows: max_m };
     p.validate(a.q.len(), a.sf.len(), b.q.len(), b.sf.len(), d.len(), Some(masked_m.len()))?;
-    launch(stream, &p, a, b, Output::Bf16(d), Some(masked_m), None, options)
+    launch(stream, &p, a, b, Bf16Out::Bf16(d), Some(masked_m), None::<&CudaSlice<i32>>, options)
 }
 
 /// The one launch path of every layout: pointers, alignment, tensor maps, params, the call.
 #[allow(clippy::too_many_arguments)]
-fn launch(
+fn launch<B: DevicePtrMut<bf16>, F: DevicePtrMut<f32>, I: DevicePtr<i32>, A: DevicePtr<i32>>(
     stream: &CudaStream,
     p: &Problem,
     a: &Fp8Activations,
     b: &Fp8Weights,
-    d: Output,
-    index: Option<&CudaView<i32>>,
-    arrivals: Option<&CudaView<i32>>,
+    d: Output<B, F>,
+    index: Option<&I>,
+    arrivals: Option<&A>,
     options: GemmOptions,
 ) -> Result<()> {
     let mut launch = Launch::new("gemm_fp8", stream)?;

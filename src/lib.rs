@@ -45,7 +45,7 @@ pub use error::{Error, KernelStatus, Result};
 pub use float8::F8E4M3;
 pub use half::bf16;
 pub use layout::{BlockShape, TokenGroupShape};
-pub use quant::{quantize_per_block, quantize_per_token_group, silu_mul_quantize};
+pub use quant::{Fp8Shape, Fp8Tensor, quantize, quantize_per_block, quantize_per_token_group, silu_mul_quantize};
 pub use reference::quant::ScaleFormat;
 
 /// The README's code examples, compiled as doctests so they cannot rot.

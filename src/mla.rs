@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUtensorMapDataType, CUtensorMapSwizzle};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
@@ -20,20 +20,54 @@ use crate::plan::mla::{BLOCK_M, num_parts};
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
 
-/// A 16-bit element type of the MLA kernels (queries, cache and outputs).
-pub trait MlaElement: cudarc::driver::DeviceRepr {
-    const DTYPE: ffi::dk_dtype;
-    #[doc(hidden)]
-    const TMA_DTYPE: CUtensorMapDataType;
+/// A 16-bit element type of the MLA kernels (queries, cache and outputs): [`bf16`] or [`f16`].
+///
+/// Sealed: the kernels are compiled for these two types only, so no other type can implement it.
+pub trait MlaElement: sealed::Sealed + cudarc::driver::DeviceRepr {}
+impl MlaElement for bf16 {}
+impl MlaElement for f16 {}
+
+/// The private supertrait that seals [`MlaElement`] and carries what the launchers need to know of
+/// an element type (types of the private C bindings, which users cannot name).
+mod sealed {
+    use super::*;
+
+    pub trait Sealed {
+        const DTYPE: ffi::dk_dtype;
+        const TMA_DTYPE: CUtensorMapDataType;
+    }
+    impl Sealed for bf16 {
+        const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_BF16;
+        const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    }
+    impl Sealed for f16 {
+        const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_F16;
+        const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    }
 }
-impl MlaElement for bf16 {
-    const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_BF16;
-    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-}
-impl MlaElement for f16 {
-    const DTYPE: ffi::dk_dtype = ffi::dk_dtype::DK_DTYPE_F16;
-    const TMA_DTYPE: CUtensorMapDataType = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
+
+/// The seal, checked where users stand (doctests compile against the public API only):
+///
+/// ```compile_fail
+/// // The element's C type is no longer reachable through the public trait.
+/// let _ = <deepkern::bf16 as deepkern::mla::MlaElement>::DTYPE;
+/// ```
+///
+/// ```compile_fail
+/// // No type outside the crate can implement it, even one cudarc can copy.
+/// #[derive(Clone, Copy)]
+/// struct Mine(u16);
+/// unsafe impl deepkern::cudarc::driver::DeviceRepr for Mine {}
+/// impl deepkern::mla::MlaElement for Mine {}
+/// ```
+///
+/// ```
+/// fn element<T: deepkern::mla::MlaElement>() {}
+/// element::<deepkern::bf16>();
+/// element::<half::f16>();
+/// ```
+#[cfg(doctest)]
+pub struct MlaElementIsSealed;
 
 /// The split kernel's partial results, on the device.
 pub struct Partials<'a> {
@@ -60,15 +94,33 @@ pub struct CombineOut<'a, T> {
 /// Lengths and alignment (16 bytes for the partials and the output) are checked here; the chunk
 /// ranges live on the device and are checked there (a malformed one is skipped and counted).
 pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mut CombineOut<T>, batch: usize, rows: usize) -> Result<()> {
+    let CombineOut { out, lse, num_invalid } = out;
+    combine_into(stream, &partials.o, &partials.lse, &partials.splits, out, lse, num_invalid, batch, rows)
+}
+
+/// [`combine`] on any cudarc buffers: `o`, `lse_partial` and `splits` as in [`Partials`], `out`,
+/// `lse` and `num_invalid` as in [`CombineOut`].
+#[allow(clippy::too_many_arguments)]
+fn combine_into<T: MlaElement>(
+    stream: &CudaStream,
+    o: &impl DevicePtr<f32>,
+    lse_partial: &impl DevicePtr<f32>,
+    splits: &impl DevicePtr<i32>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    num_invalid: &mut impl DevicePtrMut<i32>,
+    batch: usize,
+    rows: usize,
+) -> Result<()> {
     if rows == 0 {
         return Err(Error::InvalidArgument { arg: "rows", reason: "must be at least 1 (s_q · h_q)".into() });
     }
     let per_chunk = rows * HEAD_DIM_V;
-    if partials.o.len() % per_chunk != 0 {
+    if o.len() % per_chunk != 0 {
         return Err(Error::Shape {
             arg: "o_partial",
             expected: format!("[num_chunks, {rows}, {HEAD_DIM_V}]"),
-            got: format!("{} elements", partials.o.len()),
+            got: format!("{} elements", o.len()),
         });
     }
     if rows.div_ceil(COMBINE_ROWS) > MAX_GRID_Y {
@@ -77,7 +129,7 @@ pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mu
             reason: format!("{rows} rows exceed the combine grid's {MAX_GRID_Y} blocks of {COMBINE_ROWS} rows"),
         });
     }
-    let num_chunks = partials.o.len() / per_chunk;
+    let num_chunks = o.len() / per_chunk;
     let expect = |arg: &'static str, len: usize, want: usize, what: String| {
         if len == want {
             Ok(())
@@ -85,22 +137,22 @@ pub fn combine<T: MlaElement>(stream: &CudaStream, partials: &Partials, out: &mu
             Err(Error::Shape { arg, expected: format!("{want} elements ({what})"), got: format!("{len} elements") })
         }
     };
-    expect("lse_partial", partials.lse.len(), num_chunks * rows, format!("[{num_chunks}, {rows}]"))?;
-    expect("splits", partials.splits.len(), batch + 1, format!("[{batch} + 1]"))?;
-    expect("out", out.out.len(), batch * per_chunk, format!("[{batch}, {rows}, {HEAD_DIM_V}]"))?;
-    expect("lse", out.lse.len(), batch * rows, format!("[{batch}, {rows}]"))?;
-    expect("num_invalid", out.num_invalid.len(), 1, "[1]".into())?;
+    expect("lse_partial", lse_partial.len(), num_chunks * rows, format!("[{num_chunks}, {rows}]"))?;
+    expect("splits", splits.len(), batch + 1, format!("[{batch} + 1]"))?;
+    expect("out", out.len(), batch * per_chunk, format!("[{batch}, {rows}, {HEAD_DIM_V}]"))?;
+    expect("lse", lse.len(), batch * rows, format!("[{batch}, {rows}]"))?;
+    expect("num_invalid", num_invalid.len(), 1, "[1]".into())?;
     let (batch32, rows32, chunks32) =
         (int_arg::<i32>("batch", batch)?, int_arg::<i32>("rows", rows)?, int_arg::<i32>("o_partial", num_chunks)?);
 
     let mut launch = Launch::new("mla_combine", stream)?;
     let params = ffi::dk_mla_combine_params {
-        o_partial: launch.input(&partials.o) as *const f32,
-        lse_partial: launch.input(&partials.lse) as *const f32,
-        splits: launch.input(&partials.splits) as *const i32,
-        out: launch.output(&mut out.out) as *mut std::ffi::c_void,
-        lse: launch.output(&mut out.lse) as *mut f32,
-        num_invalid: launch.output(&mut out.num_invalid) as *mut i32,
+        o_partial: launch.input(o) as *const f32,
+        lse_partial: launch.input(lse_partial) as *const f32,
+        splits: launch.input(splits) as *const i32,
+        out: launch.output(out) as *mut std::ffi::c_void,
+        lse: launch.output(lse) as *mut f32,
+        num_invalid: launch.output(num_invalid) as *mut i32,
         batch: batch32,
         rows: rows32,
         num_chunks: chunks32,
@@ -147,7 +199,7 @@ impl DeviceSchedule {
 
 /// Plans a decode step on the device from the sequence lengths in device memory (`[batch]`;
 /// negative lengths count as 0), so the whole step can be captured in a CUDA graph.
-pub fn plan_on_device(stream: &CudaStream, lens: &CudaView<i32>, out: &mut DeviceSchedule) -> Result<()> {
+pub fn plan_on_device(stream: &CudaStream, lens: &impl DevicePtr<i32>, out: &mut DeviceSchedule) -> Result<()> {
     if lens.len() != out.batch {
         return Err(Error::Shape {
             arg: "lens",
@@ -234,6 +286,24 @@ pub struct PagedKv<'a, T> {
     pub lens_host: Option<&'a [i32]>,
 }
 
+impl<'a, T> PagedKv<'a, T> {
+    /// A cache of pages of `page` keys, the block table `[batch, max_pages]` and the lengths
+    /// `[batch]`, given once, on the device: `max_pages` is derived (`block_table.len() /
+    /// lens.len()`; a table whose length is not a multiple of the batch is refused by the decode,
+    /// naming `block_table`). No host copy of the lengths: add one with
+    /// [`PagedKv::with_lens_host`] to have them checked against the table before launch.
+    pub fn new(cache: &'a CudaSlice<T>, page: usize, block_table: &'a CudaSlice<i32>, lens: &'a CudaSlice<i32>) -> Self {
+        let max_pages = block_table.len().checked_div(lens.len()).unwrap_or(0);
+        Self { cache: cache.as_view(), page, block_table: block_table.as_view(), max_pages, lens: lens.as_view(), lens_host: None }
+    }
+
+    /// The same lengths on the host (they must equal `lens`): a negative length or one past its
+    /// block table is then an error before any launch (see [`PagedKv::lens_host`]).
+    pub fn with_lens_host(self, lens_host: &'a [i32]) -> Self {
+        Self { lens_host: Some(lens_host), ..self }
+    }
+}
+
 /// Device buffers of a decode step that outlive one call: the schedule, the split-KV partials and
 /// the error counters. Sized for one [`DecodeShape`].
 pub struct DecodeWorkspace {
@@ -285,26 +355,14 @@ impl DecodeWorkspace {
     }
 }
 
-/// One MLA decode step: `q` (`[batch, s_q, h_q, 576]`) attends to the paged cache with causal
-/// multi-token masking (query token `s` sees keys `0 ..= len - s_q + s`) and `softmax_scale`;
-/// writes `out` (`[batch, s_q, h_q, 512]`) and `lse` (`[batch, s_q, h_q]`, natural log; -inf and
-/// zeros for a row that sees no key). Three launches on `stream`: the schedule (from the lengths on
-/// the device), the split-KV decode kernel, the combine. Asynchronous; capturable in a CUDA graph
-/// when `kv.lens_host` is `None`.
-pub fn decode<T: MlaElement>(
-    stream: &CudaStream,
-    q: &CudaView<T>,
-    kv: &PagedKv<T>,
-    out: &mut CudaViewMut<T>,
-    lse: &mut CudaViewMut<f32>,
-    softmax_scale: f32,
-    ws: &mut DecodeWorkspace,
-) -> Result<()> {
-    let DecodeShape { batch, s_q, h_q } = ws.shape;
-    let rows = ws.shape.rows();
+/// The checks of a decode step that need no device: the buffer lengths against `shape`, the page
+/// size, and (with `kv.lens_host`) every length against the block table.
+fn validate_decode<T>(q_len: usize, kv: &PagedKv<T>, out_len: usize, lse_len: usize, shape: DecodeShape) -> Result<()> {
+    let DecodeShape { batch, s_q, h_q } = shape;
+    let rows = shape.rows();
     let shape_err = |arg: &'static str, expected: String, got: usize| Err(Error::Shape { arg, expected, got: format!("{got} elements") });
-    if q.len() != batch * rows * HEAD_DIM_K {
-        return shape_err("q", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_K}]"), q.len());
+    if q_len != batch * rows * HEAD_DIM_K {
+        return shape_err("q", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_K}]"), q_len);
     }
     if !PAGE_SIZES.contains(&kv.page) {
         return Err(Error::InvalidArgument { arg: "page", reason: format!("{} is not one of {PAGE_SIZES:?}", kv.page) });
@@ -313,7 +371,6 @@ pub fn decode<T: MlaElement>(
     if kv.cache.is_empty() || !kv.cache.len().is_multiple_of(page_elems) {
         return shape_err("cache", format!("[num_pages, {}, {HEAD_DIM_K}] with num_pages >= 1", kv.page), kv.cache.len());
     }
-    let num_pages = kv.cache.len() / page_elems;
     if kv.lens.len() != batch {
         return shape_err("lens", format!("[{batch}] (the batch)"), kv.lens.len());
     }
@@ -336,12 +393,34 @@ pub fn decode<T: MlaElement>(
             });
         }
     }
-    if out.len() != batch * rows * HEAD_DIM_V {
-        return shape_err("out", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_V}]"), out.len());
+    if out_len != batch * rows * HEAD_DIM_V {
+        return shape_err("out", format!("[{batch}, {s_q}, {h_q}, {HEAD_DIM_V}]"), out_len);
     }
-    if lse.len() != batch * rows {
-        return shape_err("lse", format!("[{batch}, {s_q}, {h_q}]"), lse.len());
+    if lse_len != batch * rows {
+        return shape_err("lse", format!("[{batch}, {s_q}, {h_q}]"), lse_len);
     }
+    Ok(())
+}
+
+/// One MLA decode step: `q` (`[batch, s_q, h_q, 576]`) attends to the paged cache with causal
+/// multi-token masking (query token `s` sees keys `0 ..= len - s_q + s`) and `softmax_scale`;
+/// writes `out` (`[batch, s_q, h_q, 512]`) and `lse` (`[batch, s_q, h_q]`, natural log; -inf and
+/// zeros for a row that sees no key). Three launches on `stream`: the schedule (from the lengths on
+/// the device), the split-KV decode kernel, the combine. Asynchronous; capturable in a CUDA graph
+/// when `kv.lens_host` is `None`.
+pub fn decode<T: MlaElement>(
+    stream: &CudaStream,
+    q: &impl DevicePtr<T>,
+    kv: &PagedKv<T>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    softmax_scale: f32,
+    ws: &mut DecodeWorkspace,
+) -> Result<()> {
+    validate_decode(q.len(), kv, out.len(), lse.len(), ws.shape)?;
+    let DecodeShape { batch, s_q, h_q } = ws.shape;
+    let rows = ws.shape.rows();
+    let num_pages = kv.cache.len() / (kv.page * HEAD_DIM_K);
     if batch == 0 {
         return Ok(());
     }
@@ -353,7 +432,7 @@ pub fn decode<T: MlaElement>(
     // combine in 16-byte vectors: all checked before the first launch (the schedule's).
     check_aligned("q", q.device_ptr(stream).0, 16)?;
     check_aligned("cache", kv.cache.device_ptr(stream).0, 16)?;
-    check_aligned("out", out.device_ptr(stream).0, 16)?;
+    check_aligned("out", out.device_ptr_mut(stream).0, 16)?;
 
     plan_on_device(stream, &kv.lens, &mut ws.schedule)?;
     {
@@ -392,13 +471,40 @@ pub fn decode<T: MlaElement>(
         let status = ffi_call!(unsafe dk_mla_decode(&params, s));
         launch.finish(status)?;
     }
-    let partials = Partials {
-        o: ws.o_partial.slice(..ws.num_chunks * rows * HEAD_DIM_V),
-        lse: ws.lse_partial.slice(..ws.num_chunks * rows),
-        splits: ws.schedule.splits.slice(..),
-    };
-    let mut dst = CombineOut { out: out.slice_mut(..), lse: lse.slice_mut(..), num_invalid: ws.combine_invalid.slice_mut(..) };
-    combine(stream, &partials, &mut dst, batch, rows)
+    let o = ws.o_partial.slice(..ws.num_chunks * rows * HEAD_DIM_V);
+    let lse_partial = ws.lse_partial.slice(..ws.num_chunks * rows);
+    combine_into(stream, &o, &lse_partial, &ws.schedule.splits, out, lse, &mut ws.combine_invalid, batch, rows)
+}
+
+/// FlashMLA's default softmax scale for DeepSeek's MLA: `1 / sqrt(576)`, over the key width
+/// [`HEAD_DIM_K`] (exactly 1/24).
+pub const DEFAULT_SOFTMAX_SCALE: f32 = 1.0 / 24.0;
+
+/// [`decode`] into new buffers: returns `(out, lse)`, `[batch, s_q, h_q, 512]` and
+/// `[batch, s_q, h_q]` (with `batch = 0`, one element each: CUDA allocates no empty buffer).
+/// `softmax_scale`: `None` for [`DEFAULT_SOFTMAX_SCALE`] (FlashMLA's `1 / sqrt(576)`), or the
+/// scale to use. Everything is checked before anything is allocated.
+pub fn decode_alloc<T: MlaElement + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    kv: &PagedKv<T>,
+    softmax_scale: Option<f32>,
+    ws: &mut DecodeWorkspace,
+) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+    let rows = ws.shape.batch * ws.shape.rows();
+    validate_decode(q.len(), kv, rows * HEAD_DIM_V, rows, ws.shape)?;
+    let mut out = stream.alloc_zeros::<T>((rows * HEAD_DIM_V).max(1))?;
+    let mut lse = stream.alloc_zeros::<f32>(rows.max(1))?;
+    decode(
+        stream,
+        q,
+        kv,
+        &mut out.slice_mut(..rows * HEAD_DIM_V),
+        &mut lse.slice_mut(..rows),
+        softmax_scale.unwrap_or(DEFAULT_SOFTMAX_SCALE),
+        ws,
+    )?;
+    Ok((out, lse))
 }
 
 #[cfg(test)]

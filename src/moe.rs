@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use float8::F8E4M3;
 use half::bf16;
 
-use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Rows, Tokens};
+use crate::ep::{Dispatched, Group, GroupShape, Payload, RankInput, Tokens};
 use crate::error::{Error, Result};
 use crate::gemm::{
     ARRIVAL_ROWS, Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with,
@@ -25,7 +25,7 @@ use crate::gemm::{
 use crate::layout::{GROUP, TokenGroupShape, ceil_div};
 use crate::overlap::{Handoff, SmBudget, Streams, two_micro_batches_with};
 use crate::plan::gemm::{GemmLayout, compiled_block_m};
-use crate::quant::{quantize_per_token_group, silu_mul_quantize};
+use crate::quant::{Fp8Tensor, quantize, silu_mul_quantize};
 use crate::reference::quant::ScaleFormat;
 
 /// One rank's local experts: `w13` `[E_local, 2·inter, hidden]` (gate rows, then up rows, per
@@ -108,22 +108,19 @@ fn validate_contiguous(shape: &GroupShape) -> Result<()> {
 /// framework (or a benchmark timing each stage) composes into its own schedule.
 pub fn dispatch_stage(group: &mut Group, inputs: &[LayerInput]) -> Result<Vec<Dispatched>> {
     let quantised = quantise(group, inputs)?;
-    group.dispatch(&rank_inputs(inputs, &quantised, group.shape().hidden))
+    group.dispatch(&rank_inputs(inputs, &quantised))
 }
 
 /// [`dispatch_stage`] through [`Group::dispatch_with_arrivals`]: the results carry arrival
 /// counters, and [`expert_stage`] on `consumer` then starts each gate/up tile as its rows land.
 pub fn dispatch_stage_with_arrivals(group: &mut Group, inputs: &[LayerInput], consumer: &Arc<CudaStream>) -> Result<Vec<Dispatched>> {
     let quantised = quantise(group, inputs)?;
-    group.dispatch_with_arrivals(&rank_inputs(inputs, &quantised, group.shape().hidden), consumer)
+    group.dispatch_with_arrivals(&rank_inputs(inputs, &quantised), consumer)
 }
-
-/// One rank's tokens in FP8 for a dispatch: e4m3 rows, their scales, and the scales' length.
-type Quantised = (CudaSlice<F8E4M3>, CudaSlice<f32>, usize);
 
 /// Quantises every local rank's tokens (1x128, f32 scales) on the group's stream; one input per
 /// local rank.
-fn quantise(group: &Group, inputs: &[LayerInput]) -> Result<Vec<Quantised>> {
+fn quantise(group: &Group, inputs: &[LayerInput]) -> Result<Vec<Fp8Tensor>> {
     if inputs.len() != group.local_ranks().len() {
         return Err(Error::Shape {
             arg: "inputs",
@@ -138,25 +135,18 @@ fn quantise(group: &Group, inputs: &[LayerInput]) -> Result<Vec<Quantised>> {
         if i.x.len() != i.tokens * h {
             return Err(Error::Shape { arg: "x", expected: format!("[{}, {h}] bf16", i.tokens), got: format!("{} elements", i.x.len()) });
         }
-        let ts = TokenGroupShape::new(i.tokens, h);
-        let n_sf = ts.scale_elements().unwrap_or(0);
-        let mut q = stream.alloc_zeros::<F8E4M3>((i.tokens * h).max(1))?;
-        let mut sf = stream.alloc_zeros::<f32>(n_sf.max(1))?;
-        if i.tokens > 0 {
-            quantize_per_token_group(stream, &i.x, &mut q.slice_mut(..i.tokens * h), &mut sf.slice_mut(..n_sf), ts, ScaleFormat::F32)?;
-        }
-        quantised.push((q, sf, n_sf));
+        quantised.push(quantize(stream, &i.x, TokenGroupShape::new(i.tokens, h), ScaleFormat::F32)?);
     }
     Ok(quantised)
 }
 
 /// The dispatch inputs of the quantised tokens.
-fn rank_inputs<'a>(inputs: &'a [LayerInput], quantised: &'a [Quantised], h: usize) -> Vec<RankInput<'a>> {
+fn rank_inputs<'a>(inputs: &'a [LayerInput], quantised: &'a [Fp8Tensor]) -> Vec<RankInput<'a>> {
     inputs
         .iter()
         .zip(quantised)
-        .map(|(i, (q, sf, n_sf))| RankInput {
-            x: Tokens::Fp8 { q: q.slice(..i.tokens * h), sf: sf.slice(..*n_sf) },
+        .map(|(i, t)| RankInput {
+            x: Tokens::from(t),
             topk_idx: i.topk_idx.slice(..),
             topk_weights: i.topk_weights.slice(..),
             tokens: i.tokens,
@@ -185,7 +175,7 @@ pub fn expert_stage(
         let m = d.rows;
         let mut y = stream.alloc_zeros::<bf16>((m * h).max(1))?;
         if m > 0 {
-            let Rows::Fp8 { q, sf } = &d.x else { unreachable!("an FP8 group receives FP8 rows") };
+            let (q, sf) = d.x.fp8().expect("an FP8 group receives FP8 rows");
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
             let m_idx = d.m_indices.slice(..m);
             let mut h13 = stream.alloc_zeros::<bf16>(m * 2 * inter)?;
@@ -213,10 +203,8 @@ pub fn expert_stage(
 /// Stage 3 of the layer, on the group's stream: every expert output back to its token's rank,
 /// weighted by the router (`ys[i]` from [`expert_stage`] for `received[i]`).
 pub fn combine_stage(group: &mut Group, ys: &[CudaSlice<bf16>], received: &[Dispatched]) -> Result<Vec<CudaSlice<bf16>>> {
-    let h = group.shape().hidden;
-    let views: Vec<_> = ys.iter().zip(received).map(|(y, d)| y.slice(..d.rows * h)).collect();
-    let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
-    group.combine(&views, &handles)
+    // A rank that received no rows has a one-row `y` (expert_stage's allocation), which combine takes.
+    group.combine(ys, received)
 }
 
 /// Runs the layer for every local rank of `group` (an FP8 group), every stage one after another
@@ -363,11 +351,11 @@ pub fn forward_low_latency(
     let stream = group.stream().clone();
     // Quantise, then the low-latency dispatch.
     let quantised = quantise(group, inputs)?;
-    let received = group.dispatch_low_latency(&rank_inputs(inputs, &quantised, h))?;
+    let received = group.dispatch_low_latency(&rank_inputs(inputs, &quantised))?;
     // Experts on the masked layout: only the first masked_m[e] rows of each expert are computed.
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
-        let Rows::Fp8 { q, sf } = &d.x else { unreachable!("an FP8 group receives FP8 rows") };
+        let (q, sf) = d.x.fp8().expect("an FP8 group receives FP8 rows");
         let a = Fp8Activations { q: q.slice(..el * cap * h), sf: sf.slice(..el * (h / GROUP) * crate::layout::tma_aligned_rows(cap)) };
         let masked = d.masked_m.slice(..el);
         let mut h13 = stream.alloc_zeros::<bf16>(el * cap * 2 * inter)?;
@@ -381,7 +369,5 @@ pub fn forward_low_latency(
         gemm_fp8_masked(&stream, &a2, &e.w2, &masked, &mut y.slice_mut(..), MaskedShape { groups: el, max_m: cap, n: h, k: inter })?;
         ys.push(y);
     }
-    let views: Vec<_> = ys.iter().map(|y| y.slice(..)).collect();
-    let handles: Vec<_> = received.iter().map(|d| &d.handle).collect();
-    group.combine(&views, &handles)
+    group.combine(&ys, &received)
 }

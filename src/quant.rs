@@ -12,7 +12,9 @@
 //! Recipe (DeepSeek-V3): `scale = max(amax, 1e-4) / 448`, rounded up to a power of two for
 //! [`ScaleFormat::Ue8m0`]; `q = e4m3_rn_satfinite(x * (1 / scale))`.
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use float8::F8E4M3;
 use half::bf16;
 
@@ -214,6 +216,137 @@ pub fn silu_mul_quantize(
     // SAFETY: as in `quantize_per_token_group`; h holds G·m·2k elements (checked above).
     let status = ffi_call!(unsafe dk_silu_mul_quant(&params, s));
     launch.finish(status)
+}
+
+/// The shape of an [`Fp8Tensor`]: 1x128 activations or 128x128-block weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Shape {
+    /// `[G, m, k]` with scales `[G, k / 128, round_up(m, 4)]` ([`quantize_per_token_group`]).
+    TokenGroup(TokenGroupShape),
+    /// `[G, n, k]` with scales `[G, ceil(n / 128), k / 128]` ([`quantize_per_block`]).
+    Block(BlockShape),
+}
+
+impl From<TokenGroupShape> for Fp8Shape {
+    fn from(s: TokenGroupShape) -> Self {
+        Fp8Shape::TokenGroup(s)
+    }
+}
+
+impl From<BlockShape> for Fp8Shape {
+    fn from(s: BlockShape) -> Self {
+        Fp8Shape::Block(s)
+    }
+}
+
+impl Fp8Shape {
+    /// Elements of the e4m3 tensor (`None` on overflow).
+    pub fn elements(&self) -> Option<usize> {
+        match self {
+            Fp8Shape::TokenGroup(s) => s.elements(),
+            Fp8Shape::Block(s) => s.elements(),
+        }
+    }
+
+    /// f32 elements of the scale array, padding included (`None` on overflow).
+    pub fn scale_elements(&self) -> Option<usize> {
+        match self {
+            Fp8Shape::TokenGroup(s) => s.scale_elements(),
+            Fp8Shape::Block(s) => s.scale_elements(),
+        }
+    }
+}
+
+/// An owned FP8 tensor: the e4m3 values, their f32 scales, the shape and the scale format, as
+/// [`quantize`] returns them. No scale sizes to work out: [`Fp8Tensor::activations`] and
+/// [`Fp8Tensor::weights`] hand the pair to the GEMMs.
+#[derive(Debug)]
+pub struct Fp8Tensor {
+    q: CudaSlice<F8E4M3>,
+    sf: CudaSlice<f32>,
+    shape: Fp8Shape,
+    format: ScaleFormat,
+}
+
+impl Fp8Tensor {
+    /// Zeroed buffers for `shape` on `stream` (what the quantisers fill in place).
+    pub fn zeros(stream: &Arc<CudaStream>, shape: impl Into<Fp8Shape>, format: ScaleFormat) -> Result<Self> {
+        let shape = shape.into();
+        let too_big = || Error::InvalidArgument { arg: "shape", reason: format!("{shape:?} has more than 2^62 elements") };
+        let elements = shape.elements().filter(|&n| n < 1 << 62).ok_or_else(too_big)?;
+        let scales = shape.scale_elements().ok_or_else(too_big)?;
+        // CUDA cannot allocate zero bytes: an empty tensor holds one element, which q() and sf() hide.
+        Ok(Self { q: stream.alloc_zeros(elements.max(1))?, sf: stream.alloc_zeros(scales.max(1))?, shape, format })
+    }
+
+    pub fn shape(&self) -> Fp8Shape {
+        self.shape
+    }
+
+    pub fn format(&self) -> ScaleFormat {
+        self.format
+    }
+
+    /// The e4m3 values, exactly `shape.elements()` of them.
+    pub fn q(&self) -> CudaView<'_, F8E4M3> {
+        self.q.slice(..self.shape.elements().unwrap_or(0))
+    }
+
+    /// The scales, exactly `shape.scale_elements()` of them.
+    pub fn sf(&self) -> CudaView<'_, f32> {
+        self.sf.slice(..self.shape.scale_elements().unwrap_or(0))
+    }
+
+    /// The GEMMs' activation operand (meaningful for a [`Fp8Shape::TokenGroup`] tensor; the GEMM
+    /// checks the lengths).
+    pub fn activations(&self) -> crate::gemm::Fp8Activations<'_> {
+        crate::gemm::Fp8Activations { q: self.q(), sf: self.sf() }
+    }
+
+    /// The GEMMs' weight operand (meaningful for a [`Fp8Shape::Block`] tensor; the GEMM checks
+    /// the lengths).
+    pub fn weights(&self) -> crate::gemm::Fp8Weights<'_> {
+        crate::gemm::Fp8Weights { q: self.q(), sf: self.sf() }
+    }
+
+    /// The owned buffers, `(q, sf)`; an empty tensor's hold one element each.
+    pub fn into_parts(self) -> (CudaSlice<F8E4M3>, CudaSlice<f32>) {
+        (self.q, self.sf)
+    }
+}
+
+/// Quantises `x` into a new [`Fp8Tensor`]: per token group for a [`TokenGroupShape`]
+/// ([`quantize_per_token_group`]), per 128x128 block for a [`BlockShape`]
+/// ([`quantize_per_block`]). Same requirements and errors as those; asynchronous on `stream`.
+pub fn quantize(stream: &Arc<CudaStream>, x: &impl DevicePtr<bf16>, shape: impl Into<Fp8Shape>, format: ScaleFormat) -> Result<Fp8Tensor> {
+    let shape = shape.into();
+    // Validated before anything is allocated.
+    match shape {
+        Fp8Shape::TokenGroup(s) => validate_per_token_group(s, x.len(), s.elements().unwrap_or(0), s.scale_elements().unwrap_or(0))?,
+        Fp8Shape::Block(s) => validate_per_block(s, x.len(), s.elements().unwrap_or(0), s.scale_elements().unwrap_or(0))?,
+    }
+    let mut t = Fp8Tensor::zeros(stream, shape, format)?;
+    let (n, ns) = (shape.elements().unwrap_or(0), shape.scale_elements().unwrap_or(0));
+    let (q, sf) = (&mut t.q.slice_mut(..n), &mut t.sf.slice_mut(..ns));
+    match shape {
+        Fp8Shape::TokenGroup(s) => quantize_per_token_group(stream, x, q, sf, s, format)?,
+        Fp8Shape::Block(s) => quantize_per_block(stream, x, q, sf, s, format)?,
+    }
+    Ok(t)
+}
+
+/// [`silu_mul_quantize`] into a new [`Fp8Tensor`] (`shape` is the output's: `h` has `2k` columns).
+pub fn silu_mul_quantize_new(
+    stream: &Arc<CudaStream>,
+    h: &impl DevicePtr<bf16>,
+    shape: TokenGroupShape,
+    format: ScaleFormat,
+) -> Result<Fp8Tensor> {
+    let (n, ns) = (shape.elements().unwrap_or(0), shape.scale_elements().unwrap_or(0));
+    validate_per_token_group(shape, n, n, ns)?;
+    let mut t = Fp8Tensor::zeros(stream, shape, format)?;
+    silu_mul_quantize(stream, h, &mut t.q.slice_mut(..n), &mut t.sf.slice_mut(..ns), shape, format)?;
+    Ok(t)
 }
 
 #[cfg(test)]

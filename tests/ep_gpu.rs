@@ -82,6 +82,7 @@ fn main() {
             ("refused_dispatch_then_good_rounds", refused_dispatch_then_good_rounds),
             ("errors_poison_refuse_and_clear", errors_poison_refuse_and_clear),
             ("unweighted_combine_sums_rows", unweighted_combine_sums_rows),
+            ("combine_takes_dispatch_results", combine_takes_dispatch_results),
             ("node_group_of_one_process", node_group_of_one_process),
             ("nccl_group_of_one_process", nccl_group_of_one_process),
             ("node_group_of_two_ranks", node_group_of_two_ranks),
@@ -576,17 +577,17 @@ fn identity_experts_combine_to_weighted_x(gpu: &Gpu) -> TestResult {
         // A copy-engine group still runs low-latency mode (and its combine) the peer way.
         let mut group = Group::new_virtual(&stream, GroupShape { transport, ..shape }).map_err(err)?;
         let outs = if low_latency {
+            // The received rows, reached through the accessor, are the experts' outputs as they
+            // stand (whole slices: the low-latency layout's rows are exactly its buffer).
             let got = group.dispatch_low_latency(&inputs(&dev)).map_err(err)?;
-            let ys: Vec<_> = got
-                .iter()
-                .map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.handle.rows() * shape.hidden) } else { unreachable!() })
-                .collect();
-            group.combine(&ys, &got.iter().map(|g| &g.handle).collect::<Vec<_>>()).map_err(err)?
+            let ys =
+                got.iter().map(|g| g.x.bf16().map(|x| x.slice(..)).ok_or("bf16 group, no bf16 rows")).collect::<Result<Vec<_>, _>>()?;
+            group.combine(&ys, &got).map_err(err)?
         } else {
             let got = group.dispatch(&inputs(&dev)).map_err(err)?;
             let ys: Vec<_> =
-                got.iter().map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.rows * shape.hidden) } else { unreachable!() }).collect();
-            group.combine(&ys, &got.iter().map(|g| &g.handle).collect::<Vec<_>>()).map_err(err)?
+                got.iter().map(|g| g.x.bf16().map(|x| x.slice(..g.rows * shape.hidden)).ok_or("no bf16 rows")).collect::<Result<_, _>>()?;
+            group.combine(&ys, &got).map_err(err)?
         };
         for (r, (out, host)) in outs.iter().zip(&ranks).enumerate() {
             let got = stream.clone_dtoh(out).map_err(err)?;
@@ -876,6 +877,65 @@ fn errors_poison_refuse_and_clear(gpu: &Gpu) -> TestResult {
     Ok(())
 }
 
+/// What users write: `RankInput::new` on whole buffers, `combine(&ys, &received)` with whole
+/// `CudaSlice`s as expert outputs, the rows
+/// reached through `Rows::bf16`, and for a rank that received no rows the one-row buffer of
+/// `Group::alloc_expert_output` (no `rows.max(1)` and no view to cut). Identity experts, so every
+/// token comes back as `Σ weights · x`.
+fn combine_takes_dispatch_results(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("combine_takes_dispatch_results");
+    let stream = gpu.stream();
+    // 2 ranks of 4 experts; every token picks experts 0..4 (all rank 0's): rank 1 receives nothing.
+    let shape = GroupShape::new(2, 8, 256, 32, 4, Payload::Bf16);
+    let mut ranks = host_ranks(&mut rng, &shape, &[32, 5], 4, false);
+    for r in &mut ranks {
+        for (i, e) in r.idx.iter_mut().enumerate() {
+            *e = (i % 4) as i32;
+        }
+    }
+    // Whole buffers of exactly each rank's tokens, through RankInput::new (tokens from the routing).
+    let mut bufs = Vec::new();
+    for r in &ranks {
+        let x: Vec<bf16> = r.x.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+        bufs.push((upload(&stream, &x, bf16::ZERO)?, upload(&stream, &r.idx, -1)?, upload(&stream, &r.w, 0.0)?));
+    }
+    let ins: Vec<RankInput> = bufs.iter().map(|(x, idx, w)| RankInput::new(x, idx, w, 4)).collect();
+    ensure(ins[0].tokens == 32 && ins[1].tokens == 5, || format!("tokens derived as {} and {}", ins[0].tokens, ins[1].tokens))?;
+    let mut group = Group::new_virtual(&stream, shape).map_err(err)?;
+    let got = group.dispatch(&ins).map_err(err)?;
+    ensure(got[0].rows > 0 && got[1].rows == 0, || format!("rows received: {} and {}", got[0].rows, got[1].rows))?;
+    ensure(got.iter().all(|g| g.x.fp8().is_none() && g.x.payload() == Payload::Bf16), || "a bf16 group's rows read as FP8".into())?;
+    let mut ys: Vec<CudaSlice<bf16>> = Vec::new();
+    for g in &got {
+        let mut y = group.alloc_expert_output(g).map_err(err)?;
+        if g.rows > 0 {
+            let x = g.x.bf16().ok_or("bf16 group, no bf16 rows")?;
+            ensure(x.len() == y.len(), || format!("rows {} vs expert output {}", x.len(), y.len()))?;
+            stream.memcpy_dtod(x, &mut y).map_err(err)?;
+        } else {
+            ensure(y.len() == shape.hidden, || format!("an empty rank's expert output has {} elements", y.len()))?;
+        }
+        ys.push(y);
+    }
+    let outs = group.combine(&ys, &got).map_err(err)?;
+    for (r, (out, host)) in outs.iter().zip(&ranks).enumerate() {
+        let out = stream.clone_dtoh(out).map_err(err)?;
+        for t in 0..host.tokens {
+            let sw: f64 = (0..host.k).map(|j| f64::from(host.w[t * host.k + j])).sum();
+            for c in 0..shape.hidden {
+                let b = 2 * (t * shape.hidden + c);
+                let x = f64::from(bf16::from_bits(u16::from_le_bytes([host.x[b], host.x[b + 1]])).to_f32());
+                let (g, w) = (f64::from(out[t * shape.hidden + c].to_f32()), x * sw);
+                ensure((g - w).abs() <= w.abs() * 2f64.powi(-8) + 1e-6 * x.abs() * sw, || {
+                    format!("rank {r} token {t} column {c}: {g} vs {w}")
+                })?;
+            }
+        }
+    }
+    group.check().map_err(err)?;
+    Ok(())
+}
+
 fn unweighted_combine_sums_rows(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("unweighted_combine_sums_rows");
     let stream = gpu.stream();
@@ -887,8 +947,14 @@ fn unweighted_combine_sums_rows(gpu: &Gpu) -> TestResult {
         let got = group.dispatch(&inputs(&dev)).map_err(err)?;
         let ys: Vec<_> =
             got.iter().map(|g| if let Rows::Bf16(x) = &g.x { x.slice(..g.rows * shape.hidden) } else { unreachable!() }).collect();
-        let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
-        let outs = if weighted { group.combine(&ys, &handles) } else { group.combine_unweighted(&ys, &handles) }.map_err(err)?;
+        let outs = if weighted {
+            // The handle-based form, kept for callers that hold handles apart from the rows.
+            let handles: Vec<&Handle> = got.iter().map(|g| &g.handle).collect();
+            group.combine_handles(&ys, &handles)
+        } else {
+            group.combine_unweighted(&ys, &got)
+        }
+        .map_err(err)?;
         for (r, (out, host)) in outs.iter().zip(&ranks).enumerate() {
             let out = stream.clone_dtoh(out).map_err(err)?;
             for t in 0..host.tokens {

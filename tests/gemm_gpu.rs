@@ -31,14 +31,14 @@ use deepkern::check::calc_diff;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream};
 use deepkern::fp8::e4m3_encode;
 use deepkern::gemm::{
-    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_contiguous,
+    Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8, gemm_fp8_alloc, gemm_fp8_contiguous,
     gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
 use deepkern::plan::gemm::BLOCK_N_MENU;
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{QuantizedRows, per_block, per_token_group};
-use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
+use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -207,14 +207,34 @@ fn quantisers_then_gemm(gpu: &Gpu) -> TestResult {
     quantize_per_block(&stream, &d_w, &mut qb, &mut sb, bs, ScaleFormat::Ue8m0).map_err(|e| e.to_string())?;
     let mut d = stream.alloc_zeros::<bf16>(m * n).unwrap();
     let shape = GemmShape { m, n, k };
+    // The whole CudaSlice as d (any cudarc buffer is accepted).
     gemm_fp8(
         &stream,
         &Fp8Activations { q: qa.as_view(), sf: sa.as_view() },
         &Fp8Weights { q: qb.as_view(), sf: sb.as_view() },
-        &mut d.as_view_mut(),
+        &mut d,
         shape,
     )
     .map_err(|e| e.to_string())?;
+    // The owned forms: quantize into Fp8Tensors, and the GEMM allocating d. Same kernels on the
+    // same operands, so the same bits.
+    let ta = quantize(&stream, &d_x, ts, ScaleFormat::Ue8m0).map_err(|e| e.to_string())?;
+    let tb = quantize(&stream, &d_w, bs, ScaleFormat::Ue8m0).map_err(|e| e.to_string())?;
+    let d_owned = gemm_fp8_alloc(&stream, &ta.activations(), &tb.weights(), shape).map_err(|e| e.to_string())?;
+    ensure(d_owned.len() == m * n, || format!("gemm_fp8_alloc returned {} elements", d_owned.len()))?;
+    let (owned, borrowed) = (stream.clone_dtoh(&d_owned).unwrap(), stream.clone_dtoh(&d).unwrap());
+    ensure(owned.iter().map(|v| v.to_bits()).eq(borrowed.iter().map(|v| v.to_bits())), || {
+        "the owned forms (quantize, gemm_fp8_alloc) differ from the borrowed ones".into()
+    })?;
+    // Refused by name before anything is allocated; an empty product launches nothing.
+    match gemm_fp8_alloc(&stream, &ta.activations(), &tb.weights(), GemmShape { m: m + 1, ..shape }) {
+        Err(Error::Shape { arg: "a", .. }) => {}
+        other => return Err(format!("m + 1 rows: expected a shape error naming `a`, got {:?}", other.map(|d| d.len())).into()),
+    }
+    let empty =
+        gemm_fp8_alloc(&stream, &Fp8Activations { q: qa.slice(..0), sf: sa.slice(..0) }, &tb.weights(), GemmShape { m: 0, ..shape })
+            .map_err(|e| e.to_string())?;
+    ensure(empty.len() == 1, || format!("an empty product returned {} elements", empty.len()))?;
     let bytes = |v: Vec<F8E4M3>| v.iter().map(F8E4M3::to_bits).collect::<Vec<u8>>();
     let h = Host {
         a: bytes(stream.clone_dtoh(&qa).unwrap()),
@@ -405,7 +425,8 @@ fn masked_matches_reference(gpu: &Gpu) -> TestResult {
         let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); groups * max_m * n]).unwrap();
         let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
         let shape = MaskedShape { groups, max_m, n, k };
-        gemm_fp8_masked(&stream, &a, &b, &d_valid.as_view(), &mut d.as_view_mut(), shape).map_err(|e| e.to_string())?;
+        // Whole CudaSlices for masked_m and d.
+        gemm_fp8_masked(&stream, &a, &b, &d_valid, &mut d, shape).map_err(|e| e.to_string())?;
         let want = grouped_masked(
             Fp8Operand { q: &aq, scales: &asf_rows, rows: groups * max_m },
             Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },

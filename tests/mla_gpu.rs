@@ -36,8 +36,8 @@ mod common;
 use common::{Gpu, TestResult, ensure};
 use deepkern::check::calc_diff;
 use deepkern::mla::{
-    CombineOut, DecodeShape, DecodeWorkspace, DeviceSchedule, HEAD_DIM_K, HEAD_DIM_V, MlaElement, PagedKv, Partials, combine, decode,
-    plan_on_device,
+    CombineOut, DEFAULT_SOFTMAX_SCALE, DecodeShape, DecodeWorkspace, DeviceSchedule, HEAD_DIM_K, HEAD_DIM_V, MlaElement, PagedKv, Partials,
+    combine, decode, decode_alloc, plan_on_device,
 };
 use deepkern::plan::mla::schedule;
 use deepkern::reference::mla::{MlaOut, MlaProblem, PagedCache, decode as reference_decode, merge};
@@ -63,6 +63,7 @@ fn main() {
             ("decode_masks_invalid_pages", decode_masks_invalid_pages),
             ("decode_counts_lengths_past_the_table", decode_counts_lengths_past_the_table),
             ("decode_rejects_bad_input", decode_rejects_bad_input),
+            ("decode_alloc_defaults_and_owned_outputs", decode_alloc_defaults_and_owned_outputs),
             ("decode_launcher_zeroes_its_counter_for_an_empty_batch", decode_launcher_zeroes_its_counter_for_an_empty_batch),
             ("decode_launcher_skips_chunks_outside_their_request", decode_launcher_skips_chunks_outside_their_request),
             ("decode_survives_a_block_table_rewritten_during_the_step", decode_survives_a_block_table_rewritten_during_the_step),
@@ -474,6 +475,40 @@ fn decode_counts_lengths_past_the_table(gpu: &Gpu) -> TestResult {
         ensure((f64::from(g) - w).abs() <= 1e-3, || format!("lse of row {r}: {g} vs {w}"))?;
     }
     Ok(())
+}
+
+/// The allocating form: `decode_alloc` with no scale runs FlashMLA's default `1 / sqrt(576)` and
+/// with one runs that one (each bit for bit what `decode` writes with the same scale), on a
+/// `PagedKv::new` that derives `max_pages`, whole `CudaSlice`s as inputs; bad input is refused by
+/// name.
+fn decode_alloc_defaults_and_owned_outputs(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("decode_alloc_defaults_and_owned_outputs");
+    let stream = gpu.stream();
+    let shape = DecodeShape { batch: 2, s_q: 1, h_q: 16 };
+    let h = host_decode::<bf16>(&mut rng, shape, 64, vec![100, 7]);
+    let s = |e: Error| e.to_string();
+    let d = |e: deepkern::cudarc::driver::DriverError| e.to_string();
+    let to_t = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let (q, cache) = (stream.clone_htod(&to_t(&h.q)).map_err(d)?, stream.clone_htod(&to_t(&h.cache)).map_err(d)?);
+    let (bt, lens) = (stream.clone_htod(&h.block_table).map_err(d)?, stream.clone_htod(&h.lens).map_err(d)?);
+    let kv = PagedKv::new(&cache, h.page, &bt, &lens).with_lens_host(&h.lens);
+    ensure(kv.max_pages == h.max_pages, || format!("max_pages derived as {}, want {}", kv.max_pages, h.max_pages))?;
+    let mut ws = DecodeWorkspace::new(&stream, shape).map_err(s)?;
+    let rows = shape.batch * shape.rows();
+    for (scale, explicit) in [(None, 1.0 / 576f32.sqrt()), (Some(0.05), 0.05)] {
+        let (out, lse) = decode_alloc(&stream, &q, &kv, scale, &mut ws).map_err(s)?;
+        ensure(out.len() == rows * HEAD_DIM_V && lse.len() == rows, || format!("lengths {} and {}", out.len(), lse.len()))?;
+        let (want_out, want_lse, _) = gpu_decode::<bf16>(gpu, &h, explicit, true)?;
+        let got_out: Vec<f32> = stream.clone_dtoh(&out).map_err(d)?.iter().map(|v| v.to_f32()).collect();
+        let got_lse = stream.clone_dtoh(&lse).map_err(d)?;
+        ensure(got_out.iter().map(|v| v.to_bits()).eq(want_out.iter().map(|v| v.to_bits())), || format!("{scale:?}: out differs"))?;
+        ensure(got_lse.iter().map(|v| v.to_bits()).eq(want_lse.iter().map(|v| v.to_bits())), || format!("{scale:?}: lse differs"))?;
+    }
+    ensure(DEFAULT_SOFTMAX_SCALE == 1.0 / 576f32.sqrt(), || format!("DEFAULT_SOFTMAX_SCALE = {DEFAULT_SOFTMAX_SCALE}"))?;
+    match decode_alloc(&stream, &q.slice(..HEAD_DIM_K), &kv, None, &mut ws) {
+        Err(Error::Shape { arg: "q", .. }) => Ok(()),
+        other => Err(format!("a short q: expected a shape error naming `q`, got {:?}", other.map(|_| ())).into()),
+    }
 }
 
 fn decode_rejects_bad_input(gpu: &Gpu) -> TestResult {

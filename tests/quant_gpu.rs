@@ -12,8 +12,12 @@
 //! - `grid_stride_covers_large_inputs`: more groups than the launcher's grid, so the loop wraps.
 //! - `empty_is_a_noop`, `bad_input_is_rejected_before_launch`: the wrapper's contract.
 //! - `block_*`: the same properties for the per-block weight quantiser, with ragged `n`.
-//! - `silu_mul_matches_reference`: the fused SwiGLU quantiser against the CPU's `silu_mul` +
-//!   per-token-group, batched, both scale formats: scales equal up to the last bit of `exp`, E4M3
+//! - `owned_tensor_quantize`: the allocating `quantize` returns an `Fp8Tensor` whose values and
+//!   scales equal the CPU quantiser's (1x128 and 128x128, both scale formats), whose views have
+//!   exactly the shape's lengths (empty shapes included), and which refuses a bad input by name.
+//! - `silu_mul_matches_reference`: the fused SwiGLU quantiser (and its allocating form,
+//!   `silu_mul_quantize_new`, bit for bit) against the CPU's `silu_mul` + per-token-group, batched,
+//!   both scale formats: scales equal up to the last bit of `exp`, E4M3
 //!   codes equal except where that bit moves a value across a rounding boundary (one code, rare),
 //!   padding rows of the scales untouched; bad lengths are rejected before launch.
 
@@ -27,8 +31,9 @@ use std::sync::Arc;
 use deepkern::cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use deepkern::fp8::{e4m3_decode, e4m3_encode};
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
+use deepkern::quant::silu_mul_quantize_new;
 use deepkern::reference::quant::{per_block, per_token_group, silu_mul_per_token_group};
-use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group, silu_mul_quantize};
+use deepkern::{Error, F8E4M3, Fp8Shape, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group, silu_mul_quantize};
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
@@ -53,6 +58,7 @@ fn main() {
         ("block_no_out_of_bounds_access", block_no_out_of_bounds_access),
         ("block_bad_input_is_rejected_before_launch", block_bad_input_is_rejected_before_launch),
         ("silu_mul_matches_reference", silu_mul_matches_reference),
+        ("owned_tensor_quantize", owned_tensor_quantize),
     ]);
 }
 
@@ -439,6 +445,14 @@ fn silu_mul_matches_reference(gpu: &Gpu) -> TestResult {
             silu_mul_quantize(&stream, &d_h, &mut d_q, &mut d_sf, shape, fmt).map_err(|e| e.to_string())?;
             let q = q_bytes(stream.clone_dtoh(&d_q).unwrap());
             let sf = stream.clone_dtoh(&d_sf).unwrap();
+            // The allocating form writes the same bits (scales compared without the padding,
+            // which the borrowed form leaves poisoned and the owned one zero).
+            let t = silu_mul_quantize_new(&stream, &d_h, shape, fmt).map_err(|e| e.to_string())?;
+            ensure(q_bytes(stream.clone_dtoh(&t.q()).unwrap()) == q, || format!("{shape:?} {fmt:?}: silu_mul_quantize_new's q differs"))?;
+            let owned_sf = stream.clone_dtoh(&t.sf()).unwrap();
+            let real =
+                |v: &[f32]| -> Vec<u32> { v.iter().enumerate().filter(|(i, _)| i % shape.m_pad() < m).map(|(_, x)| x.to_bits()).collect() };
+            ensure(real(&owned_sf) == real(&sf), || format!("{shape:?} {fmt:?}: silu_mul_quantize_new's scales differ"))?;
             let (per_op, kb, m_pad) = (m * k, shape.k_blocks(), shape.m_pad());
             let mut moved = 0usize;
             for op in 0..g {
@@ -470,4 +484,46 @@ fn silu_mul_matches_reference(gpu: &Gpu) -> TestResult {
     let mut d_q = stream.alloc_zeros::<F8E4M3>(4 * 256).unwrap();
     let mut d_sf = stream.alloc_zeros::<f32>(shape.scale_elements().unwrap()).unwrap();
     expect_arg_error(silu_mul_quantize(&stream, &d_h, &mut d_q, &mut d_sf, shape, ScaleFormat::F32), "h")
+}
+
+fn owned_tensor_quantize(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("owned_tensor_quantize");
+    let stream = gpu.stream();
+    for fmt in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        // Activations: [3, 5, 384], scales [3, 3, 8] transposed.
+        let shape = TokenGroupShape::batched(3, 5, 384);
+        let x = random_activations(&mut rng, 15, 384);
+        let t = quantize(&stream, &stream.clone_htod(&x).map_err(|e| e.to_string())?, shape, fmt).map_err(|e| e.to_string())?;
+        ensure(t.shape() == Fp8Shape::TokenGroup(shape) && t.format() == fmt, || format!("{:?} {:?}", t.shape(), t.format()))?;
+        ensure(t.q().len() == 3 * 5 * 384 && t.sf().len() == 3 * 3 * 8, || format!("lengths {} and {}", t.q().len(), t.sf().len()))?;
+        let a = t.activations();
+        ensure(a.q.len() == t.q().len() && a.sf.len() == t.sf().len(), || "activations() differs from q() and sf()".into())?;
+        let q = q_bytes(stream.clone_dtoh(&t.q()).map_err(|e| e.to_string())?);
+        let sf = stream.clone_dtoh(&t.sf()).map_err(|e| e.to_string())?;
+        for g in 0..3 {
+            let xf: Vec<f32> = x[g * 5 * 384..(g + 1) * 5 * 384].iter().map(|v| v.to_f32()).collect();
+            let want = per_token_group(&xf, 5, 384, fmt);
+            bitwise_eq(&q[g * 5 * 384..(g + 1) * 5 * 384], &want.q).map_err(|e| format!("q of operand {g} {fmt:?}: {e}"))?;
+            bitwise_eq(&scales_from_tma_layout(&sf[g * 24..(g + 1) * 24], 5, 3), &want.scales)
+                .map_err(|e| format!("scales of operand {g} {fmt:?}: {e}"))?;
+        }
+        // Weights: [2, 130, 256], scales [2, 2, 2].
+        let shape = BlockShape::batched(2, 130, 256);
+        let w = random_activations(&mut rng, 260, 256);
+        let t = quantize(&stream, &stream.clone_htod(&w).map_err(|e| e.to_string())?, shape, fmt).map_err(|e| e.to_string())?;
+        ensure(t.shape() == Fp8Shape::Block(shape) && t.weights().sf.len() == 8, || format!("{:?}: {} scales", t.shape(), t.sf().len()))?;
+        let out = GpuOut {
+            q: q_bytes(stream.clone_dtoh(&t.q()).map_err(|e| e.to_string())?),
+            sf: stream.clone_dtoh(&t.sf()).map_err(|e| e.to_string())?,
+        };
+        check_blocks_against_cpu(&w, shape, fmt, &out)?;
+    }
+    // Empty: views of no element, though CUDA allocated one.
+    let x = stream.alloc_zeros::<bf16>(1).map_err(|e| e.to_string())?;
+    let t = quantize(&stream, &x.slice(..0), TokenGroupShape::new(0, 7168), ScaleFormat::F32).map_err(|e| e.to_string())?;
+    ensure(t.q().is_empty() && t.sf().is_empty(), || format!("empty tensor has {} and {} elements", t.q().len(), t.sf().len()))?;
+    // A bad input is named, before anything is allocated or launched.
+    expect_arg_error(quantize(&stream, &x, TokenGroupShape::new(2, 128), ScaleFormat::F32).map(|_| ()), "x")?;
+    expect_arg_error(quantize(&stream, &x, BlockShape::new(2, 128), ScaleFormat::F32).map(|_| ()), "w")?;
+    expect_arg_error(quantize(&stream, &x, TokenGroupShape::new(1, 100), ScaleFormat::F32).map(|_| ()), "k")
 }
