@@ -956,8 +956,10 @@ void stuck(std::unique_lock<std::mutex>& lock) {
         g.gpu_cv.wait_for(lock, std::chrono::milliseconds(5));
         return;
     }
-    // Another host thread may still enqueue what the device waits for.
-    const auto idle = std::chrono::steady_clock::now() - g.host_activity;
+    // Another host thread may still enqueue what the device waits for (measured since the last host
+    // activity or the last time jump, whichever is later).
+    const auto now = std::chrono::steady_clock::now();
+    const auto idle = now - std::max(g.host_activity, g.last_jump);
     if (eng().blocking_waiters < g_host_threads.load() && idle < std::chrono::milliseconds(config().grace_ms)) {
         if (config().verbose) { std::fprintf(stderr, "dksim: stuck, waiting for host work (%d of %d host threads wait)\n", eng().blocking_waiters, g_host_threads.load()); }
         g.gpu_cv.wait_for(lock, std::chrono::milliseconds(20));
@@ -966,6 +968,7 @@ void stuck(std::unique_lock<std::mutex>& lock) {
     // Threads that spin on a clock: let virtual time pass.
     if (!g.parked.empty() && g.time_jumps < kMaxTimeJumps) {
         ++g.time_jumps;
+        g.last_jump = now;
         g.vtime_ns += 1'000'000'000;
         wake_parked();
         return;

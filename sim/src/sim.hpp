@@ -458,6 +458,10 @@ struct Engine {
     uint64_t vtime_ns = 1'000'000'000;  // virtual time
     uint64_t steps = 0;                 // fiber segments run (watchdog)
     std::chrono::steady_clock::time_point host_activity;
+    // When virtual time last jumped: while a host thread is busy (not waiting on the device), each
+    // jump needs a full grace period of its own, so host work that takes seconds of wall time
+    // lets only a few seconds of virtual time pass, not every timeout in the process.
+    std::chrono::steady_clock::time_point last_jump;
 
     std::vector<Cta*> waiting_ctas;  // resident, not yet live
     std::vector<Cta*> async_ctas;    // live CTAs with TMA or wgmma operations in flight
