@@ -46,7 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
-            println!("GPU part skipped: no CUDA device for candle ({e})");
+            // candle appends a backtrace to some errors: its first line says what happened.
+            println!("GPU part skipped: no CUDA device for candle ({})", e.to_string().lines().next().unwrap_or_default());
             return Ok(());
         }
     };

@@ -564,8 +564,11 @@ fn group_device<'t>(group: &Group, arg: &'static str, t: &'t Tensor) -> Result<&
     Ok(dev)
 }
 
+/// A rank's token tensors, each with its argument name, and its `tokens` and `k`.
+type RankTensors<'a> = (Vec<(&'static str, &'a Tensor)>, usize, usize);
+
 /// One rank's token tensors (named) and its `tokens` and `k`, checked against the group's shape.
-fn rank_tensors<'a>(shape: &GroupShape, input: &RankInput<'a>) -> Result<(Vec<(&'static str, &'a Tensor)>, usize, usize)> {
+fn rank_tensors<'a>(shape: &GroupShape, input: &RankInput<'a>) -> Result<RankTensors<'a>> {
     let hidden = shape.hidden;
     check_meta("topk_idx", input.topk_idx, &[DType::I32])?;
     check_meta("topk_weights", input.topk_weights, &[DType::F32])?;
@@ -703,7 +706,7 @@ pub fn combine(group: &mut Group, ys: &[Tensor], handles: &[&Handle], weighted: 
         .into_iter()
         .map(|out| {
             // The output holds tokens · hidden elements (at least one).
-            let tokens = if hidden == 0 { 0 } else { out.len() / hidden };
+            let tokens = out.len().checked_div(hidden).unwrap_or(0);
             wrap(&dev, out, (tokens, hidden))
         })
         .collect())
