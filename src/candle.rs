@@ -652,7 +652,7 @@ pub fn dispatch(group: &mut Group, inputs: &[RankInput]) -> Result<Vec<Dispatche
             let x = match d.x {
                 ep::Rows::Bf16(x) => Rows::Bf16(wrap(&dev, x, (rows, hidden))),
                 ep::Rows::Fp8 { q, sf } => {
-                    Rows::Fp8(Fp8Tensor { q: wrap(&dev, q, (rows, hidden)), sf: wrap(&dev, sf, (hidden / GROUP, tma_aligned_rows(rows))) })
+                    Rows::Fp8(Fp8Tensor { q: wrap(&dev, q, (rows, hidden)), sf: wrap(&dev, sf, (hidden / GROUP, rows)) })
                 }
             };
             Dispatched {
