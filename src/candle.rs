@@ -9,7 +9,7 @@
 //! | here | wraps |
 //! |---|---|
 //! | [`quantize_per_token_group`], [`quantize_per_block`], [`silu_mul_quantize`] | [`crate::quant`]; return an [`Fp8Tensor`]: E4M3 values and f32 scales |
-//! | [`gemm_fp8`], [`gemm_fp8_contiguous`], [`gemm_fp8_masked`] | [`crate::gemm`] |
+//! | [`gemm_fp8`], [`gemm_fp8_contiguous`], [`gemm_fp8_masked`]; [`gemm_fp8_f32`] and [`gemm_fp8_f32_accumulate`] (in place) | [`crate::gemm`] |
 //! | [`MlaDecoder`] | [`crate::mla::decode`] over a paged cache held in tensors ([`PagedCache`]) |
 //! | [`new_virtual_group`], [`dispatch`], [`combine`] | [`crate::ep::Group`] on virtual ranks of one device |
 //!
@@ -309,11 +309,8 @@ fn gemm_common(
     Ok(wrap(dev, d, d_dims))
 }
 
-/// Dense FP8 GEMM ([`crate::gemm::gemm_fp8_with`]): `a` `[m, k]` with scales
-/// `[k / 128, round_up(m, 4)]` (as [`quantize_per_token_group`] returns them), `b` `[n, k]` with
-/// scales `[ceil(n / 128), k / 128]` (as [`quantize_per_block`] returns them); returns
-/// `a · bᵀ` as bf16 `[m, n]`.
-pub fn gemm_fp8(a: &Fp8Tensor, b: &Fp8Tensor, options: GemmOptions) -> Result<Tensor> {
+/// Checks a dense GEMM's operands; returns its shape and the scales' expected shapes.
+fn dense_operands(a: &Fp8Tensor, b: &Fp8Tensor) -> Result<(GemmShape, [usize; 2], [usize; 2])> {
     check_fp8("a", "sfa", a)?;
     check_fp8("b", "sfb", b)?;
     let [m, k] = dims("a", &a.q, "[m, k] e4m3")?;
@@ -321,10 +318,121 @@ pub fn gemm_fp8(a: &Fp8Tensor, b: &Fp8Tensor, options: GemmOptions) -> Result<Te
     if kb != k {
         return Err(Error::Shape { arg: "b", expected: format!("[n, {k}] (k of `a`)"), got: format!("shape {:?}", b.q.dims()) });
     }
-    let shape = GemmShape { m, n, k };
-    let sfa = [k / GROUP, tma_aligned_rows(m)];
-    let sfb = [ceil_div(n, GROUP), k / GROUP];
-    gemm_common(a, b, None, &sfa, &sfb, vec![m, n], |s, a, b, _, d| gemm::gemm_fp8_with(s, a, b, d, shape, options))
+    Ok((GemmShape { m, n, k }, [k / GROUP, tma_aligned_rows(m)], [ceil_div(n, GROUP), k / GROUP]))
+}
+
+/// Dense FP8 GEMM ([`crate::gemm::gemm_fp8_with`]): `a` `[m, k]` with scales
+/// `[k / 128, round_up(m, 4)]` (as [`quantize_per_token_group`] returns them), `b` `[n, k]` with
+/// scales `[ceil(n / 128), k / 128]` (as [`quantize_per_block`] returns them); returns
+/// `a · bᵀ` as bf16 `[m, n]`.
+pub fn gemm_fp8(a: &Fp8Tensor, b: &Fp8Tensor, options: GemmOptions) -> Result<Tensor> {
+    let (shape, sfa, sfb) = dense_operands(a, b)?;
+    gemm_common(a, b, None, &sfa, &sfb, vec![shape.m, shape.n], |s, a, b, _, d| gemm::gemm_fp8_with(s, a, b, d, shape, options))
+}
+
+/// The f32 GEMM of weight gradients ([`crate::gemm::gemm_fp8_f32`]): the operands of
+/// [`gemm_fp8`]; returns `a · bᵀ` as f32 `[m, n]`.
+pub fn gemm_fp8_f32(a: &Fp8Tensor, b: &Fp8Tensor) -> Result<Tensor> {
+    let (shape, sfa, sfb) = dense_operands(a, b)?;
+    expect_dims("sfa", &a.sf, &sfa, "f32 1x128 scales, transposed, rows padded to a multiple of 4")?;
+    expect_dims("sfb", &b.sf, &sfb, "f32 128x128 block scales")?;
+    let dev = one_device(&[("a", &a.q), ("sfa", &a.sf), ("b", &b.q), ("sfb", &b.sf)])?;
+    let stream = dev.cuda_stream();
+    let n_out = shape.m * shape.n;
+    let mut d = alloc::<f32>(&stream, n_out)?;
+    run_f32(&stream, a, b, &mut d.slice_mut(..n_out), shape, false)?;
+    Ok(wrap(dev, d, (shape.m, shape.n)))
+}
+
+/// [`gemm_fp8_f32`] accumulating in place: `d += a · bᵀ`, `d` an f32 `[m, n]` tensor (contiguous,
+/// on the operands' device) that must not share its storage with any operand. Each element is
+/// read, added to in f32 and written back by the thread that computed it. The write goes through
+/// candle's in-place op on `d`, which holds `d`'s storage for writing while the kernel is enqueued.
+pub fn gemm_fp8_f32_accumulate(a: &Fp8Tensor, b: &Fp8Tensor, d: &Tensor) -> Result<()> {
+    let (shape, sfa, sfb) = dense_operands(a, b)?;
+    expect_dims("sfa", &a.sf, &sfa, "f32 1x128 scales, transposed, rows padded to a multiple of 4")?;
+    expect_dims("sfb", &b.sf, &sfb, "f32 128x128 block scales")?;
+    check_meta("d", d, &[DType::F32])?;
+    expect_dims("d", d, &[shape.m, shape.n], "f32 [m, n]")?;
+    let operands = [("a", &a.q), ("sfa", &a.sf), ("b", &b.q), ("sfb", &b.sf)];
+    {
+        // In place, `d`'s storage is locked for writing while the operands' are read: one storage
+        // for both would deadlock, and the kernel would read what it writes.
+        let (d_storage, _) = d.storage_and_layout();
+        for &(arg, t) in &operands {
+            let (storage, _) = t.storage_and_layout();
+            if std::ptr::eq(&*storage, &*d_storage) {
+                return Err(Error::InvalidArgument { arg: "d", reason: format!("shares its storage with `{arg}`") });
+            }
+        }
+    }
+    let mut args = operands.to_vec();
+    args.push(("d", d));
+    one_device(&args)?;
+    let op = AccumulateOp { a, b, shape, error: std::cell::RefCell::new(None) };
+    match d.inplace_op1(&op) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(op.error.take().unwrap_or_else(|| candle_err("d")(e))),
+    }
+}
+
+/// Runs the f32 GEMM on operands already checked.
+fn run_f32(
+    stream: &CudaStream,
+    a: &Fp8Tensor,
+    b: &Fp8Tensor,
+    d: &mut cudarc::driver::CudaViewMut<f32>,
+    shape: GemmShape,
+    accumulate: bool,
+) -> Result<()> {
+    let held = [Held::new("a", &a.q), Held::new("sfa", &a.sf), Held::new("b", &b.q), Held::new("sfb", &b.sf)];
+    let av = Fp8Activations { q: held[0].view()?, sf: held[1].view()? };
+    let bv = Fp8Weights { q: held[2].view()?, sf: held[3].view()? };
+    gemm::gemm_fp8_f32(stream, &av, &bv, d, shape, accumulate)
+}
+
+/// The in-place op of [`gemm_fp8_f32_accumulate`]: candle hands it `d`'s storage for writing; it
+/// reads the four operands from theirs. A deepkern error is kept here, so the caller gets it back
+/// as it was rather than as candle's text.
+struct AccumulateOp<'a> {
+    a: &'a Fp8Tensor,
+    b: &'a Fp8Tensor,
+    shape: GemmShape,
+    error: std::cell::RefCell<Option<Error>>,
+}
+
+impl candle_core::InplaceOp1 for AccumulateOp<'_> {
+    fn name(&self) -> &'static str {
+        "deepkern::candle::gemm_fp8_f32_accumulate"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<()> {
+        candle_core::bail!("{} needs a CUDA device", self.name())
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        let mut run = || -> Result<()> {
+            let stream = storage.device.cuda_stream();
+            let (start, end) = layout.contiguous_offsets().ok_or_else(|| Error::Stride {
+                arg: "d",
+                expected: "a contiguous row-major layout".into(),
+                got: format!("strides {:?}", layout.stride()),
+            })?;
+            let d = storage.as_cuda_slice_mut::<f32>().map_err(candle_err("d"))?;
+            let len = d.len();
+            let mut d = d.try_slice_mut(start..end).ok_or_else(|| Error::Shape {
+                arg: "d",
+                expected: format!("elements {start}..{end} inside its storage"),
+                got: format!("{len} elements of storage"),
+            })?;
+            run_f32(&stream, self.a, self.b, &mut d, self.shape, true)
+        };
+        run().map_err(|e| {
+            let text = e.to_string();
+            *self.error.borrow_mut() = Some(e);
+            candle_core::Error::Msg(text)
+        })
+    }
 }
 
 /// M-grouped contiguous FP8 GEMM of mixture-of-experts prefill

@@ -101,6 +101,31 @@ fn dense_gemm_names_the_bad_tensor() {
 }
 
 #[test]
+fn f32_gemms_name_the_bad_tensor() {
+    let (a, b) = (fp8_act(64, 256), fp8_w(None, 192, 256));
+    assert_eq!(kind(dkc::gemm_fp8_f32(&a, &b)), ("device", "a"));
+    let bad_sfb = Fp8Tensor { sf: t(&[2, 3], DType::F32), ..b.clone() };
+    assert_eq!(kind(dkc::gemm_fp8_f32(&a, &bad_sfb)), ("shape", "sfb"));
+
+    let d = t(&[64, 192], DType::F32);
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&a, &b, &d)), ("device", "a"));
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&a, &b, &t(&[64, 192], DType::BF16))), ("dtype", "d"));
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&a, &b, &t(&[64, 191], DType::F32))), ("shape", "d"));
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&a, &b, &transposed(&[64, 192], DType::F32))), ("stride", "d"));
+    let bad_sfa = Fp8Tensor { sf: t(&[2, 60], DType::F32), ..a.clone() };
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&bad_sfa, &b, &d)), ("shape", "sfa"));
+
+    // `d` and `a`'s scales in one storage: refused (the in-place write would read what it writes).
+    let base = t(&[64 * 192 + 2 * 64], DType::F32);
+    let d_view = base.narrow(0, 0, 64 * 192).unwrap().reshape((64, 192)).unwrap();
+    let sf_view = base.narrow(0, 64 * 192, 2 * 64).unwrap().reshape((2, 64)).unwrap();
+    let aliased = Fp8Tensor { sf: sf_view, ..a.clone() };
+    assert_eq!(kind(dkc::gemm_fp8_f32_accumulate(&aliased, &b, &d_view)), ("invalid", "d"));
+    let e = dkc::gemm_fp8_f32_accumulate(&aliased, &b, &d_view).unwrap_err().to_string();
+    assert_eq!(e, "`d`: shares its storage with `sfa`");
+}
+
+#[test]
 fn grouped_gemms_name_the_bad_tensor() {
     let o = GemmOptions::default();
     let (a, b) = (fp8_act(256, 256), fp8_w(Some(2), 128, 256));
