@@ -19,7 +19,7 @@
 //! # Checks
 //!
 //! Before anything touches the GPU, every tensor argument is checked, each failure an
-//! [`Error`](crate::Error) naming the argument: its dtype ([`Error::Dtype`]), a contiguous
+//! [`Error`] naming the argument: its dtype ([`Error::Dtype`]), a contiguous
 //! row-major layout ([`Error::Stride`]; an offset into the storage is fine, call
 //! `Tensor::contiguous` on a transposed or strided view), its shape ([`Error::Shape`]), then its
 //! device: a CUDA device ([`Error::InvalidArgument`] for a CPU or Metal tensor), the same one as
