@@ -28,6 +28,8 @@ pub mod layout;
 pub mod plan;
 pub mod reference;
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod device;
 pub mod ep;
 pub mod error;
