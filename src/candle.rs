@@ -54,7 +54,10 @@ use crate::reference::quant::ScaleFormat;
 /// the layout of the quantiser that wrote them (see the module docs).
 #[derive(Clone, Debug)]
 pub struct Fp8Tensor {
+    /// E4M3 values (`DType::F8E4M3`), the input's shape.
     pub q: Tensor,
+    /// f32 scales: per token group `[(g,) k / 128, round_up(m, 4)]`, per block
+    /// `[(g,) ceil(n / 128), k / 128]`.
     pub sf: Tensor,
 }
 
@@ -512,6 +515,7 @@ pub struct MlaDecoder {
 }
 
 impl MlaDecoder {
+    /// A decoder with no workspace yet (the first step makes one).
     pub fn new() -> Self {
         Self::default()
     }
@@ -625,7 +629,9 @@ pub fn new_virtual_group(device: &Device, shape: GroupShape) -> Result<Group> {
 /// (the group's [`Payload`] decides which).
 #[derive(Clone, Copy, Debug)]
 pub enum Tokens<'a> {
+    /// bf16 `[tokens, hidden]`.
     Bf16(&'a Tensor),
+    /// E4M3 `[tokens, hidden]` and f32 scales `[hidden / 128, round_up(tokens, 4)]`.
     Fp8(&'a Fp8Tensor),
 }
 
@@ -633,21 +639,28 @@ pub enum Tokens<'a> {
 /// `topk_weights`, both `[tokens, k]` (`topk_idx` -1: no expert).
 #[derive(Clone, Copy, Debug)]
 pub struct RankInput<'a> {
+    /// The rank's tokens.
     pub x: Tokens<'a>,
+    /// i32 `[tokens, k]`: each token's experts (global indices; -1 = no expert).
     pub topk_idx: &'a Tensor,
+    /// f32 `[tokens, k]`: the router weight of each slot.
     pub topk_weights: &'a Tensor,
 }
 
 /// Received rows: bf16 `[rows, hidden]`, or FP8 with scales `[hidden / 128, rows]`.
 #[derive(Clone, Debug)]
 pub enum Rows {
+    /// bf16 `[rows, hidden]`.
     Bf16(Tensor),
+    /// E4M3 `[rows, hidden]` and f32 scales `[hidden / 128, rows]`.
     Fp8(Fp8Tensor),
 }
 
 /// One rank's result of [`dispatch`], in the contiguous grouped GEMM's layout
 /// ([`gemm_fp8_contiguous`]); see [`crate::ep::Dispatched`].
 pub struct Dispatched {
+    /// The received rows, grouped by local expert, each expert's segment padded to the group's
+    /// `m_align` rows.
     pub x: Rows,
     /// i32 `[rows]`: local expert of each row, -1 on padding.
     pub m_indices: Tensor,
@@ -655,6 +668,7 @@ pub struct Dispatched {
     pub weights: Tensor,
     /// Valid rows per local expert.
     pub counts: Vec<usize>,
+    /// Rows of the layout: Σ round_up(count, m_align).
     pub rows: usize,
     /// What [`combine`] needs to send each row back.
     pub handle: Handle,

@@ -106,14 +106,19 @@ pub fn driver_version() -> Result<(u32, u32)> {
 /// property tests run without CUDA.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// The CUDA device ordinal (the index `Device::new` takes).
     pub ordinal: usize,
+    /// The name the driver reports, e.g. `NVIDIA H100 80GB HBM3`.
     pub name: String,
     /// (major, minor); Hopper is (9, 0).
     pub compute_capability: (u32, u32),
+    /// Number of streaming multiprocessors (132 on an H100 SXM).
     pub sm_count: u32,
+    /// L2 cache size in bytes.
     pub l2_cache_bytes: usize,
     /// Largest dynamic shared memory a block may opt in to (232448 bytes on Hopper).
     pub max_shared_memory_per_block_optin: usize,
+    /// Total device memory in bytes.
     pub total_memory_bytes: usize,
 }
 
@@ -164,10 +169,12 @@ impl Device {
         Ok(Self { ctx, info })
     }
 
+    /// What the planners know about this GPU, read once when the device was opened.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }
 
+    /// The cudarc context (the device's primary context, or the one given to [`Device::from_context`]).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

@@ -71,7 +71,9 @@ pub struct DeviceLayout {
     pub is_token_in_rank: CudaSlice<u8>,
     /// `[1]`: slots whose expert index was outside `-1 .. num_experts` (ignored by the kernel).
     pub num_invalid: CudaSlice<i32>,
+    /// Tokens the layout was allocated for.
     pub tokens: usize,
+    /// The group configuration (ranks, experts) the layout counts against.
     pub cfg: EpConfig,
 }
 
@@ -199,17 +201,29 @@ impl Phase {
 /// One rank's tokens: bf16 rows, or e4m3 rows and their 1x128 scales in the per-token quantiser's
 /// transposed layout `[hidden / 128, round_up(tokens, 4)]` ([`crate::quantize_per_token_group`]).
 pub enum Tokens<'a> {
+    /// bf16 `[tokens, hidden]`.
     Bf16(CudaView<'a, bf16>),
-    Fp8 { q: CudaView<'a, F8E4M3>, sf: CudaView<'a, f32> },
+    /// E4M3 rows and their scales.
+    Fp8 {
+        /// E4M3 `[tokens, hidden]`.
+        q: CudaView<'a, F8E4M3>,
+        /// f32 `[hidden / 128, round_up(tokens, 4)]`.
+        sf: CudaView<'a, f32>,
+    },
 }
 
 /// One rank's input to a dispatch: `tokens` rows of `hidden` and the router's `[tokens, k]` output
 /// (`topk_idx` -1 = no expert).
 pub struct RankInput<'a> {
+    /// The rank's rows, bf16 or FP8 (the group's [`Payload`]).
     pub x: Tokens<'a>,
+    /// i32 `[tokens, k]`: each token's experts (global indices; -1 = no expert).
     pub topk_idx: CudaView<'a, i32>,
+    /// f32 `[tokens, k]`: the router weight of each slot.
     pub topk_weights: CudaView<'a, f32>,
+    /// Tokens of this rank, at most the group's `max_tokens` (`ll_max_tokens` in low-latency mode).
     pub tokens: usize,
+    /// Experts per token (top-k), `1 ..= max_topk`.
     pub k: usize,
 }
 
@@ -248,8 +262,15 @@ impl<'a> RankInput<'a> {
 /// Received rows: bf16, or e4m3 with f32 1x128 scales in the layout the grouped GEMMs read.
 /// Buffers hold at least one element even when no row was received.
 pub enum Rows {
+    /// bf16 rows.
     Bf16(CudaSlice<bf16>),
-    Fp8 { q: CudaSlice<F8E4M3>, sf: CudaSlice<f32> },
+    /// E4M3 rows and their scales (shapes: see the owning [`Dispatched`] or [`DispatchedLowLatency`]).
+    Fp8 {
+        /// E4M3 rows.
+        q: CudaSlice<F8E4M3>,
+        /// f32 1x128 scales, transposed (one row of scales per 128 columns).
+        sf: CudaSlice<f32>,
+    },
 }
 
 impl Rows {
@@ -388,6 +409,7 @@ pub struct Dispatched {
     /// [`ARRIVAL_ROWS`] (each reaches it as the receive completes the block), for
     /// [`crate::gemm::gemm_fp8_contiguous_arrived`].
     pub arrivals: Option<CudaSlice<i32>>,
+    /// Where every row came from: what [`Group::combine`] needs to send the expert outputs back.
     pub handle: Handle,
 }
 
@@ -418,6 +440,7 @@ pub struct DispatchedLowLatency {
     pub masked_m: CudaSlice<i32>,
     /// Rows per local expert: `ranks · ll_max_tokens`.
     pub capacity: usize,
+    /// Where every row came from: what [`Group::combine_send`] needs to send the outputs back.
     pub handle: Handle,
 }
 
@@ -812,6 +835,7 @@ impl Group {
         }
     }
 
+    /// The shape the group was created with (the same on every rank).
     pub fn shape(&self) -> &GroupShape {
         &self.shape
     }

@@ -11,25 +11,67 @@ pub use cudarc::driver::DriverError;
 pub enum Error {
     /// A tensor argument has the wrong shape or length.
     #[error("`{arg}`: expected {expected}, got {got}")]
-    Shape { arg: &'static str, expected: String, got: String },
+    Shape {
+        /// The argument's name, as in the function's signature (or a dimension such as `k`).
+        arg: &'static str,
+        /// The shape, length or value the call needs.
+        expected: String,
+        /// What was passed.
+        got: String,
+    },
     /// A tensor argument has the wrong stride.
     #[error("`{arg}`: expected stride {expected}, got {got}")]
-    Stride { arg: &'static str, expected: String, got: String },
+    Stride {
+        /// The argument's name.
+        arg: &'static str,
+        /// The layout the call needs (e.g. contiguous row-major).
+        expected: String,
+        /// The strides that were passed.
+        got: String,
+    },
     /// A device pointer does not meet a kernel's alignment contract (TMA needs 16 bytes).
     #[error("`{arg}`: device address {addr:#x} is not {required}-byte aligned")]
-    Alignment { arg: &'static str, required: usize, addr: u64 },
+    Alignment {
+        /// The argument's name.
+        arg: &'static str,
+        /// The alignment the kernel needs, in bytes.
+        required: usize,
+        /// The device address that was passed.
+        addr: u64,
+    },
     /// A tensor argument has the wrong element type.
     #[error("`{arg}`: expected dtype {expected}, got {got}")]
-    Dtype { arg: &'static str, expected: &'static str, got: &'static str },
+    Dtype {
+        /// The argument's name.
+        arg: &'static str,
+        /// The element type the call needs (e.g. `bf16`).
+        expected: &'static str,
+        /// The element type that was passed.
+        got: &'static str,
+    },
     /// Any other argument outside its documented range.
     #[error("`{arg}`: {reason}")]
-    InvalidArgument { arg: &'static str, reason: String },
+    InvalidArgument {
+        /// The argument's name.
+        arg: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An error from the CUDA driver API.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),
     /// A launcher of the C library reported a failure.
     #[error("kernel `{kernel}` failed: {status}{}", cuda_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default())]
-    Kernel { kernel: &'static str, status: KernelStatus, cuda_error: Option<String> },
+    Kernel {
+        /// The launch that failed, e.g. `ep_dispatch_recv` or `mla_schedule`.
+        kernel: &'static str,
+        /// The status the launcher returned.
+        status: KernelStatus,
+        /// The CUDA runtime error behind it, name and code, when the status came from one
+        /// ([`KernelStatus::UnsupportedDevice`], [`KernelStatus::OutOfResources`],
+        /// [`KernelStatus::CudaError`]); `None` for the launcher's own checks.
+        cuda_error: Option<String>,
+    },
     /// The crate was built without nvcc, so it carries no kernels.
     #[error(
         "deepkern was built without its CUDA kernels (nvcc was not found when it was built): install nvcc \
@@ -41,13 +83,23 @@ pub enum Error {
     /// An expert-parallel group reported a failure on the device (a peer that never signalled, a
     /// receive buffer too small for what was sent).
     #[error("expert-parallel group, rank {rank}: {reason}")]
-    Communication { rank: usize, reason: String },
+    Communication {
+        /// The rank whose device-side state reported the failure.
+        rank: usize,
+        /// What failed (a timeout waiting for a peer, a receive overflow, an NCCL call, ...).
+        reason: String,
+    },
     /// No CUDA driver or no CUDA device on this machine.
     #[error("no CUDA device is available (no driver library or no device)")]
     NoDevice,
     /// The device cannot run these kernels (they are compiled for sm_90a).
     #[error("unsupported GPU: needs compute capability {}.{}, found {}.{}", need.0, need.1, found.0, found.1)]
-    UnsupportedArch { need: (u32, u32), found: (u32, u32) },
+    UnsupportedArch {
+        /// The compute capability the kernels need, (9, 0).
+        need: (u32, u32),
+        /// The device's compute capability (major, minor).
+        found: (u32, u32),
+    },
 }
 
 /// `Result` with [`Error`] as the default error.
@@ -56,11 +108,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The status a launcher of the C library returned (`dk_status_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelStatus {
+    /// Success (never carried by an [`Error`]).
     Ok,
+    /// A parameter was outside its documented range. The Rust entry points validate their
+    /// arguments first, so this points at a bug in deepkern's own checks.
     InvalidArgument,
+    /// A pointer or stride does not meet the kernel's alignment contract.
     Misaligned,
+    /// The device cannot run this build's kernels (compiled for sm_90a only).
     UnsupportedDevice,
+    /// The launch needs more registers, shared memory or threads than the device has.
     OutOfResources,
+    /// Any other CUDA runtime error; [`Error::Kernel`]'s `cuda_error` names it.
     CudaError,
     /// A value this version of the crate does not know.
     Unknown(u32),

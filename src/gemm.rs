@@ -29,7 +29,10 @@ use crate::plan::gemm::{self as plan, BLOCK_N_MENU, GemmLayout, GemmProblem, MAX
 
 /// Activations: E4M3 `[m, k]` and their 1x128 scales `[k / 128, round_up(m, 4)]` (transposed).
 pub struct Fp8Activations<'a> {
+    /// E4M3 values, row-major `[m, k]` (masked layout: `[groups, max_m, k]`), 16-byte aligned.
     pub q: CudaView<'a, F8E4M3>,
+    /// f32 scales, one per row per 128 columns, transposed: `[k / 128, round_up(m, 4)]` (masked
+    /// layout: `[groups, k / 128, round_up(max_m, 4)]`), 16-byte aligned.
     pub sf: CudaView<'a, f32>,
 }
 
@@ -37,7 +40,10 @@ pub struct Fp8Activations<'a> {
 /// for the grouped GEMMs, `groups` experts back to back: `[groups, n, k]` and
 /// `[groups, ceil(n / 128), k / 128]`.
 pub struct Fp8Weights<'a> {
+    /// E4M3 values, row-major `[n, k]` (grouped: `[groups, n, k]`), 16-byte aligned.
     pub q: CudaView<'a, F8E4M3>,
+    /// f32 scales, one per 128x128 block, row-major `[ceil(n / 128), k / 128]` (grouped:
+    /// `[groups, ceil(n / 128), k / 128]`).
     pub sf: CudaView<'a, f32>,
 }
 
@@ -48,17 +54,24 @@ pub const ARRIVAL_ROWS: usize = ffi::DK_ARRIVAL_ROWS as usize;
 /// Problem size of a dense GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmShape {
+    /// Rows of A and D (tokens); for the contiguous layout, all groups' padded rows together.
     pub m: usize,
+    /// Rows of B, columns of D (output features).
     pub n: usize,
+    /// The reduction dimension (input features); a positive multiple of 128.
     pub k: usize,
 }
 
 /// Problem size of a masked grouped GEMM: `groups` blocks of `max_m` rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaskedShape {
+    /// Number of groups (experts).
     pub groups: usize,
+    /// Rows allocated per group; group `g` computes its first `masked_m[g]` of them.
     pub max_m: usize,
+    /// Rows of each group's B, columns of D.
     pub n: usize,
+    /// The reduction dimension; a positive multiple of 128.
     pub k: usize,
 }
 
@@ -86,8 +99,11 @@ pub struct GemmOptions {
 /// `block_n` from [`BLOCK_N_MENU`], `1 ..= 16` stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileConfig {
+    /// Rows of D per tile: 64 or 128 (the contiguous layout needs 128).
     pub block_m: usize,
+    /// Columns of D per tile, from [`BLOCK_N_MENU`].
     pub block_n: usize,
+    /// Depth of the shared-memory pipeline of A and B k-blocks, `1 ..= 16`.
     pub stages: usize,
 }
 

@@ -102,6 +102,7 @@ impl TokenGroupShape {
 /// expert for the grouped GEMMs). Scales are row-major `[num_groups, ceil(n / 128), k / 128]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockShape {
+    /// Operands in the batch (experts; 1 for a dense weight).
     pub num_groups: usize,
     /// Rows (output features) per operand.
     pub n: usize,

@@ -22,6 +22,8 @@
 //! Built with `DEEPKERN_SIM=1`, the same kernel sources run on the deepkern simulator, on the CPU,
 //! through this same API ([`simulated`]; docs/simulator.md): how the tests run without a GPU.
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod fp8;
 pub mod layout;

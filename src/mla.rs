@@ -177,7 +177,9 @@ pub struct DeviceSchedule {
     pub parts: CudaSlice<i32>,
     /// `[batch + 1]` cumulative chunk counts.
     pub splits: CudaSlice<i32>,
+    /// Requests the schedule covers.
     pub batch: usize,
+    /// Parts (persistent CTAs of the decode kernel) it was allocated for.
     pub num_parts: usize,
 }
 
@@ -231,8 +233,12 @@ pub const PAGE_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Problem size of a decode step: `batch` requests of `s_q` query tokens of `h_q` heads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeShape {
+    /// Requests in the step.
     pub batch: usize,
+    /// Query tokens per request (1 for plain decode; more for speculative tokens, causal among
+    /// themselves).
     pub s_q: usize,
+    /// Query heads per token.
     pub h_q: usize,
 }
 
@@ -276,6 +282,7 @@ pub struct PagedKv<'a, T> {
     pub page: usize,
     /// `[batch, max_pages]` page indices.
     pub block_table: CudaView<'a, i32>,
+    /// Columns of `block_table`: the most pages any request may address.
     pub max_pages: usize,
     /// `[batch]` sequence lengths, on the device (what the kernels read).
     pub lens: CudaView<'a, i32>,
@@ -337,6 +344,7 @@ impl DecodeWorkspace {
         })
     }
 
+    /// The shape this workspace was sized for.
     pub fn shape(&self) -> DecodeShape {
         self.shape
     }

@@ -32,16 +32,23 @@ use crate::reference::quant::ScaleFormat;
 /// expert) with scales `[E_local, 2·inter / 128, hidden / 128]`; `w2` `[E_local, hidden, inter]`
 /// with scales `[E_local, hidden / 128, inter / 128]`.
 pub struct LocalExperts<'a> {
+    /// Gate and up projections: `[E_local, 2·inter, hidden]` and their 128x128 scales.
     pub w13: Fp8Weights<'a>,
+    /// Down projection: `[E_local, hidden, inter]` and their 128x128 scales.
     pub w2: Fp8Weights<'a>,
 }
 
 /// One rank's tokens: `x` `[tokens, hidden]` bf16 and the router's `[tokens, k]` output.
 pub struct LayerInput<'a> {
+    /// bf16 `[tokens, hidden]`: the layer's input rows.
     pub x: CudaView<'a, bf16>,
+    /// i32 `[tokens, k]`: each token's experts (global indices; -1 = no expert).
     pub topk_idx: CudaView<'a, i32>,
+    /// f32 `[tokens, k]`: the router weight of each slot.
     pub topk_weights: CudaView<'a, f32>,
+    /// Tokens of this rank.
     pub tokens: usize,
+    /// Experts per token (top-k), at most the group's `max_topk`.
     pub k: usize,
 }
 

@@ -51,10 +51,12 @@ impl Streams {
         Ok(Self { comm: comm.clone(), compute: compute.clone() })
     }
 
+    /// The communication stream (dispatch and combine).
     pub fn comm(&self) -> &Arc<CudaStream> {
         &self.comm
     }
 
+    /// The compute stream (quantisation and GEMMs).
     pub fn compute(&self) -> &Arc<CudaStream> {
         &self.compute
     }
@@ -110,10 +112,12 @@ impl SmBudget {
         Self::new(crate::launch::device_facts(stream)?.sm_count, comm_sms)
     }
 
+    /// All of the device's SMs.
     pub fn device_sms(&self) -> usize {
         self.device_sms
     }
 
+    /// SMs set aside for communication kernels.
     pub fn comm_sms(&self) -> usize {
         self.comm_sms
     }

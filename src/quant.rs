@@ -279,10 +279,12 @@ impl Fp8Tensor {
         Ok(Self { q: stream.alloc_zeros(elements.max(1))?, sf: stream.alloc_zeros(scales.max(1))?, shape, format })
     }
 
+    /// The shape the buffers were sized for.
     pub fn shape(&self) -> Fp8Shape {
         self.shape
     }
 
+    /// Whether the scales are any f32 or powers of two (UE8M0).
     pub fn format(&self) -> ScaleFormat {
         self.format
     }

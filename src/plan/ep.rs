@@ -20,7 +20,9 @@ pub const SIGNAL_WORDS: usize = SIGNAL_KINDS * MAX_RANKS + SIGNAL_KINDS + 2 + 2 
 /// What dispatch moves: bf16 rows, or e4m3 rows with their f32 1x128 scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Payload {
+    /// bf16 rows: `2 · hidden` bytes each.
     Bf16,
+    /// E4M3 rows (`hidden` bytes each) and `hidden / 128` f32 scales per row.
     Fp8,
 }
 
@@ -59,7 +61,10 @@ impl Transport {
 /// The shape of an expert-parallel group; every rank must use the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupShape {
+    /// Ranks in the group, `1 ..= MAX_RANKS`.
     pub ranks: usize,
+    /// Experts over all ranks (a multiple of `ranks`, at most [`MAX_EXPERTS`]); rank `r` holds
+    /// experts `r · experts_per_rank .. (r + 1) · experts_per_rank`.
     pub num_experts: usize,
     /// Hidden size, a multiple of 128.
     pub hidden: usize,
@@ -73,6 +78,7 @@ pub struct GroupShape {
     pub m_align: usize,
     /// Rows a rank can receive in normal mode; [`GroupShape::worst_case_recv_rows`] never overflows.
     pub recv_rows: usize,
+    /// What dispatch moves.
     pub payload: Payload,
     /// How normal-mode payloads move (the staged transports add an outbox and a return region).
     pub transport: Transport,
@@ -98,6 +104,7 @@ impl GroupShape {
         shape
     }
 
+    /// Experts each rank holds: `num_experts / ranks`.
     pub fn experts_per_rank(&self) -> usize {
         self.num_experts / self.ranks.max(1)
     }
@@ -180,22 +187,39 @@ impl GroupShape {
 /// Byte offsets of the regions of every rank's symmetric buffer (all 256-byte aligned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SymmetricLayout {
+    /// [`SIGNAL_WORDS`] `u32`s: the per-kind signal flags, completion counters, error and timeout
+    /// words, and every source rank's published error bits and invalid-slot count.
     pub signals: usize,
+    /// i32 `[ranks, num_experts]`: every source rank's tokens per expert (normal dispatch).
     pub counts: usize,
+    /// i32 `[experts_per_rank, ranks]`: rows each source sent to each local expert (low latency).
     pub ll_counts: usize,
+    /// Normal-mode receive rows: payload `[recv_rows, hidden]`.
     pub recv_x: usize,
+    /// FP8 only: f32 scales of the received rows, `[hidden / 128, recv_rows]` (staged transports:
+    /// row-major `[recv_rows, hidden / 128]`).
     pub recv_sf: usize,
+    /// f32 `[recv_rows]`: router weight of each received row.
     pub recv_weight: usize,
+    /// i32 `[recv_rows]`: packed source of each received row, -1 on padding.
     pub recv_src: usize,
+    /// Low-latency staging rows: payload `[num_experts · ll_max_tokens, hidden]`, row
+    /// `(local_expert · ranks + source) · ll_max_tokens + position`.
     pub ll_x: usize,
+    /// FP8 only: f32 scales of the low-latency staging rows, `[hidden / 128, rows]`.
     pub ll_sf: usize,
+    /// i32 packed source of each low-latency staging row.
     pub ll_src: usize,
+    /// bf16 `[max_tokens · max_topk, hidden]`: the expert outputs combine sends back to this rank.
     pub comb: usize,
     /// Staged transports only (empty otherwise): the outbox, `max_tokens · max_topk` rows of
     /// payload, row-major scales `[rows, hidden / 128]`, weights and sources.
     pub out_x: usize,
+    /// Staged only: the outbox's f32 scales, row-major `[max_tokens · max_topk, hidden / 128]`.
     pub out_sf: usize,
+    /// Staged only: the outbox's f32 router weights, one per row.
     pub out_weight: usize,
+    /// Staged only: the outbox's i32 packed sources, one per row.
     pub out_src: usize,
     /// Staged transports only: bf16 `[recv_rows, hidden]` expert outputs on their way back.
     pub ret: usize,
@@ -333,11 +357,16 @@ pub fn outbox_row(tokens_per_expert: &[i32], e: usize, pos: usize) -> usize {
 /// order) to the source's comb region (outbox order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
+    /// First row of the run in the source's outbox.
     pub outbox_row: usize,
+    /// First row of the run in the destination's inbox (its `recv_*` regions).
     pub inbox_row: usize,
+    /// Rows in the run.
     pub rows: usize,
 }
 
+/// The [`Run`] source rank `src` sends to rank `dst`, from the all-gathered `counts`
+/// (`[ranks, num_experts]`; negative counts count as 0).
 pub fn staged_run(shape: &GroupShape, counts: &[i32], src: usize, dst: usize) -> Run {
     let (ne, el) = (shape.num_experts, shape.experts_per_rank());
     let c = |s: usize, e: usize| counts[s * ne + e].max(0) as usize;

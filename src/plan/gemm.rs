@@ -29,6 +29,8 @@ pub const BLOCK_N_MENU: [usize; 9] = [16, 32, 64, 96, 112, 128, 144, 160, 176];
 /// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
 /// wgmma scratch and the promoted sum) must fit the 232-register budget; 192 spills.
 pub const MAX_BLOCK_N: usize = 176;
+/// Fewest pipeline stages the planner accepts for a tile (one more for tiles smaller than
+/// 128x176, which finish a stage sooner).
 pub const MIN_STAGES: usize = 3;
 /// `DK_GEMM_MAX_STAGES`.
 pub const MAX_STAGES: usize = 16;
@@ -41,19 +43,33 @@ pub enum GemmLayout {
     /// `D[m, n] = A[m, k] · B[n, k]ᵀ`.
     Dense,
     /// MoE prefill: `m` rows of `groups` experts stacked, each expert's segment padded to 128 rows.
-    GroupedContiguous { groups: usize },
+    GroupedContiguous {
+        /// Experts (weight operands).
+        groups: usize,
+    },
     /// MoE decode: `groups` blocks of `max_m` rows, of which about `expected_m` are valid (a host
     /// hint: the valid counts live on the device).
-    GroupedMasked { groups: usize, max_m: usize, expected_m: usize },
+    GroupedMasked {
+        /// Experts (weight operands), one block of rows each.
+        groups: usize,
+        /// Rows allocated per group.
+        max_m: usize,
+        /// Rows per group the planner expects to be valid.
+        expected_m: usize,
+    },
 }
 
 /// A GEMM to plan: `m` rows of A (for [`GemmLayout::GroupedMasked`], `groups · max_m`), `n`
 /// output columns, `k` the reduction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmProblem {
+    /// Rows of A and D (masked: `groups · max_m`).
     pub m: usize,
+    /// Columns of D.
     pub n: usize,
+    /// The reduction dimension, a multiple of 128.
     pub k: usize,
+    /// Dense or one of the grouped layouts.
     pub layout: GemmLayout,
 }
 
@@ -70,8 +86,10 @@ impl GemmProblem {
 pub struct SmemPlan {
     /// One pipeline stage: A tile, B tile, A's scales, its two barriers.
     pub per_stage: usize,
-    /// The masked layout's per-group snapshot and 1024 bytes of slack to align the base.
+    /// The masked layout's per-group snapshot, the TMA-store staging tile when reserved, and 1024
+    /// bytes of slack to align the base.
     pub fixed: usize,
+    /// `fixed + stages · per_stage`: the launch's dynamic shared memory.
     pub total: usize,
 }
 
@@ -86,6 +104,7 @@ pub struct TileCost {
 }
 
 impl TileCost {
+    /// The estimates used for every Hopper part.
     pub const HOPPER: TileCost = TileCost { macs_per_clock: 4096.0, load_bytes_per_clock: 64.0 };
 
     /// Clocks for one `block_m x block_n` tile to advance by `BLOCK_K`.
@@ -99,17 +118,23 @@ impl TileCost {
 /// The plan for one GEMM launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPlan {
+    /// Rows of D per tile: 64 or 128.
     pub block_m: usize,
+    /// Columns of D per tile, from [`BLOCK_N_MENU`].
     pub block_n: usize,
+    /// Shared-memory pipeline depth, in k-blocks of [`BLOCK_K`].
     pub stages: usize,
     /// Consumer warpgroups (`block_m / 64`); the CTA has one more, the producer.
     pub math_warpgroups: usize,
+    /// Threads per CTA: 128 per warpgroup, the producer's included.
     pub threads: usize,
+    /// The dynamic shared memory the launch needs.
     pub smem: SmemPlan,
     /// Output tiles (expected tiles for the masked layout).
     pub tiles: usize,
     /// Persistent CTAs: `min(tiles, SMs)`.
     pub grid: usize,
+    /// `ceil(tiles / SMs)`: rounds of tiles the persistent grid runs.
     pub waves: usize,
     /// Tiles in the last wave.
     pub last_wave_tiles: usize,

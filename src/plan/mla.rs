@@ -36,7 +36,9 @@ pub const BLOCK_M: usize = 64;
 /// One contiguous piece of one sequence's tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
+    /// Index of the request (sequence) in the batch.
     pub request: u32,
+    /// First key tile of the chunk, in tiles of [`KV_BLOCK`] keys.
     pub begin_block: u32,
     /// Exclusive.
     pub end_block: u32,
@@ -47,6 +49,7 @@ pub struct Chunk {
 /// The chunks one persistent CTA processes, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Part {
+    /// The chunks, in (request, tile) order.
     pub chunks: Vec<Chunk>,
 }
 

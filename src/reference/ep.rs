@@ -21,13 +21,16 @@ use crate::layout::round_up;
 /// The expert-parallel group's shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EpConfig {
+    /// Ranks in the group.
     pub ranks: usize,
+    /// Experts over all ranks, a multiple of `ranks`.
     pub num_experts: usize,
     /// Row alignment of each expert's segment in the normal layout (the GEMM's M tile, 128).
     pub m_align: usize,
 }
 
 impl EpConfig {
+    /// Experts each rank holds: `num_experts / ranks`.
     pub fn experts_per_rank(&self) -> usize {
         self.num_experts / self.ranks
     }
@@ -49,9 +52,13 @@ impl EpConfig {
 /// One rank's router output: `topk_idx` and `topk_weights` are `[tokens, k]` row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct Routing<'a> {
+    /// `[tokens, k]` global expert indices; -1 = no expert.
     pub topk_idx: &'a [i32],
+    /// `[tokens, k]` router weights.
     pub topk_weights: &'a [f32],
+    /// Tokens of this rank.
     pub tokens: usize,
+    /// Slots per token (top-k).
     pub k: usize,
 }
 
@@ -120,9 +127,13 @@ pub fn layout(routing: &Routing, cfg: &EpConfig) -> Result<Layout> {
 /// Where a received row came from.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowSource {
+    /// The rank that sent it.
     pub src_rank: u32,
+    /// The token's index on that rank.
     pub token: u32,
+    /// The top-k slot of the token that named this expert.
     pub slot: u32,
+    /// That slot's router weight.
     pub weight: f32,
 }
 
@@ -179,7 +190,9 @@ pub fn dispatch(routings: &[Routing], cfg: &EpConfig) -> Result<Vec<Received>> {
 /// `counts[e]` of expert `e` valid.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReceivedLowLatency {
+    /// `[E_local, capacity]`: each row's source; `None` past the expert's count.
     pub rows: Vec<Option<RowSource>>,
+    /// `[E_local]`: valid rows per local expert.
     pub counts: Vec<u32>,
     /// Rows per expert: `R · max_tokens`.
     pub capacity: usize,

@@ -26,6 +26,7 @@ pub struct Fp8Operand<'a> {
     pub q: &'a [u8],
     /// Row-major scales: `[rows, k/128]` for 1x128 (A), `[ceil(rows/128), k/128]` for 128x128 (B).
     pub scales: &'a [f32],
+    /// Rows of the operand (`m` for A, `n` for B).
     pub rows: usize,
 }
 

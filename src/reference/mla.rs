@@ -22,10 +22,13 @@ pub const HEAD_DIM_V: usize = 512;
 /// A paged KV cache `[num_pages, page, 576]` (row-major) and its addressing.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedCache<'a> {
+    /// `[num_pages, page, 576]` keys, row-major; the first 512 columns are also the values.
     pub data: &'a [f32],
+    /// Keys per page.
     pub page: usize,
     /// `[batch, max_pages]` row-major page indices.
     pub block_table: &'a [i32],
+    /// Columns of `block_table`.
     pub max_pages: usize,
     /// `[batch]` sequence lengths.
     pub lens: &'a [i32],
@@ -44,11 +47,17 @@ impl PagedCache<'_> {
 /// One decode step: queries `q` (`[batch, s_q, h_q, 576]` row-major) against a paged cache.
 #[derive(Clone, Copy, Debug)]
 pub struct MlaProblem<'a> {
+    /// `[batch, s_q, h_q, 576]` queries, row-major.
     pub q: &'a [f32],
+    /// Requests.
     pub batch: usize,
+    /// Query tokens per request.
     pub s_q: usize,
+    /// Query heads per token.
     pub h_q: usize,
+    /// The keys and values.
     pub cache: PagedCache<'a>,
+    /// Factor applied to every q·k dot product before the softmax.
     pub softmax_scale: f64,
 }
 

@@ -15,7 +15,9 @@ use crate::reference::quant::{QuantizedBlocks, ScaleFormat, per_token_group, sil
 /// One expert's weights, quantised 128x128: `w13` `[2·inter, hidden]` (gate rows then up rows),
 /// `w2` `[hidden, inter]`.
 pub struct ExpertRef<'a> {
+    /// Gate and up projections, `[2·inter, hidden]`.
     pub w13: &'a QuantizedBlocks,
+    /// Down projection, `[hidden, inter]`.
     pub w2: &'a QuantizedBlocks,
 }
 
