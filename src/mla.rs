@@ -20,7 +20,7 @@ use crate::plan::mla::{BLOCK_M, num_parts};
 /// Value width of MLA outputs.
 pub const HEAD_DIM_V: usize = ffi::DK_MLA_HEAD_DIM_V as usize;
 
-/// A 16-bit element type of the MLA kernels (queries, cache and outputs): [`bf16`] or [`f16`].
+/// A 16-bit element type of the MLA kernels (queries, cache and outputs): [`bf16`] or [`f16`](struct@f16).
 ///
 /// Sealed: the kernels are compiled for these two types only, so no other type can implement it.
 pub trait MlaElement: sealed::Sealed + cudarc::driver::DeviceRepr {}
