@@ -1060,6 +1060,13 @@ fn nccl_group_of_one_process(gpu: &Gpu) -> TestResult {
 
 // ---- Ranks on threads of their own --------------------------------------------------------------
 
+/// The wait limit of the multi-rank tests' groups, except where a test shortens it on purpose.
+/// The simulator lets virtual time jump while the device waits and host threads are busy
+/// elsewhere (other tests computing references on the host, a rank's own checks), so with the
+/// default 100 s a slow host thread could time out its peer's wait; an hour leaves only the
+/// timeouts a test intends.
+const PATIENT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Runs `body(rank, comm)` for every rank of a fresh communicator, each on a host thread of its own
 /// with device `rank` and a stream of it (`cudarc`'s `Comm` is not `Send`: each thread makes its
 /// own). Every rank's failure is reported, prefixed with its rank.
@@ -1159,6 +1166,7 @@ fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
         let odd = if me == 1 { GroupShape { hidden: 384, ..shape } } else { shape };
         refused(Group::new_node(&comm, odd).map(|_| ()), "shape")?;
         let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
         let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
         let s = group.stream().clone();
         for round in 0..2 {
@@ -1190,7 +1198,7 @@ fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
             }
             group.check().map_err(|e| format!("a second check still reports: {e}"))?;
         }
-        group.set_timeout(deepkern::ep::DEFAULT_TIMEOUT).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
         host_barrier.wait();
         drop(group);
         s.synchronize().map_err(err)?;
@@ -1249,9 +1257,9 @@ fn node_group_receive_timeout_poisons(gpu: &Gpu) -> TestResult {
                 other => return Err(format!("rank 0's check: {other:?}").into()),
             }
         }
-        // Teardown with the default limit: a barrier that gave up early would free this rank's
-        // buffer while the peer's barrier still signals into it.
-        group.set_timeout(deepkern::ep::DEFAULT_TIMEOUT).map_err(err)?;
+        // Teardown with the long limit: a barrier that gave up early would free this rank's buffer
+        // while the peer's barrier still signals into it.
+        group.set_timeout(PATIENT).map_err(err)?;
         done.wait();
         drop(group);
         s.synchronize().map_err(err)?;
@@ -1268,6 +1276,7 @@ fn node_group_drop_waits_for_peers(gpu: &Gpu) -> TestResult {
     on_ranks(|me, comm| {
         let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Bf16);
         let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
         let s = group.stream().clone();
         let all = all_ranks(seed, &shape, &[32, 32], 4);
         let dev = upload_ranks(&s, &shape, &all[me..=me])?;
@@ -1294,6 +1303,7 @@ fn node_group_of_two_ranks(gpu: &Gpu) -> TestResult {
     on_ranks(|me, comm| {
         let shape = GroupShape::new(RANKS, 8, hidden, 64, 4, Payload::Fp8);
         let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
         ensure(group.local_ranks() == vec![me], || format!("local ranks {:?}", group.local_ranks()))?;
         let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
         let s = group.stream().clone();
@@ -1349,6 +1359,7 @@ fn nccl_group_of_two_ranks(gpu: &Gpu) -> TestResult {
         for payload in [Payload::Fp8, Payload::Bf16] {
             let shape = GroupShape::new(RANKS, 8, hidden, 64, 4, payload);
             let mut group = Group::new_nccl(comm.take().ok_or("no communicator")?, shape).map_err(err)?;
+            group.set_timeout(PATIENT).map_err(err)?;
             ensure(group.transport() == Transport::Nccl && group.local_ranks() == vec![me], || "not an NCCL group of this rank".into())?;
             let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
             let s = group.stream().clone();
