@@ -167,7 +167,6 @@ const NOTIFY: usize = ffi::DK_EP_SIGNAL_NOTIFY as usize;
 const DISPATCH: usize = ffi::DK_EP_SIGNAL_DISPATCH as usize;
 const LL_DISPATCH: usize = ffi::DK_EP_SIGNAL_LL_DISPATCH as usize;
 const COMBINE: usize = ffi::DK_EP_SIGNAL_COMBINE as usize;
-const BARRIER: usize = ffi::DK_EP_SIGNAL_BARRIER as usize;
 const KINDS: usize = ffi::DK_EP_SIGNAL_KINDS as usize;
 const KIND_NAMES: [&str; KINDS] = ["NOTIFY (normal dispatch counts)", "DISPATCH", "LL_DISPATCH", "COMBINE", "BARRIER (group teardown)"];
 
@@ -516,8 +515,7 @@ struct NodeBuffers {
 }
 
 impl Drop for NodeBuffers {
-    /// Runs after `Group::drop`'s barrier (or when a group fails to form, before any peer mapped
-    /// this buffer): waits for the context's work, unmaps the peers' buffers, frees this one.
+    /// Waits for the context's work, then unmaps the peers' buffers, then frees this one.
     fn drop(&mut self) {
         // Errors cannot be reported from drop; the context is bound so the calls address it.
         let _ = self.ctx.bind_to_thread();
@@ -806,10 +804,13 @@ impl Group {
         match &self.storage {
             Storage::Virtual(b) => Ok(self.stream.clone_dtoh(&b[rank].slice(offset..offset + len))?),
             Storage::Node(n) => {
-                self.stream.synchronize()?;
+                // On the group's stream, not a synchronous copy: that one would also wait for
+                // the context's other streams, where a consumer may wait for this rank's sends.
                 let mut v = vec![0u8; len];
-                // SAFETY: offset + len lies inside the buffer (offsets from self.layout).
-                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, n.own + offset as u64) }?;
+                // SAFETY: offset + len lies inside the buffer (offsets from self.layout); `v`
+                // outlives the copy (the stream is synchronised before it is returned).
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, n.own + offset as u64, self.stream.cu_stream()) }?;
+                self.stream.synchronize()?;
                 Ok(v)
             }
             #[cfg(feature = "nccl")]
@@ -1324,9 +1325,10 @@ impl Group {
         match &mut self.storage {
             Storage::Virtual(b) => self.stream.memcpy_htod(&zeros, &mut b[rank].slice_mut(at..at + 8))?,
             Storage::Node(n) => {
+                // SAFETY: the two words lie inside this rank's live buffer; `zeros` outlives the
+                // copy (the stream is synchronised before it goes out of scope).
+                unsafe { cudarc::driver::result::memcpy_htod_async(n.own + at as u64, &zeros, self.stream.cu_stream()) }?;
                 self.stream.synchronize()?;
-                // SAFETY: the two words lie inside this rank's live buffer; the stream is idle.
-                unsafe { cudarc::driver::result::memcpy_htod_sync(n.own + at as u64, &zeros) }?;
             }
             #[cfg(feature = "nccl")]
             Storage::Nccl { own, .. } => self.stream.memcpy_htod(&zeros, &mut own.slice_mut(at..at + 8))?,
@@ -1834,35 +1836,6 @@ impl Group {
         }
         self.stream.synchronize()?;
         first.map_or(Ok(()), Err)
-    }
-}
-
-impl Drop for Group {
-    /// A node group's ranks write into each other's buffers: before this rank unmaps its peers'
-    /// buffers and frees its own, its stream's work completes and every rank passes a device
-    /// barrier (so no peer's queued work still writes here). Every rank must drop its group; a
-    /// rank whose peers never do waits [`Group::timeout`] before it tears down anyway.
-    fn drop(&mut self) {
-        let Storage::Node(node) = &self.storage else {
-            return;
-        };
-        let rank = node.rank;
-        let _ = self.stream.synchronize();
-        let epoch = self.bump(rank, BARRIER);
-        let barrier = || -> Result<()> {
-            let mut launch = Launch::new("ep_barrier", &self.stream)?;
-            let peers = launch.input(&self.peers);
-            let params = ffi::dk_ep_wait_params { group: self.params(rank, epoch, peers), kind: BARRIER as i32 };
-            let s = launch.stream();
-            // SAFETY: as in send_tokens; the kernel writes one signal word into every peer's
-            // buffer and reads this rank's.
-            let status = ffi_call!(unsafe dk_ep_barrier(&params, s));
-            launch.finish(status)?;
-            self.stream.synchronize()?;
-            Ok(())
-        };
-        // Errors cannot be reported from drop; NodeBuffers::drop then unmaps and frees.
-        let _ = barrier();
     }
 }
 

@@ -30,8 +30,6 @@
 //!   are right; a silent peer makes dispatch fail naming it; `check` reads and clears the error.
 //! - `node_group_receive_timeout_poisons` (two ranks): a normal receive whose peer never sends
 //!   times out and returns NaN rows without sources; each rank's `check` names the other.
-//! - `node_group_drop_waits_for_peers` (two ranks): a rank dropping its group while its peer's
-//!   writes into its buffer are still queued waits for them (the drop's barrier).
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
 //!   world size 1: both dispatch modes and combine equal the reference.
 //! - `node_group_of_two_ranks`, `nccl_group_of_two_ranks`: two ranks, each on a host thread of its
@@ -87,7 +85,6 @@ fn main() {
             ("nccl_group_of_one_process", nccl_group_of_one_process),
             ("node_group_of_two_ranks", node_group_of_two_ranks),
             ("node_group_failures_are_loud", node_group_failures_are_loud),
-            ("node_group_drop_waits_for_peers", node_group_drop_waits_for_peers),
             ("node_group_receive_timeout_poisons", node_group_receive_timeout_poisons),
             ("nccl_group_of_two_ranks", nccl_group_of_two_ranks),
         ],
@@ -95,7 +92,6 @@ fn main() {
         &[
             ("node_group_of_two_ranks", one_gpu_per_rank),
             ("node_group_failures_are_loud", one_gpu_per_rank),
-            ("node_group_drop_waits_for_peers", one_gpu_per_rank),
             ("node_group_receive_timeout_poisons", one_gpu_per_rank),
             ("nccl_group_of_two_ranks", one_gpu_per_rank),
         ],
@@ -1167,40 +1163,46 @@ fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
         refused(Group::new_node(&comm, odd).map(|_| ()), "shape")?;
         let mut group = Group::new_node(&comm, shape).map_err(err)?;
         group.set_timeout(PATIENT).map_err(err)?;
-        let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+        // Every rank reaches the teardown below even after a failure, so a peer never waits
+        // for it forever (and no rank frees its buffer while the other still writes into it).
         let s = group.stream().clone();
-        for round in 0..2 {
-            let what = format!("rank {me} round {round}");
-            let mut bad = all_ranks(seed ^ round, &shape, &[32, 11], 4);
-            bad[1].idx[3] = 8;
-            let bad_dev = upload_ranks(&s, &shape, &bad[me..=me])?;
-            refused(group.dispatch(&inputs(&bad_dev)).map(|_| ()), "topk_idx").map_err(|e| format!("{what}: {e}"))?;
-            let all = all_ranks(seed ^ 0x100 ^ round, &shape, &[32, 11], 4);
-            let dev = upload_ranks(&s, &shape, &all[me..=me])?;
-            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
-            let want = dispatch(&routings(&all), &cfg).map_err(err)?;
-            check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
-            check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x200 ^ round, &what)?;
-        }
-        group.check().map_err(err)?;
-        // Rank 1 skips a round: rank 0's wait for its counts times out, and dispatch says who.
-        if me == 0 {
-            group.set_timeout(std::time::Duration::from_millis(20)).map_err(err)?;
-            let all = all_ranks(seed ^ 0x300, &shape, &[32, 11], 4);
-            let dev = upload_ranks(&s, &shape, &all[..1])?;
-            match group.dispatch(&inputs(&dev)) {
-                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal NOTIFY") => {}
-                other => return Err(format!("dispatch with a silent peer: {:?}", other.map(|_| ())).into()),
+        let result = (|| -> TestResult {
+            let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+            for round in 0..2 {
+                let what = format!("rank {me} round {round}");
+                let mut bad = all_ranks(seed ^ round, &shape, &[32, 11], 4);
+                bad[1].idx[3] = 8;
+                let bad_dev = upload_ranks(&s, &shape, &bad[me..=me])?;
+                refused(group.dispatch(&inputs(&bad_dev)).map(|_| ()), "topk_idx").map_err(|e| format!("{what}: {e}"))?;
+                let all = all_ranks(seed ^ 0x100 ^ round, &shape, &[32, 11], 4);
+                let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+                let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+                let want = dispatch(&routings(&all), &cfg).map_err(err)?;
+                check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
+                check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x200 ^ round, &what)?;
             }
-            match group.check() {
-                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal") => {}
-                other => return Err(format!("check after the timeout: {other:?}").into()),
+            group.check().map_err(err)?;
+            // Rank 1 skips a round: rank 0's wait for its counts times out, and dispatch says who.
+            if me == 0 {
+                group.set_timeout(std::time::Duration::from_millis(20)).map_err(err)?;
+                let all = all_ranks(seed ^ 0x300, &shape, &[32, 11], 4);
+                let dev = upload_ranks(&s, &shape, &all[..1])?;
+                match group.dispatch(&inputs(&dev)) {
+                    Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal NOTIFY") => {}
+                    other => return Err(format!("dispatch with a silent peer: {:?}", other.map(|_| ())).into()),
+                }
+                match group.check() {
+                    Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal") => {}
+                    other => return Err(format!("check after the timeout: {other:?}").into()),
+                }
+                group.check().map_err(|e| format!("a second check still reports: {e}"))?;
             }
-            group.check().map_err(|e| format!("a second check still reports: {e}"))?;
-        }
-        group.set_timeout(PATIENT).map_err(err)?;
+            Ok(())
+        })();
+        let _ = group.set_timeout(PATIENT);
         host_barrier.wait();
         drop(group);
+        result?;
         s.synchronize().map_err(err)?;
         Ok(())
     })
@@ -1221,74 +1223,55 @@ fn node_group_receive_timeout_poisons(gpu: &Gpu) -> TestResult {
         let s = group.stream().clone();
         let all = all_ranks(seed, &shape, &[32, 32], 4);
         let dev = upload_ranks(&s, &shape, &all[me..=me])?;
-        if me == 1 {
-            match group.dispatch(&inputs(&dev)) {
-                Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
-                other => return Err(format!("rank 1's dispatch without rank 0: {:?}", other.map(|_| ())).into()),
-            }
+        // Every barrier is reached whatever a check finds, so no rank waits for the other forever.
+        let result = if me == 1 {
+            let first = group.dispatch(&inputs(&dev)).map(|_| ());
             rank1_gave_up.wait();
-            match group.check() {
-                Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
-                other => return Err(format!("rank 1's check: {other:?}").into()),
-            }
+            (|| -> TestResult {
+                match first {
+                    Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
+                    other => return Err(format!("rank 1's dispatch without rank 0: {other:?}").into()),
+                }
+                match group.check() {
+                    Err(Error::Communication { rank: 1, reason }) if reason.contains("rank 0 did not signal NOTIFY") => {}
+                    other => return Err(format!("rank 1's check: {other:?}").into()),
+                }
+                Ok(())
+            })()
         } else {
             rank1_gave_up.wait();
-            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
-            let g = &got[0];
-            let m_idx = s.clone_dtoh(&g.m_indices).map_err(err)?;
-            let weights = s.clone_dtoh(&g.weights).map_err(err)?;
-            let src = s.clone_dtoh(&g.handle.src()).map_err(err)?;
-            let (x, sf) = download_rows(&s, &g.x)?;
-            let kb = shape.hidden / 128;
-            ensure(g.rows > 0, || "no rows: nothing to check".into())?;
-            for row in 0..g.rows {
-                ensure(src[row] == -1, || format!("row {row} of a timed-out receive has a source"))?;
-                if m_idx[row] >= 0 {
-                    ensure(weights[row].is_nan() && (0..kb).all(|k| sf[k * g.rows + row].is_nan()), || {
-                        format!("row {row}: weight or scales not poisoned")
-                    })?;
-                    ensure(x[row * shape.hidden..(row + 1) * shape.hidden].iter().all(|&b| b == 0xff), || {
-                        format!("row {row}: payload not NaN")
-                    })?;
+            (|| -> TestResult {
+                let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+                let g = &got[0];
+                let m_idx = s.clone_dtoh(&g.m_indices).map_err(err)?;
+                let weights = s.clone_dtoh(&g.weights).map_err(err)?;
+                let src = s.clone_dtoh(&g.handle.src()).map_err(err)?;
+                let (x, sf) = download_rows(&s, &g.x)?;
+                let kb = shape.hidden / 128;
+                ensure(g.rows > 0, || "no rows: nothing to check".into())?;
+                for row in 0..g.rows {
+                    ensure(src[row] == -1, || format!("row {row} of a timed-out receive has a source"))?;
+                    if m_idx[row] >= 0 {
+                        ensure(weights[row].is_nan() && (0..kb).all(|k| sf[k * g.rows + row].is_nan()), || {
+                            format!("row {row}: weight or scales not poisoned")
+                        })?;
+                        ensure(x[row * shape.hidden..(row + 1) * shape.hidden].iter().all(|&b| b == 0xff), || {
+                            format!("row {row}: payload not NaN")
+                        })?;
+                    }
                 }
-            }
-            match group.check() {
-                Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal DISPATCH") => {}
-                other => return Err(format!("rank 0's check: {other:?}").into()),
-            }
-        }
-        // Teardown with the long limit: a barrier that gave up early would free this rank's buffer
-        // while the peer's barrier still signals into it.
-        group.set_timeout(PATIENT).map_err(err)?;
+                match group.check() {
+                    Err(Error::Communication { rank: 0, reason }) if reason.contains("rank 1 did not signal DISPATCH") => {}
+                    other => return Err(format!("rank 0's check: {other:?}").into()),
+                }
+                Ok(())
+            })()
+        };
+        let _ = group.set_timeout(PATIENT);
         done.wait();
         drop(group);
+        result?;
         s.synchronize().map_err(err)?;
-        Ok(())
-    })
-}
-
-/// Dropping a node group waits for the peers: rank 0 drops its group right after its combine's
-/// send, while rank 1's send, which writes into rank 0's buffer, is still to come. The barrier in
-/// drop holds rank 0's buffer until rank 1 is done with it (without it, rank 1 writes into freed
-/// memory, which the simulator reports and a GPU faults on).
-fn node_group_drop_waits_for_peers(gpu: &Gpu) -> TestResult {
-    let seed = gpu.seed ^ 0x6472_6f70;
-    on_ranks(|me, comm| {
-        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Bf16);
-        let mut group = Group::new_node(&comm, shape).map_err(err)?;
-        group.set_timeout(PATIENT).map_err(err)?;
-        let s = group.stream().clone();
-        let all = all_ranks(seed, &shape, &[32, 32], 4);
-        let dev = upload_ranks(&s, &shape, &all[me..=me])?;
-        let got = group.dispatch(&inputs(&dev)).map_err(err)?;
-        if me == 1 {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
-        let y = zeros_for(&s, &got[0].handle, shape.hidden)?;
-        group.combine_send(&y.slice(..got[0].rows * shape.hidden), &got[0].handle).map_err(err)?;
-        drop(got);
-        drop(group);
-        s.synchronize().map_err(|e| format!("rank {me} after the drop: {e}"))?;
         Ok(())
     })
 }
