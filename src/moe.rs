@@ -180,7 +180,7 @@ pub fn expert_stage(
     let mut ys = Vec::with_capacity(received.len());
     for (d, e) in received.iter().zip(experts) {
         let m = d.rows;
-        let mut y = stream.alloc_zeros::<bf16>((m * h).max(1))?;
+        let mut y = stream.alloc_zeros::<bf16>((m * h).max(h))?; // one row when empty: combine's rule for y
         if m > 0 {
             let (q, sf) = d.x.fp8().expect("an FP8 group receives FP8 rows");
             let a = Fp8Activations { q: q.slice(..m * h), sf: sf.slice(..h / GROUP * m) };
