@@ -169,19 +169,14 @@ fn normal(gpu: &mut GpuBench, c: &mut Criterion) {
         let ins = inputs(&data);
         // A dispatch must be combined before the next one: every round runs both, and times one.
         let mut round = |span: &Span<'_>, time_dispatch: bool| {
-            if time_dispatch {
-                span.start();
-            }
-            let got = ep.dispatch(&ins).expect("dispatch");
-            if time_dispatch {
-                span.stop();
-            } else {
-                span.start();
-            }
-            ep.combine(&ys, &got).expect("combine");
-            if !time_dispatch {
-                span.stop();
-            }
+            span.one_of_two(
+                &mut ep,
+                time_dispatch,
+                |ep| ep.dispatch(&ins).expect("dispatch"),
+                |ep, got| {
+                    ep.combine(&ys, &got).expect("combine");
+                },
+            )
         };
         group.throughput(Throughput::Bytes(dispatch_bytes as u64));
         group.bench_function(BenchmarkId::new(format!("dispatch_fp8_{tname}"), ranks), |b| {
@@ -252,19 +247,14 @@ fn low_latency(gpu: &mut GpuBench, c: &mut Criterion) {
         let shape_json = json!({"ranks": ranks, "tokens_per_rank": tokens, "hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "sms": sms});
         // A dispatch must be combined before the next one: every round runs both, and times one.
         let mut round = |span: &Span<'_>, time_dispatch: bool| {
-            if time_dispatch {
-                span.start();
-            }
-            let got = ep.dispatch_low_latency(&ins).expect("dispatch");
-            if time_dispatch {
-                span.stop();
-            } else {
-                span.start();
-            }
-            ep.combine(&ys, &got).expect("combine");
-            if !time_dispatch {
-                span.stop();
-            }
+            span.one_of_two(
+                &mut ep,
+                time_dispatch,
+                |ep| ep.dispatch_low_latency(&ins).expect("dispatch"),
+                |ep, got| {
+                    ep.combine(&ys, &got).expect("combine");
+                },
+            )
         };
         group.bench_function(BenchmarkId::new("dispatch_fp8", ranks), |b| b.iter_custom(|iters| gpu.time_spans(iters, |s| round(s, true))));
         let median_us = gpu.median_span_us(|s| round(s, true));

@@ -305,4 +305,22 @@ impl Span<'_> {
     pub fn stop(&self) {
         self.events.1.record(self.stream).expect("record end");
     }
+
+    /// One round of a two-call protocol on `e` (an EP dispatch, then its combine), timing only the
+    /// first call (`time_first`) or only the second.
+    pub fn one_of_two<E, T>(&self, e: &mut E, time_first: bool, first: impl FnOnce(&mut E) -> T, second: impl FnOnce(&mut E, T)) {
+        if time_first {
+            self.start();
+        }
+        let t = first(e);
+        if time_first {
+            self.stop();
+        } else {
+            self.start();
+        }
+        second(e, t);
+        if !time_first {
+            self.stop();
+        }
+    }
 }
