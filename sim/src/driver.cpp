@@ -94,10 +94,15 @@ CUresult sync_stream(Lock& l, Stream* s) {
     return s->error;
 }
 
-CUresult sync_all(Lock& l) {
+// Waits until every operation enqueued so far on `device` is done; returns the first error among
+// them. One
+// device's implicit synchronisations (cuCtxSynchronize, cuMemFree, ...) never wait for another's
+// work: simulated devices stand for the GPUs of separate processes, and a rank that frees memory
+// must not wait for a peer's kernel that waits, in turn, for this rank.
+CUresult sync_device(Lock& l, int device) {
     std::vector<OpPtr> lasts;
     for (Stream* s : eng().streams) {
-        if (s->last) {
+        if (s->last && s->ctx->device == device) {
             lasts.push_back(s->last);
         }
     }
@@ -413,7 +418,7 @@ DKSIM_API CUresult cuCtxDestroy_v2(CUcontext c) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
     Lock l = locked();
-    sync_all(l);
+    sync_device(l, ctx_of(c)->device);
     if (t_current == ctx_of(c)) {
         t_current = nullptr;
     }
@@ -459,7 +464,7 @@ DKSIM_API CUresult cuCtxGetDevice(CUdevice* d) {
 
 DKSIM_API CUresult cuCtxSynchronize() {
     Lock l = locked();
-    return sync_all(l);
+    return sync_device(l, current_context()->device);
 }
 
 DKSIM_API CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
@@ -540,8 +545,8 @@ DKSIM_API CUresult cuMemFree_v2(CUdeviceptr p) {
         return CUDA_SUCCESS;
     }
     Lock l = locked();
-    // As cudaFree does, wait for the device: work still in flight may use the memory.
-    sync_all(l);
+    // As cudaFree does, wait for the (current) device: work still in flight may use the memory.
+    sync_device(l, current_context()->device);
     return mem_free(p, MemKind::Device);
 }
 
@@ -598,7 +603,7 @@ DKSIM_API CUresult cuMemFreeHost(void* p) {
         return CUDA_SUCCESS;
     }
     Lock l = locked();
-    sync_all(l);
+    sync_device(l, current_context()->device);
     return mem_free(reinterpret_cast<uintptr_t>(p), MemKind::Host);
 }
 

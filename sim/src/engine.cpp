@@ -454,12 +454,17 @@ void take(Sm& sm, const Kernel& k, int sign) {
     sm.shared += sign * k.cta_shared;
 }
 
-// Makes CTAs resident on SMs with room, kernels in the order they started (a kernel's CTAs are
-// all placed before the next kernel's, as the hardware's work distributor does).
+// Makes CTAs resident on SMs with room, each device's kernels in the order they started (a
+// kernel's CTAs are all placed before the next kernel's of its device, as the hardware's work
+// distributor does; a full device never holds back another's kernels).
 void dispatch_ctas() {
     Engine& g = eng();
     const int per_device = config().sms;
+    std::vector<bool> full(size_t(config().devices), false);
     for (Kernel* k : g.active) {
+        if (full[size_t(k->device)]) {
+            continue;
+        }
         while (k->next_cta < k->ctas_total) {
             int found = -1;
             for (int i = 0; i < per_device; ++i) {
@@ -470,7 +475,8 @@ void dispatch_ctas() {
                 }
             }
             if (found < 0) {
-                return;
+                full[size_t(k->device)] = true;
+                break;
             }
             eng().sm_cursor = (found % per_device) + 1;
             take(g.sms[found], *k, 1);
@@ -952,7 +958,10 @@ void stuck(std::unique_lock<std::mutex>& lock) {
     if (!check_waiters()) {
         return;
     }
-    if (eng().callbacks_running > 0) {
+    // A host thread whose wait is over but that has not woken yet (it needs this lock) is about
+    // to do more host work: let it run before deciding anything. So is a host callback.
+    const bool waking = std::any_of(g.waiters.begin(), g.waiters.end(), [](const Waiter* w) { return w->done; });
+    if (waking || eng().callbacks_running > 0) {
         g.gpu_cv.wait_for(lock, std::chrono::milliseconds(5));
         return;
     }
@@ -960,8 +969,9 @@ void stuck(std::unique_lock<std::mutex>& lock) {
     // activity or the last time jump, whichever is later).
     const auto now = std::chrono::steady_clock::now();
     const auto idle = now - std::max(g.host_activity, g.last_jump);
-    if (eng().blocking_waiters < g_host_threads.load() && idle < std::chrono::milliseconds(config().grace_ms)) {
-        if (config().verbose) { std::fprintf(stderr, "dksim: stuck, waiting for host work (%d of %d host threads wait)\n", eng().blocking_waiters, g_host_threads.load()); }
+    const int waiting = static_cast<int>(std::count_if(g.waiters.begin(), g.waiters.end(), [](const Waiter* w) { return !w->done && !w->query; }));
+    if (waiting < g_host_threads.load() && idle < std::chrono::milliseconds(config().grace_ms)) {
+        if (config().verbose) { std::fprintf(stderr, "dksim: stuck, waiting for host work (%d of %d host threads wait)\n", waiting, g_host_threads.load()); }
         g.gpu_cv.wait_for(lock, std::chrono::milliseconds(20));
         return;
     }
@@ -1121,10 +1131,8 @@ void wait_until(std::unique_lock<std::mutex>& lock, std::function<bool()> ready)
     Waiter w;
     w.ready = std::move(ready);
     g.waiters.push_back(&w);
-    ++eng().blocking_waiters;
     g.gpu_cv.notify_one();
     w.cv.wait(lock, [&] { return w.done; });
-    --eng().blocking_waiters;
     g.waiters.erase(std::remove(g.waiters.begin(), g.waiters.end(), &w), g.waiters.end());
 }
 
@@ -1243,6 +1251,31 @@ void deadlock() {
         }
         if (!s->queue.empty() && s->queue.front()->kind == OpKind::Comm && s->queue.front()->started && !s->queue.front()->done) {
             os << "  stream " << s->id << ": " << comm_op_waiting(*s->queue.front()) << "\n";
+        }
+    }
+    // Operations that have not started, and what each waits for: an earlier operation of another
+    // stream (an event, the legacy default stream) or a kernel that finds no room on its device.
+    for (Stream* s : g.streams) {
+        if (s->queue.empty() || s->queue.front()->started) {
+            continue;
+        }
+        const Op& op = *s->queue.front();
+        os << "  stream " << s->id << " (device " << s->ctx->device << "): " << op.api << " has not started";
+        bool first = true;
+        for (const OpPtr& d : op.deps) {
+            if (!d->done) {
+                os << (first ? "; it waits for " : ", ") << d->api << " on stream " << d->stream->id << (d->started ? " (running)" : " (not started)");
+                first = false;
+            }
+        }
+        os << " (" << s->queue.size() << " operation" << (s->queue.size() == 1 ? "" : "s") << " queued)\n";
+    }
+    for (Stream* s : g.streams) {
+        if (!s->queue.empty() && s->queue.front()->kind == OpKind::Kernel && s->queue.front()->started && s->queue.front()->kernel != nullptr &&
+            s->queue.front()->kernel->next_cta < s->queue.front()->kernel->ctas_total) {
+            const Kernel* k = s->queue.front()->kernel;
+            os << "  kernel " << k->name << " (launch #" << k->serial << ") on stream " << s->id << ": " << (k->ctas_total - k->next_cta)
+               << " CTAs find no room on device " << k->device << "\n";
         }
     }
     os << "  seed: DEEPKERN_SIM_SEED=" << config().seed << " reproduces this run (run the test alone, --test-threads=1)\n";

@@ -472,7 +472,6 @@ struct Engine {
     std::deque<OpPtr> callbacks;
     std::condition_variable callback_cv;
     int callbacks_running = 0;
-    int blocking_waiters = 0;
 
     Thread* running = nullptr;  // the fiber now running, if any
     void* sched_sp = nullptr;   // the GPU thread's own context while a fiber runs
