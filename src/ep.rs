@@ -52,7 +52,7 @@ use crate::gemm::ARRIVAL_ROWS;
 use crate::launch::{Launch, check_aligned, ffi_call, int_arg};
 use crate::layout::{GROUP, tma_aligned_rows};
 pub use crate::plan::ep::{GroupShape, Payload, SymmetricLayout, Transport};
-use crate::plan::ep::{ll_scale_stride, normal_rows, staged_run};
+use crate::plan::ep::{ll_scale_stride, normal_rows, notify_slot, staged_run};
 use crate::reference::ep::{EpConfig, Layout};
 
 /// Most ranks the EP kernels handle (a token's rank set is a 64-bit mask).
@@ -167,6 +167,7 @@ const NOTIFY: usize = ffi::DK_EP_SIGNAL_NOTIFY as usize;
 const DISPATCH: usize = ffi::DK_EP_SIGNAL_DISPATCH as usize;
 const LL_DISPATCH: usize = ffi::DK_EP_SIGNAL_LL_DISPATCH as usize;
 const COMBINE: usize = ffi::DK_EP_SIGNAL_COMBINE as usize;
+const BARRIER: usize = ffi::DK_EP_SIGNAL_BARRIER as usize;
 const KINDS: usize = ffi::DK_EP_SIGNAL_KINDS as usize;
 const KIND_NAMES: [&str; KINDS] = ["NOTIFY (normal dispatch counts)", "DISPATCH", "LL_DISPATCH", "COMBINE", "BARRIER (group teardown)"];
 
@@ -515,7 +516,8 @@ struct NodeBuffers {
 }
 
 impl Drop for NodeBuffers {
-    /// Waits for the context's work, then unmaps the peers' buffers, then frees this one.
+    /// Runs after `Group::drop`'s barrier (or when a group fails to form, before any peer mapped
+    /// this buffer): waits for the context's work, unmaps the peers' buffers, frees this one.
     fn drop(&mut self) {
         // Errors cannot be reported from drop; the context is bound so the calls address it.
         let _ = self.ctx.bind_to_thread();
@@ -1185,7 +1187,8 @@ impl Group {
         // Every rank holds the same all-gathered counts, invalid-slot counts and error bits once all
         // notifies ran, so every rank refuses a round together, and the epochs stay in step.
         let (r, e) = (self.shape.ranks, self.shape.num_experts);
-        let bytes = self.read_local(first, self.layout.counts, r * e * 4)?;
+        let slot = notify_slot(self.epochs[first][NOTIFY]);
+        let bytes = self.read_local(first, self.layout.counts + slot * r * e * 4, r * e * 4)?;
         let counts: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
         for &rank in &local {
             let (bits, timeout) = self.read_errors(rank)?;
@@ -1193,8 +1196,8 @@ impl Group {
                 return Err(self.error_of(rank, bits, timeout));
             }
         }
-        let status = self.read_words(first, ffi::DK_EP_PEER_ERROR_WORD as usize, 2 * MAX_RANKS)?;
-        let (published, invalid) = status.split_at(MAX_RANKS);
+        let invalid = self.read_words(first, ffi::DK_EP_NOTIFY_INVALID_WORD as usize + slot * MAX_RANKS, r)?;
+        let published = self.read_words(first, ffi::DK_EP_NOTIFY_ERROR_WORD as usize + slot * MAX_RANKS, r)?;
         let publishable = ffi::DK_EP_ERROR_TIMEOUT | ffi::DK_EP_ERROR_OVERFLOW;
         if let Some(s) = (0..r).find(|&s| published[s] & publishable != 0) {
             return Err(Error::Communication {
@@ -1254,6 +1257,7 @@ impl Group {
     fn nccl_notify(&mut self, rank: usize, prep: &Prepared) -> Result<()> {
         let (r, e) = (self.shape.ranks, self.shape.num_experts);
         let l = self.layout;
+        let slot = notify_slot(self.epochs[rank][NOTIFY]);
         let stream = self.stream.clone();
         let Storage::Nccl { own, comm, .. } = &mut self.storage else {
             return Ok(());
@@ -1266,20 +1270,26 @@ impl Group {
         let src = own.slice(at..at + 4);
         // SAFETY: 4 bytes, 4-byte aligned (regions are 256-aligned), any bits are a valid u32.
         stream.memcpy_dtod(&unsafe { src.transmute::<u32>(1) }.expect("one u32"), &mut error)?;
-        let mut counts = own.slice_mut(l.counts..l.counts + r * e * 4);
-        // SAFETY: the counts region holds r·e i32 (4-byte aligned: regions are 256-aligned).
+        let at = l.counts + slot * r * e * 4;
+        let mut counts = own.slice_mut(at..at + r * e * 4);
+        // SAFETY: the counts region holds NOTIFY_SLOTS tables of r·e i32 (4-byte aligned: regions
+        // are 256-aligned).
         let mut counts = unsafe { counts.transmute_mut::<i32>(r * e) }.expect("the counts region holds ranks × experts i32");
         comm.all_gather(&prep.layout.tokens_per_expert.slice(..e), &mut counts).map_err(|err| nccl("counts", err))?;
-        let at = word(ffi::DK_EP_PEER_INVALID_WORD);
+        let at = word(ffi::DK_EP_NOTIFY_INVALID_WORD) + slot * MAX_RANKS * 4;
         let mut invalid = own.slice_mut(at..at + r * 4);
-        // SAFETY: the signals region holds MAX_RANKS invalid-slot words from `at`.
+        // SAFETY: the signals region holds MAX_RANKS invalid-slot words per slot from `at`.
         let mut invalid = unsafe { invalid.transmute_mut::<i32>(r) }.expect("ranks i32");
         comm.all_gather(&prep.layout.num_invalid, &mut invalid).map_err(|err| nccl("invalid slots", err))?;
-        let at = word(ffi::DK_EP_PEER_ERROR_WORD);
+        let at = word(ffi::DK_EP_NOTIFY_ERROR_WORD) + slot * MAX_RANKS * 4;
         let mut published = own.slice_mut(at..at + r * 4);
-        // SAFETY: the signals region holds MAX_RANKS published-error words from `at`.
+        // SAFETY: the signals region holds MAX_RANKS notify error words per slot from `at`.
         let mut published = unsafe { published.transmute_mut::<u32>(r) }.expect("ranks u32");
         comm.all_gather(&error, &mut published).map_err(|err| nccl("error words", err))?;
+        // The receive kernels look for published errors where a peer's signal leaves them.
+        let (from, to) = (at, word(ffi::DK_EP_PEER_ERROR_WORD));
+        let (mut head, tail) = own.split_at_mut(from);
+        stream.memcpy_dtod(&tail.slice(..r * 4), &mut head.slice_mut(to..to + r * 4))?;
         Ok(())
     }
 
@@ -1836,6 +1846,35 @@ impl Group {
         }
         self.stream.synchronize()?;
         first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Group {
+    /// A node group's ranks write into each other's buffers: before this rank unmaps its peers'
+    /// buffers and frees its own, its stream's work completes and every rank passes a device
+    /// barrier (so no peer's queued work still writes here). Every rank must drop its group; a
+    /// rank whose peers never do waits [`Group::timeout`] before it tears down anyway.
+    fn drop(&mut self) {
+        let Storage::Node(node) = &self.storage else {
+            return;
+        };
+        let rank = node.rank;
+        let _ = self.stream.synchronize();
+        let epoch = self.bump(rank, BARRIER);
+        let barrier = || -> Result<()> {
+            let mut launch = Launch::new("ep_barrier", &self.stream)?;
+            let peers = launch.input(&self.peers);
+            let params = ffi::dk_ep_wait_params { group: self.params(rank, epoch, peers), kind: BARRIER as i32 };
+            let s = launch.stream();
+            // SAFETY: as in send_tokens; the kernel writes one signal word into every peer's
+            // buffer and reads this rank's.
+            let status = ffi_call!(unsafe dk_ep_barrier(&params, s));
+            launch.finish(status)?;
+            self.stream.synchronize()?;
+            Ok(())
+        };
+        // Errors cannot be reported from drop; NodeBuffers::drop then unmaps and frees.
+        let _ = barrier();
     }
 }
 

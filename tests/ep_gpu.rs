@@ -28,8 +28,13 @@
 //! - `node_group_failures_are_loud` (two ranks, one GPU each): differing shapes are refused by
 //!   both ranks; a round with one rank's invalid expert is refused by both and the next rounds
 //!   are right; a silent peer makes dispatch fail naming it; `check` reads and clears the error.
+//! - `node_group_refusals_in_a_row` (two ranks): rounds refused back to back, the rank with the
+//!   invalid expert alternating, then a good round: each refusal names the right rank on both
+//!   (a rank that refused may notify its next round before its peer has read the refused one).
 //! - `node_group_receive_timeout_poisons` (two ranks): a normal receive whose peer never sends
 //!   times out and returns NaN rows without sources; each rank's `check` names the other.
+//! - `node_group_drop_waits_for_peers` (two ranks): a rank dropping its group while its peer's
+//!   writes into its buffer are still queued waits for them (the drop's barrier).
 //! - `node_group_of_one_process`: a node group (CUDA IPC export, handle all-gather over NCCL) at
 //!   world size 1: both dispatch modes and combine equal the reference.
 //! - `node_group_of_two_ranks`, `nccl_group_of_two_ranks`: two ranks, each on a host thread of its
@@ -85,6 +90,8 @@ fn main() {
             ("nccl_group_of_one_process", nccl_group_of_one_process),
             ("node_group_of_two_ranks", node_group_of_two_ranks),
             ("node_group_failures_are_loud", node_group_failures_are_loud),
+            ("node_group_refusals_in_a_row", node_group_refusals_in_a_row),
+            ("node_group_drop_waits_for_peers", node_group_drop_waits_for_peers),
             ("node_group_receive_timeout_poisons", node_group_receive_timeout_poisons),
             ("nccl_group_of_two_ranks", nccl_group_of_two_ranks),
         ],
@@ -92,6 +99,8 @@ fn main() {
         &[
             ("node_group_of_two_ranks", one_gpu_per_rank),
             ("node_group_failures_are_loud", one_gpu_per_rank),
+            ("node_group_refusals_in_a_row", one_gpu_per_rank),
+            ("node_group_drop_waits_for_peers", one_gpu_per_rank),
             ("node_group_receive_timeout_poisons", one_gpu_per_rank),
             ("nccl_group_of_two_ranks", one_gpu_per_rank),
         ],
@@ -1080,7 +1089,13 @@ fn on_ranks(body: impl Fn(usize, deepkern::cudarc::nccl::Comm) -> TestResult + S
                     let device = deepkern::Device::new(r).map_err(err)?;
                     let stream = device.new_stream().map_err(err)?;
                     let comm = deepkern::cudarc::nccl::Comm::from_rank(stream, r, RANKS, id).map_err(|e| format!("NCCL init: {e:?}"))?;
-                    body(r, comm)
+                    let result = body(r, comm);
+                    if let Err(e) = &result {
+                        // Said at once: a peer that waits for this rank may hang long before the
+                        // test reports.
+                        eprintln!("rank {r} failed: {}", e.message().unwrap_or("failed"));
+                    }
+                    result
                 })
             })
             .collect();
@@ -1204,6 +1219,75 @@ fn node_group_failures_are_loud(gpu: &Gpu) -> TestResult {
         drop(group);
         result?;
         s.synchronize().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// Refused rounds back to back: in round i, rank i % 2 names an expert outside the group (slots
+/// i + 1 of its tokens), so the round is refused by both ranks, and the refusal names that rank
+/// and count. A rank that refused goes straight on to its next notify while its peer may still
+/// read the refused round: what each reads must be that round's. A good round follows. (Whether
+/// a run opens that window depends on how the host threads are scheduled; on the simulator
+/// it is rare, so this test guards the pattern rather than proving the ordering.)
+fn node_group_refusals_in_a_row(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x726f_7773;
+    let host_barrier = std::sync::Barrier::new(RANKS);
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Fp8);
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
+        let s = group.stream().clone();
+        let result = (|| -> TestResult {
+            let cfg = EpConfig { ranks: RANKS, num_experts: 8, m_align: shape.m_align };
+            for round in 0..6u64 {
+                let bad_rank = (round % 2) as usize;
+                let invalid = round as usize + 1;
+                let mut all = all_ranks(seed ^ round, &shape, &[24, 17], 4);
+                all[bad_rank].idx[..invalid].fill(8);
+                let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+                match group.dispatch(&inputs(&dev)) {
+                    Err(Error::InvalidArgument { arg: "topk_idx", reason })
+                        if reason.starts_with(&format!("rank {bad_rank}: {invalid} slots")) => {}
+                    other => return Err(format!("rank {me} round {round}: {:?}", other.map(|_| ())).into()),
+                }
+            }
+            let all = all_ranks(seed ^ 0x100, &shape, &[24, 17], 4);
+            let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+            let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+            let want = dispatch(&routings(&all), &cfg).map_err(err)?;
+            let what = format!("rank {me} after the refusals");
+            check_dispatched(&shape, &all, me, &got[0], &want[me], &s, &what)?;
+            check_combine_rank(&mut group, &all, me, &want, &got[0].handle, seed ^ 0x200, &what)
+        })();
+        host_barrier.wait();
+        drop(group);
+        result?;
+        s.synchronize().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// A rank that drops its group while its peer still has a combine send queued (that writes into
+/// this rank's buffer) must not free the buffer first: rank 1 sends 300 ms after rank 0 dropped.
+/// On the simulator, a write into freed memory fails the test.
+fn node_group_drop_waits_for_peers(gpu: &Gpu) -> TestResult {
+    let seed = gpu.seed ^ 0x6472_6f70;
+    on_ranks(|me, comm| {
+        let shape = GroupShape::new(RANKS, 8, 256, 32, 4, Payload::Bf16);
+        let mut group = Group::new_node(&comm, shape).map_err(err)?;
+        group.set_timeout(PATIENT).map_err(err)?;
+        let s = group.stream().clone();
+        let all = all_ranks(seed, &shape, &[32, 32], 4);
+        let dev = upload_ranks(&s, &shape, &all[me..=me])?;
+        let got = group.dispatch(&inputs(&dev)).map_err(err)?;
+        if me == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let y = zeros_for(&s, &got[0].handle, shape.hidden)?;
+        group.combine_send(&y.slice(..got[0].rows * shape.hidden), &got[0].handle).map_err(err)?;
+        drop(got);
+        drop(group);
+        s.synchronize().map_err(|e| format!("rank {me} after the drop: {e}"))?;
         Ok(())
     })
 }

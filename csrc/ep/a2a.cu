@@ -247,15 +247,30 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- normal dispatch ------------------------------------------------------------------------
 
+// Parity slot of the notify of the group's epoch: the counts region and the notify words have two
+// (see the header: a rank is at most one round ahead of a peer that still reads them).
+__device__ __forceinline__ int notify_slot(const dk_ep_group_t& g) {
+    return static_cast<int>(g.epoch & 1u);
+}
+
+// The counts table [ranks, num_experts] of the epoch's parity in the buffer at `base`.
+__device__ __forceinline__ int32_t* counts_of(const dk_ep_group_t& g, void* base) {
+    return region<int32_t>(base, g.off_counts) + int64_t(notify_slot(g)) * g.ranks * g.num_experts;
+}
+
 __global__ void __launch_bounds__(kThreads)
     notify_kernel(dk_ep_group_t g, const int32_t* __restrict__ tokens_per_expert, const int32_t* __restrict__ num_invalid) {
+    const int slot = notify_slot(g) * DK_EP_MAX_RANKS + g.rank;
+    const uint32_t errors = ptx::ld_relaxed_sys_global_u32(own_signals(g) + DK_EP_ERROR_WORD) & kPublishedErrors;
     for (int r = 0; r < g.ranks; ++r) {
-        int32_t* dst = region<int32_t>(peer(g, r), g.off_counts) + int64_t(g.rank) * g.num_experts;
+        int32_t* dst = counts_of(g, peer(g, r)) + int64_t(g.rank) * g.num_experts;
         for (int e = threadIdx.x; e < g.num_experts; e += kThreads) {
             dst[e] = tokens_per_expert[e];
         }
         if (threadIdx.x == 0) {
-            region<int32_t>(peer(g, r), g.off_signals)[DK_EP_PEER_INVALID_WORD + g.rank] = *num_invalid;
+            uint32_t* signals = region<uint32_t>(peer(g, r), g.off_signals);
+            signals[DK_EP_NOTIFY_INVALID_WORD + slot] = static_cast<uint32_t>(*num_invalid);
+            signals[DK_EP_NOTIFY_ERROR_WORD + slot] = errors;
         }
     }
     if (last_block_done(g, DK_EP_SIGNAL_NOTIFY)) {
@@ -266,7 +281,7 @@ __global__ void __launch_bounds__(kThreads)
 // For every expert, the first row of this rank's pairs on the expert's rank (s_base), and for
 // every rank the rows its local experts fill (s_rows), from the all-gathered counts.
 __device__ __forceinline__ void plan_rows(const dk_ep_group_t& g, int* s_base, int* s_pad, int64_t* s_rows) {
-    const int32_t* counts = region<int32_t>(peer(g, g.rank), g.off_counts);
+    const int32_t* counts = counts_of(g, peer(g, g.rank));
     for (int e = threadIdx.x; e < g.num_experts; e += kThreads) {
         int total = 0, before = 0;
         for (int s = 0; s < g.ranks; ++s) {
@@ -476,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(dk_ep_dispatch_
     DK_SHARED(int64_t[DK_EP_MAX_RANKS], s_inbase);  // staged only
     const bool poison = must_poison(g, wait_all(g, DK_EP_SIGNAL_DISPATCH));
     const int el = g.num_experts / g.ranks;
-    const int32_t* counts = region<int32_t>(peer(g, g.rank), g.off_counts);
+    const int32_t* counts = counts_of(g, peer(g, g.rank));
     const auto count = [&](int s, int le) { return max(counts[int64_t(s) * g.num_experts + g.rank * el + le], 0); };
     for (int le = threadIdx.x; le < el; le += kThreads) {
         int total = 0;

@@ -378,8 +378,10 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  *   signals   u32 [DK_EP_SIGNAL_WORDS]: per kind and source rank, the epoch of the last signal;
  *             per kind a block-completion counter; this rank's error word (DK_EP_ERROR_* bits)
  *             and the first wait that timed out (DK_EP_TIMEOUT_WORD); per source rank, the error
- *             bits it published with its last signal and the invalid slots of its last notify
- *   counts    i32 [ranks, num_experts]: every source rank's tokens_per_expert (normal dispatch)
+ *             bits it published with its last signal; per epoch parity and source rank, the
+ *             invalid slots and error bits of its notify of that parity
+ *   counts    i32 [2, ranks, num_experts]: per epoch parity, every source rank's tokens_per_expert
+ *             (normal dispatch; the notify of epoch e writes slot e & 1, see below)
  *   ll_counts i32 [experts_per_rank, ranks]: rows each source sent to each local expert (low latency)
  *   recv_*    normal-mode staging: x [recv_rows, hidden] (payload), sf f32 [hidden / 128, recv_rows],
  *             weight f32 [recv_rows], src i32 [recv_rows]
@@ -416,7 +418,10 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
  *
  * The caller passes each launch the epoch of its round: the normal dispatch's notify, send and
  * receive share one epoch (the send waits for NOTIFY and signals DISPATCH at it), so a round that
- * is refused between two phases leaves no counter behind.
+ * is refused between two phases leaves no counter behind. What a notify sends (counts, invalid
+ * slots, error bits) goes to the slot of its epoch's parity: after a refused round a rank may
+ * notify the next round before a slower peer has read the refused one, but never two rounds
+ * ahead (its next wait needs that peer's notify of the next round).
  *
  * Contract (checked by the Rust wrapper): 1 <= ranks <= DK_EP_MAX_RANKS, 0 <= rank < ranks;
  * num_experts % ranks == 0, num_experts <= DK_EP_MAX_EXPERTS; hidden a positive multiple of 128;
@@ -438,10 +443,14 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
 #define DK_EP_TIMEOUT_WORD (DK_EP_ERROR_WORD + 1)
 /* [DK_EP_MAX_RANKS]: each source rank's error bits, published with its last signal. */
 #define DK_EP_PEER_ERROR_WORD (DK_EP_TIMEOUT_WORD + 1)
-/* [DK_EP_MAX_RANKS]: each source rank's slots naming an expert outside 0 .. num_experts - 1, as
- * of its last notify (normal dispatch; all ranks see every rank's count and refuse together). */
-#define DK_EP_PEER_INVALID_WORD (DK_EP_PEER_ERROR_WORD + DK_EP_MAX_RANKS)
-#define DK_EP_SIGNAL_WORDS (DK_EP_PEER_INVALID_WORD + DK_EP_MAX_RANKS)
+/* [2][DK_EP_MAX_RANKS]: per epoch parity, each source rank's slots naming an expert outside
+ * 0 .. num_experts - 1, as of its notify of that parity (normal dispatch; all ranks see every
+ * rank's count and refuse together). */
+#define DK_EP_NOTIFY_INVALID_WORD (DK_EP_PEER_ERROR_WORD + DK_EP_MAX_RANKS)
+/* [2][DK_EP_MAX_RANKS]: per epoch parity, the error bits each source rank published with its
+ * notify of that parity (so every rank refuses the same round). */
+#define DK_EP_NOTIFY_ERROR_WORD (DK_EP_NOTIFY_INVALID_WORD + 2 * DK_EP_MAX_RANKS)
+#define DK_EP_SIGNAL_WORDS (DK_EP_NOTIFY_ERROR_WORD + 2 * DK_EP_MAX_RANKS)
 #define DK_EP_ERROR_TIMEOUT 1u  /* a wait gave up: see DK_EP_TIMEOUT_WORD */
 #define DK_EP_ERROR_OVERFLOW 2u /* rows did not fit their receive buffers and were dropped */
 #define DK_EP_ERROR_PEER 4u     /* a peer published an error; this rank's outputs were poisoned */
@@ -514,8 +523,9 @@ typedef struct dk_ep_pair_positions_params {
 dk_status_t dk_ep_pair_positions(const dk_ep_pair_positions_params_t* params, dk_stream_t stream);
 
 /*
- * Normal dispatch, phase 1 of 3: send this rank's tokens_per_expert, and num_invalid into every
- * peer's DK_EP_PEER_INVALID_WORD slot, to every peer, signal NOTIFY.
+ * Normal dispatch, phase 1 of 3: send this rank's tokens_per_expert (counts slot epoch & 1),
+ * num_invalid (DK_EP_NOTIFY_INVALID_WORD) and published error bits (DK_EP_NOTIFY_ERROR_WORD, both
+ * at parity epoch & 1) to every peer, then signal NOTIFY.
  */
 typedef struct dk_ep_notify_params {
     dk_ep_group_t group;

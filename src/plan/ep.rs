@@ -14,8 +14,20 @@ pub const MAX_TOPK: usize = 16;
 /// Signal kinds (notify, dispatch, low-latency dispatch, combine, barrier).
 pub const SIGNAL_KINDS: usize = 5;
 /// Words of the signals region: kinds × ranks flags, a completion counter per kind, the error and
-/// timeout words, and per source rank its published error bits and invalid-slot count.
-pub const SIGNAL_WORDS: usize = SIGNAL_KINDS * MAX_RANKS + SIGNAL_KINDS + 2 + 2 * MAX_RANKS;
+/// timeout words, per source rank its published error bits, and per epoch parity and source rank
+/// the invalid-slot count and error bits of its notify.
+pub const SIGNAL_WORDS: usize = SIGNAL_KINDS * MAX_RANKS + SIGNAL_KINDS + 2 + MAX_RANKS + 2 * NOTIFY_SLOTS * MAX_RANKS;
+
+/// Copies of what a normal dispatch's notify sends (the counts table and the notify words): the
+/// notify of epoch `e` writes copy [`notify_slot`]`(e)`. Two suffice: after a refused round, a
+/// rank may notify the next round before a slower peer has read the refused one, but never two
+/// rounds ahead (its next wait needs that peer's notify of the next round).
+pub const NOTIFY_SLOTS: usize = 2;
+
+/// The copy of the notify data that the notify of `epoch` writes.
+pub const fn notify_slot(epoch: u32) -> usize {
+    (epoch & 1) as usize
+}
 
 /// What dispatch moves: bf16 rows, or e4m3 rows with their f32 1x128 scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,9 +200,11 @@ impl GroupShape {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SymmetricLayout {
     /// [`SIGNAL_WORDS`] `u32`s: the per-kind signal flags, completion counters, error and timeout
-    /// words, and every source rank's published error bits and invalid-slot count.
+    /// words, every source rank's published error bits, and its notify's invalid-slot count and
+    /// error bits per [`notify_slot`].
     pub signals: usize,
-    /// i32 `[ranks, num_experts]`: every source rank's tokens per expert (normal dispatch).
+    /// i32 `[NOTIFY_SLOTS, ranks, num_experts]`: every source rank's tokens per expert (normal
+    /// dispatch), one table per [`notify_slot`].
     pub counts: usize,
     /// i32 `[experts_per_rank, ranks]`: rows each source sent to each local expert (low latency).
     pub ll_counts: usize,
@@ -257,7 +271,7 @@ impl SymmetricLayout {
         };
         Ok(Self {
             signals: next(Some(SIGNAL_WORDS * 4))?,
-            counts: next(Some(r * e * 4))?,
+            counts: next(Some(NOTIFY_SLOTS * r * e * 4))?,
             ll_counts: next(Some(e * 4))?,
             recv_x: next(recv.checked_mul(row))?,
             recv_sf: next(sf(Some(recv)))?,

@@ -96,10 +96,9 @@ pub const RACE_CASES: &[(&str, &str)] = &[
     ("ep_gpu", "identity_experts_combine_to_weighted_x"),
     // Ranks on streams of their own: the dispatch signals are the only ordering.
     ("ep_gpu", "concurrent_ranks_match_reference"),
-    // Two ranks on host threads and devices of their own, NCCL transport (the stand-in's
-    // collectives and sends). The two-rank node group is left out: in race mode one rank's kernel
-    // sometimes never starts while its peer's kernel waits for it, and the simulator reports a
-    // deadlock (not yet understood; docs/simulator.md, findings).
+    // Two ranks on host threads and devices of their own: node group (IPC buffers, signals across
+    // devices, the teardown barrier) and NCCL transport (the stand-in's collectives and sends).
+    ("ep_gpu", "node_group_of_two_ranks"),
     ("ep_gpu", "nccl_group_of_two_ranks"),
     ("mla_gpu", "device_schedule_matches_the_reference"),
     ("mla_gpu", "combine_matches_reference"),
