@@ -9,9 +9,12 @@
 //! launch parameter; tiles are walked in groups of `swizzle_group` M blocks ([`tile_coords`]).
 //!
 //! Choice: among the legal `(block_m, block_n)` with the deepest pipeline that fits shared memory,
-//! take the one with the lowest estimated time `waves · tile_time`, where `tile_time` is a
-//! per-tile roofline (tensor-core time vs operand-load time, [`TileCost`]). The constants are an
-//! initial model from Hopper's specification, to be calibrated against measurements.
+//! take the one with the lowest estimated time of the whole launch ([`TileCost::launch_clocks`]):
+//! per k-block of every wave, the slowest of tensor-core time, the SM's own load rate, its share
+//! of what L2 supplies to all the SMs running at once, and the load latency the pipeline depth
+//! leaves exposed, plus a charge for each extra scale block of B a tile straddles. The constants
+//! are an initial model from Hopper's specification, to be calibrated against measurements
+//! (`benches/gemm.rs`, the tile sweep).
 
 use crate::device::DeviceInfo;
 use crate::error::{Error, Result};
@@ -93,26 +96,86 @@ pub struct SmemPlan {
     pub total: usize,
 }
 
-/// A per-tile roofline in SM clock cycles per 128 of K: the larger of tensor-core time and
-/// operand-load time.
+/// A roofline model of one launch, in SM clock cycles. Per k-block (`BLOCK_K` of the reduction),
+/// a tile takes the longest of:
+/// - tensor-core time, `block_m · block_n · 128 / macs_per_clock`;
+/// - its bytes at the SM's own rate: the A and B tiles, A's scales, B's scales (one word per
+///   128-column scale block the tile touches) and its share of the output (`block_m · block_n`
+///   bf16 written once, spread over the k-blocks);
+/// - the same bytes times the tiles running at once, at the rate L2 supplies all SMs together;
+/// - the load latency that `stages - 1` loads in flight do not hide;
+///
+/// plus `scale_block_clocks` for every scale block of B beyond the first that the tile straddles
+/// (averaged over the tiles along N). A launch runs `waves` rounds of tiles, the last one with only
+/// `last_wave_tiles` of them drawing on L2.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TileCost {
     /// FP8 multiply-adds per SM per clock (H100: ~1979 TFLOP/s dense over 132 SMs at 1.83 GHz).
     pub macs_per_clock: f64,
-    /// Operand bytes an SM can take in per clock from L2 (an initial estimate).
+    /// Bytes one SM can move per clock to or from L2.
     pub load_bytes_per_clock: f64,
+    /// Bytes L2 can supply per clock to all SMs together: just under the 64 B per clock that
+    /// a 128x128 tile pulls at full tensor-core rate on each of 132 SMs.
+    pub l2_bytes_per_clock: f64,
+    /// Clocks from issuing a tile's loads to its data in shared memory.
+    pub load_latency_clocks: f64,
+    /// Clocks each k-block costs for every scale block of B beyond the first that a tile touches
+    /// (its scales are read from global memory at every k-block).
+    pub scale_block_clocks: f64,
 }
 
 impl TileCost {
-    /// The estimates used for every Hopper part.
-    pub const HOPPER: TileCost = TileCost { macs_per_clock: 4096.0, load_bytes_per_clock: 64.0 };
+    /// The estimates used for every Hopper part (from the specification and DeepGEMM's published
+    /// behaviour, never fitted to measurements yet).
+    pub const HOPPER: TileCost = TileCost {
+        macs_per_clock: 4096.0,
+        load_bytes_per_clock: 64.0,
+        l2_bytes_per_clock: 8192.0,
+        load_latency_clocks: 1200.0,
+        scale_block_clocks: 8.0,
+    };
 
-    /// Clocks for one `block_m x block_n` tile to advance by `BLOCK_K`.
-    pub fn clocks(&self, block_m: usize, block_n: usize) -> f64 {
+    /// Clocks for one k-block of a `block_m x block_n` tile with `stages` pipeline stages, while
+    /// `active` tiles run at once, in a problem of `k` (a multiple of `BLOCK_K`).
+    pub fn step_clocks(&self, block_m: usize, block_n: usize, stages: usize, active: usize, k: usize) -> f64 {
+        let k_blocks = (k / BLOCK_K).max(1) as f64;
+        let scale_blocks = scale_blocks_per_tile(block_n);
+        let bytes = ((block_m + block_n) * BLOCK_K + block_m * 4) as f64 + scale_blocks * 4.0 + (block_m * block_n * 2) as f64 / k_blocks;
         let compute = (block_m * block_n * BLOCK_K) as f64 / self.macs_per_clock;
-        let load = ((block_m + block_n) * BLOCK_K) as f64 / self.load_bytes_per_clock;
-        compute.max(load)
+        let own = bytes / self.load_bytes_per_clock;
+        let shared = bytes * active.max(1) as f64 / self.l2_bytes_per_clock;
+        let latency = self.load_latency_clocks / stages.saturating_sub(1).max(1) as f64;
+        compute.max(own).max(shared).max(latency) + (scale_blocks - 1.0) * self.scale_block_clocks
     }
+
+    /// Estimated clocks of a launch of `tiles` tiles on `sms` SMs (persistent, one tile per SM
+    /// at a time).
+    pub fn launch_clocks(&self, block_m: usize, block_n: usize, stages: usize, tiles: usize, sms: usize, k: usize) -> f64 {
+        if tiles == 0 {
+            return 0.0;
+        }
+        let sms = sms.max(1);
+        let waves = tiles.div_ceil(sms);
+        let last = tiles - (waves - 1) * sms;
+        let k_blocks = (k / BLOCK_K).max(1) as f64;
+        let full = (waves - 1) as f64 * self.step_clocks(block_m, block_n, stages, tiles.min(sms), k);
+        k_blocks * (full + self.step_clocks(block_m, block_n, stages, last, k))
+    }
+}
+
+/// Scale blocks of B (128 columns each) that a `block_n`-wide tile touches, averaged over the
+/// tiles along N (tiles start at multiples of `block_n`; the pattern repeats every
+/// `lcm(block_n, 128)` columns). 1 when `block_n` divides 128.
+pub fn scale_blocks_per_tile(block_n: usize) -> f64 {
+    let block_n = block_n.max(1);
+    let period = block_n / gcd(block_n, GROUP) * GROUP;
+    let tiles = period / block_n;
+    let touched: usize = (0..tiles).map(|j| (j * block_n + block_n - 1) / GROUP - (j * block_n) / GROUP + 1).sum();
+    touched as f64 / tiles as f64
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The plan for one GEMM launch.
@@ -140,7 +203,7 @@ pub struct GemmPlan {
     pub last_wave_tiles: usize,
     /// Rasterisation group for L2 reuse (M blocks swept together).
     pub swizzle_group: usize,
-    /// `waves · tile clocks`: what the choice minimised.
+    /// Estimated clocks of the launch ([`TileCost::launch_clocks`]): what the choice minimised.
     pub cost: f64,
     /// The plan reserves the TMA-store epilogue's staging tile (dense, on request).
     pub tma_store: bool,
@@ -289,7 +352,7 @@ pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_st
                 waves,
                 last_wave_tiles: if tiles == 0 { 0 } else { tiles - (waves - 1) * sms },
                 swizzle_group: swizzle_group(block_m, block_n, sms),
-                cost: waves as f64 * cost.clocks(block_m, block_n),
+                cost: cost.launch_clocks(block_m, block_n, stages, tiles, sms, p.k),
             });
         }
     }
@@ -343,6 +406,39 @@ mod tests {
         let p = GemmProblem { m: 256, n: 7168, k: 7168, layout: GemmLayout::Dense };
         let plan = plan(&p, &h100()).unwrap();
         assert_eq!((plan.block_m, plan.block_n, plan.tiles, plan.waves), (128, 112, 128, 1), "{plan:?}");
+    }
+
+    #[test]
+    fn straddled_scale_blocks() {
+        for bn in [16, 32, 64, 128] {
+            assert_eq!(scale_blocks_per_tile(bn), 1.0, "{bn}");
+        }
+        assert_eq!(scale_blocks_per_tile(96), 1.5);
+        assert_eq!(scale_blocks_per_tile(112), 1.75);
+        assert_eq!(scale_blocks_per_tile(160), 2.0);
+        assert_eq!(scale_blocks_per_tile(176), 2.25);
+    }
+
+    #[test]
+    fn the_cost_model_prices_supply_latency_and_straddling() {
+        let c = TileCost::HOPPER;
+        // 128x128, 16 k-blocks: 512 clocks of tensor-core time, but alone its bytes (A and B
+        // tiles, A's 128 scales, B's one, 1/16 of the bf16 output) at 64 B per clock take longer;
+        // 132 tiles at once are L2-bound.
+        let alone = c.step_clocks(128, 128, 6, 1, 2048);
+        let crowded = c.step_clocks(128, 128, 6, 132, 2048);
+        assert_eq!(alone, (256.0 * 128.0 + 128.0 * 4.0 + 4.0 + 128.0 * 128.0 * 2.0 / 16.0) / 64.0);
+        assert!(crowded > alone && crowded > 512.0, "{crowded}");
+        // Two stages hide less latency than six.
+        assert!(c.step_clocks(128, 128, 2, 1, 2048) > alone);
+        // Without the charge and the cap, a straddling tile costs its roofline only.
+        let free = TileCost { scale_block_clocks: 0.0, l2_bytes_per_clock: f64::INFINITY, load_latency_clocks: 0.0, ..c };
+        assert_eq!(c.step_clocks(128, 176, 6, 1, 2048) - free.step_clocks(128, 176, 6, 1, 2048), 1.25 * c.scale_block_clocks);
+        // A launch: full waves at the crowded rate, the last at its own.
+        let k_blocks = 16.0;
+        let expect = k_blocks * (c.step_clocks(128, 128, 6, 132, 2048) + c.step_clocks(128, 128, 6, 8, 2048));
+        assert_eq!(c.launch_clocks(128, 128, 6, 140, 132, 2048), expect);
+        assert_eq!(c.launch_clocks(128, 128, 6, 0, 132, 2048), 0.0);
     }
 
     #[test]
