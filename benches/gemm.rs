@@ -47,7 +47,7 @@ use deepkern::gemm::{
     Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
-use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, max_stages, plan};
+use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, TileCost, max_stages, plan};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use harness::{GpuBench, Record};
@@ -214,7 +214,10 @@ fn main() {
 
 /// Every compiled dense tile (deepest pipeline that fits) on three shapes, against the planner's
 /// choice: the data to calibrate `plan::gemm::TileCost` (an initial model, never fitted yet).
-/// One `gemm_fp8_dense_tile_sweep` line per tile, baseline `deepkern_planned`.
+/// One `gemm_fp8_dense_tile_sweep` line per tile, baseline `deepkern_planned`; its shape carries
+/// the model's prediction, written before any measurement: `model_vs_planned`, the tile's
+/// estimated launch time over the planned tile's (the measured ratio is `median_us` over the
+/// baseline's).
 fn tile_sweep(gpu: &mut GpuBench) {
     let stream = gpu.stream.clone();
     let limit = gpu.device.info().max_shared_memory_per_block_optin;
@@ -230,7 +233,12 @@ fn tile_sweep(gpu: &mut GpuBench) {
             gemm_fp8_with(s, &a, &b, &mut d.as_view_mut(), shape, options)
         };
         let planned_us = gpu.median_us(|s| run(s, &mut d, GemmOptions::default()).expect("gemm"));
-        let planned = tile_name(gpu, GemmProblem { m, n, k, layout: GemmLayout::Dense });
+        let problem = GemmProblem { m, n, k, layout: GemmLayout::Dense };
+        let planned = tile_name(gpu, problem);
+        let sms = gpu.device.info().sm_count as usize;
+        let model =
+            |bm: usize, bn: usize, stages: usize| TileCost::HOPPER.launch_clocks(bm, bn, stages, m.div_ceil(bm) * n.div_ceil(bn), sms, k);
+        let planned_model = plan(&problem, gpu.device.info()).map_or(f64::NAN, |t| model(t.block_m, t.block_n, t.stages));
         let mut best = (f64::INFINITY, String::new());
         for block_m in [64, 128] {
             for block_n in BLOCK_N_MENU {
@@ -252,7 +260,10 @@ fn tile_sweep(gpu: &mut GpuBench) {
                 gpu.record(Record {
                     kernel: "gemm_fp8_dense_tile_sweep",
                     case: format!("m{m}_n{n}_k{k}_{block_m}x{block_n}"),
-                    shape: json!({"m": m, "n": n, "k": k, "tile": name, "planned": planned}),
+                    shape: json!({
+                        "m": m, "n": n, "k": k, "tile": name, "planned": planned,
+                        "model_vs_planned": model(block_m, block_n, stages) / planned_model,
+                    }),
                     median_us: us,
                     flops: Some((2 * m * n * k) as f64),
                     bytes: None,
