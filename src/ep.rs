@@ -10,11 +10,13 @@
 //! release/acquire flags. Two ways to build one, same device code:
 //! - [`Group::new_virtual`]: `R` *virtual ranks* inside one process on one GPU (tests, single-GPU
 //!   development, simulation); every call takes all ranks' inputs.
-//! - [`Group::new_node`]: one process per GPU of a node; each rank's buffer is exported with CUDA
-//!   IPC and the handles are exchanged with an all-gather on the caller's NCCL communicator, so
-//!   peers' buffers are mapped with peer access. Every call takes this rank's input only.
-//! - [`Group::new_nccl`]: one process per GPU on any number of hosts; no peer memory is mapped and
-//!   normal-mode rows move with NCCL grouped send/receive over the caller's communicator.
+//! - `Group::new_node` (feature `nccl`): one process per GPU of a node; each rank's buffer is
+//!   exported with CUDA IPC and the handles are exchanged with an all-gather on the caller's NCCL
+//!   communicator, so peers' buffers are mapped with peer access. Every call takes this rank's
+//!   input only.
+//! - `Group::new_nccl` (feature `nccl`): one process per GPU on any number of hosts; no peer
+//!   memory is mapped and normal-mode rows move with NCCL grouped send/receive over the caller's
+//!   communicator.
 //!
 //! [`Transport`] (in the shape) picks how normal-mode rows cross ranks: `Peer`, SM kernels write
 //! into peers' buffers; `CopyEngine`, the send kernel packs one contiguous run per destination in
@@ -490,7 +492,7 @@ enum Storage {
 /// cudarc's `Comm` is not `Send` only because it holds NCCL's raw `ncclComm_t`. NCCL allows a
 /// communicator to be used from any host thread as long as no two threads use it at the same time;
 /// the group owns this one, every use goes through the group's `&mut self` methods (or the
-/// `&self` of [`Group::comm`], and a `Group` is not `Sync`, so no second thread holds one), and
+/// `&self` of `Group::comm`, and a `Group` is not `Sync`, so no second thread holds one), and
 /// `Comm`'s drop (which aborts or destroys the communicator) runs on whichever single thread drops
 /// the group. Moving the group therefore never lets two threads use the communicator at once.
 #[cfg(feature = "nccl")]

@@ -37,8 +37,8 @@
 //!   the driver library when it is first used; no CUDA toolkit is needed. The driver must support
 //!   the CUDA version of cudarc's bindings (a 580 driver runs 13.0; README, *Using it from another
 //!   crate*).
-//! - **NCCL**, for multi-process expert-parallel groups only ([`ep::Group::new_node`],
-//!   [`ep::Group::new_nccl`]; the default `nccl` feature): cudarc's NCCL bindings and the NCCL
+//! - **NCCL**, for multi-process expert-parallel groups only (`ep::Group::new_node`,
+//!   `ep::Group::new_nccl`; the default `nccl` feature): cudarc's NCCL bindings and the NCCL
 //!   library at run time. Groups of virtual ranks in one process need neither, and
 //!   `default-features = false` leaves NCCL out of the build.
 //!
