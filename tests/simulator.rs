@@ -376,6 +376,11 @@ fn nccl_fails(name: &str, stdout: &[&str], report: &[&str]) {
 }
 
 #[test]
+fn implicit_synchronisations_wait_for_their_own_device_only() {
+    nccl_passes("free_waits_for_its_own_device", &["FREED 1"]);
+}
+
+#[test]
 fn nccl_collectives_on_two_and_four_ranks() {
     nccl_passes("nccl_collectives_2", &["RANKS 2 WRONG 0"]);
     nccl_passes("nccl_collectives_4", &["RANKS 4 WRONG 0"]);

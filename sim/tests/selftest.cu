@@ -721,6 +721,7 @@ struct Rank {
 };
 
 extern "C" void dksim_selftest_threads(int n, void (*fn)(int, void*), void* arg);  // threads.cpp
+extern "C" void dksim_selftest_yield();                                              // threads.cpp
 
 // Runs body(rank) for `ranks` ranks, each on a host thread of its own with device `rank`'s context
 // and a stream; the communicator is formed from one unique id. Returns the first stream error.
@@ -766,6 +767,34 @@ uint16_t bf16_of(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     return static_cast<uint16_t>(u >> 16);  // exact for the small integers used here
+}
+
+// Implicit synchronisations wait for their own device only, as a process's would: device 1
+// spins until device 0 sets a flag, which device 0 does only after a cuMemFree and a
+// cuCtxSynchronize of its own (waiting for device 1 too would be a deadlock).
+int free_waits_for_its_own_device() {
+    uint32_t* flag = alloc<uint32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    std::atomic<int> spinning{0};
+    std::atomic<int> freed{0};
+    const CUresult r = on_ranks(2, [&](Rank& me) {
+        if (me.rank == 1) {
+            (void)dk::launch<spin_on_flag>(1, 32, 0, reinterpret_cast<cudaStream_t>(me.stream), static_cast<const uint32_t*>(flag));
+            spinning = 1;
+            return;
+        }
+        while (spinning == 0) {
+            dksim_selftest_yield();
+        }
+        CUdeviceptr p = 0;
+        CHECK(cuMemAlloc(&p, 256));
+        CHECK(cuMemFree(p));
+        CHECK(cuCtxSynchronize());
+        freed = 1;
+        (void)dk::launch<set_flag>(1, 32, 0, reinterpret_cast<cudaStream_t>(me.stream), flag);
+    });
+    std::printf("FREED %d\n", freed.load());
+    return report(r);
 }
 
 // All-gather, all-reduce (sum of f32, max of i32, sum of bf16), broadcast: every rank checks.
@@ -1038,6 +1067,7 @@ const Scenario kScenarios[] = {
     {"setmaxnreg_dec_upwards", [] { return registers_and_barriers_mode(2); }},
     {"mbarrier_never_completes", [] { return registers_and_barriers_mode(3); }},
     {"wgmma_accumulators", wgmma_accumulators},
+    {"free_waits_for_its_own_device", free_waits_for_its_own_device},
     {"nccl_collectives_2", [] { return nccl_collectives(2); }},
     {"nccl_collectives_4", [] { return nccl_collectives(4); }},
     {"nccl_send_recv_2", [] { return nccl_send_recv(2); }},

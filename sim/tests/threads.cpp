@@ -12,3 +12,5 @@ extern "C" void dksim_selftest_threads(int n, void (*fn)(int, void*), void* arg)
         t.join();
     }
 }
+
+extern "C" void dksim_selftest_yield() { std::this_thread::yield(); }
