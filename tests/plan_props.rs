@@ -5,7 +5,10 @@
 //! - the tiles cover the problem, and the persistent grid uses every SM whenever there are at
 //!   least as many tiles as SMs;
 //! - the chosen plan is the cheapest feasible candidate (checked by brute force);
-//! - the kernel's tile walk (`tile_coords`) visits every tile exactly once for any grouping.
+//! - the kernel's tile walk (`tile_coords`) visits every tile exactly once for any grouping;
+//! - on the DeepSeek-V3 shapes the planner takes the tiles of `tests/data/gemm_plan_table.txt`
+//!   (with DeepGEMM's choices where published and the model's reason where ours differ): a
+//!   cost-model change that moves a choice fails until the table says why.
 //! - MLA schedule: every tile in exactly one chunk, in order; no part above its share plus one
 //!   overhead; uniform batches that fit whole are not split, short batches of long requests are;
 //!   the split counts equal those of a port of FlashMLA's `get_mla_metadata`.
@@ -112,6 +115,53 @@ fn small_m_uses_64_row_tiles() {
         let p = GemmProblem { m, n: 4096, k: 7168, layout: GemmLayout::Dense };
         assert_eq!(plan(&p, &dev).unwrap().block_m, 64, "m = {m}");
     }
+}
+
+/// The planner's choices on the DeepSeek-V3 shapes, as data.
+const TABLE: &str = include_str!("data/gemm_plan_table.txt");
+
+/// `layout m n k -> block_m block_n` (a `#` starts a comment) as the problem and the tile.
+fn parse(line: &str) -> Result<(GemmProblem, (usize, usize)), String> {
+    let (problem, tile) = line.split_once("->").ok_or("no `->`")?;
+    let words: Vec<&str> = problem.split_whitespace().collect();
+    let num = |w: &str| w.parse::<usize>().map_err(|e| format!("{w}: {e}"));
+    let [layout, m, n, k] = words[..] else { return Err(format!("expected `layout m n k`, got {problem:?}")) };
+    let (m, n, k) = (num(m)?, num(n)?, num(k)?);
+    let layout = match layout.split_once(':') {
+        None if layout == "dense" => GemmLayout::Dense,
+        Some(("contiguous", g)) => GemmLayout::GroupedContiguous { groups: num(g)? },
+        Some(("masked", g)) => {
+            let groups = num(g)?;
+            let max_m = m / groups.max(1);
+            GemmLayout::GroupedMasked { groups, max_m, expected_m: max_m }
+        }
+        _ => return Err(format!("unknown layout {layout}")),
+    };
+    let tile: Vec<usize> = tile.split_whitespace().map(num).collect::<Result<_, _>>()?;
+    let [block_m, block_n] = tile[..] else { return Err(format!("expected `block_m block_n`, got {tile:?}")) };
+    Ok((GemmProblem { m, n, k, layout }, (block_m, block_n)))
+}
+
+#[test]
+fn planner_matches_the_table() {
+    let dev = device(132, 232_448);
+    let mut rows = 0;
+    let mut wrong = Vec::new();
+    for (i, raw) in TABLE.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (problem, want) = parse(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        let got = plan(&problem, &dev).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        rows += 1;
+        if (got.block_m, got.block_n) != want {
+            wrong.push(format!("line {}: {line}: the planner takes {}x{}", i + 1, got.block_m, got.block_n));
+        }
+    }
+    // 30 dense problems, 4 contiguous, 6 masked: a table that lost rows would pass vacuously.
+    assert_eq!(rows, 40, "rows in the table");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 mod mla {
