@@ -171,6 +171,7 @@ const LL_DISPATCH: usize = ffi::DK_EP_SIGNAL_LL_DISPATCH as usize;
 const COMBINE: usize = ffi::DK_EP_SIGNAL_COMBINE as usize;
 const BARRIER: usize = ffi::DK_EP_SIGNAL_BARRIER as usize;
 const KINDS: usize = ffi::DK_EP_SIGNAL_KINDS as usize;
+const NOTIFY_SLOT_WORDS: usize = ffi::DK_EP_NOTIFY_SLOT_WORDS as usize;
 const KIND_NAMES: [&str; KINDS] = ["NOTIFY (normal dispatch counts)", "DISPATCH", "LL_DISPATCH", "COMBINE", "BARRIER (group teardown)"];
 
 /// How long a kernel waits for its peers' signals unless told otherwise ([`Group::set_timeout`]).
@@ -1198,8 +1199,9 @@ impl Group {
                 return Err(self.error_of(rank, bits, timeout));
             }
         }
-        let invalid = self.read_words(first, ffi::DK_EP_NOTIFY_INVALID_WORD as usize + slot * MAX_RANKS, r)?;
-        let published = self.read_words(first, ffi::DK_EP_NOTIFY_ERROR_WORD as usize + slot * MAX_RANKS, r)?;
+        // This round's invalid-slot counts, then its error bits, side by side: one read.
+        let notified = self.read_words(first, ffi::DK_EP_NOTIFY_INVALID_WORD as usize + slot * NOTIFY_SLOT_WORDS, NOTIFY_SLOT_WORDS)?;
+        let (invalid, published) = notified.split_at(MAX_RANKS);
         let publishable = ffi::DK_EP_ERROR_TIMEOUT | ffi::DK_EP_ERROR_OVERFLOW;
         if let Some(s) = (0..r).find(|&s| published[s] & publishable != 0) {
             return Err(Error::Communication {
@@ -1278,14 +1280,14 @@ impl Group {
         // are 256-aligned).
         let mut counts = unsafe { counts.transmute_mut::<i32>(r * e) }.expect("the counts region holds ranks × experts i32");
         comm.all_gather(&prep.layout.tokens_per_expert.slice(..e), &mut counts).map_err(|err| nccl("counts", err))?;
-        let at = word(ffi::DK_EP_NOTIFY_INVALID_WORD) + slot * MAX_RANKS * 4;
+        let at = word(ffi::DK_EP_NOTIFY_INVALID_WORD) + slot * NOTIFY_SLOT_WORDS * 4;
         let mut invalid = own.slice_mut(at..at + r * 4);
-        // SAFETY: the signals region holds MAX_RANKS invalid-slot words per slot from `at`.
+        // SAFETY: the signals region holds MAX_RANKS invalid-slot words from `at`.
         let mut invalid = unsafe { invalid.transmute_mut::<i32>(r) }.expect("ranks i32");
         comm.all_gather(&prep.layout.num_invalid, &mut invalid).map_err(|err| nccl("invalid slots", err))?;
-        let at = word(ffi::DK_EP_NOTIFY_ERROR_WORD) + slot * MAX_RANKS * 4;
+        let at = word(ffi::DK_EP_NOTIFY_ERROR_WORD) + slot * NOTIFY_SLOT_WORDS * 4;
         let mut published = own.slice_mut(at..at + r * 4);
-        // SAFETY: the signals region holds MAX_RANKS notify error words per slot from `at`.
+        // SAFETY: the signals region holds MAX_RANKS notify error words from `at`.
         let mut published = unsafe { published.transmute_mut::<u32>(r) }.expect("ranks u32");
         comm.all_gather(&error, &mut published).map_err(|err| nccl("error words", err))?;
         // The receive kernels look for published errors where a peer's signal leaves them.

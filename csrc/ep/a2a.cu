@@ -260,7 +260,7 @@ __device__ __forceinline__ int32_t* counts_of(const dk_ep_group_t& g, void* base
 
 __global__ void __launch_bounds__(kThreads)
     notify_kernel(dk_ep_group_t g, const int32_t* __restrict__ tokens_per_expert, const int32_t* __restrict__ num_invalid) {
-    const int slot = notify_slot(g) * DK_EP_MAX_RANKS + g.rank;
+    const int slot = notify_slot(g) * DK_EP_NOTIFY_SLOT_WORDS + g.rank;
     const uint32_t errors = ptx::ld_relaxed_sys_global_u32(own_signals(g) + DK_EP_ERROR_WORD) & kPublishedErrors;
     for (int r = 0; r < g.ranks; ++r) {
         int32_t* dst = counts_of(g, peer(g, r)) + int64_t(g.rank) * g.num_experts;

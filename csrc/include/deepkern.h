@@ -443,14 +443,16 @@ dk_status_t dk_ep_layout(const dk_ep_layout_params_t* params, dk_stream_t stream
 #define DK_EP_TIMEOUT_WORD (DK_EP_ERROR_WORD + 1)
 /* [DK_EP_MAX_RANKS]: each source rank's error bits, published with its last signal. */
 #define DK_EP_PEER_ERROR_WORD (DK_EP_TIMEOUT_WORD + 1)
-/* [2][DK_EP_MAX_RANKS]: per epoch parity, each source rank's slots naming an expert outside
+/* Per epoch parity p, DK_EP_NOTIFY_SLOT_WORDS words from DK_EP_NOTIFY_INVALID_WORD + p *
+ * DK_EP_NOTIFY_SLOT_WORDS: [DK_EP_MAX_RANKS] each source rank's slots naming an expert outside
  * 0 .. num_experts - 1, as of its notify of that parity (normal dispatch; all ranks see every
- * rank's count and refuse together). */
+ * rank's count and refuse together), then (from DK_EP_NOTIFY_ERROR_WORD + p *
+ * DK_EP_NOTIFY_SLOT_WORDS) [DK_EP_MAX_RANKS] the error bits it published with that notify (so
+ * every rank refuses the same round). */
+#define DK_EP_NOTIFY_SLOT_WORDS (2 * DK_EP_MAX_RANKS)
 #define DK_EP_NOTIFY_INVALID_WORD (DK_EP_PEER_ERROR_WORD + DK_EP_MAX_RANKS)
-/* [2][DK_EP_MAX_RANKS]: per epoch parity, the error bits each source rank published with its
- * notify of that parity (so every rank refuses the same round). */
-#define DK_EP_NOTIFY_ERROR_WORD (DK_EP_NOTIFY_INVALID_WORD + 2 * DK_EP_MAX_RANKS)
-#define DK_EP_SIGNAL_WORDS (DK_EP_NOTIFY_ERROR_WORD + 2 * DK_EP_MAX_RANKS)
+#define DK_EP_NOTIFY_ERROR_WORD (DK_EP_NOTIFY_INVALID_WORD + DK_EP_MAX_RANKS)
+#define DK_EP_SIGNAL_WORDS (DK_EP_NOTIFY_INVALID_WORD + 2 * DK_EP_NOTIFY_SLOT_WORDS)
 #define DK_EP_ERROR_TIMEOUT 1u  /* a wait gave up: see DK_EP_TIMEOUT_WORD */
 #define DK_EP_ERROR_OVERFLOW 2u /* rows did not fit their receive buffers and were dropped */
 #define DK_EP_ERROR_PEER 4u     /* a peer published an error; this rank's outputs were poisoned */
