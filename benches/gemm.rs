@@ -24,6 +24,15 @@
 //!   operands, and each warp's direct store fills half of every 32-byte sector); a loss where
 //!   the staging tile costs a pipeline stage the main loop needed (small m, large k).
 //!
+//! - `gemm_fp8_dense_vs_128_rows` against `deepkern_128_rows` (m >= 1024 only): the planned
+//!   launch against the same kernel with the best 128-row tile the planner would take if 256-row
+//!   tiles did not exist (no multicast either way). Expected before measuring, and recorded in the
+//!   shape as `model_speedup` (the model's estimate of the 128-row launch over the planned one):
+//!   1.0 on the four shapes where the planner keeps 128 rows at m = 4096 (2112x7168, 24576x1536,
+//!   7168x2048: 128x176; 7168x16384: 128x160), 1.05 on 4096x7168 (256x128 in 4 waves against
+//!   128x176 in 6) and 1.11 on 32768x512 (32 waves against 46). The target of 1.15 at m >= 1024
+//!   needs TMA multicast as well: the model says 256-row tiles alone do not reach it.
+//!
 //! - `gemm_fp8_dense_tile_sweep` against `deepkern_planned`: every compiled dense tile on three
 //!   shapes (memory-bound m = 64, mid m = 128, compute-bound m = 4096), each against the
 //!   planner's choice in the same run: how good the planner's ranking is, and the data to fit its
@@ -47,7 +56,7 @@ use deepkern::gemm::{
     Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
-use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, GemmProblem, TileCost, max_stages, plan};
+use deepkern::plan::gemm::{GemmLayout, GemmProblem, TileCost, block_n_menu, candidates, max_stages, plan};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use harness::{GpuBench, Record};
@@ -171,6 +180,9 @@ fn main() {
                 bytes: Some(bytes as f64),
                 baseline: Some(("deepkern_direct_store", median_us)),
             });
+            if m >= 1024 {
+                rows_128(&mut gpu, shape, &shape_json, median_us, &mut |s, options| run(s, &mut d, options, "gemm, 128-row tile"));
+            }
             gpu.record(Record {
                 kernel: "gemm_fp8_dense_planned_vs_fixed",
                 case: case.clone(),
@@ -212,6 +224,35 @@ fn main() {
     c.final_summary();
 }
 
+/// Records the planned launch (`planned_us`) against the best 128-row tile of the planner's model.
+fn rows_128(
+    gpu: &mut GpuBench,
+    shape: GemmShape,
+    shape_json: &serde_json::Value,
+    planned_us: f64,
+    run: &mut dyn FnMut(&Arc<CudaStream>, GemmOptions),
+) {
+    let GemmShape { m, n, k } = shape;
+    let problem = GemmProblem { m, n, k, layout: GemmLayout::Dense };
+    let info = gpu.device.info().clone();
+    let (Ok(planned), Ok(all)) = (plan(&problem, &info), candidates(&problem, &info, TileCost::HOPPER)) else { return };
+    let Some(best) = all.into_iter().filter(|c| c.block_m == 128).min_by(|a, b| a.cost.total_cmp(&b.cost)) else { return };
+    let tile = TileConfig { block_m: 128, block_n: best.block_n, stages: best.stages };
+    let us = gpu.median_us(|s| run(s, GemmOptions { tile: Some(tile), ..GemmOptions::default() }));
+    let mut shape_json = shape_json.clone();
+    shape_json["rows_128"] = json!(format!("128x{}/{}", best.block_n, best.stages));
+    shape_json["model_speedup"] = json!(best.cost / planned.cost);
+    gpu.record(Record {
+        kernel: "gemm_fp8_dense_vs_128_rows",
+        case: format!("m{m}_n{n}_k{k}"),
+        shape: shape_json,
+        median_us: planned_us,
+        flops: Some((2 * m * n * k) as f64),
+        bytes: None,
+        baseline: Some(("deepkern_128_rows", us)),
+    });
+}
+
 /// Every compiled dense tile (deepest pipeline that fits) on three shapes, against the planner's
 /// choice: the data to calibrate `plan::gemm::TileCost` (an initial model, never fitted yet).
 /// One `gemm_fp8_dense_tile_sweep` line per tile, baseline `deepkern_planned`; its shape carries
@@ -240,8 +281,8 @@ fn tile_sweep(gpu: &mut GpuBench) {
             |bm: usize, bn: usize, stages: usize| TileCost::HOPPER.launch_clocks(bm, bn, stages, m.div_ceil(bm) * n.div_ceil(bn), sms, k);
         let planned_model = plan(&problem, gpu.device.info()).map_or(f64::NAN, |t| model(t.block_m, t.block_n, t.stages));
         let mut best = (f64::INFINITY, String::new());
-        for block_m in [64, 128] {
-            for block_n in BLOCK_N_MENU {
+        for block_m in [64, 128, 256] {
+            for &block_n in block_n_menu(block_m) {
                 let Some(stages) = max_stages(block_m, block_n, 0, false, limit) else { continue };
                 let tile = TileConfig { block_m, block_n, stages };
                 let options = GemmOptions { tile: Some(tile), ..GemmOptions::default() };

@@ -9,7 +9,8 @@
 //! contiguous ([`gemm_fp8_contiguous`], prefill) and masked ([`gemm_fp8_masked`], decode).
 //! Every launch runs the tile shape, pipeline depth and L2 rasterisation that
 //! [`crate::plan::gemm::plan`] picks for the problem on this device and SM budget (or the one
-//! [`GemmOptions::tile`] forces), from the compiled menu `{64, 128} x` [`BLOCK_N_MENU`].
+//! [`GemmOptions::tile`] forces), from the compiled menu: `{64, 128} x` [`BLOCK_N_MENU`](plan::BLOCK_N_MENU) and
+//! `256 x` [`BLOCK_N_MENU_256`](plan::BLOCK_N_MENU_256) (the 256-row tiles for the dense and masked layouts only).
 
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::{Launch, check_aligned, ffi_call};
 use crate::layout::{GROUP, ceil_div, tma_aligned_rows};
-use crate::plan::gemm::{self as plan, BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_STAGES};
+use crate::plan::gemm::{self as plan, GemmLayout, GemmProblem, MAX_STAGES};
 
 /// Activations: E4M3 `[m, k]` and their 1x128 scales `[k / 128, round_up(m, 4)]` (transposed).
 pub struct Fp8Activations<'a> {
@@ -95,13 +96,14 @@ pub struct GemmOptions {
     pub tma_store: bool,
 }
 
-/// A tile shape of the compiled menu and a pipeline depth: `block_m` 64 or 128 (contiguous: 128),
-/// `block_n` from [`BLOCK_N_MENU`], `1 ..= 16` stages.
+/// A tile shape of the compiled menu and a pipeline depth: `block_m` 64 or 128 with `block_n` from
+/// [`BLOCK_N_MENU`](plan::BLOCK_N_MENU), or 256 with `block_n` from [`BLOCK_N_MENU_256`](plan::BLOCK_N_MENU_256) (contiguous: 128 only);
+/// `1 ..= 16` stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileConfig {
-    /// Rows of D per tile: 64 or 128 (the contiguous layout needs 128).
+    /// Rows of D per tile: 64, 128 or 256 (the contiguous layout needs 128).
     pub block_m: usize,
-    /// Columns of D per tile, from [`BLOCK_N_MENU`].
+    /// Columns of D per tile, from [`BLOCK_N_MENU`](plan::BLOCK_N_MENU) ([`BLOCK_N_MENU_256`](plan::BLOCK_N_MENU_256) for 256 rows).
     pub block_n: usize,
     /// Depth of the shared-memory pipeline of A and B k-blocks, `1 ..= 16`.
     pub stages: usize,
@@ -176,8 +178,9 @@ impl Problem {
         if !compiled.contains(&block_m) {
             return bad(format!("block_m = {block_m} is not compiled for this layout ({compiled:?})"));
         }
-        if !BLOCK_N_MENU.contains(&block_n) {
-            return bad(format!("block_n = {block_n} is not compiled (menu: {BLOCK_N_MENU:?})"));
+        let menu = plan::block_n_menu(block_m);
+        if !menu.contains(&block_n) {
+            return bad(format!("block_n = {block_n} is not compiled with {block_m}-row tiles (menu: {menu:?})"));
         }
         if !(1..=MAX_STAGES).contains(&stages) {
             return bad(format!("stages = {stages}: 1 ..= {MAX_STAGES}"));
@@ -649,10 +652,13 @@ mod tests {
         };
         assert!(reason(dense.launch_shape(132, 232_448, &force(32, 128, 4), false)).contains("block_m"));
         assert!(reason(dense.launch_shape(132, 232_448, &force(128, 192, 4), false)).contains("not compiled"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(256, 144, 3), false)).contains("not compiled with 256-row"));
+        assert!(dense.launch_shape(132, 232_448, &force(256, 128, 4), false).is_ok());
         assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 0), false)).contains("stages"));
         assert!(reason(dense.launch_shape(132, 232_448, &force(128, 176, 16), false)).contains("shared memory"));
         let contiguous = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..dense };
         assert!(reason(contiguous.launch_shape(132, 232_448, &force(64, 128, 4), false)).contains("block_m"));
+        assert!(reason(contiguous.launch_shape(132, 232_448, &force(256, 128, 4), false)).contains("block_m"));
         // The masked layout's hint must not exceed max_m.
         let masked = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m: 512, n: 4096, k: 7168, groups: 4, scale_rows: 128 };
         let hint = GemmOptions { expected_m: Some(129), ..GemmOptions::default() };
@@ -676,16 +682,21 @@ mod tests {
                 for block_n in (8usize..=256).step_by(8) {
                     let planned =
                         if layout == L::DK_GEMM_CONTIGUOUS { GemmLayout::GroupedContiguous { groups: 1 } } else { GemmLayout::Dense };
-                    let want = BLOCK_N_MENU.contains(&block_n) && plan::compiled_block_m(&planned).contains(&block_m);
+                    let want = plan::is_compiled(&planned, block_m, block_n);
                     // SAFETY: host-only function.
                     let got = unsafe { ffi::dk_gemm_fp8_config_supported(layout, block_m as i32, block_n as i32) };
                     assert_eq!(got == 1, want, "{layout:?} {block_m}x{block_n}");
                 }
             }
         }
-        for (block_m, block_n, stages, groups, tma) in
-            [(64, 16, 1, 0, false), (128, 176, 5, 0, false), (128, 112, 16, 1024, false), (64, 144, 7, 3, false), (128, 176, 4, 0, true)]
-        {
+        for (block_m, block_n, stages, groups, tma) in [
+            (64, 16, 1, 0, false),
+            (128, 176, 5, 0, false),
+            (128, 112, 16, 1024, false),
+            (64, 144, 7, 3, false),
+            (128, 176, 4, 0, true),
+            (256, 128, 3, 5, true),
+        ] {
             // SAFETY: host-only function.
             let c = unsafe { ffi::dk_gemm_fp8_smem_bytes(block_m as i32, block_n as i32, stages as i32, groups as i32, i32::from(tma)) };
             assert_eq!(

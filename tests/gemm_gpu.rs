@@ -16,8 +16,11 @@
 //!   already at 128 gives the ungated GEMM's bytes; a wrong-length counter array and an SM budget
 //!   that leaves the writer no SM are errors before launch. (Rows landing while it runs are
 //!   exercised by `moe_gpu`'s per-block schedule, whose writer is the real dispatch.)
+//! - `tiles_of_256_rows`: the 256-row tiles (two 64-row sub-tiles per consumer warpgroup),
+//!   forced, on random data over several M blocks with ragged last rows, dense with both
+//!   epilogues (every entry written, nothing outside D) and masked with groups of two M blocks.
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
-//!   `GemmOptions::tile` with 1, 2 or 4 stages (the stage ring wraps), on a ragged n = 600 where
+//!   `GemmOptions::tile` with 1, 2 or 4 (256 rows: 3) stages (the stage ring wraps), on a ragged n = 600 where
 //!   the 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
 //!   bit-exact on small integers with both epilogues (registers; TMA store) inside NaN guards, the
 //!   grouped layouts against their references with poison kept.
@@ -35,7 +38,7 @@ use deepkern::gemm::{
     gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
-use deepkern::plan::gemm::BLOCK_N_MENU;
+use deepkern::plan::gemm::{BLOCK_N_MENU, block_n_menu};
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{QuantizedRows, per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group};
@@ -53,6 +56,7 @@ fn main() {
         ("masked_matches_reference", masked_matches_reference),
         ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
         ("f32_output_and_accumulate", f32_output_and_accumulate),
+        ("tiles_of_256_rows", tiles_of_256_rows),
         ("every_compiled_tile", every_compiled_tile),
         ("arrivals_complete_and_checked", arrivals_complete_and_checked),
     ]);
@@ -548,12 +552,66 @@ fn f32_output_and_accumulate(gpu: &Gpu) -> TestResult {
     Ok(())
 }
 
+/// 256-row tiles over several M blocks (see the module docs).
+fn tiles_of_256_rows(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("tiles_of_256_rows");
+    let stream = gpu.stream();
+    // m = 520: two full 256-row blocks and 8 rows; n = 296 ends inside a tile for every width (and
+    // keeps D's rows 16-byte aligned, as the TMA store needs).
+    let shape = GemmShape { m: 520, n: 296, k: 512 };
+    let GemmShape { m, n, k } = shape;
+    let (h, _, _) = random_host(&mut rng, shape);
+    let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
+    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
+    let d_sb = stream.clone_htod(&h.sb).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let guard = 304;
+    for (block_n, stages, tma_store) in [(64, 2, false), (112, 3, true), (128, 4, false), (128, 1, true)] {
+        let options = GemmOptions { tile: Some(TileConfig { block_m: 256, block_n, stages }), tma_store, ..GemmOptions::default() };
+        let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n + 2 * guard]).unwrap();
+        gemm_fp8_with(&stream, &a, &b, &mut all.slice_mut(guard..guard + m * n), shape, options)
+            .map_err(|e| format!("{options:?}: {e}"))?;
+        let all = stream.clone_dtoh(&all).unwrap();
+        let got = &all[guard..guard + m * n];
+        ensure(got.iter().all(|v| v.to_bits() != NAN_BF16), || format!("{options:?}: an entry of D was not written"))?;
+        let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.to_bits() == NAN_BF16);
+        ensure(guards_ok, || format!("{options:?}: wrote outside D"))?;
+        let got: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
+        let diff = calc_diff(&got, &want);
+        ensure(diff < 1e-4, || format!("{options:?}: calc_diff vs the dequantised reference {diff:e}"))?;
+    }
+
+    // Masked: groups of max_m = 300 rows (two 256-row blocks) with 300, 257, 0 and 100 valid.
+    let (groups, max_m, n, k) = (4, 300, 136, 256);
+    let valid = [300usize, 257, 0, 100];
+    let (aq, asf_tma, asf_rows) = masked_activations(&mut rng, groups, max_m, k);
+    let (bq, bsf) = experts(&mut rng, groups, n, k);
+    let (d_a, d_sa) = (stream.clone_htod(&f8(&aq)).unwrap(), stream.clone_htod(&asf_tma).unwrap());
+    let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+    let d_valid = stream.clone_htod(&valid.iter().map(|&v| v as i32).collect::<Vec<_>>()).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let want = grouped_masked(
+        Fp8Operand { q: &aq, scales: &asf_rows, rows: groups * max_m },
+        Fp8Operand { q: &bq, scales: &bsf, rows: groups * n },
+        groups,
+        k,
+        &valid,
+    );
+    let options = GemmOptions { tile: Some(TileConfig { block_m: 256, block_n: 96, stages: 3 }), ..GemmOptions::default() };
+    let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); groups * max_m * n]).unwrap();
+    gemm_fp8_masked_with(&stream, &a, &b, &d_valid.as_view(), &mut d.as_view_mut(), MaskedShape { groups, max_m, n, k }, options)
+        .map_err(|e| format!("masked {options:?}: {e}"))?;
+    compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {options:?}"))
+}
+
 /// Every compiled tile shape of every layout, forced (see the module docs).
 fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("every_compiled_tile");
     let stream = gpu.stream();
     let tile = |i: usize, block_m: usize, block_n: usize| {
-        let stages = [1, 2, 4][i % 3];
+        // Four stages of 256x128 leave no room for the TMA store's staging tile.
+        let stages = [1, 2, if block_m == 256 { 3 } else { 4 }][i % 3];
         GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), ..GemmOptions::default() }
     };
 
@@ -571,8 +629,8 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     let mut i = 0;
     // A multiple of 8 elements: D stays 16-byte aligned, as the TMA store's tensor map needs.
     let guard = 304;
-    for block_m in [64, 128] {
-        for block_n in BLOCK_N_MENU {
+    for block_m in [64, 128, 256] {
+        for &block_n in block_n_menu(block_m) {
             for tma_store in [false, true] {
                 let options = GemmOptions { tma_store, ..tile(i, block_m, block_n) };
                 i += 1;
@@ -622,8 +680,8 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
         &valid,
     );
     let mut i = 0;
-    for block_m in [64, 128] {
-        for block_n in BLOCK_N_MENU {
+    for block_m in [64, 128, 256] {
+        for &block_n in block_n_menu(block_m) {
             let options = tile(i, block_m, block_n);
             i += 1;
             let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); groups * max_m * n]).unwrap();

@@ -16,7 +16,7 @@
 use deepkern::DeviceInfo;
 use deepkern::layout::ceil_div;
 use deepkern::plan::gemm::{
-    BLOCK_N_MENU, GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, candidates, plan, plan_epilogue, smem_plan, tile_coords,
+    GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, block_n_menu, candidates, plan, plan_epilogue, smem_plan, tile_coords,
 };
 use proptest::prelude::*;
 
@@ -58,15 +58,15 @@ proptest! {
         prop_assert!(chosen.smem.total <= smem, "{chosen:?}");
         let masked_groups = match layout { GemmLayout::GroupedMasked { groups, .. } => groups, _ => 0 };
         prop_assert_eq!(chosen.smem, smem_plan(chosen.block_m, chosen.block_n, chosen.stages, masked_groups, false));
-        prop_assert!(BLOCK_N_MENU.contains(&chosen.block_n));
+        prop_assert!(block_n_menu(chosen.block_m).contains(&chosen.block_n));
         prop_assert!(chosen.block_n.is_multiple_of(16) && (16..=MAX_BLOCK_N).contains(&chosen.block_n));
         prop_assert!([8, 16].contains(&chosen.swizzle_group));
-        prop_assert!([64, 128].contains(&chosen.block_m));
+        prop_assert!([64, 128, 256].contains(&chosen.block_m));
         if let GemmLayout::GroupedContiguous { .. } = layout {
             prop_assert_eq!(chosen.block_m, 128);
         }
         prop_assert!((3..=16).contains(&chosen.stages));
-        prop_assert_eq!(chosen.math_warpgroups, chosen.block_m / 64);
+        prop_assert_eq!(chosen.math_warpgroups, if chosen.block_m == 64 { 1 } else { 2 });
         prop_assert_eq!(chosen.threads, 128 * (1 + chosen.math_warpgroups));
 
         // Coverage: the tiles span every output row and column of the work.

@@ -3,13 +3,16 @@
 // entry point is in fp8.cu. Contract: csrc/include/deepkern.h, dk_gemm_fp8_params; CPU twins:
 // deepkern::reference::gemm; tile choice: deepkern::plan::gemm.
 //
-// Persistent CTAs of 1 + BLOCK_M / 64 warpgroups. Warpgroup 0 is the producer: one thread streams
-// the A, B and A-scale tiles of every (tile, k-block) through a ring of `stages` shared-memory
-// stages with TMA, signalling `full` barriers. Each consumer warpgroup owns 64 rows of the
-// BLOCK_M x BLOCK_N tile: per k-block it waits on `full`, issues four wgmma m64nNk32 (E4M3, f32
-// accumulate) over the 128 of K, waits for them, releases the stage on `empty`, then promotes:
-// final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's accumulator never runs
-// across scale blocks. A tile whose BLOCK_N does not divide 128 may straddle two or three of B's
+// Persistent CTAs of one producer warpgroup and one (BLOCK_M = 64) or two (128, 256) consumer
+// warpgroups. Warpgroup 0 is the producer: one thread streams the A, B and A-scale tiles of every
+// (tile, k-block) through a ring of `stages` shared-memory stages with TMA, signalling `full`
+// barriers. Each consumer warpgroup owns BLOCK_M / 2 rows of the BLOCK_M x BLOCK_N tile (64 rows
+// when BLOCK_M = 64), as one or two 64-row sub-tiles: per k-block it waits on `full` and, per
+// sub-tile, issues four wgmma m64nNk32 (E4M3, f32 accumulate) over the 128 of K, waits for them
+// and promotes: final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's
+// accumulator never runs across scale blocks. The two sub-tiles of a 256-row tile share one
+// accumulator (two would not fit the register budget beside the promoted sums); the stage is
+// released on `empty` once the last sub-tile's wgmma has read it. A tile whose BLOCK_N does not divide 128 may straddle two or three of B's
 // 128-column scale blocks; each 8-column slice of the accumulator picks its own. The tile is
 // stored from registers with bounds checks (ragged m and n), or, for the dense bf16 output on
 // request (`tma_store`), staged in shared memory and written by one TMA store per tile (the tensor
@@ -47,6 +50,23 @@ static_assert(kBlockK == 128, "one scale block per stage: the promotion interval
 // consumers' increase waits forever (checked per tile shape below).
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
+
+// Consumer warpgroups of a BLOCK_M tile, and the 64-row wgmma sub-tiles each one owns.
+template <int kBlockM>
+__host__ __device__ constexpr int math_warpgroups_of() {
+    return kBlockM == 64 ? 1 : 2;
+}
+template <int kBlockM>
+__host__ __device__ constexpr int sub_tiles_of() {
+    return kBlockM / 64 / math_warpgroups_of<kBlockM>();
+}
+// The widest BLOCK_N whose accumulators fit a consumer thread's registers without spilling: a
+// wgmma scratch of BLOCK_N / 2 floats and BLOCK_N / 2 promoted sums per sub-tile (checked by
+// `cargo xtask sass`; the mirror is deepkern::plan::gemm::block_n_menu).
+template <int kBlockM>
+__host__ __device__ constexpr int max_block_n_of() {
+    return sub_tiles_of<kBlockM>() == 1 ? 176 : 128;
+}
 
 struct KernelParams {
     CUtensorMap tma_a;
@@ -225,12 +245,14 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
 
 template <int kBlockM>
 __host__ __device__ constexpr int threads_of() {
-    return 128 * (1 + kBlockM / 64);
+    return 128 * (1 + math_warpgroups_of<kBlockM>());
 }
 
 template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
 __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(const __grid_constant__ KernelParams p) {
-    constexpr int kMathWarpgroups = kBlockM / 64;
+    constexpr int kMathWarpgroups = math_warpgroups_of<kBlockM>();
+    constexpr int kSubTiles = sub_tiles_of<kBlockM>();
+    constexpr int kWgRows = kBlockM / kMathWarpgroups;
     constexpr int kThreads = threads_of<kBlockM>();
     constexpr uint32_t kTileABytes = kBlockM * kBlockK;
     constexpr uint32_t kTileBBytes = kBlockN * kBlockK;
@@ -238,8 +260,8 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     // B's scale row is the same across the tile when BLOCK_N divides 128 (tiles start at
     // multiples of BLOCK_N); otherwise up to three rows meet in one tile.
     constexpr bool kUniformSfb = 128 % kBlockN == 0;
-    static_assert(kBlockM == 64 || kBlockM == 128, "one or two consumer warpgroups");
-    static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 176, "BLOCK_N of the menu (wider tiles spill)");
+    static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256, "one or two consumer warpgroups of one or two sub-tiles");
+    static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= max_block_n_of<kBlockM>(), "BLOCK_N of the menu (wider tiles spill)");
     static_assert(128 * kProducerRegs + kMathWarpgroups * 128 * kConsumerRegs <= kThreads * ((65536 / kThreads) & ~7),
                   "the register split exceeds the CTA's register pool");
 
@@ -327,9 +349,10 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     const int t = threadIdx.x % 128;
     const int warp = t / 32;
     const int lane = t % 32;
-    // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's 64,
-    // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. N/8 - 1.
-    const int r = math_wg * 64 + warp * 16 + lane / 4;
+    // wgmma m64nN accumulator layout: this thread holds rows r and r + 8 of its warpgroup's first
+    // 64-row sub-tile (r + 64 s and r + 64 s + 8 of sub-tile s), columns 8 j + 2 (lane % 4) + {0, 1}
+    // for j = 0 .. N/8 - 1.
+    const int r = math_wg * kWgRows + warp * 16 + lane / 4;
     constexpr int kAcc = kBlockN / 2;
     // Defined before the first wgmma reads it (its scale-d = 0 ignores the value, but the asm
     // operand is read-write).
@@ -366,10 +389,13 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         const float* sfb2 = sfb + int64_t(min(sfb_first + 2, sfb_last)) * k_blocks;
         // Slices j >= j_next lie in the second scale block, j >= j_next + 16 in the third.
         const int j_next = (128 - t.n0 % 128) / 8;
-        float sum[kAcc];
+        float sum[kSubTiles][kAcc];
 #pragma unroll
-        for (int i = 0; i < kAcc; ++i) {
-            sum[i] = 0.0f;
+        for (int s = 0; s < kSubTiles; ++s) {
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) {
+                sum[s][i] = 0.0f;
+            }
         }
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int i = ps.index;
@@ -377,33 +403,40 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
             const float sb0 = __ldg(sfb0 + kb);
             const float sb1 = kUniformSfb ? sb0 : __ldg(sfb1 + kb);
             const float sb2 = kUniformSfb ? sb0 : __ldg(sfb2 + kb);
-            const float sa0 = s_sfa[i * kBlockM + r];
-            const float sa1 = s_sfa[i * kBlockM + r + 8];
-            ptx::fence_operands(acc);
-            ptx::wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-                const uint64_t desc_a = smem_desc_k_major_sw128(s_a + i * kTileABytes + math_wg * 64 * kBlockK + kk * kWgmmaK);
-                const uint64_t desc_b = smem_desc_k_major_sw128(s_b + i * kTileBBytes + kk * kWgmmaK);
-                ptx::wgmma_m64k32_f32_e4m3_e4m3<kBlockN>(acc, desc_a, desc_b, kk > 0);
-            }
-            ptx::wgmma_commit_group();
-            ptx::fence_operands(acc);
-            ptx::wgmma_wait_group<0>();
-            ptx::fence_operands(acc);
-            __syncwarp();
-            if (lane == 0) {
-                ptx::mbarrier_arrive(&s_empty[i]);
-            }
+            for (int s = 0; s < kSubTiles; ++s) {
+                const float sa0 = s_sfa[i * kBlockM + r + 64 * s];
+                const float sa1 = s_sfa[i * kBlockM + r + 64 * s + 8];
+                ptx::fence_operands(acc);
+                ptx::wgmma_fence();
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-                const float sb = kUniformSfb ? sb0 : (j < j_next ? sb0 : (j < j_next + 16 ? sb1 : sb2));
-                const float scale0 = sa0 * sb;
-                const float scale1 = sa1 * sb;
-                sum[4 * j + 0] += acc[4 * j + 0] * scale0;
-                sum[4 * j + 1] += acc[4 * j + 1] * scale0;
-                sum[4 * j + 2] += acc[4 * j + 2] * scale1;
-                sum[4 * j + 3] += acc[4 * j + 3] * scale1;
+                for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+                    const uint64_t desc_a =
+                        smem_desc_k_major_sw128(s_a + i * kTileABytes + (math_wg * kWgRows + 64 * s) * kBlockK + kk * kWgmmaK);
+                    const uint64_t desc_b = smem_desc_k_major_sw128(s_b + i * kTileBBytes + kk * kWgmmaK);
+                    ptx::wgmma_m64k32_f32_e4m3_e4m3<kBlockN>(acc, desc_a, desc_b, kk > 0);
+                }
+                ptx::wgmma_commit_group();
+                ptx::fence_operands(acc);
+                ptx::wgmma_wait_group<0>();
+                ptx::fence_operands(acc);
+                if (s == kSubTiles - 1) {
+                    // The stage's last reader is done: the producer may refill it.
+                    __syncwarp();
+                    if (lane == 0) {
+                        ptx::mbarrier_arrive(&s_empty[i]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < kBlockN / 8; ++j) {
+                    const float sb = kUniformSfb ? sb0 : (j < j_next ? sb0 : (j < j_next + 16 ? sb1 : sb2));
+                    const float scale0 = sa0 * sb;
+                    const float scale1 = sa1 * sb;
+                    sum[s][4 * j + 0] += acc[4 * j + 0] * scale0;
+                    sum[s][4 * j + 1] += acc[4 * j + 1] * scale0;
+                    sum[s][4 * j + 2] += acc[4 * j + 2] * scale1;
+                    sum[s][4 * j + 3] += acc[4 * j + 3] * scale1;
+                }
             }
             ps.advance();
         }
@@ -418,12 +451,15 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                 }
                 ptx::bar_sync(1, kConsumers);
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    uint32_t* row = s_d + (r + 8 * half) * (kBlockN / 2);
+                for (int s = 0; s < kSubTiles; ++s) {
 #pragma unroll
-                    for (int j = 0; j < kBlockN / 8; ++j) {
-                        const __nv_bfloat162 v = __floats2bfloat162_rn(sum[4 * j + 2 * half], sum[4 * j + 2 * half + 1]);
-                        row[4 * j + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+                    for (int half = 0; half < 2; ++half) {
+                        uint32_t* row = s_d + (r + 64 * s + 8 * half) * (kBlockN / 2);
+#pragma unroll
+                        for (int j = 0; j < kBlockN / 8; ++j) {
+                            const __nv_bfloat162 v = __floats2bfloat162_rn(sum[s][4 * j + 2 * half], sum[s][4 * j + 2 * half + 1]);
+                            row[4 * j + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+                        }
                     }
                 }
                 // Generic-proxy writes, then the async proxy reads them.
@@ -439,8 +475,9 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         }
         // Direct bounds-checked stores (every layout; the grouped ones leave rows untouched).
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int row = t.m0 + r + 8 * half;  // within the group (masked) or the whole of D
+        for (int sh = 0; sh < 2 * kSubTiles; ++sh) {
+            const int s = sh / 2, half = sh % 2;
+            const int row = t.m0 + r + 64 * s + 8 * half;  // within the group (masked) or the whole of D
             bool keep = row < t.row_limit;
             if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
                 keep = keep && p.m_indices[row] == t.expert;
@@ -448,7 +485,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
             if (!keep) {
                 continue;
             }
-            const int64_t row_offset = int64_t(t.a_row + r + 8 * half) * p.n;
+            const int64_t row_offset = int64_t(t.a_row + r + 64 * s + 8 * half) * p.n;
             // Writes this thread's columns of the row: value(sum, address) gives what to store.
             const auto store = [&](auto* d_row, auto value) {
 #pragma unroll
@@ -457,7 +494,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         if (col + h < p.n) {
-                            d_row[col + h] = value(sum[4 * j + 2 * half + h], d_row + col + h);
+                            d_row[col + h] = value(sum[s][4 * j + 2 * half + h], d_row + col + h);
                         }
                     }
                 }
@@ -490,7 +527,7 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaS
     if (regs < 0) {
         return status_from_cuda(cudaErrorInvalidDeviceFunction);
     }
-    if (int64_t(regs) * threads_of<kBlockM>() < 128 * kProducerRegs + (kBlockM / 64) * 128 * kConsumerRegs) {
+    if (int64_t(regs) * threads_of<kBlockM>() < 128 * kProducerRegs + math_warpgroups_of<kBlockM>() * 128 * kConsumerRegs) {
         return DK_STATUS_OUT_OF_RESOURCES;
     }
     const dk_status_t attr = status_from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -501,9 +538,11 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaS
 }
 
 // The compiled tile menu: X(block_m, block_n) for every shape a layout instantiates (contiguous:
-// block_m 128 only, every 128-row block belongs to one expert). Mirrors
-// deepkern::plan::gemm::BLOCK_N_MENU; dk_gemm_fp8_config_supported answers from it.
+// block_m 128 only, every 128-row block belongs to one expert; 256-row tiles stop at the
+// narrower BLOCK_N their two sub-tiles' sums leave room for). Mirrors
+// deepkern::plan::gemm::block_n_menu; dk_gemm_fp8_config_supported answers from it.
 #define DK_GEMM_FOR_EACH_BLOCK_N(X, BM) X(BM, 16) X(BM, 32) X(BM, 64) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176)
+#define DK_GEMM_FOR_EACH_BLOCK_N_256(X) X(256, 16) X(256, 32) X(256, 64) X(256, 96) X(256, 112) X(256, 128)
 
 // Entry points of the per-layout units: launch the (block_m, block_n) instantiation, or return
 // DK_STATUS_INVALID_ARGUMENT for a shape outside the menu.

@@ -135,8 +135,9 @@ typedef struct dk_tensor_map {
 } dk_tensor_map_t;
 
 /* K per pipeline stage of the FP8 GEMM (one scale block). Tile shapes (block_m x block_n) come from
- * a compiled menu: block_m in {64, 128} (contiguous: 128), block_n in {16, 32, 64, 96, 112, 128,
- * 144, 160, 176}; dk_gemm_fp8_config_supported answers for one shape. */
+ * a compiled menu: block_m 64 or 128 with block_n in {16, 32, 64, 96, 112, 128, 144, 160, 176}, and
+ * block_m 256 (dense and masked) with block_n up to 128; the contiguous layout takes block_m 128
+ * only. dk_gemm_fp8_config_supported answers for one shape. */
 #define DK_GEMM_BLOCK_K 128
 /* Deepest pipeline a launch may ask for. */
 #define DK_GEMM_MAX_STAGES 16
@@ -202,7 +203,7 @@ typedef struct dk_gemm_fp8_params {
     int32_t groups;  /* 1 for DK_GEMM_DENSE */
     int32_t max_m;   /* DK_GEMM_MASKED: rows per group */
     dk_gemm_layout_t layout;
-    int32_t block_m;       /* tile rows: 64 or 128 (contiguous: 128) */
+    int32_t block_m;       /* tile rows: 64, 128 or 256 (contiguous: 128) */
     int32_t block_n;       /* tile columns, from the menu */
     int32_t stages;        /* pipeline depth, 1 ..= DK_GEMM_MAX_STAGES */
     int32_t swizzle_group; /* M blocks per rasterisation group, >= 1 */

@@ -3,10 +3,11 @@
 //!
 //! The kernel this plans for (Hopper, sm_90a; `csrc/gemm/fp8_kernel.cuh`): a persistent grid of
 //! one CTA per SM; a producer warpgroup issuing TMA loads of A, A's scales and B into a ring of
-//! `stages` shared-memory buffers; `block_m / 64` consumer warpgroups running `wgmma m64nNk32`
-//! (E4M3) with f32 accumulators, promoted on CUDA cores every `BLOCK_K = 128` of K; the tile stored
-//! from registers. Tile shapes come from a compiled menu ([`BLOCK_N_MENU`]); the stage count is a
-//! launch parameter; tiles are walked in groups of `swizzle_group` M blocks ([`tile_coords`]).
+//! `stages` shared-memory buffers; one (`block_m = 64`) or two consumer warpgroups, each running
+//! `wgmma m64nNk32` (E4M3) on one or (`block_m = 256`) two 64-row sub-tiles with f32 accumulators,
+//! promoted on CUDA cores every `BLOCK_K = 128` of K; the tile stored from registers. Tile shapes
+//! come from a compiled menu ([`block_n_menu`]); the stage count is a launch parameter; tiles are
+//! walked in groups of `swizzle_group` M blocks ([`tile_coords`]).
 //!
 //! Choice: among the legal `(block_m, block_n)` with the deepest pipeline that fits shared memory,
 //! take the one with the lowest estimated time of the whole launch ([`TileCost::launch_clocks`]):
@@ -24,11 +25,15 @@ use crate::layout::{GROUP, ceil_div};
 pub const BLOCK_K: usize = GROUP;
 /// TMA with 128-byte swizzle needs 1024-byte aligned shared-memory buffers.
 pub const SMEM_ALIGN: usize = 1024;
-/// The `block_n` the kernel library is compiled for (`DK_GEMM_FOR_EACH_BLOCK_N` in
-/// `csrc/gemm/fp8_kernel.cuh`; a test checks the two agree). Multiples of 16 (wgmma needs 8; 16
-/// keeps 8-column slices inside one of B's 128-column scale blocks); the ones that do not divide
-/// 128 fill the SMs better on some N (7168 / 112 = 64 tiles).
+/// The `block_n` the kernel library is compiled for with 64- and 128-row tiles
+/// (`DK_GEMM_FOR_EACH_BLOCK_N` in `csrc/gemm/fp8_kernel.cuh`; a test checks the two agree).
+/// Multiples of 16 (wgmma needs 8; 16 keeps 8-column slices inside one of B's 128-column scale
+/// blocks); the ones that do not divide 128 fill the SMs better on some N (7168 / 112 = 64 tiles).
 pub const BLOCK_N_MENU: [usize; 9] = [16, 32, 64, 96, 112, 128, 144, 160, 176];
+/// The `block_n` compiled with 256-row tiles (`DK_GEMM_FOR_EACH_BLOCK_N_256`): each consumer
+/// thread holds a promoted sum of `block_n / 2` registers for each of its two sub-tiles beside
+/// the shared wgmma scratch, so the menu stops at 128 (144 spills).
+pub const BLOCK_N_MENU_256: [usize; 6] = [16, 32, 64, 96, 112, 128];
 /// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
 /// wgmma scratch and the promoted sum) must fit the 232-register budget; 192 spills.
 pub const MAX_BLOCK_N: usize = 176;
@@ -181,13 +186,13 @@ fn gcd(a: usize, b: usize) -> usize {
 /// The plan for one GEMM launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPlan {
-    /// Rows of D per tile: 64 or 128.
+    /// Rows of D per tile: 64, 128 or 256.
     pub block_m: usize,
     /// Columns of D per tile, from [`BLOCK_N_MENU`].
     pub block_n: usize,
     /// Shared-memory pipeline depth, in k-blocks of [`BLOCK_K`].
     pub stages: usize,
-    /// Consumer warpgroups (`block_m / 64`); the CTA has one more, the producer.
+    /// Consumer warpgroups (1 for `block_m = 64`, else 2); the CTA has one more, the producer.
     pub math_warpgroups: usize,
     /// Threads per CTA: 128 per warpgroup, the producer's included.
     pub threads: usize,
@@ -250,22 +255,45 @@ fn m_work(p: &GemmProblem) -> (usize, usize) {
     }
 }
 
-/// The `block_m` the kernel library is compiled for in `layout` (the mirror of the C menu): 64
-/// and 128, except the contiguous layout, where every 128-row block belongs to one expert.
+/// The `block_m` the kernel library is compiled for in `layout` (the mirror of the C menu): 64,
+/// 128 and 256, except the contiguous layout, where every 128-row block belongs to one expert
+/// (a 256-row tile could hold two experts' rows, which need different B tiles).
 pub fn compiled_block_m(layout: &GemmLayout) -> &'static [usize] {
     match layout {
         GemmLayout::GroupedContiguous { .. } => &[128],
-        _ => &[64, 128],
+        _ => &[64, 128, 256],
     }
 }
 
-/// `block_m` candidates for a problem: the compiled ones, only 64 when that already covers the rows.
+/// The `block_n` compiled with `block_m`-row tiles: [`BLOCK_N_MENU`], or [`BLOCK_N_MENU_256`]
+/// for 256 rows; empty for a `block_m` outside the menu.
+pub fn block_n_menu(block_m: usize) -> &'static [usize] {
+    match block_m {
+        64 | 128 => &BLOCK_N_MENU,
+        256 => &BLOCK_N_MENU_256,
+        _ => &[],
+    }
+}
+
+/// Whether the kernel library is compiled for `block_m x block_n` tiles in `layout`.
+pub fn is_compiled(layout: &GemmLayout, block_m: usize, block_n: usize) -> bool {
+    compiled_block_m(layout).contains(&block_m) && block_n_menu(block_m).contains(&block_n)
+}
+
+/// `block_m` candidates for a problem: the compiled ones, only 64 when that already covers the
+/// rows, and no 256-row tile when 128 rows already cover them.
 fn block_m_candidates(p: &GemmProblem) -> &'static [usize] {
     let (rows, _) = m_work(p);
     match compiled_block_m(&p.layout) {
-        both @ [64, 128] if rows <= 64 => &both[..1],
+        all @ [64, 128, 256] if rows <= 64 => &all[..1],
+        all @ [64, 128, 256] if rows <= 128 => &all[..2],
         compiled => compiled,
     }
+}
+
+/// Consumer warpgroups of a `block_m`-row tile: one for 64 rows, two (of 64 or 128 rows) above.
+pub fn math_warpgroups(block_m: usize) -> usize {
+    if block_m <= 64 { 1 } else { 2 }
 }
 
 /// DeepGEMM's rasterisation rule: the group size in {8, 16} minimising `g·block_m + ceil(sms/g)·block_n`.
@@ -333,7 +361,7 @@ pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_st
     let (rows, groups) = m_work(p);
     let mut out = Vec::new();
     for &block_m in block_m_candidates(p) {
-        for block_n in BLOCK_N_MENU {
+        for &block_n in block_n_menu(block_m) {
             let Some(stages) = max_stages(block_m, block_n, masked_groups(p), tma_store, dev.max_shared_memory_per_block_optin) else {
                 continue;
             };
@@ -343,8 +371,8 @@ pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_st
                 block_m,
                 block_n,
                 stages,
-                math_warpgroups: block_m / 64,
-                threads: 128 * (1 + block_m / 64),
+                math_warpgroups: math_warpgroups(block_m),
+                threads: 128 * (1 + math_warpgroups(block_m)),
                 smem: smem_plan(block_m, block_n, stages, masked_groups(p), tma_store),
                 tma_store,
                 tiles,
