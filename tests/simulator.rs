@@ -376,6 +376,28 @@ fn nccl_fails(name: &str, stdout: &[&str], report: &[&str]) {
 }
 
 #[test]
+fn clusters_multicast_into_every_cta_and_arrive_remotely() {
+    passes("cluster_multicast", &["SUMS RIGHT 6 of 6"]);
+    let r = scenario("cluster_odd_grid", 7);
+    assert!(r.stdout.contains("ODD GRID REFUSED 1"), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("or a grid.x that is not a multiple of it"), "{}", r.stderr);
+}
+
+#[test]
+fn a_multicast_needs_the_peers_barrier_initialised() {
+    fails(
+        "cluster_barrier_not_initialised",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        &["no mbarrier was initialised at shared address", "of CTA rank 1", "cluster_multicast"],
+    );
+}
+
+#[test]
+fn an_arrival_on_a_cta_that_left_fails() {
+    fails("cluster_peer_exits_early", "CUDA_ERROR_ILLEGAL_ADDRESS", &["CTA rank 1 of the cluster has exited", "cluster_multicast"]);
+}
+
+#[test]
 fn implicit_synchronisations_wait_for_their_own_device_only() {
     nccl_passes("free_waits_for_its_own_device", &["FREED 1"]);
 }

@@ -47,4 +47,31 @@ dk_status_t launch(dim3 grid, dim3 block, uint32_t smem, cudaStream_t stream, co
     return status_from_cuda(cudaGetLastError());
 }
 
+// Launches `Kernel` with clusters of `cluster_x` CTAs along x (cudaLaunchKernelEx with the cluster
+// dimension; grid.x a multiple of cluster_x), or as `launch` when cluster_x is 1.
+template <auto Kernel, typename... Args>
+dk_status_t launch_cluster(dim3 grid, dim3 block, uint32_t cluster_x, uint32_t smem, cudaStream_t stream, const Args&... args) {
+    if (cluster_x <= 1) {
+        return launch<Kernel>(grid, block, smem, stream, args...);
+    }
+#if defined(DEEPKERN_SIM)
+    ::dksim::launch_cluster<Kernel>(__PRETTY_FUNCTION__, grid, block, cluster_x, smem, stream, args...);
+    return status_from_cuda(cudaGetLastError());
+#else
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = cluster_x;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return status_from_cuda(cudaLaunchKernelEx(&config, Kernel, args...));
+#endif
+}
+
 }  // namespace dk

@@ -267,6 +267,98 @@ __device__ __forceinline__ void prefetch_tensormap(const void* map) {
 #endif
 }
 
+// %cluster_ctarank: this CTA's rank in its cluster (0 outside a cluster launch).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#special-registers-cluster-ctarank
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+#elif defined(DEEPKERN_SIM)
+    return ::dksim::cluster_ctarank();
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// barrier.cluster.arrive.release.aligned: this thread arrives at the cluster barrier, releasing its
+// prior writes (shared memory and mbarrier initialisation included) to the cluster.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-barrier-cluster
+__device__ __forceinline__ void barrier_cluster_arrive_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::barrier_cluster_arrive();
+#else
+    __trap();
+#endif
+}
+
+// barrier.cluster.wait.acquire.aligned: waits until every thread of the cluster has arrived.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-barrier-cluster
+__device__ __forceinline__ void barrier_cluster_wait_acquire() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::barrier_cluster_wait();
+#else
+    __trap();
+#endif
+}
+
+// mapa.shared::cluster.u32: the shared::cluster address of `p` (this CTA's shared memory) in the
+// CTA of rank `rank` of the cluster.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-mapa
+__device__ __forceinline__ uint32_t mapa_shared_cluster(const void* p, uint32_t rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t out;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+    return out;
+#elif defined(DEEPKERN_SIM)
+    return ::dksim::mapa_shared(::dksim::cvta_shared(p), rank);
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// mbarrier.arrive.release.cluster.shared::cluster: one arrival on the mbarrier at a shared::cluster
+// address (another CTA's, from mapa_shared_cluster), releasing this thread's prior accesses.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#parallel-synchronization-and-communication-instructions-mbarrier-arrive
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t cluster_addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::mbarrier_arrive_cluster(cluster_addr);
+#else
+    __trap();
+#endif
+}
+
+// cp.async.bulk.tensor.2d ... .multicast::cluster (TMA multicast load): the box at (x, y) of `map`
+// lands at `dst`'s offset in the shared memory of every CTA of the cluster whose rank is set in
+// `mask`, completing its bytes on the mbarrier at `bar`'s offset in each of them.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-tensor
+__device__ __forceinline__ void cp_async_bulk_tensor_2d_global_to_shared_multicast(void* dst, const void* map, uint64_t* bar, int32_t x,
+                                                                                  int32_t y, uint16_t mask) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(
+            static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+        "l"(reinterpret_cast<uint64_t>(map)),
+        "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+        "r"(x),
+        "r"(y),
+        "h"(mask)
+        : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::tma_load_2d_multicast(dst, map, bar, x, y, mask);
+#else
+    __trap();
+#endif
+}
+
 // cp.async.bulk.tensor.2d (TMA load): the box at (x, y) of `map` into shared memory `dst`,
 // completing `bytes` of transactions on `bar`.
 // https://docs.nvidia.com/cuda/parallel-thread-execution/#data-movement-and-conversion-instructions-cp-async-bulk-tensor

@@ -300,7 +300,9 @@ void finish_load(Cta* c, const AsyncCopy& op) {
     }
     race_phase_arrive(c, 0, op.bar, op.bar_phase, &op.race);
     b.tx -= op.bytes;
-    if (b.tx < 0) {
+    // The count may go below zero while arrivals are missing (a multicast from another CTA of the
+    // cluster can land before this CTA's arrive.expect_tx); with every arrival in, it may not.
+    if (b.tx < 0 && b.pending == 0) {
         fail_async(c, op.where, "the mbarrier at shared address %u received %lld more transaction bytes than its phase expected", op.bar,
                    static_cast<long long>(-b.tx));
         return;
@@ -620,6 +622,11 @@ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
         fail(CUDA_ERROR_LAUNCH_FAILED, at, "mbarrier.arrive.expect_tx: %lld transaction bytes pending, beyond the 2^20 - 1 an mbarrier holds",
              static_cast<long long>(b.tx));
     }
+    if (b.tx < 0 && b.pending == 1) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at,
+             "mbarrier.arrive.expect_tx: the phase's last arrival expects %u bytes, but %lld more than that have already landed", bytes,
+             static_cast<long long>(-b.tx));
+    }
     --b.pending;
     made_progress();
     complete_phase_if_done(b);
@@ -719,6 +726,108 @@ void tma_store_2d(const void* map, const void* src, int32_t x, int32_t y) {
     arm_proxy(c);
     c->copies.push_back(std::move(op));
     list_async(c);
+    made_progress();
+    yield_maybe();
+}
+
+// ---- Clusters: distributed shared memory ---------------------------------------------------------
+
+namespace {
+
+// shared::cluster addresses of another CTA's window: bit 31 set, the rank in bits 24..30, the
+// shared::cta offset below. An address without bit 31 is the CTA's own window.
+constexpr uint32_t kClusterBit = 0x80000000u;
+
+// The CTA of the calling thread's cluster with `rank`, or a failure naming `what`.
+Cta* cluster_peer(Thread* t, uint32_t rank, const char* what, void* at) {
+    Cluster* cl = t->cta->cluster;
+    if (cl == nullptr) {
+        if (rank == 0) {
+            return t->cta;
+        }
+        fail(CUDA_ERROR_LAUNCH_FAILED, at, "%s: CTA rank %u of a cluster, in a kernel launched without a cluster dimension", what, rank);
+    }
+    if (rank >= cl->ctas.size()) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at, "%s: CTA rank %u of a cluster of %zu", what, rank, cl->ctas.size());
+    }
+    Cta* c = cl->ctas[rank];
+    if (c == nullptr) {
+        fail(CUDA_ERROR_ILLEGAL_ADDRESS, at, "%s: CTA rank %u of the cluster has exited: its shared memory is gone", what, rank);
+    }
+    return c;
+}
+
+}  // namespace
+
+uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
+    void* at = __builtin_return_address(0);
+    Thread* t = me();
+    const uint32_t offset = addr & ~kClusterBit & 0x00ffffffu;
+    if ((addr & kClusterBit) != 0 || offset >= t->cta->window_bytes) {
+        fail(CUDA_ERROR_ILLEGAL_ADDRESS, at, "mapa.shared::cluster: %u is not a shared::cta address of this CTA's window (%u bytes)", addr,
+             t->cta->window_bytes);
+    }
+    (void)cluster_peer(t, rank, "mapa.shared::cluster", at);
+    return kClusterBit | (rank << 24) | offset;
+}
+
+void mbarrier_arrive_cluster(uint32_t addr) {
+    void* at = __builtin_return_address(0);
+    yield_maybe();
+    Thread* t = me();
+    Cta* c = (addr & kClusterBit) != 0 ? cluster_peer(t, (addr >> 24) & 0x7f, "mbarrier.arrive.shared::cluster", at) : t->cta;
+    const uint32_t offset = (addr & kClusterBit) != 0 ? addr & 0x00ffffffu : addr;
+    auto it = c->mbarriers.find(offset);
+    if (offset % 8 != 0 || it == c->mbarriers.end()) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at, "mbarrier.arrive.shared::cluster: no mbarrier was initialised at shared address %u of CTA rank %u",
+             offset, c->rank);
+    }
+    MBarrier& b = it->second;
+    if (c == t->cta) {
+        race_phase_arrive(c, t->linear, offset, b.phase, nullptr);
+    }
+    --b.pending;
+    made_progress();
+    complete_phase_if_done(b);
+}
+
+void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y, uint16_t mask) {
+    void* at = __builtin_return_address(0);
+    Thread* t = me();
+    const uint32_t size = t->cta->cluster != nullptr ? static_cast<uint32_t>(t->cta->cluster->ctas.size()) : 1;
+    if (mask == 0 || (mask >> size) != 0) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at, "cp.async.bulk.tensor (multicast): CTA mask 0x%x names ranks outside the cluster of %u", mask, size);
+    }
+    if (t->global_proxy_fence) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at,
+             "cp.async.bulk.tensor (multicast) after acquiring writes of a kernel still running, with no fence.proxy.async.global in "
+             "between: the async proxy may not see them");
+    }
+    uint32_t bar_addr = 0;
+    (void)barrier(t->cta, bar, "cp.async.bulk.tensor (multicast)", at, &bar_addr);
+    for (uint32_t r = 0; r < size; ++r) {
+        if ((mask >> r & 1) == 0) {
+            continue;
+        }
+        Cta* c = cluster_peer(t, r, "cp.async.bulk.tensor (multicast)", at);
+        auto op = tma_copy(t, map, dst, x, y, false, at);
+        auto it = c->mbarriers.find(bar_addr);
+        if (it == c->mbarriers.end()) {
+            fail(CUDA_ERROR_LAUNCH_FAILED, at,
+                 "cp.async.bulk.tensor (multicast): no mbarrier was initialised at shared address %u of CTA rank %u (a cluster barrier "
+                 "after the initialisation orders it before other CTAs use it)",
+                 bar_addr, r);
+        }
+        op->bar = bar_addr;
+        op->bar_phase = it->second.phase;
+        // Race mode checks the issuing CTA's own copy only (see cluster.cpp).
+        if (c == t->cta) {
+            op->race = race_unit_op(c, true, 0, {t});
+        }
+        arm_proxy(c);
+        c->copies.push_back(std::move(op));
+        list_async(c);
+    }
     made_progress();
     yield_maybe();
 }

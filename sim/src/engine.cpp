@@ -456,7 +456,8 @@ void take(Sm& sm, const Kernel& k, int sign) {
 
 // Makes CTAs resident on SMs with room, each device's kernels in the order they started (a
 // kernel's CTAs are all placed before the next kernel's of its device, as the hardware's work
-// distributor does; a full device never holds back another's kernels).
+// distributor does; a full device never holds back another's kernels). The CTAs of a cluster
+// (consecutive along x) are placed together, on distinct SMs, or not at all.
 void dispatch_ctas() {
     Engine& g = eng();
     const int per_device = config().sms;
@@ -466,29 +467,40 @@ void dispatch_ctas() {
             continue;
         }
         while (k->next_cta < k->ctas_total) {
-            int found = -1;
-            for (int i = 0; i < per_device; ++i) {
+            std::vector<int> found;
+            for (int i = 0; i < per_device && found.size() < k->cluster_size; ++i) {
                 const int sm = k->device * per_device + static_cast<int>((eng().sm_cursor + i) % per_device);
                 if (fits(g.sms[sm], *k)) {
-                    found = sm;
-                    break;
+                    found.push_back(sm);
                 }
             }
-            if (found < 0) {
+            if (found.size() < k->cluster_size) {
                 full[size_t(k->device)] = true;
                 break;
             }
-            eng().sm_cursor = (found % per_device) + 1;
-            take(g.sms[found], *k, 1);
-            auto* c = new Cta();
-            c->kernel = k;
-            c->sm = found;
-            c->linear = k->next_cta++;
-            c->idx.x = static_cast<unsigned>(c->linear % k->grid.x);
-            c->idx.y = static_cast<unsigned>((c->linear / k->grid.x) % k->grid.y);
-            c->idx.z = static_cast<unsigned>(c->linear / (uint64_t(k->grid.x) * k->grid.y));
-            k->resident.push_back(c);
-            eng().waiting_ctas.push_back(c);
+            eng().sm_cursor = (found.back() % per_device) + 1;
+            Cluster* cluster = nullptr;
+            if (k->cluster_size > 1) {
+                cluster = new Cluster();
+                cluster->ctas.assign(k->cluster_size, nullptr);
+            }
+            for (uint32_t r = 0; r < k->cluster_size; ++r) {
+                take(g.sms[found[r]], *k, 1);
+                auto* c = new Cta();
+                c->kernel = k;
+                c->sm = found[r];
+                c->linear = k->next_cta++;
+                c->idx.x = static_cast<unsigned>(c->linear % k->grid.x);
+                c->idx.y = static_cast<unsigned>((c->linear / k->grid.x) % k->grid.y);
+                c->idx.z = static_cast<unsigned>(c->linear / (uint64_t(k->grid.x) * k->grid.y));
+                if (cluster != nullptr) {
+                    c->cluster = cluster;
+                    c->rank = r;
+                    cluster->ctas[r] = c;
+                }
+                k->resident.push_back(c);
+                eng().waiting_ctas.push_back(c);
+            }
             made_progress();
         }
     }
@@ -547,6 +559,9 @@ void make_live(Cta* c) {
     race_init_cta(c);
     c->threads.reserve(n);
     c->running = n;
+    if (c->cluster != nullptr) {
+        c->cluster->live_threads += n;
+    }
     for (uint32_t i = 0; i < n; ++i) {
         auto t = std::make_unique<Thread>();
         t->cta = c;
@@ -574,9 +589,19 @@ bool make_one_live() {
     }
     const size_t i = g.rng.below(eng().waiting_ctas.size());
     Cta* c = eng().waiting_ctas[i];
-    eng().waiting_ctas[i] = eng().waiting_ctas.back();
-    eng().waiting_ctas.pop_back();
-    make_live(c);
+    if (c->cluster == nullptr) {
+        eng().waiting_ctas[i] = eng().waiting_ctas.back();
+        eng().waiting_ctas.pop_back();
+        make_live(c);
+        return true;
+    }
+    // A cluster's CTAs run together (they may wait for each other at barrier.cluster).
+    for (Cta* x : std::vector<Cta*>(c->cluster->ctas)) {
+        if (x != nullptr && !x->live) {
+            eng().waiting_ctas.erase(std::remove(eng().waiting_ctas.begin(), eng().waiting_ctas.end(), x), eng().waiting_ctas.end());
+            make_live(x);
+        }
+    }
     return true;
 }
 
@@ -625,6 +650,12 @@ void release_cta(Cta* c) {
     }
     take(g.sms[c->sm], *k, -1);
     k->resident.erase(std::remove(k->resident.begin(), k->resident.end(), c), k->resident.end());
+    if (Cluster* cl = c->cluster; cl != nullptr) {
+        cl->ctas[c->rank] = nullptr;
+        if (++cl->released == cl->ctas.size()) {
+            delete cl;
+        }
+    }
     delete c;
     made_progress();
 }
@@ -819,6 +850,7 @@ void on_thread_exit(Thread* t) {
         return;
     }
     named_barriers_on_exit(t);
+    cluster_barrier_on_exit(t);
     if (c->running == 0) {
         if (async_on_cta_exit(c, &f)) {
             fail_kernel_now(c->kernel, f, nullptr);

@@ -141,7 +141,7 @@ DKSIM_API const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorNam
 namespace dksim {
 
 int launch(const void* fn, const char* pretty, dim3 grid, dim3 block, size_t dynamic_smem, void* stream, KernelEntry entry, void* args,
-           ArgsDeleter deleter) {
+           ArgsDeleter deleter, uint32_t cluster_x) {
     Engine& g = eng();
     std::unique_lock<std::mutex> lock(g.mu);
     ensure_started();
@@ -159,6 +159,10 @@ int launch(const void* fn, const char* pretty, dim3 grid, dim3 block, size_t dyn
         grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
         complain(info, "grid or block dimensions outside the device's limits");
         return refuse(cudaErrorInvalidConfiguration);
+    }
+    if (cluster_x == 0 || cluster_x > 8 || grid.x % cluster_x != 0) {
+        complain(info, "a cluster dimension outside 1 .. 8 (the portable limit), or a grid.x that is not a multiple of it");
+        return refuse(cudaErrorInvalidClusterSize);
     }
     if (dynamic_smem > static_cast<size_t>(info.max_dynamic_smem)) {
         complain(info, "more dynamic shared memory than the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (48 KiB unless raised)");
@@ -180,6 +184,7 @@ int launch(const void* fn, const char* pretty, dim3 grid, dim3 block, size_t dyn
     k->threads_per_cta = static_cast<uint32_t>(threads);
     k->dynamic_smem = static_cast<uint32_t>(dynamic_smem);
     k->ctas_total = uint64_t(grid.x) * grid.y * grid.z;
+    k->cluster_size = cluster_x;
     k->device = s->ctx->device;
     const int warps = static_cast<int>((threads + 31) / 32);
     const int regs = info.registers > 0 ? info.registers : 64;

@@ -262,6 +262,7 @@ struct Thread {
     uint64_t wake_at = 0;  // parked: the device's progress count at which it polls again
     uint32_t coll_result = 0;
     bool started = false;
+    uint64_t cluster_phase = UINT64_MAX;  // the barrier.cluster phase it arrived in, until its wait
     int bulk_commits = 0;           // cp.async.bulk groups committed
     bool global_proxy_fence = false;  // acquired another kernel's writes: TMA loads need fence.proxy.async.global first
 };
@@ -354,10 +355,23 @@ struct Warpgroup {
     void* rv_where = nullptr;
 };
 
+// The CTAs of one cluster (a launch with a cluster dimension): placed and made live together,
+// their windows reachable from each other by rank (distributed shared memory), and barrier.cluster.
+struct Cluster {
+    std::vector<Cta*> ctas;     // by rank; null once that CTA has exited
+    uint32_t released = 0;      // CTAs gone (the cluster goes with the last)
+    uint32_t live_threads = 0;  // threads of its CTAs not exited: barrier.cluster's count
+    uint32_t arrived = 0;       // barrier.cluster arrivals in the current phase
+    uint64_t phase = 0;         // barrier.cluster phases completed
+    std::vector<Thread*> waiters;
+};
+
 struct Cta {
     Kernel* kernel = nullptr;
     uint3 idx{};
     uint64_t linear = 0;
+    Cluster* cluster = nullptr;  // cluster launches only
+    uint32_t rank = 0;           // %cluster_ctarank
     int sm = -1;
     bool live = false;
     std::vector<std::unique_ptr<Thread>> threads;
@@ -402,6 +416,7 @@ struct Kernel {
     uint32_t threads_per_cta = 0;
     uint32_t dynamic_smem = 0;
     uint64_t ctas_total = 0;
+    uint32_t cluster_size = 1;  // CTAs per cluster, along x
     uint64_t next_cta = 0;   // next to make resident
     uint64_t ctas_done = 0;
     std::vector<Cta*> resident;  // resident CTAs (live or waiting to start)
@@ -522,9 +537,10 @@ std::string async_describe_wait(const Cta* c, const WaitInfo& w);
 void async_init_cta(Cta* c);
 
 // When a thread exits: the warp collectives that now cannot complete (a failure, returned in
-// *out), and the named barriers its exit completes.
+// *out), and the named barriers (and the cluster barrier) its exit completes.
 bool collectives_on_exit(Thread* t, Failure** out);
 void named_barriers_on_exit(Thread* t);
+void cluster_barrier_on_exit(Thread* t);
 
 // Reports.
 std::string describe_thread(const Thread* t);

@@ -361,6 +361,72 @@ __global__ void wgmma_ones(float* out) {
     }
 }
 
+// Thread-block clusters of two CTAs (64 threads each), one 512-byte box (8 rows of 64 bytes) that
+// each CTA's rank r loads half of (rows 4r .. 4r + 3) with TMA multicast into both CTAs:
+//  0: barrier init, cluster barrier, multicast, wait, sum the whole box into out[cta]; then each
+//     CTA arrives on its peer's `done` barrier (mapa + remote arrive) and waits for its own;
+//  1: rank 1 never initialises its barrier (and waits for a flag nobody sets) and there is no
+//     cluster barrier: rank 0's multicast finds no mbarrier in rank 1;
+//  2: rank 1 exits right after the cluster barrier; rank 0 sleeps, then arrives on rank 1's
+//     barrier: a CTA that is gone;
+//  3: (host) a grid of 3 CTAs in clusters of 2: refused at launch.
+struct ClusterParams {
+    CUtensorMap half;  // box {64, 4}
+    uint32_t* out;
+    const int32_t* flag;  // mode 1: never set
+    int mode;
+};
+
+__global__ void cluster_multicast(const __grid_constant__ ClusterParams p) {
+    DK_SHARED(TmaBox, s_box);
+    DK_SHARED(uint64_t, s_full);
+    DK_SHARED(uint64_t, s_done);
+    const uint32_t rank = dk::ptx::cluster_ctarank();
+    if (threadIdx.x == 0 && !(p.mode == 1 && rank == 1)) {
+        dk::ptx::mbarrier_init(&s_full, 1);
+        dk::ptx::mbarrier_init(&s_done, 1);
+        dk::ptx::fence_mbarrier_init();
+    }
+    if (p.mode != 1) {
+        dk::ptx::barrier_cluster_arrive_release();
+        dk::ptx::barrier_cluster_wait_acquire();
+    }
+    if (p.mode == 2 && rank == 1) {
+        return;
+    }
+    if (threadIdx.x != 0) {
+        return;
+    }
+    if (p.mode == 1 && rank == 1) {
+        while (dk::ptx::ld_acquire_gpu_global_s32(p.flag) == 0) {
+            __nanosleep(1000);
+        }
+        return;
+    }
+    if (p.mode == 2) {
+        for (int i = 0; i < 100; ++i) {
+            __nanosleep(1000);
+        }
+        dk::ptx::mbarrier_arrive_cluster(dk::ptx::mapa_shared_cluster(&s_done, 1));
+        return;
+    }
+    dk::ptx::mbarrier_arrive_expect_tx(&s_full, 512);
+    dk::ptx::cp_async_bulk_tensor_2d_global_to_shared_multicast(s_box.b + rank * 256, &p.half, &s_full, 0, int32_t(rank * 4), 0x3);
+    while (!dk::ptx::mbarrier_try_wait_parity(&s_full, 0)) {
+    }
+    uint32_t sum = 0;
+    for (int i = 0; i < 512; ++i) {
+        sum += s_box.b[i];
+    }
+    p.out[blockIdx.x] = sum;
+    if (p.mode == 0) {
+        // Neither CTA leaves before its peer's arrival: the peer no longer needs this one.
+        dk::ptx::mbarrier_arrive_cluster(dk::ptx::mapa_shared_cluster(&s_done, rank ^ 1));
+        while (!dk::ptx::mbarrier_try_wait_parity(&s_done, 0)) {
+        }
+    }
+}
+
 // ---- scenarios -----------------------------------------------------------------------------------
 
 int oob_write_past_guard() {
@@ -625,6 +691,52 @@ int cross_stream_mode(int mode) {
     }
     const CUresult r = cuStreamSynchronize(other);
     (void)sync();
+    return report(r);
+}
+
+int cluster_mode(int mode) {
+    const int cols = 64, rows = 8;
+    uint8_t* matrix = alloc<uint8_t>(cols * rows);
+    std::vector<uint8_t> host(cols * rows);
+    uint32_t want = 0;
+    for (int i = 0; i < cols * rows; ++i) {
+        host[i] = static_cast<uint8_t>(i % 11 + 1);
+        want += host[i];
+    }
+    CHECK(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(matrix), host.data(), host.size()));
+    ClusterParams p{};
+    const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+    const cuuint64_t strides[1] = {cuuint64_t(cols)};
+    const cuuint32_t box[2] = {64, 4};
+    const cuuint32_t estr[2] = {1, 1};
+    CHECK(cuTensorMapEncodeTiled(&p.half, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, matrix, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    const int ctas = 6;
+    p.out = alloc<uint32_t>(ctas);
+    int32_t* flag = alloc<int32_t>(1);
+    CHECK(cuMemsetD32(reinterpret_cast<CUdeviceptr>(flag), 0, 1));
+    p.flag = flag;
+    p.mode = mode;
+    const auto s = reinterpret_cast<cudaStream_t>(g_stream);
+    if (mode == 3) {
+        // A grid that is not a whole number of clusters is refused at launch.
+        const dk_status_t odd = dk::launch_cluster<cluster_multicast>(dim3(3), dim3(64), 2, 0, s, p);
+        std::printf("ODD GRID REFUSED %d\n", odd != DK_STATUS_OK ? 1 : 0);
+        return 0;
+    }
+    if (dk::launch_cluster<cluster_multicast>(dim3(ctas), dim3(64), 2, 0, s, p) != DK_STATUS_OK) {
+        std::printf("LAUNCH FAILED\n");
+    }
+    const CUresult r = sync();
+    if (r == CUDA_SUCCESS) {
+        std::vector<uint32_t> got(ctas);
+        CHECK(cuMemcpyDtoH(got.data(), reinterpret_cast<CUdeviceptr>(p.out), ctas * 4));
+        int right = 0;
+        for (uint32_t v : got) {
+            right += v == want;
+        }
+        std::printf("SUMS RIGHT %d of %d\n", right, ctas);
+    }
     return report(r);
 }
 
@@ -1068,6 +1180,10 @@ const Scenario kScenarios[] = {
     {"mbarrier_never_completes", [] { return registers_and_barriers_mode(3); }},
     {"wgmma_accumulators", wgmma_accumulators},
     {"free_waits_for_its_own_device", free_waits_for_its_own_device},
+    {"cluster_multicast", [] { return cluster_mode(0); }},
+    {"cluster_barrier_not_initialised", [] { return cluster_mode(1); }},
+    {"cluster_peer_exits_early", [] { return cluster_mode(2); }},
+    {"cluster_odd_grid", [] { return cluster_mode(3); }},
     {"nccl_collectives_2", [] { return nccl_collectives(2); }},
     {"nccl_collectives_4", [] { return nccl_collectives(4); }},
     {"nccl_send_recv_2", [] { return nccl_send_recv(2); }},

@@ -53,8 +53,10 @@ using ArgsDeleter = void (*)(void* args);
 // Enqueues `entry(args)` as a grid on `stream`; takes ownership of `args`. `pretty` names the
 // kernel when the resource table does not. Returns a cudaError_t (launch-configuration errors are
 // returned here, as cudaLaunchKernel would; faults during execution surface at synchronisation).
+// `cluster_x` > 1: a launch with the cluster dimension (cluster_x, 1, 1) (cudaLaunchKernelEx with
+// cudaLaunchAttributeClusterDimension); grid.x must be a multiple of it.
 int launch(const void* fn, const char* pretty, dim3 grid, dim3 block, size_t dynamic_smem, void* stream, KernelEntry entry, void* args,
-           ArgsDeleter deleter);
+           ArgsDeleter deleter, uint32_t cluster_x = 1);
 
 // ---- Operations of a simulated thread --------------------------------------------------------
 
@@ -118,6 +120,26 @@ void wgmma_commit_group();
 void wgmma_wait_group(int n);
 // setmaxnreg.inc / .dec.
 void setmaxnreg(bool increase, uint32_t registers);
+
+// ---- Thread-block clusters (launches with a cluster dimension along x) ---------------------------
+
+// %cluster_ctarank and %cluster_nctarank (0 and 1 outside a cluster launch).
+uint32_t cluster_ctarank();
+uint32_t cluster_nctarank();
+// barrier.cluster.arrive.release and barrier.cluster.wait.acquire: the wait returns once every
+// thread of every CTA of the cluster (exited ones count as arrived) has arrived in this phase.
+void barrier_cluster_arrive();
+void barrier_cluster_wait();
+// mapa.shared::cluster.u32: the shared::cluster address of shared::cta address `addr` in the CTA of
+// rank `rank` (distributed shared memory). A shared::cta address is also the shared::cluster
+// address of the same location in the CTA's own window.
+uint32_t mapa_shared(uint32_t addr, uint32_t rank);
+// mbarrier.arrive.release.cluster.shared::cluster.b64 on the mbarrier at a shared::cluster address.
+void mbarrier_arrive_cluster(uint32_t addr);
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster:
+// the box lands at `dst`'s offset in the window of every CTA whose rank is set in `mask`, and
+// completes its bytes on the mbarrier at `bar`'s offset in each of them.
+void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y, uint16_t mask);
 
 }  // namespace dksim
 

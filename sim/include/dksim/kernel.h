@@ -252,7 +252,8 @@ extern const size_t kernel_resource_count;
 
 namespace detail {
 template <auto Kernel, typename... P, typename... A>
-inline int launch_as(void (*)(P...), const char* pretty, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const A&... args) {
+inline int launch_as(void (*)(P...), const char* pretty, dim3 grid, dim3 block, uint32_t cluster_x, size_t smem, cudaStream_t stream,
+                     const A&... args) {
     // The parameters as the kernel declares them, copied once at launch (a GPU copies them into
     // constant memory); every simulated thread then gets its own copy, as by-value parameters.
     using Params = std::tuple<std::decay_t<P>...>;
@@ -260,14 +261,20 @@ inline int launch_as(void (*)(P...), const char* pretty, dim3 grid, dim3 block, 
     return ::dksim::launch(
         reinterpret_cast<const void*>(Kernel), pretty, grid, block, smem, stream,
         [](const void* p) { std::apply(Kernel, *static_cast<const Params*>(p)); }, params,
-        [](void* p) { delete static_cast<Params*>(p); });
+        [](void* p) { delete static_cast<Params*>(p); }, cluster_x);
 }
 }  // namespace detail
 
 // Enqueues `Kernel<<<grid, block, smem, stream>>>(args...)` on the simulator.
 template <auto Kernel, typename... A>
 inline int launch(const char* pretty, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const A&... args) {
-    return detail::launch_as<Kernel>(Kernel, pretty, grid, block, smem, stream, args...);
+    return detail::launch_as<Kernel>(Kernel, pretty, grid, block, 1, smem, stream, args...);
+}
+
+// The same with the cluster dimension (cluster_x, 1, 1).
+template <auto Kernel, typename... A>
+inline int launch_cluster(const char* pretty, dim3 grid, dim3 block, uint32_t cluster_x, size_t smem, cudaStream_t stream, const A&... args) {
+    return detail::launch_as<Kernel>(Kernel, pretty, grid, block, cluster_x, smem, stream, args...);
 }
 
 }  // namespace dksim
