@@ -56,7 +56,7 @@ use deepkern::gemm::{
     Fp8Activations, Fp8Weights, GemmOptions, GemmShape, MaskedShape, TileConfig, gemm_fp8_contiguous, gemm_fp8_masked, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout};
-use deepkern::plan::gemm::{GemmLayout, GemmProblem, TileCost, block_n_menu, candidates, max_stages, plan};
+use deepkern::plan::gemm::{GemmLayout, GemmProblem, Multicast, TileCost, block_n_menu, candidates, max_stages, plan};
 use deepkern::reference::gemm::{Fp8Operand, gemm_entries};
 use deepkern::{F8E4M3, ScaleFormat, bf16, quantize_per_block, quantize_per_token_group};
 use harness::{GpuBench, Record};
@@ -183,6 +183,37 @@ fn main() {
             if m >= 1024 {
                 rows_128(&mut gpu, shape, &shape_json, median_us, &mut |s, options| run(s, &mut d, options, "gemm, 128-row tile"));
             }
+            if let Ok(planned) = plan(&GemmProblem { m, n, k, layout: GemmLayout::Dense }, gpu.device.info())
+                && planned.multicast != Multicast::None
+            {
+                // The planner's tile without its multicast, checked like the planned launch.
+                let off = GemmOptions { multicast: Some(Multicast::None), ..GemmOptions::default() };
+                stream.memcpy_htod(&vec![bf16::NAN; m * n], &mut d).expect("poison d");
+                let off_us = gpu.median_us(|s| run(s, &mut d, off, "gemm, no multicast"));
+                check_grouped(&stream, &qa, &sa, &qb, &sb, &d, shape, 1, m, true);
+                let info = gpu.device.info().clone();
+                let without = TileCost::HOPPER.launch_clocks(
+                    planned.block_m,
+                    planned.block_n,
+                    planned.stages,
+                    planned.tiles,
+                    info.sm_count as usize,
+                    k,
+                    Multicast::None,
+                );
+                let mut shape_json = shape_json.clone();
+                shape_json["multicast"] = json!(format!("{:?}", planned.multicast));
+                shape_json["model_speedup"] = json!(without / planned.cost);
+                gpu.record(Record {
+                    kernel: "gemm_fp8_dense_multicast_vs_none",
+                    case: case.clone(),
+                    shape: shape_json,
+                    median_us,
+                    flops: Some(flops as f64),
+                    bytes: Some(bytes as f64),
+                    baseline: Some(("deepkern_no_multicast", off_us)),
+                });
+            }
             gpu.record(Record {
                 kernel: "gemm_fp8_dense_planned_vs_fixed",
                 case: case.clone(),
@@ -236,9 +267,13 @@ fn rows_128(
     let problem = GemmProblem { m, n, k, layout: GemmLayout::Dense };
     let info = gpu.device.info().clone();
     let (Ok(planned), Ok(all)) = (plan(&problem, &info), candidates(&problem, &info, TileCost::HOPPER)) else { return };
-    let Some(best) = all.into_iter().filter(|c| c.block_m == 128).min_by(|a, b| a.cost.total_cmp(&b.cost)) else { return };
+    let Some(best) =
+        all.into_iter().filter(|c| c.block_m == 128 && c.multicast == Multicast::None).min_by(|a, b| a.cost.total_cmp(&b.cost))
+    else {
+        return;
+    };
     let tile = TileConfig { block_m: 128, block_n: best.block_n, stages: best.stages };
-    let us = gpu.median_us(|s| run(s, GemmOptions { tile: Some(tile), ..GemmOptions::default() }));
+    let us = gpu.median_us(|s| run(s, GemmOptions { tile: Some(tile), multicast: Some(Multicast::None), ..GemmOptions::default() }));
     let mut shape_json = shape_json.clone();
     shape_json["rows_128"] = json!(format!("128x{}/{}", best.block_n, best.stages));
     shape_json["model_speedup"] = json!(best.cost / planned.cost);
@@ -277,9 +312,11 @@ fn tile_sweep(gpu: &mut GpuBench) {
         let problem = GemmProblem { m, n, k, layout: GemmLayout::Dense };
         let planned = tile_name(gpu, problem);
         let sms = gpu.device.info().sm_count as usize;
-        let model =
-            |bm: usize, bn: usize, stages: usize| TileCost::HOPPER.launch_clocks(bm, bn, stages, m.div_ceil(bm) * n.div_ceil(bn), sms, k);
-        let planned_model = plan(&problem, gpu.device.info()).map_or(f64::NAN, |t| model(t.block_m, t.block_n, t.stages));
+        // Forced tiles run without multicast; the planned one as planned.
+        let model = |bm: usize, bn: usize, stages: usize| {
+            TileCost::HOPPER.launch_clocks(bm, bn, stages, m.div_ceil(bm) * n.div_ceil(bn), sms, k, Multicast::None)
+        };
+        let planned_model = plan(&problem, gpu.device.info()).map_or(f64::NAN, |t| t.cost);
         let mut best = (f64::INFINITY, String::new());
         for block_m in [64, 128, 256] {
             for &block_n in block_n_menu(block_m) {

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::launch::{Launch, check_aligned, ffi_call};
 use crate::layout::{GROUP, ceil_div, tma_aligned_rows};
-use crate::plan::gemm::{self as plan, GemmLayout, GemmProblem, MAX_STAGES};
+use crate::plan::gemm::{self as plan, GemmLayout, GemmProblem, MAX_STAGES, Multicast};
 
 /// Activations: E4M3 `[m, k]` and their 1x128 scales `[k / 128, round_up(m, 4)]` (transposed).
 pub struct Fp8Activations<'a> {
@@ -94,6 +94,12 @@ pub struct GemmOptions {
     /// registers. Off by default until measurements say where it pays (`benches/gemm.rs`,
     /// `gemm_fp8_dense_tma_store_vs_direct`).
     pub tma_store: bool,
+    /// TMA multicast across clusters of two CTAs (dense and contiguous layouts): `None` takes the
+    /// planner's choice (no multicast with a forced [`tile`](Self::tile)); `Some(m)` runs `m`
+    /// with the planner's (or the forced) tile. Multicast needs at least two SMs and is refused
+    /// for the masked layout, for contiguous tiles wider than 128 and for
+    /// [`gemm_fp8_contiguous_arrived`].
+    pub multicast: Option<Multicast>,
 }
 
 /// A tile shape of the compiled menu and a pipeline depth: `block_m` 64 or 128 with `block_n` from
@@ -116,6 +122,7 @@ struct LaunchShape {
     block_n: usize,
     stages: usize,
     swizzle_group: usize,
+    multicast: Multicast,
 }
 
 /// A GEMM to launch: the layout, sizes, and the expected length of every buffer.
@@ -139,6 +146,35 @@ impl Problem {
     /// the planner's choice, or `options.tile` after checking it against the menu and the limit.
     /// `tma_store`: reserve the TMA-store epilogue's staging tile (the caller checked it applies).
     fn launch_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions, tma_store: bool) -> Result<LaunchShape> {
+        let mut shape = self.tile_shape(sms, smem_limit, options, tma_store)?;
+        if let Some(forced) = options.multicast {
+            if forced != Multicast::None {
+                let layout = match self.layout {
+                    ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => GemmLayout::GroupedContiguous { groups: self.groups },
+                    ffi::dk_gemm_layout::DK_GEMM_MASKED => {
+                        GemmLayout::GroupedMasked { groups: self.groups, max_m: self.scale_rows, expected_m: 0 }
+                    }
+                    _ => GemmLayout::Dense,
+                };
+                let why = if self.layout == ffi::dk_gemm_layout::DK_GEMM_MASKED {
+                    Some("the masked layout runs without multicast".to_string())
+                } else if !plan::multicast_compiled(&layout, shape.block_n) {
+                    Some(format!("the contiguous layout runs multicast with block_n <= 128, not {}", shape.block_n))
+                } else if sms < 2 {
+                    Some(format!("clusters of two CTAs need at least two SMs; the budget is {sms}"))
+                } else {
+                    None
+                };
+                if let Some(reason) = why {
+                    return Err(Error::InvalidArgument { arg: "multicast", reason });
+                }
+            }
+            shape.multicast = forced;
+        }
+        Ok(shape)
+    }
+
+    fn tile_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions, tma_store: bool) -> Result<LaunchShape> {
         let (layout, masked_groups) = match self.layout {
             ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => (GemmLayout::GroupedContiguous { groups: self.groups }, 0),
             ffi::dk_gemm_layout::DK_GEMM_MASKED => {
@@ -165,6 +201,7 @@ impl Problem {
                 block_n: chosen.block_n,
                 stages: chosen.stages,
                 swizzle_group: chosen.swizzle_group,
+                multicast: chosen.multicast,
             });
         };
         // A forced tile is checked here, not planned (the planner's minimum depth does not apply).
@@ -191,7 +228,7 @@ impl Problem {
                 "{block_m}x{block_n} with {stages} stages needs {smem} bytes of shared memory; the device has {smem_limit}"
             ));
         }
-        Ok(LaunchShape { block_m, block_n, stages, swizzle_group: plan::swizzle_group(block_m, block_n, sms) })
+        Ok(LaunchShape { block_m, block_n, stages, swizzle_group: plan::swizzle_group(block_m, block_n, sms), multicast: Multicast::None })
     }
 
     /// Checks `k`, the sizes, and every buffer length (`index_len`: m_indices or masked_m).
@@ -530,7 +567,13 @@ fn launch<B: DevicePtrMut<bf16>, F: DevicePtrMut<f32>, I: DevicePtr<i32>, A: Dev
     if p.m == 0 || p.n == 0 {
         return Ok(());
     }
-    let shape = p.launch_shape(sms, smem_limit, &options, tma_store)?;
+    let mut shape = p.launch_shape(sms, smem_limit, &options, tma_store)?;
+    if arrivals.is_some() && shape.multicast != Multicast::None {
+        if options.multicast.is_some() {
+            return Err(Error::InvalidArgument { arg: "multicast", reason: "the arrival-gated GEMM runs without multicast".into() });
+        }
+        shape.multicast = Multicast::None;
+    }
     let (a_ptr, sfa_ptr, b_ptr, sfb_ptr) = (launch.input(&a.q), launch.input(&a.sf), launch.input(&b.q), launch.input(&b.sf));
     let index_ptr = index.map(|v| launch.input(v));
     let arrivals_ptr = arrivals.map_or(0, |v| launch.input(v));
@@ -583,6 +626,17 @@ fn launch<B: DevicePtrMut<bf16>, F: DevicePtrMut<f32>, I: DevicePtr<i32>, A: Dev
             tensor_map_2d(d_ptr, bf16_t, 2, p.m, p.n, block_m, block_n, none)?
         } else {
             ffi::dk_tensor_map { opaque: [0; 16] }
+        },
+        multicast: match shape.multicast {
+            Multicast::None => ffi::dk_gemm_multicast::DK_GEMM_MULTICAST_NONE,
+            Multicast::A => ffi::dk_gemm_multicast::DK_GEMM_MULTICAST_A,
+            Multicast::B => ffi::dk_gemm_multicast::DK_GEMM_MULTICAST_B,
+        },
+        // The shared operand with half a tile per box: each CTA of a cluster loads one half.
+        tma_half: match shape.multicast {
+            Multicast::None => ffi::dk_tensor_map { opaque: [0; 16] },
+            Multicast::A => tensor_map_2d(a_ptr, u8_t, 1, p.m, p.k, block_m / 2, block_k, sw128)?,
+            Multicast::B => tensor_map_2d(b_ptr, u8_t, 1, p.groups * p.n, p.k, block_n / 2, block_k, sw128)?,
         },
     };
     let s = launch.stream();

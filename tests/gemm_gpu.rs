@@ -19,6 +19,12 @@
 //! - `tiles_of_256_rows`: the 256-row tiles (two 64-row sub-tiles per consumer warpgroup),
 //!   forced, on random data over several M blocks with ragged last rows, dense with both
 //!   epilogues (every entry written, nothing outside D) and masked with groups of two M blocks.
+//! - `multicast_pairs`: TMA multicast across clusters of two CTAs, sharing A and sharing B, forced:
+//!   dense bit-exact with both epilogues inside NaN guards, on tile counts that leave the last pair
+//!   without a partner, with SM budgets that make each cluster walk several pairs (odd budgets
+//!   included); contiguous with a pair of one expert (multicast), a pair of two experts (loaded
+//!   apart) and a pair whose second block is padding; and the refusals (masked layout, one SM,
+//!   contiguous tiles wider than 128, the arrival-gated GEMM).
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
 //!   `GemmOptions::tile` with 1, 2 or 4 (256 rows: 3) stages (the stage ring wraps), on a ragged n = 600 where
 //!   the 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
@@ -38,7 +44,7 @@ use deepkern::gemm::{
     gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
-use deepkern::plan::gemm::{BLOCK_N_MENU, block_n_menu};
+use deepkern::plan::gemm::{BLOCK_N_MENU, Multicast, block_n_menu};
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{QuantizedRows, per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group};
@@ -57,6 +63,7 @@ fn main() {
         ("sm_budget_changes_nothing_but_the_grid", sm_budget_changes_nothing_but_the_grid),
         ("f32_output_and_accumulate", f32_output_and_accumulate),
         ("tiles_of_256_rows", tiles_of_256_rows),
+        ("multicast_pairs", multicast_pairs),
         ("every_compiled_tile", every_compiled_tile),
         ("arrivals_complete_and_checked", arrivals_complete_and_checked),
     ]);
@@ -603,6 +610,126 @@ fn tiles_of_256_rows(gpu: &Gpu) -> TestResult {
     gemm_fp8_masked_with(&stream, &a, &b, &d_valid.as_view(), &mut d.as_view_mut(), MaskedShape { groups, max_m, n, k }, options)
         .map_err(|e| format!("masked {options:?}: {e}"))?;
     compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {options:?}"))
+}
+
+/// TMA multicast across clusters of two (see the module docs).
+fn multicast_pairs(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("multicast_pairs");
+    let stream = gpu.stream();
+    // m = 300: five 64-row blocks (pairs along M: two and one alone), three 128-row blocks and
+    // two 256-row ones; n = 600: seven 96-wide tiles (pairs along N: three and one alone), five
+    // 128-wide ones.
+    let shape = GemmShape { m: 300, n: 600, k: 384 };
+    let GemmShape { m, n, k } = shape;
+    let h = small_integer_host(&mut rng, shape);
+    let want: Vec<bf16> =
+        gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n)).into_iter().map(bf16::from_f64).collect();
+    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
+    let d_sb = stream.clone_htod(&h.sb).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let guard = 304;
+    let cases = [
+        (Multicast::A, 64, 96, 2, None, false),
+        (Multicast::B, 64, 96, 3, Some(4), true),
+        (Multicast::A, 128, 128, 1, Some(5), false),
+        (Multicast::B, 128, 112, 2, Some(2), false),
+        (Multicast::B, 256, 64, 2, None, true),
+        (Multicast::A, 256, 128, 1, Some(3), false),
+    ];
+    for (multicast, block_m, block_n, stages, max_sms, tma_store) in cases {
+        let options = GemmOptions {
+            tile: Some(TileConfig { block_m, block_n, stages }),
+            multicast: Some(multicast),
+            max_sms,
+            tma_store,
+            ..GemmOptions::default()
+        };
+        let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n + 2 * guard]).unwrap();
+        gemm_fp8_with(&stream, &a, &b, &mut all.slice_mut(guard..guard + m * n), shape, options)
+            .map_err(|e| format!("{options:?}: {e}"))?;
+        let all = stream.clone_dtoh(&all).unwrap();
+        let got = &all[guard..guard + m * n];
+        if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
+            return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / n, at % n, got[at], want[at]).into());
+        }
+        let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.to_bits() == NAN_BF16);
+        ensure(guards_ok, || format!("dense {options:?}: wrote outside D"))?;
+    }
+
+    // Contiguous: experts of 150, 0, 70 and 100 rows: blocks 0 and 1 are expert 0's (a pair
+    // along M that shares B), 2 and 3 experts 2 and 3 (a pair loaded apart); with 192 rows for
+    // expert 3, its second block pairs with nothing.
+    let (groups, n, k) = (4, 200, 256);
+    let (bq, bsf) = experts(&mut rng, groups, n, k);
+    let (d_b, d_sb) = (stream.clone_htod(&f8(&bq)).unwrap(), stream.clone_htod(&bsf).unwrap());
+    let b = Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() };
+    for counts in [[150, 0, 70, 100], [150, 0, 70, 192]] {
+        let input = Contiguous::new(&stream, &mut rng, &counts, k);
+        let (m, a) = (input.m(), input.activations());
+        let want = input.reference(&bq, &bsf, groups, k);
+        for (multicast, block_n, max_sms) in [(Multicast::B, 64, None), (Multicast::A, 96, Some(2)), (Multicast::B, 112, Some(3))] {
+            let options = GemmOptions {
+                tile: Some(TileConfig { block_m: 128, block_n, stages: 2 }),
+                multicast: Some(multicast),
+                max_sms,
+                ..GemmOptions::default()
+            };
+            let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+            gemm_fp8_contiguous_with(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, options)
+                .map_err(|e| format!("contiguous {counts:?} {options:?}: {e}"))?;
+            compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("contiguous {counts:?} {options:?}"))?;
+        }
+    }
+
+    // Refusals, before any launch.
+    let refused = |r: Result<(), Error>, what: &str| match r {
+        Err(Error::InvalidArgument { arg: "multicast", .. }) => Ok(()),
+        other => Err(format!("{what}: expected a multicast refusal, got {other:?}")),
+    };
+    let input = Contiguous::new(&stream, &mut rng, &[128, 128], k);
+    let (m, a) = (input.m(), input.activations());
+    let mut d = stream.alloc_zeros::<bf16>(m * n).unwrap();
+    let one_sm = GemmOptions { multicast: Some(Multicast::B), max_sms: Some(1), ..GemmOptions::default() };
+    refused(
+        gemm_fp8_contiguous_with(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, one_sm),
+        "one SM",
+    )?;
+    let wide = GemmOptions {
+        multicast: Some(Multicast::B),
+        tile: Some(TileConfig { block_m: 128, block_n: 160, stages: 2 }),
+        ..GemmOptions::default()
+    };
+    refused(
+        gemm_fp8_contiguous_with(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, wide),
+        "contiguous 128x160",
+    )?;
+    let arrivals = stream.clone_htod(&vec![128i32; m / 128]).unwrap();
+    let forced = GemmOptions { multicast: Some(Multicast::A), max_sms: Some(64), ..GemmOptions::default() };
+    refused(
+        gemm_fp8_contiguous_arrived(
+            &stream,
+            &a,
+            &b,
+            &input.idx.as_view(),
+            &arrivals.as_view(),
+            &mut d.as_view_mut(),
+            GemmShape { m, n, k },
+            groups,
+            forced,
+        ),
+        "arrivals",
+    )?;
+    let (aq, asf_tma, _) = masked_activations(&mut rng, groups, 64, k);
+    let (d_a, d_sa) = (stream.clone_htod(&f8(&aq)).unwrap(), stream.clone_htod(&asf_tma).unwrap());
+    let a = Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() };
+    let valid = stream.clone_htod(&[64i32; 4]).unwrap();
+    let mut d = stream.alloc_zeros::<bf16>(groups * 64 * n).unwrap();
+    refused(
+        gemm_fp8_masked_with(&stream, &a, &b, &valid.as_view(), &mut d.as_view_mut(), MaskedShape { groups, max_m: 64, n, k }, forced),
+        "masked",
+    )?;
+    Ok(())
 }
 
 /// Every compiled tile shape of every layout, forced (see the module docs).

@@ -16,7 +16,7 @@
 use deepkern::DeviceInfo;
 use deepkern::layout::ceil_div;
 use deepkern::plan::gemm::{
-    GemmLayout, GemmProblem, MAX_BLOCK_N, TileCost, block_n_menu, candidates, plan, plan_epilogue, smem_plan, tile_coords,
+    GemmLayout, GemmProblem, MAX_BLOCK_N, Multicast, TileCost, block_n_menu, candidates, plan, plan_epilogue, smem_plan, tile_coords,
 };
 use proptest::prelude::*;
 
@@ -76,9 +76,20 @@ proptest! {
         };
         prop_assert_eq!(chosen.tiles, groups * ceil_div(rows, chosen.block_m) * ceil_div(n, chosen.block_n));
         prop_assert!(ceil_div(rows, chosen.block_m) * chosen.block_m >= rows && ceil_div(n, chosen.block_n) * chosen.block_n >= n);
-        // Every SM gets work where the problem allows.
-        prop_assert_eq!(chosen.grid, chosen.tiles.min(sms as usize));
-        prop_assert!(chosen.waves * sms as usize >= chosen.tiles && chosen.last_wave_tiles <= sms as usize);
+        // Every SM gets work where the problem allows (with multicast, every whole pair of SMs).
+        let slots = if chosen.multicast == Multicast::None { sms as usize } else { sms as usize / 2 * 2 };
+        prop_assert_eq!(chosen.grid, chosen.tiles.min(slots));
+        prop_assert!(chosen.waves * slots >= chosen.tiles && chosen.last_wave_tiles <= slots);
+        // Multicast only where it can pay: the dense and contiguous layouts, more than one wave,
+        // whole pairs of tiles along its direction.
+        if chosen.multicast != Multicast::None {
+            let masked = matches!(layout, GemmLayout::GroupedMasked { .. });
+            prop_assert!(!masked, "{chosen:?}");
+            prop_assert!(chosen.waves >= 2, "{chosen:?}");
+            prop_assert!(m >= deepkern::plan::gemm::MULTICAST_MIN_ROWS, "{chosen:?}");
+            let pairs_along = if chosen.multicast == Multicast::A { ceil_div(n, chosen.block_n) } else { ceil_div(rows, chosen.block_m) };
+            prop_assert!(pairs_along.is_multiple_of(2), "{chosen:?}");
+        }
         if chosen.tiles > 0 {
             prop_assert!(chosen.last_wave_tiles >= 1);
         }
@@ -120,8 +131,9 @@ fn small_m_uses_64_row_tiles() {
 /// The planner's choices on the DeepSeek-V3 shapes, as data.
 const TABLE: &str = include_str!("data/gemm_plan_table.txt");
 
-/// `layout m n k -> block_m block_n` (a `#` starts a comment) as the problem and the tile.
-fn parse(line: &str) -> Result<(GemmProblem, (usize, usize)), String> {
+/// `layout m n k -> block_m block_n [multicast:A|multicast:B]` (a `#` starts a comment) as the
+/// problem and the tile.
+fn parse(line: &str) -> Result<(GemmProblem, (usize, usize, Multicast)), String> {
     let (problem, tile) = line.split_once("->").ok_or("no `->`")?;
     let words: Vec<&str> = problem.split_whitespace().collect();
     let num = |w: &str| w.parse::<usize>().map_err(|e| format!("{w}: {e}"));
@@ -137,9 +149,14 @@ fn parse(line: &str) -> Result<(GemmProblem, (usize, usize)), String> {
         }
         _ => return Err(format!("unknown layout {layout}")),
     };
-    let tile: Vec<usize> = tile.split_whitespace().map(num).collect::<Result<_, _>>()?;
-    let [block_m, block_n] = tile[..] else { return Err(format!("expected `block_m block_n`, got {tile:?}")) };
-    Ok((GemmProblem { m, n, k, layout }, (block_m, block_n)))
+    let words: Vec<&str> = tile.split_whitespace().collect();
+    let (block_m, block_n, multicast) = match words[..] {
+        [bm, bn] => (num(bm)?, num(bn)?, Multicast::None),
+        [bm, bn, "multicast:A"] => (num(bm)?, num(bn)?, Multicast::A),
+        [bm, bn, "multicast:B"] => (num(bm)?, num(bn)?, Multicast::B),
+        _ => return Err(format!("expected `block_m block_n [multicast:A|B]`, got {tile:?}")),
+    };
+    Ok((GemmProblem { m, n, k, layout }, (block_m, block_n, multicast)))
 }
 
 #[test]
@@ -155,8 +172,8 @@ fn planner_matches_the_table() {
         let (problem, want) = parse(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
         let got = plan(&problem, &dev).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
         rows += 1;
-        if (got.block_m, got.block_n) != want {
-            wrong.push(format!("line {}: {line}: the planner takes {}x{}", i + 1, got.block_m, got.block_n));
+        if (got.block_m, got.block_n, got.multicast) != want {
+            wrong.push(format!("line {}: {line}: the planner takes {}x{} {:?}", i + 1, got.block_m, got.block_n, got.multicast));
         }
     }
     // 30 dense problems, 4 contiguous, 6 masked: a table that lost rows would pass vacuously.

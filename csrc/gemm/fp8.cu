@@ -59,6 +59,13 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     if (p->tma_store != 0 && (p->layout != DK_GEMM_DENSE || p->d == nullptr)) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
+    if (p->multicast != DK_GEMM_MULTICAST_NONE && p->multicast != DK_GEMM_MULTICAST_A && p->multicast != DK_GEMM_MULTICAST_B) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
+    const bool clustered = p->multicast != DK_GEMM_MULTICAST_NONE;
+    if (clustered && (!clusterable(p->layout, p->block_n) || p->arrivals != nullptr || p->num_sms < 2)) {
+        return DK_STATUS_INVALID_ARGUMENT;
+    }
     KernelParams kp;
     static_assert(sizeof(CUtensorMap) == sizeof(dk_tensor_map_t), "tensor map size");
     std::memcpy(&kp.tma_a, &p->tma_a, sizeof(CUtensorMap));
@@ -80,6 +87,8 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     kp.arrivals = p->arrivals;
     std::memcpy(&kp.tma_d, &p->tma_d, sizeof(CUtensorMap));
     kp.tma_store = p->tma_store != 0;
+    kp.multicast = p->multicast;
+    std::memcpy(&kp.tma_half, &p->tma_half, sizeof(CUtensorMap));
     // Upper bound on tiles (the masked layout's real count is read on the device); the tile walk
     // computes in 32 bits below this bound.
     const int64_t tiles =
@@ -87,15 +96,23 @@ extern "C" dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* p, dk_stream_t st
     if (tiles > INT32_MAX) {
         return DK_STATUS_INVALID_ARGUMENT;
     }
-    const dim3 grid(static_cast<unsigned>(tiles < p->num_sms ? tiles : p->num_sms));
+    dim3 grid(static_cast<unsigned>(tiles < p->num_sms ? tiles : p->num_sms));
+    if (clustered) {
+        // One cluster of two per pair of tiles, at most num_sms / 2 clusters.
+        const int64_t m_tiles = dk::ceil_div(p->m, p->block_m), n_tiles = dk::ceil_div(p->n, p->block_n);
+        const int64_t pairs = p->multicast == DK_GEMM_MULTICAST_B ? dk::ceil_div(m_tiles, int64_t(2)) * n_tiles
+                                                                  : m_tiles * dk::ceil_div(n_tiles, int64_t(2));
+        grid.x = static_cast<unsigned>(2 * (pairs < p->num_sms / 2 ? pairs : p->num_sms / 2));
+    }
     const uint32_t smem = smem_layout(p->block_m, p->block_n, p->stages, p->layout == DK_GEMM_MASKED ? p->groups : 0, kp.tma_store).total;
     auto s = reinterpret_cast<cudaStream_t>(stream);
+    const uint32_t cluster = clustered ? 2 : 1;
     switch (p->layout) {
         case DK_GEMM_CONTIGUOUS:
-            return launch_contiguous(kp, p->block_m, p->block_n, grid, smem, s);
+            return launch_contiguous(kp, p->block_m, p->block_n, grid, cluster, smem, s);
         case DK_GEMM_MASKED:
-            return launch_masked(kp, p->block_m, p->block_n, grid, smem, s);
+            return launch_masked(kp, p->block_m, p->block_n, grid, cluster, smem, s);
         default:
-            return launch_dense(kp, p->block_m, p->block_n, grid, smem, s);
+            return launch_dense(kp, p->block_m, p->block_n, grid, cluster, smem, s);
     }
 }

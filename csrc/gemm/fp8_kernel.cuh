@@ -21,6 +21,16 @@
 // Tiles are walked in an L2-friendly order: `swizzle_group` M blocks are swept for each N block
 // before the next group of M blocks (the mirror is deepkern::plan::gemm::tile_coords).
 //
+// TMA multicast (dense and contiguous, `multicast`): the grid runs in clusters of two CTAs, which
+// walk pairs of tiles adjacent along N (they share A) or along M (they share B), in the same order
+// over the grid of pairs. Where both tiles of a pair run on the same expert, each CTA loads its half
+// of the shared tile with one multicast into the same stage of both CTAs, whose full barriers
+// count the two halves; a consumer warp releases a stage on the empty barriers of both CTAs, so
+// neither producer overwrites a stage the other CTA still reads. The two stage rings stay in step:
+// a CTA whose tile of a pair is skipped passes through its stages empty. Before leaving, each
+// producer waits until both CTAs have released every stage, so no arrival or multicast can reach a
+// CTA that has gone.
+//
 // Contiguous layout with arrival counters (`arrivals`, one per 128-row block of A): a kernel
 // running beside this one (the expert-parallel dispatch's receive) writes A's rows, their scales and
 // m_indices and adds 1 to the block's counter per row, with release semantics. Before a tile's
@@ -68,6 +78,17 @@ __host__ __device__ constexpr int max_block_n_of() {
     return sub_tiles_of<kBlockM>() == 1 ? 176 : 128;
 }
 
+// Whether a (layout, BLOCK_N) kernel runs in clusters of two with multicast: dense, and contiguous
+// up to BLOCK_N = 128 (wider contiguous tiles spill with the cluster walk beside the arrival wait;
+// checked by `cargo xtask sass`). The mirror is deepkern::plan::gemm::multicast_compiled.
+template <dk_gemm_layout_t kLayout, int kBlockN>
+__host__ __device__ constexpr bool clusterable() {
+    return kLayout == DK_GEMM_DENSE || (kLayout == DK_GEMM_CONTIGUOUS && kBlockN <= 128);
+}
+__host__ __device__ constexpr bool clusterable(dk_gemm_layout_t layout, int block_n) {
+    return layout == DK_GEMM_DENSE || (layout == DK_GEMM_CONTIGUOUS && block_n <= 128);
+}
+
 struct KernelParams {
     CUtensorMap tma_a;
     CUtensorMap tma_b;
@@ -85,6 +106,8 @@ struct KernelParams {
     const int32_t* arrivals;  // contiguous only, or null: [m / 128] rows arrived per block
     CUtensorMap tma_d;        // with tma_store: D [m, n] bf16, box {block_n, block_m}
     bool tma_store;           // dense bf16 only: the tile leaves through shared memory and TMA
+    int multicast;            // DK_GEMM_MULTICAST_*: clusters of two CTAs share A or B
+    CUtensorMap tma_half;     // with multicast: the shared operand, half a tile per box
 };
 
 // Rows per arrival counter (the contiguous layout's block; the EP receive counts in the same).
@@ -163,6 +186,76 @@ struct Scheduler {
         return ceil_div(p.m, kBlockM) * n_tiles;
     }
 
+    // Clusters of two (dense and contiguous): pairs of tiles, adjacent along M (multicast of B)
+    // or along N (multicast of A), walked as the tiles of a grid of pairs.
+    __device__ void pair_grid(int* m_pairs, int* n_pairs) const {
+        *m_pairs = ceil_div(p.m, kBlockM);
+        *n_pairs = n_tiles;
+        if (p.multicast == DK_GEMM_MULTICAST_B) {
+            *m_pairs = ceil_div(*m_pairs, 2);
+        } else {
+            *n_pairs = ceil_div(*n_pairs, 2);
+        }
+    }
+    __device__ int num_pairs() const {
+        int mp, np;
+        pair_grid(&mp, &np);
+        return mp * np;
+    }
+
+    // Tile (mb, nb) of the dense or contiguous layout (no arrival counters).
+    __device__ TileInfo at(int mb, int nb) const {
+        TileInfo t{};
+        t.m0 = mb * kBlockM;
+        t.n0 = nb * kBlockN;
+        t.a_row = t.m0;
+        t.row_limit = p.m;
+        if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
+            t.expert = p.m_indices[t.m0];
+            t.skip = t.expert < 0 || t.expert >= p.groups;
+        }
+        return t;
+    }
+
+    // This CTA's tile of pair `pair` (`rank` 0 or 1 of the cluster), skipped when it lies outside
+    // D; `*shared` (unless null: the consumers do not need it) tells whether both tiles exist,
+    // run and use the same expert, so that the shared operand can be multicast. Both CTAs compute
+    // the same answer.
+    __device__ TileInfo pair_tile(int pair, uint32_t rank, bool* shared) const {
+        int mp, np;
+        pair_grid(&mp, &np);
+        int a, b;
+        raster(pair, mp, np, &a, &b);
+        const bool on_b = p.multicast == DK_GEMM_MULTICAST_B;
+        // The pair's tiles: this CTA's (rank) and the other one's.
+        const int mb_own = on_b ? 2 * a + int(rank) : a, nb_own = on_b ? b : 2 * b + int(rank);
+        const int mb_other = on_b ? 2 * a + int(rank ^ 1) : a, nb_other = on_b ? b : 2 * b + int(rank ^ 1);
+        const int m_tiles = ceil_div(p.m, kBlockM);
+        TileInfo own{}, other{};
+        own.skip = true;
+        other.skip = true;
+        if (mb_own < m_tiles && nb_own < n_tiles) {
+            own = at(mb_own, nb_own);
+        }
+        if (shared != nullptr) {
+            if (mb_other < m_tiles && nb_other < n_tiles) {
+                other = at(mb_other, nb_other);
+            }
+            *shared = !own.skip && !other.skip && own.expert == other.expert;
+        }
+        return own;
+    }
+
+    // Rasterisation: groups of `swizzle_group` M blocks; within a group, M varies fastest.
+    __device__ void raster(int tile, int m_tiles, int n_tiles_, int* mb, int* nb) const {
+        const int64_t span = int64_t(p.swizzle_group) * n_tiles_;
+        const int first_m = static_cast<int>(tile / span) * p.swizzle_group;
+        const int group_rows = min(p.swizzle_group, m_tiles - first_m);
+        const int in_group = static_cast<int>(tile - (tile / span) * span);
+        *mb = first_m + in_group % group_rows;
+        *nb = in_group / group_rows;
+    }
+
     // `wait`: whether to wait for the tile's rows to arrive (contiguous layout with arrival
     // counters); a thread that passes false must be ordered after one that waited.
     __device__ TileInfo get(int tile, bool wait = true) const {
@@ -189,14 +282,10 @@ struct Scheduler {
             t.expert = g;
             t.row_limit = rows[g];
         } else {
-            // Rasterisation: groups of `swizzle_group` M blocks; within a group, M varies fastest.
-            const int m_tiles = ceil_div(p.m, kBlockM);
-            const int64_t span = int64_t(p.swizzle_group) * n_tiles;
-            const int first_m = static_cast<int>(tile / span) * p.swizzle_group;
-            const int group_rows = min(p.swizzle_group, m_tiles - first_m);
-            const int in_group = static_cast<int>(tile - (tile / span) * span);
-            t.m0 = (first_m + in_group % group_rows) * kBlockM;
-            t.n0 = (in_group / group_rows) * kBlockN;
+            int mb, nb;
+            raster(tile, ceil_div(p.m, kBlockM), n_tiles, &mb, &nb);
+            t.m0 = mb * kBlockM;
+            t.n0 = nb * kBlockN;
             t.a_row = t.m0;
             t.sfa_y = 0;
             t.row_limit = p.m;
@@ -299,11 +388,19 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         }
     }
     const int wg = threadIdx.x / 128;
+    // Clusters of two CTAs (dense and contiguous layouts): each walks one tile of every pair, and
+    // where both tiles run on the same expert, each loads half of the shared operand's tile into
+    // both CTAs' stage with one multicast. The two CTAs' stage rings stay in step (a CTA whose
+    // tile of a pair is skipped still passes through the stages), and a stage is refilled only
+    // when the consumers of both CTAs have released it.
+    const bool clustered = clusterable<kLayout, kBlockN>() && p.multicast != DK_GEMM_MULTICAST_NONE;
+    const uint32_t rank = clustered ? ptx::cluster_ctarank() : 0;
 
     if (threadIdx.x == 0) {
         for (int i = 0; i < p.stages; ++i) {
             ptx::mbarrier_init(&s_full[i], 1);
-            ptx::mbarrier_init(&s_empty[i], kMathWarpgroups * 4);  // one arrival per consumer warp
+            // One arrival per consumer warp, of each CTA of the cluster.
+            ptx::mbarrier_init(&s_empty[i], kMathWarpgroups * 4 * (clustered ? 2 : 1));
         }
         ptx::fence_mbarrier_init();
         ptx::prefetch_tensormap(&p.tma_a);
@@ -312,10 +409,22 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         if (p.tma_store) {
             ptx::prefetch_tensormap(&p.tma_d);
         }
+        if (clustered) {
+            ptx::prefetch_tensormap(&p.tma_half);
+        }
     }
-    __syncthreads();
+    if (clustered) {
+        // The other CTA's barriers are initialised before anything arrives on them or lands.
+        ptx::barrier_cluster_arrive_release();
+        ptx::barrier_cluster_wait_acquire();
+    } else {
+        __syncthreads();
+    }
     const Scheduler<kLayout, kBlockM, kBlockN> sched{p, n_tiles, s_tile_prefix, s_rows};
-    const int tiles = sched.num_tiles();
+    // What this CTA walks: tiles, or (clustered) pairs of tiles, one per cluster at a time.
+    const int tiles = clustered ? sched.num_pairs() : sched.num_tiles();
+    const int first_tile = clustered ? int(blockIdx.x / 2) : int(blockIdx.x);
+    const int tile_step = clustered ? int(gridDim.x / 2) : int(gridDim.x);
 
     if (wg == 0) {
         // NOTES: the producer needs few registers; give them to the consumers.
@@ -324,20 +433,48 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
             return;
         }
         PipelineState ps{p.stages};
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const TileInfo t = sched.get(tile);
+        for (int tile = first_tile; tile < tiles; tile += tile_step) {
+            bool shared = false;
+            const TileInfo t = clustered ? sched.pair_tile(tile, rank, &shared) : sched.get(tile);
             if (t.skip) {
+                for (int kb = 0; clustered && kb < k_blocks; ++kb) {
+                    // Stages with nothing in them keep the ring in step with the other CTA's.
+                    wait(&s_empty[ps.index], ps.phase ^ 1);
+                    ptx::mbarrier_arrive(&s_full[ps.index]);
+                    ps.advance();
+                }
                 continue;
             }
             const int b_row = t.expert * p.n + t.n0;
+            const bool share_a = shared && p.multicast == DK_GEMM_MULTICAST_A;
+            const bool share_b = shared && p.multicast == DK_GEMM_MULTICAST_B;
             for (int kb = 0; kb < k_blocks; ++kb) {
                 const int i = ps.index;
                 wait(&s_empty[i], ps.phase ^ 1);
-                // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes.
+                // Out-of-bounds rows are zero-filled by TMA and still count towards the bytes; a
+                // shared tile's two halves land in both CTAs, one from each.
                 ptx::mbarrier_arrive_expect_tx(&s_full[i], kTileABytes + kTileBBytes + kSfaBytes);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s_a + i * kTileABytes, &p.tma_a, &s_full[i], kb * kBlockK, t.a_row);
-                ptx::cp_async_bulk_tensor_2d_global_to_shared(s_b + i * kTileBBytes, &p.tma_b, &s_full[i], kb * kBlockK, b_row);
+                if (share_a) {
+                    ptx::cp_async_bulk_tensor_2d_global_to_shared_multicast(s_a + i * kTileABytes + rank * (kTileABytes / 2), &p.tma_half,
+                                                                            &s_full[i], kb * kBlockK, t.a_row + int(rank) * (kBlockM / 2), 0x3);
+                } else {
+                    ptx::cp_async_bulk_tensor_2d_global_to_shared(s_a + i * kTileABytes, &p.tma_a, &s_full[i], kb * kBlockK, t.a_row);
+                }
+                if (share_b) {
+                    ptx::cp_async_bulk_tensor_2d_global_to_shared_multicast(s_b + i * kTileBBytes + rank * (kTileBBytes / 2), &p.tma_half,
+                                                                            &s_full[i], kb * kBlockK, b_row + int(rank) * (kBlockN / 2), 0x3);
+                } else {
+                    ptx::cp_async_bulk_tensor_2d_global_to_shared(s_b + i * kTileBBytes, &p.tma_b, &s_full[i], kb * kBlockK, b_row);
+                }
                 ptx::cp_async_bulk_tensor_2d_global_to_shared(s_sfa + i * kBlockM, &p.tma_sfa, &s_full[i], t.m0, t.sfa_y + kb);
+                ps.advance();
+            }
+        }
+        if (clustered) {
+            // Teardown: this CTA leaves only when both CTAs' consumers have released every stage,
+            // so no arrival from the other CTA can still be on its way to these barriers.
+            for (int i = 0; i < p.stages; ++i) {
+                wait(&s_empty[ps.index], ps.phase ^ 1);
                 ps.advance();
             }
         }
@@ -361,8 +498,19 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     for (int i = 0; i < kAcc; ++i) {
         acc[i] = 0.0f;
     }
+    // The stage's last reader in this warp is done: release it in this CTA and (clustered) in the
+    // other, whose producer may multicast into this CTA's stage too.
+    const auto release = [&](int i) {
+        __syncwarp();
+        if (lane == 0) {
+            ptx::mbarrier_arrive(&s_empty[i]);
+            if (clustered) {
+                ptx::mbarrier_arrive_cluster(ptx::mapa_shared_cluster(&s_empty[i], rank ^ 1));
+            }
+        }
+    };
     PipelineState ps{p.stages};
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int tile = first_tile; tile < tiles; tile += tile_step) {
         bool waited = true;
         if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
             if (p.arrivals != nullptr) {
@@ -375,8 +523,13 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                 ptx::bar_sync(kArrivalBarrier, kMathWarpgroups * 128);
             }
         }
-        const TileInfo t = sched.get(tile, waited);
+        const TileInfo t = clustered ? sched.pair_tile(tile, rank, nullptr) : sched.get(tile, waited);
         if (t.skip) {
+            for (int kb = 0; clustered && kb < k_blocks; ++kb) {
+                wait(&s_full[ps.index], ps.phase);
+                release(ps.index);
+                ps.advance();
+            }
             continue;
         }
         // B's scale rows for this tile: the first, and (straddling tiles) the next two, clamped to
@@ -421,11 +574,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                 ptx::wgmma_wait_group<0>();
                 ptx::fence_operands(acc);
                 if (s == kSubTiles - 1) {
-                    // The stage's last reader is done: the producer may refill it.
-                    __syncwarp();
-                    if (lane == 0) {
-                        ptx::mbarrier_arrive(&s_empty[i]);
-                    }
+                    release(i);
                 }
 #pragma unroll
                 for (int j = 0; j < kBlockN / 8; ++j) {
@@ -515,7 +664,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
 
 // One launch of a compiled tile shape (shared memory attribute, then the kernel).
 template <dk_gemm_layout_t kLayout, int kBlockM, int kBlockN>
-dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaStream_t stream) {
+dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t cluster, uint32_t smem, cudaStream_t stream) {
     const auto kernel = fp8_gemm_kernel<kLayout, kBlockM, kBlockN>;
     // setmaxnreg only moves registers inside the pool allocated at launch (registers per thread x
     // threads): a build that gave the kernel fewer than the static_assert assumes would make the
@@ -534,7 +683,7 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaS
     if (attr != DK_STATUS_OK) {
         return attr;
     }
-    return launch<fp8_gemm_kernel<kLayout, kBlockM, kBlockN>>(grid, threads_of<kBlockM>(), smem, stream, kp);
+    return launch_cluster<fp8_gemm_kernel<kLayout, kBlockM, kBlockN>>(grid, threads_of<kBlockM>(), cluster, smem, stream, kp);
 }
 
 // The compiled tile menu: X(block_m, block_n) for every shape a layout instantiates (contiguous:
@@ -546,14 +695,15 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t smem, cudaS
 
 // Entry points of the per-layout units: launch the (block_m, block_n) instantiation, or return
 // DK_STATUS_INVALID_ARGUMENT for a shape outside the menu.
-dk_status_t launch_dense(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
-dk_status_t launch_contiguous(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
-dk_status_t launch_masked(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream);
+dk_status_t launch_dense(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t cluster, uint32_t smem, cudaStream_t stream);
+dk_status_t launch_contiguous(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t cluster, uint32_t smem,
+                              cudaStream_t stream);
+dk_status_t launch_masked(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t cluster, uint32_t smem, cudaStream_t stream);
 
 // The body of a per-layout entry point: one branch per compiled shape.
 #define DK_GEMM_LAUNCH_CASE(LAYOUT, BM, BN)                       \
     if (block_m == (BM) && block_n == (BN)) {                     \
-        return launch_shape<LAYOUT, BM, BN>(kp, grid, smem, stream); \
+        return launch_shape<LAYOUT, BM, BN>(kp, grid, cluster, smem, stream); \
     }
 
 }  // namespace dk::gemm

@@ -7,7 +7,7 @@
 
 namespace dk::gemm {
 
-dk_status_t launch_masked(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t smem, cudaStream_t stream) {
+dk_status_t launch_masked(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t cluster, uint32_t smem, cudaStream_t stream) {
 #define DK_CASE(BM, BN) DK_GEMM_LAUNCH_CASE(DK_GEMM_MASKED, BM, BN)
     DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 64)
     DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 128)

@@ -186,6 +186,18 @@ typedef enum dk_gemm_layout {
     DK_GEMM_MASKED = 2,
 } dk_gemm_layout_t;
 
+/* TMA multicast across clusters of two CTAs (dense and contiguous layouts). The CTAs of a cluster
+ * compute a pair of tiles adjacent along N (DK_GEMM_MULTICAST_A: both read the same A tile) or
+ * along M (DK_GEMM_MULTICAST_B: the same B tile); each loads half of the shared tile into both
+ * CTAs' shared memory with one multicast, halving that operand's L2 traffic. A pair whose second
+ * tile lies outside D, is skipped (contiguous padding) or uses another expert loads its operands
+ * without multicast. */
+typedef enum dk_gemm_multicast {
+    DK_GEMM_MULTICAST_NONE = 0,
+    DK_GEMM_MULTICAST_A = 1,
+    DK_GEMM_MULTICAST_B = 2,
+} dk_gemm_multicast_t;
+
 typedef struct dk_gemm_fp8_params {
     dk_tensor_map_t tma_a;
     dk_tensor_map_t tma_b;
@@ -221,6 +233,13 @@ typedef struct dk_gemm_fp8_params {
      * block_m * block_n * 2 bytes of shared memory. 0: tma_d is unused. */
     int32_t tma_store;
     dk_tensor_map_t tma_d;
+    /* DK_GEMM_MULTICAST_NONE, or (dense; contiguous with block_n <= 128; without arrivals;
+     * num_sms >= 2) the operand clusters of two CTAs share; the launch then runs an even number of
+     * CTAs, at most num_sms. */
+    dk_gemm_multicast_t multicast;
+    /* With multicast: the shared operand's tensor map with half a tile per box: A as tma_a with
+     * box {128, block_m / 2}, or B as tma_b with box {128, block_n / 2}. Unused otherwise. */
+    dk_tensor_map_t tma_half;
 } dk_gemm_fp8_params_t;
 
 dk_status_t dk_gemm_fp8(const dk_gemm_fp8_params_t* params, dk_stream_t stream);

@@ -527,7 +527,9 @@ void remove_runnable(Thread* t) {
     t->runnable_slot = SIZE_MAX;
 }
 
-void make_live(Cta* c) {
+// Makes a resident CTA live: its shared window and threads. `hold`: its threads wait in Engine::held
+// before their first step (another CTA of its cluster starts first).
+void make_live(Cta* c, bool hold = false) {
     Engine& g = eng();
     Kernel* k = c->kernel;
     c->live = true;
@@ -576,7 +578,13 @@ void make_live(Cta* c) {
         t->ctx.grid_dim = k->grid;
         t->stack = stack_get();
         t->sp = fiber_init(t->stack, thread_main, t.get());
-        add_runnable(t.get());
+        if (hold) {
+            t->state = ThreadState::Blocked;
+            t->wait = WaitInfo{"its start (the simulator holds it back: another CTA of its cluster started first)", 0, 0, 0, nullptr};
+            g.held.push_back(t.get());
+        } else {
+            add_runnable(t.get());
+        }
         c->threads.push_back(std::move(t));
     }
     made_progress();
@@ -595,11 +603,14 @@ bool make_one_live() {
         make_live(c);
         return true;
     }
-    // A cluster's CTAs run together (they may wait for each other at barrier.cluster).
+    // A cluster's CTAs are live together (they may wait for each other at barrier.cluster); the
+    // seed may hold all but one back at their start, as launch skew would: a CTA that reaches
+    // into another before a cluster barrier finds it not started.
+    const bool skew = g.rng.percent(50);
     for (Cta* x : std::vector<Cta*>(c->cluster->ctas)) {
         if (x != nullptr && !x->live) {
             eng().waiting_ctas.erase(std::remove(eng().waiting_ctas.begin(), eng().waiting_ctas.end(), x), eng().waiting_ctas.end());
-            make_live(x);
+            make_live(x, skew && x != c);
         }
     }
     return true;
@@ -635,6 +646,7 @@ void release_cta(Cta* c) {
     race_retire_cta(c);
     if (c->live) {
         for (auto& t : c->threads) {
+            g.held.erase(std::remove(g.held.begin(), g.held.end(), t.get()), g.held.end());
             remove_runnable(t.get());
             if (t->state == ThreadState::Parked) {
                 g.parked.erase(std::remove(g.parked.begin(), g.parked.end(), t.get()), g.parked.end());
@@ -931,6 +943,14 @@ bool step() {
     // TMA transfers and wgmma operand reads happen between threads' steps, at points the seed
     // chooses (always when no thread can run).
     if (async_progress()) {
+        return true;
+    }
+    if (!g.held.empty() && g.runnable.empty()) {
+        for (Thread* t : g.held) {
+            add_runnable(t);
+        }
+        g.held.clear();
+        made_progress();
         return true;
     }
     if (g.runnable.empty()) {

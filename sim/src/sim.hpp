@@ -463,6 +463,9 @@ struct Engine {
     std::vector<Kernel*> active;    // kernels whose op has started, in start order
     std::vector<Thread*> runnable;
     std::vector<Thread*> parked;
+    // Threads of cluster CTAs held back at their start (launch skew between the CTAs of a cluster):
+    // released when nothing else can run.
+    std::vector<Thread*> held;
     size_t live_ctas = 0;
     std::vector<Stream*> streams;
 

@@ -256,6 +256,15 @@ impl dk_gemm_layout {
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct dk_gemm_layout(pub ::std::os::raw::c_uint);
 pub use self::dk_gemm_layout as dk_gemm_layout_t;
+impl dk_gemm_multicast {
+    pub const DK_GEMM_MULTICAST_NONE: dk_gemm_multicast = dk_gemm_multicast(0);
+    pub const DK_GEMM_MULTICAST_A: dk_gemm_multicast = dk_gemm_multicast(1);
+    pub const DK_GEMM_MULTICAST_B: dk_gemm_multicast = dk_gemm_multicast(2);
+}
+#[repr(transparent)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub struct dk_gemm_multicast(pub ::std::os::raw::c_uint);
+pub use self::dk_gemm_multicast as dk_gemm_multicast_t;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct dk_gemm_fp8_params {
@@ -282,12 +291,14 @@ pub struct dk_gemm_fp8_params {
     pub arrivals: *const i32,
     pub tma_store: i32,
     pub tma_d: dk_tensor_map_t,
+    pub multicast: dk_gemm_multicast_t,
+    pub tma_half: dk_tensor_map_t,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of dk_gemm_fp8_params",
-    ][::std::mem::size_of::<dk_gemm_fp8_params>() - 624usize];
+    ][::std::mem::size_of::<dk_gemm_fp8_params>() - 760usize];
     [
         "Alignment of dk_gemm_fp8_params",
     ][::std::mem::align_of::<dk_gemm_fp8_params>() - 8usize];
@@ -360,6 +371,12 @@ const _: () = {
     [
         "Offset of field: dk_gemm_fp8_params::tma_d",
     ][::std::mem::offset_of!(dk_gemm_fp8_params, tma_d) - 496usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::multicast",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, multicast) - 624usize];
+    [
+        "Offset of field: dk_gemm_fp8_params::tma_half",
+    ][::std::mem::offset_of!(dk_gemm_fp8_params, tma_half) - 632usize];
 };
 impl Default for dk_gemm_fp8_params {
     fn default() -> Self {

@@ -45,6 +45,20 @@ pub const MAX_STAGES: usize = 16;
 /// `DK_GEMM_MAX_MASKED_GROUPS`.
 pub const MAX_MASKED_GROUPS: usize = 1024;
 
+/// TMA multicast across clusters of two CTAs: which operand the two CTAs of a cluster share
+/// (`DK_GEMM_MULTICAST_*`). Each loads half of the shared tile into both CTAs' shared memory, so
+/// that operand's traffic from L2 halves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Multicast {
+    /// One CTA per tile, no cluster.
+    #[default]
+    None,
+    /// The two CTAs compute tiles adjacent along N and share the A tile.
+    A,
+    /// The two CTAs compute tiles adjacent along M and share the B tile.
+    B,
+}
+
 /// Which GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmLayout {
@@ -111,8 +125,10 @@ pub struct SmemPlan {
 /// - the load latency that `stages - 1` loads in flight do not hide;
 ///
 /// plus `scale_block_clocks` for every scale block of B beyond the first that the tile straddles
-/// (averaged over the tiles along N). A launch runs `waves` rounds of tiles, the last one with only
-/// `last_wave_tiles` of them drawing on L2.
+/// (averaged over the tiles along N). With [`Multicast`], the shared operand's tile counts half
+/// towards L2's supply (each CTA of the pair pulls half of it), and fully towards the SM's own
+/// rate (it still lands whole in each SM). A launch runs `waves` rounds of tiles, the last one
+/// with only `last_wave_tiles` of them drawing on L2.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TileCost {
     /// FP8 multiply-adds per SM per clock (H100: ~1979 TFLOP/s dense over 132 SMs at 1.83 GHz).
@@ -141,30 +157,46 @@ impl TileCost {
     };
 
     /// Clocks for one k-block of a `block_m x block_n` tile with `stages` pipeline stages, while
-    /// `active` tiles run at once, in a problem of `k` (a multiple of `BLOCK_K`).
-    pub fn step_clocks(&self, block_m: usize, block_n: usize, stages: usize, active: usize, k: usize) -> f64 {
+    /// `active` tiles run at once, in a problem of `k` (a multiple of `BLOCK_K`), its operand
+    /// `multicast` or not.
+    pub fn step_clocks(&self, block_m: usize, block_n: usize, stages: usize, active: usize, k: usize, multicast: Multicast) -> f64 {
         let k_blocks = (k / BLOCK_K).max(1) as f64;
         let scale_blocks = scale_blocks_per_tile(block_n);
         let bytes = ((block_m + block_n) * BLOCK_K + block_m * 4) as f64 + scale_blocks * 4.0 + (block_m * block_n * 2) as f64 / k_blocks;
+        let halved = match multicast {
+            Multicast::None => 0,
+            Multicast::A => block_m * BLOCK_K / 2,
+            Multicast::B => block_n * BLOCK_K / 2,
+        };
         let compute = (block_m * block_n * BLOCK_K) as f64 / self.macs_per_clock;
         let own = bytes / self.load_bytes_per_clock;
-        let shared = bytes * active.max(1) as f64 / self.l2_bytes_per_clock;
+        let shared = (bytes - halved as f64) * active.max(1) as f64 / self.l2_bytes_per_clock;
         let latency = self.load_latency_clocks / stages.saturating_sub(1).max(1) as f64;
         compute.max(own).max(shared).max(latency) + (scale_blocks - 1.0) * self.scale_block_clocks
     }
 
     /// Estimated clocks of a launch of `tiles` tiles on `sms` SMs (persistent, one tile per SM
-    /// at a time).
-    pub fn launch_clocks(&self, block_m: usize, block_n: usize, stages: usize, tiles: usize, sms: usize, k: usize) -> f64 {
+    /// at a time; with multicast, `sms` rounded down to whole clusters of two).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_clocks(
+        &self,
+        block_m: usize,
+        block_n: usize,
+        stages: usize,
+        tiles: usize,
+        sms: usize,
+        k: usize,
+        multicast: Multicast,
+    ) -> f64 {
         if tiles == 0 {
             return 0.0;
         }
-        let sms = sms.max(1);
+        let sms = if multicast == Multicast::None { sms.max(1) } else { (sms / 2 * 2).max(2) };
         let waves = tiles.div_ceil(sms);
         let last = tiles - (waves - 1) * sms;
         let k_blocks = (k / BLOCK_K).max(1) as f64;
-        let full = (waves - 1) as f64 * self.step_clocks(block_m, block_n, stages, tiles.min(sms), k);
-        k_blocks * (full + self.step_clocks(block_m, block_n, stages, last, k))
+        let full = (waves - 1) as f64 * self.step_clocks(block_m, block_n, stages, tiles.min(sms), k, multicast);
+        k_blocks * (full + self.step_clocks(block_m, block_n, stages, last, k, multicast))
     }
 }
 
@@ -202,7 +234,8 @@ pub struct GemmPlan {
     pub tiles: usize,
     /// Persistent CTAs: `min(tiles, SMs)`.
     pub grid: usize,
-    /// `ceil(tiles / SMs)`: rounds of tiles the persistent grid runs.
+    /// `ceil(tiles / SMs)` (with multicast, SMs in whole pairs): rounds of tiles the persistent
+    /// grid runs.
     pub waves: usize,
     /// Tiles in the last wave.
     pub last_wave_tiles: usize,
@@ -212,6 +245,8 @@ pub struct GemmPlan {
     pub cost: f64,
     /// The plan reserves the TMA-store epilogue's staging tile (dense, on request).
     pub tma_store: bool,
+    /// The operand clusters of two CTAs share through TMA multicast, if any.
+    pub multicast: Multicast,
 }
 
 /// Dynamic shared memory of a `block_m x block_n` tile with `stages` stages; `masked_groups` is
@@ -301,6 +336,46 @@ pub fn swizzle_group(block_m: usize, block_n: usize, sms: usize) -> usize {
     [8usize, 16].into_iter().min_by_key(|&g| g * block_m + sms.div_ceil(g) * block_n).expect("two candidates")
 }
 
+/// Whether the kernel library runs `block_n`-wide tiles of `layout` with multicast (the mirror of
+/// `clusterable` in `csrc/gemm/fp8_kernel.cuh`): the dense layout, and the contiguous one up to
+/// `block_n = 128` (wider contiguous tiles would spill registers with the cluster's tile walk
+/// beside the arrival wait); never the masked layout.
+pub fn multicast_compiled(layout: &GemmLayout, block_n: usize) -> bool {
+    match layout {
+        GemmLayout::Dense => true,
+        GemmLayout::GroupedContiguous { .. } => block_n <= 128,
+        GemmLayout::GroupedMasked { .. } => false,
+    }
+}
+
+/// Fewest rows for which the planner prices multicast (DeepGEMM's threshold). Below it the
+/// weights stream from HBM once per use and L2's supply to the SMs is not what binds; this model
+/// has no HBM term, so it would credit multicast with a saving the hardware cannot show.
+pub const MULTICAST_MIN_ROWS: usize = 512;
+
+/// The multicasts worth pricing for `block_m x block_n` tiles of `p` on `sms` SMs: none always;
+/// A or B for the dense and contiguous layouts with at least [`MULTICAST_MIN_ROWS`] rows, when
+/// the launch runs more than one wave (in one wave L2 serves every tile once anyway) and the tiles
+/// along the pairing direction come in whole pairs (an odd count leaves the last row or column of
+/// tiles without a partner), on at least two SMs.
+pub fn multicast_candidates(p: &GemmProblem, block_m: usize, block_n: usize, sms: usize) -> Vec<Multicast> {
+    let mut out = vec![Multicast::None];
+    if !multicast_compiled(&p.layout, block_n) || sms < 2 || p.m < MULTICAST_MIN_ROWS {
+        return out;
+    }
+    let (m_tiles, n_tiles) = (ceil_div(p.m, block_m), ceil_div(p.n, block_n));
+    if m_tiles * n_tiles <= sms / 2 * 2 {
+        return out;
+    }
+    if n_tiles.is_multiple_of(2) {
+        out.push(Multicast::A);
+    }
+    if m_tiles.is_multiple_of(2) {
+        out.push(Multicast::B);
+    }
+    out
+}
+
 /// The masked layout's group count (0 for the others): its snapshot lives in shared memory.
 fn masked_groups(p: &GemmProblem) -> usize {
     match p.layout {
@@ -366,28 +441,34 @@ pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_st
                 continue;
             };
             let tiles = groups * ceil_div(rows, block_m) * ceil_div(p.n, block_n);
-            let waves = ceil_div(tiles, sms);
-            out.push(GemmPlan {
-                block_m,
-                block_n,
-                stages,
-                math_warpgroups: math_warpgroups(block_m),
-                threads: 128 * (1 + math_warpgroups(block_m)),
-                smem: smem_plan(block_m, block_n, stages, masked_groups(p), tma_store),
-                tma_store,
-                tiles,
-                grid: tiles.min(sms),
-                waves,
-                last_wave_tiles: if tiles == 0 { 0 } else { tiles - (waves - 1) * sms },
-                swizzle_group: swizzle_group(block_m, block_n, sms),
-                cost: cost.launch_clocks(block_m, block_n, stages, tiles, sms, p.k),
-            });
+            for multicast in multicast_candidates(p, block_m, block_n, sms) {
+                // Clusters of two: whole pairs of SMs.
+                let slots = if multicast == Multicast::None { sms } else { sms / 2 * 2 };
+                let waves = ceil_div(tiles, slots);
+                out.push(GemmPlan {
+                    block_m,
+                    block_n,
+                    stages,
+                    math_warpgroups: math_warpgroups(block_m),
+                    threads: 128 * (1 + math_warpgroups(block_m)),
+                    smem: smem_plan(block_m, block_n, stages, masked_groups(p), tma_store),
+                    tma_store,
+                    tiles,
+                    grid: tiles.min(slots),
+                    waves,
+                    last_wave_tiles: if tiles == 0 { 0 } else { tiles - (waves - 1) * slots },
+                    swizzle_group: swizzle_group(block_m, block_n, sms),
+                    cost: cost.launch_clocks(block_m, block_n, stages, tiles, sms, p.k, multicast),
+                    multicast,
+                });
+            }
         }
     }
     Ok(out)
 }
 
-/// The plan with the lowest cost; ties go to the larger tile, then the wider `block_n`.
+/// The plan with the lowest cost; ties go to the larger tile, then the wider `block_n`, then no
+/// multicast.
 pub fn plan(p: &GemmProblem, dev: &DeviceInfo) -> Result<GemmPlan> {
     plan_with(p, dev, TileCost::HOPPER)
 }
@@ -403,7 +484,11 @@ pub fn plan_epilogue(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_stor
     let all = candidates_with(p, dev, cost, tma_store)?;
     all.into_iter()
         .min_by(|a, b| {
-            a.cost.total_cmp(&b.cost).then((b.block_m * b.block_n).cmp(&(a.block_m * a.block_n))).then(b.block_n.cmp(&a.block_n))
+            a.cost
+                .total_cmp(&b.cost)
+                .then((b.block_m * b.block_n).cmp(&(a.block_m * a.block_n)))
+                .then(b.block_n.cmp(&a.block_n))
+                .then((a.multicast != Multicast::None).cmp(&(b.multicast != Multicast::None)))
         })
         .ok_or_else(|| Error::InvalidArgument {
             arg: "device",
@@ -453,20 +538,24 @@ mod tests {
         // 128x128, 16 k-blocks: 512 clocks of tensor-core time, but alone its bytes (A and B
         // tiles, A's 128 scales, B's one, 1/16 of the bf16 output) at 64 B per clock take longer;
         // 132 tiles at once are L2-bound.
-        let alone = c.step_clocks(128, 128, 6, 1, 2048);
-        let crowded = c.step_clocks(128, 128, 6, 132, 2048);
+        let alone = c.step_clocks(128, 128, 6, 1, 2048, Multicast::None);
+        let crowded = c.step_clocks(128, 128, 6, 132, 2048, Multicast::None);
         assert_eq!(alone, (256.0 * 128.0 + 128.0 * 4.0 + 4.0 + 128.0 * 128.0 * 2.0 / 16.0) / 64.0);
         assert!(crowded > alone && crowded > 512.0, "{crowded}");
         // Two stages hide less latency than six.
-        assert!(c.step_clocks(128, 128, 2, 1, 2048) > alone);
+        assert!(c.step_clocks(128, 128, 2, 1, 2048, Multicast::None) > alone);
         // Without the charge and the cap, a straddling tile costs its roofline only.
         let free = TileCost { scale_block_clocks: 0.0, l2_bytes_per_clock: f64::INFINITY, load_latency_clocks: 0.0, ..c };
-        assert_eq!(c.step_clocks(128, 176, 6, 1, 2048) - free.step_clocks(128, 176, 6, 1, 2048), 1.25 * c.scale_block_clocks);
+        assert_eq!(
+            c.step_clocks(128, 176, 6, 1, 2048, Multicast::None) - free.step_clocks(128, 176, 6, 1, 2048, Multicast::None),
+            1.25 * c.scale_block_clocks
+        );
         // A launch: full waves at the crowded rate, the last at its own.
         let k_blocks = 16.0;
-        let expect = k_blocks * (c.step_clocks(128, 128, 6, 132, 2048) + c.step_clocks(128, 128, 6, 8, 2048));
-        assert_eq!(c.launch_clocks(128, 128, 6, 140, 132, 2048), expect);
-        assert_eq!(c.launch_clocks(128, 128, 6, 0, 132, 2048), 0.0);
+        let expect =
+            k_blocks * (c.step_clocks(128, 128, 6, 132, 2048, Multicast::None) + c.step_clocks(128, 128, 6, 8, 2048, Multicast::None));
+        assert_eq!(c.launch_clocks(128, 128, 6, 140, 132, 2048, Multicast::None), expect);
+        assert_eq!(c.launch_clocks(128, 128, 6, 0, 132, 2048, Multicast::None), 0.0);
     }
 
     #[test]
