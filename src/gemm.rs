@@ -621,9 +621,15 @@ fn launch<B: DevicePtrMut<bf16>, F: DevicePtrMut<f32>, I: DevicePtr<i32>, A: Dev
         arrivals: arrivals_ptr as *const i32,
         tma_store: i32::from(tma_store),
         tma_d: if tma_store {
-            // D [m, n] bf16, one box per output tile, no swizzle (the staging tile is row-major).
+            // D [m, n] bf16, one box per column chunk of the tile, swizzled as the staging tile.
             let bf16_t = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-            tensor_map_2d(d_ptr, bf16_t, 2, p.m, p.n, block_m, block_n, none)?
+            let span = plan::d_swizzle_bytes(shape.block_n);
+            let swizzle = match span {
+                128 => sw128,
+                64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+                _ => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+            };
+            tensor_map_2d(d_ptr, bf16_t, 2, p.m, p.n, block_m, (span / 2) as u32, swizzle)?
         } else {
             ffi::dk_tensor_map { opaque: [0; 16] }
         },

@@ -562,6 +562,26 @@ __device__ __forceinline__ void wgmma_m64n32k32_f32_e4m3_e4m3(float (&d)[16], ui
 #endif
 }
 
+__device__ __forceinline__ void wgmma_m64n48k32_f32_e4m3_e4m3(float (&d)[24], uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %26, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n48k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, "
+        "%24, %25, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+        : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
+        : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 48, false, d, desc_a, desc_b, scale_d);
+#else
+    __trap();
+#endif
+}
+
 __device__ __forceinline__ void wgmma_m64n64k32_f32_e4m3_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool scale_d) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
@@ -577,6 +597,26 @@ __device__ __forceinline__ void wgmma_m64n64k32_f32_e4m3_e4m3(float (&d)[32], ui
         : "memory");
 #elif defined(DEEPKERN_SIM)
     ::dksim::wgmma(::dksim::MmaType::E4M3, 64, false, d, desc_a, desc_b, scale_d);
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_m64n80k32_f32_e4m3_e4m3(float (&d)[40], uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %42, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "
+        "%40, %41, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+        : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_d))
+        : "memory");
+#elif defined(DEEPKERN_SIM)
+    ::dksim::wgmma(::dksim::MmaType::E4M3, 80, false, d, desc_a, desc_b, scale_d);
 #else
     __trap();
 #endif
@@ -710,8 +750,12 @@ __device__ __forceinline__ void wgmma_m64k32_f32_e4m3_e4m3(float (&d)[N / 2], ui
         wgmma_m64n16k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
     } else if constexpr (N == 32) {
         wgmma_m64n32k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
+    } else if constexpr (N == 48) {
+        wgmma_m64n48k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
     } else if constexpr (N == 64) {
         wgmma_m64n64k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
+    } else if constexpr (N == 80) {
+        wgmma_m64n80k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
     } else if constexpr (N == 96) {
         wgmma_m64n96k32_f32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
     } else if constexpr (N == 112) {

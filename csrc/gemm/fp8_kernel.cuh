@@ -15,8 +15,10 @@
 // released on `empty` once the last sub-tile's wgmma has read it. A tile whose BLOCK_N does not divide 128 may straddle two or three of B's
 // 128-column scale blocks; each 8-column slice of the accumulator picks its own. The tile is
 // stored from registers with bounds checks (ragged m and n), or, for the dense bf16 output on
-// request (`tma_store`), staged in shared memory and written by one TMA store per tile (the tensor
-// map clips ragged edges).
+// request (`tma_store`), staged in shared memory in swizzled column chunks (no bank conflicts)
+// and written by one TMA store per chunk (the tensor map clips ragged edges); that store runs
+// while the next tile's main loop does, and only the next tile's staging waits for it to have read
+// the tile.
 //
 // Tiles are walked in an L2-friendly order: `swizzle_group` M blocks are swept for each N block
 // before the next group of M blocks (the mirror is deepkern::plan::gemm::tile_coords).
@@ -138,6 +140,21 @@ __device__ __forceinline__ void wait_rows_arrived(const int32_t* counter) {
     ptx::fence_proxy_async_global();
 }
 
+// The TMA-store epilogue's staging tile: column chunks as wide as the largest swizzle span (128, 64
+// or 32 bytes of bf16) that divides the tile's row, each stored by one TMA store whose tensor map
+// has that swizzle and a box of {span / 2, BLOCK_M} (the mirror is
+// deepkern::plan::gemm::d_swizzle_bytes).
+template <int kBlockN>
+__host__ __device__ constexpr uint32_t d_swizzle_bytes() {
+    return (kBlockN * 2) % 128 == 0 ? 128 : ((kBlockN * 2) % 64 == 0 ? 64 : 32);
+}
+// A byte offset of the staging tile (its base 1024-aligned) as TMA's swizzle of `kSwizzle` bytes
+// places it: the 16-byte unit XORed with the row of 128 bytes, within the swizzle's span.
+template <uint32_t kSwizzle>
+__device__ __forceinline__ uint32_t swizzle_d(uint32_t offset) {
+    return offset ^ (((offset >> 7) & (kSwizzle / 16 - 1)) << 4);
+}
+
 // Byte offsets of the dynamic shared memory, from a 1024-aligned base (the mirror is
 // deepkern::plan::gemm::smem_plan; dk_gemm_fp8_smem_bytes exposes `total`).
 struct SmemLayout {
@@ -147,11 +164,11 @@ struct SmemLayout {
 __host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int stages, int masked_groups, bool d_tile) {
     SmemLayout l{};
     const uint32_t s = static_cast<uint32_t>(stages);
-    l.a = 0;                                                  // [stages][block_m * 128] e4m3, 128B swizzle
+    l.d = 0;  // TMA store: block_m x block_n bf16 in swizzled column chunks (a multiple of 1024 B)
+    l.a = l.d + (d_tile ? uint32_t(block_m) * block_n * 2 : 0);  // [stages][block_m * 128] e4m3, 128B swizzle
     l.b = l.a + s * uint32_t(block_m) * kBlockK;              // [stages][block_n * 128] e4m3, 128B swizzle
     l.sfa = l.b + s * uint32_t(block_n) * kBlockK;            // [stages][block_m] f32
-    l.d = l.sfa + s * uint32_t(block_m) * 4;                  // TMA store: [block_m][block_n] bf16
-    l.full = l.d + (d_tile ? uint32_t(block_m) * block_n * 2 : 0);  // [stages] mbarrier
+    l.full = l.sfa + s * uint32_t(block_m) * 4;               // [stages] mbarrier
     l.empty = l.full + s * 8;                                 // [stages] mbarrier
     l.tile_prefix = l.empty + s * 8;                          // masked: [groups + 1] i32
     l.rows = l.tile_prefix + (masked_groups > 0 ? uint32_t(masked_groups + 1) * 4 : 0);  // masked: [groups] i32
@@ -362,7 +379,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     uint8_t* s_a = base + lay.a;
     uint8_t* s_b = base + lay.b;
     float* s_sfa = reinterpret_cast<float*>(base + lay.sfa);
-    uint32_t* s_d = reinterpret_cast<uint32_t*>(base + lay.d);  // bf16 pairs
+    uint8_t* s_d = base + lay.d;
     uint64_t* s_full = reinterpret_cast<uint64_t*>(base + lay.full);
     uint64_t* s_empty = reinterpret_cast<uint64_t*>(base + lay.empty);
     int* s_tile_prefix = reinterpret_cast<int*>(base + lay.tile_prefix);
@@ -599,15 +616,23 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                     ptx::cp_async_bulk_wait_group_read<0>();
                 }
                 ptx::bar_sync(1, kConsumers);
+                // The tile in column chunks of kSwizzle bytes per row, each chunk [block_m][kSwizzle]
+                // in the TMA's swizzle: the 16-byte unit of a row is XORed with address bits 7 and
+                // up, so the eight rows one warp writes at once fall in different banks.
+                constexpr uint32_t kSwizzle = d_swizzle_bytes<kBlockN>();
+                constexpr int kChunkCols = kSwizzle / 2;
 #pragma unroll
                 for (int s = 0; s < kSubTiles; ++s) {
 #pragma unroll
                     for (int half = 0; half < 2; ++half) {
-                        uint32_t* row = s_d + (r + 64 * s + 8 * half) * (kBlockN / 2);
+                        const uint32_t row = uint32_t(r + 64 * s + 8 * half);
 #pragma unroll
                         for (int j = 0; j < kBlockN / 8; ++j) {
+                            const int col = 8 * j + 2 * (lane % 4);
+                            const uint32_t at = swizzle_d<kSwizzle>(uint32_t(col / kChunkCols) * kBlockM * kSwizzle + row * kSwizzle +
+                                                                    uint32_t(col % kChunkCols) * 2);
                             const __nv_bfloat162 v = __floats2bfloat162_rn(sum[s][4 * j + 2 * half], sum[s][4 * j + 2 * half + 1]);
-                            row[4 * j + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+                            *reinterpret_cast<uint32_t*>(s_d + at) = *reinterpret_cast<const uint32_t*>(&v);
                         }
                     }
                 }
@@ -615,8 +640,11 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
                 ptx::fence_proxy_async_shared_cta();
                 ptx::bar_sync(1, kConsumers);
                 if (issuer) {
-                    // Rows past m and columns past n are clipped by the tensor map.
-                    ptx::cp_async_bulk_tensor_2d_shared_to_global(&p.tma_d, s_d, t.n0, t.m0);
+                    // One store per chunk; rows past m and columns past n are clipped by the map.
+#pragma unroll
+                    for (int c = 0; c < kBlockN / kChunkCols; ++c) {
+                        ptx::cp_async_bulk_tensor_2d_shared_to_global(&p.tma_d, s_d + c * kBlockM * kSwizzle, t.n0 + c * kChunkCols, t.m0);
+                    }
                     ptx::cp_async_bulk_commit_group();
                 }
                 continue;
@@ -690,8 +718,9 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t cluster, ui
 // block_m 128 only, every 128-row block belongs to one expert; 256-row tiles stop at the
 // narrower BLOCK_N their two sub-tiles' sums leave room for). Mirrors
 // deepkern::plan::gemm::block_n_menu; dk_gemm_fp8_config_supported answers from it.
-#define DK_GEMM_FOR_EACH_BLOCK_N(X, BM) X(BM, 16) X(BM, 32) X(BM, 64) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176)
-#define DK_GEMM_FOR_EACH_BLOCK_N_256(X) X(256, 16) X(256, 32) X(256, 64) X(256, 96) X(256, 112) X(256, 128)
+#define DK_GEMM_FOR_EACH_BLOCK_N(X, BM) \
+    X(BM, 16) X(BM, 32) X(BM, 48) X(BM, 64) X(BM, 80) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176)
+#define DK_GEMM_FOR_EACH_BLOCK_N_256(X) X(256, 16) X(256, 32) X(256, 48) X(256, 64) X(256, 80) X(256, 96) X(256, 112) X(256, 128)
 
 // Entry points of the per-layout units: launch the (block_m, block_n) instantiation, or return
 // DK_STATUS_INVALID_ARGUMENT for a shape outside the menu.

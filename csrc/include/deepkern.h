@@ -135,8 +135,8 @@ typedef struct dk_tensor_map {
 } dk_tensor_map_t;
 
 /* K per pipeline stage of the FP8 GEMM (one scale block). Tile shapes (block_m x block_n) come from
- * a compiled menu: block_m 64 or 128 with block_n in {16, 32, 64, 96, 112, 128, 144, 160, 176}, and
- * block_m 256 (dense and masked) with block_n up to 128; the contiguous layout takes block_m 128
+ * a compiled menu: block_m 64 or 128 with block_n in {16, 32, 48, 64, 80, 96, 112, 128, 144, 160,
+ * 176}, and block_m 256 (dense and masked) with block_n up to 128; the contiguous layout takes block_m 128
  * only. dk_gemm_fp8_config_supported answers for one shape. */
 #define DK_GEMM_BLOCK_K 128
 /* Deepest pipeline a launch may ask for. */
@@ -228,9 +228,10 @@ typedef struct dk_gemm_fp8_params {
      * CUDA context unusable. */
     const int32_t* arrivals;
     /* DK_GEMM_DENSE with d (bf16) only: 1 stages each output tile in shared memory and writes it
-     * with one TMA store through tma_d (D [m, n] bf16: dims {n, m}, box {block_n, block_m}, no
-     * swizzle), instead of bounds-checked stores from registers; the tile takes
-     * block_m * block_n * 2 bytes of shared memory. 0: tma_d is unused. */
+     * with TMA stores through tma_d, instead of bounds-checked stores from registers; the tile takes
+     * block_m * block_n * 2 bytes of shared memory. tma_d: D [m, n] bf16, dims {n, m}, box
+     * {S / 2, block_m} with swizzle S bytes, S the largest of 128, 64 and 32 that divides
+     * block_n * 2 (one store per column chunk of S / 2). 0: tma_d is unused. */
     int32_t tma_store;
     dk_tensor_map_t tma_d;
     /* DK_GEMM_MULTICAST_NONE, or (dense; contiguous with block_n <= 128; without arrivals;

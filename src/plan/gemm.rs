@@ -28,15 +28,24 @@ pub const SMEM_ALIGN: usize = 1024;
 /// The `block_n` the kernel library is compiled for with 64- and 128-row tiles
 /// (`DK_GEMM_FOR_EACH_BLOCK_N` in `csrc/gemm/fp8_kernel.cuh`; a test checks the two agree).
 /// Multiples of 16 (wgmma needs 8; 16 keeps 8-column slices inside one of B's 128-column scale
-/// blocks); the ones that do not divide 128 fill the SMs better on some N (7168 / 112 = 64 tiles).
-pub const BLOCK_N_MENU: [usize; 9] = [16, 32, 64, 96, 112, 128, 144, 160, 176];
+/// blocks); the ones that do not divide 128 fill the SMs better on some N (7168 / 112 = 64 tiles;
+/// 48 and 80 straddle at most two of B's scale blocks).
+pub const BLOCK_N_MENU: [usize; 11] = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176];
 /// The `block_n` compiled with 256-row tiles (`DK_GEMM_FOR_EACH_BLOCK_N_256`): each consumer
 /// thread holds a promoted sum of `block_n / 2` registers for each of its two sub-tiles beside
 /// the shared wgmma scratch, so the menu stops at 128 (144 spills).
-pub const BLOCK_N_MENU_256: [usize; 6] = [16, 32, 64, 96, 112, 128];
+pub const BLOCK_N_MENU_256: [usize; 8] = [16, 32, 48, 64, 80, 96, 112, 128];
 /// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
 /// wgmma scratch and the promoted sum) must fit the 232-register budget; 192 spills.
 pub const MAX_BLOCK_N: usize = 176;
+/// The TMA-store epilogue's swizzle span for `block_n`-wide tiles, in bytes: the largest of 128, 64
+/// and 32 that divides a row of the bf16 tile (`block_n · 2` bytes). The staging tile is stored in
+/// column chunks of `span / 2`, one TMA store each, through a tensor map with that swizzle (the
+/// mirror of `d_swizzle_bytes` in `csrc/gemm/fp8_kernel.cuh`).
+pub fn d_swizzle_bytes(block_n: usize) -> usize {
+    [128, 64, 32].into_iter().find(|s| (block_n * 2).is_multiple_of(*s)).unwrap_or(32)
+}
+
 /// Fewest pipeline stages the planner accepts for a tile (one more for tiles smaller than
 /// 128x176, which finish a stage sooner).
 pub const MIN_STAGES: usize = 3;
@@ -522,10 +531,21 @@ mod tests {
     }
 
     #[test]
+    fn staging_chunks_divide_every_tile() {
+        for bn in BLOCK_N_MENU {
+            let span = d_swizzle_bytes(bn);
+            assert!((bn * 2).is_multiple_of(span), "{bn}: {span}");
+        }
+        assert_eq!([64, 128, 96, 160, 16, 112, 176].map(d_swizzle_bytes), [128, 128, 64, 64, 32, 32, 32]);
+    }
+
+    #[test]
     fn straddled_scale_blocks() {
         for bn in [16, 32, 64, 128] {
             assert_eq!(scale_blocks_per_tile(bn), 1.0, "{bn}");
         }
+        assert_eq!(scale_blocks_per_tile(48), 1.25);
+        assert_eq!(scale_blocks_per_tile(80), 1.5);
         assert_eq!(scale_blocks_per_tile(96), 1.5);
         assert_eq!(scale_blocks_per_tile(112), 1.75);
         assert_eq!(scale_blocks_per_tile(160), 2.0);

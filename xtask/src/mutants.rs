@@ -264,6 +264,14 @@ pub const MUTANTS: &[Mutant] = &[
         env: &[],
         races: false,
     },
+    Mutant {
+        name: "the TMA-store staging tile swizzled with the 128-byte pattern whatever its span",
+        file: GEMM,
+        edits: &[("return offset ^ (((offset >> 7) & (kSwizzle / 16 - 1)) << 4);", "return offset ^ (((offset >> 7) & 7) << 4);", 1)],
+        tests: &[("gemm_gpu", "every_compiled_tile")],
+        env: &[],
+        races: false,
+    },
 ];
 
 /// Where the scratch copy and its build live.
