@@ -216,8 +216,10 @@ impl Problem {
             return bad(format!("block_m = {block_m} is not compiled for this layout ({compiled:?})"));
         }
         let menu = plan::block_n_menu(block_m);
-        if !menu.contains(&block_n) {
-            return bad(format!("block_n = {block_n} is not compiled with {block_m}-row tiles (menu: {menu:?})"));
+        if !plan::is_compiled(&layout, block_m, block_n) {
+            return bad(format!(
+                "block_n = {block_n} is not compiled with {block_m}-row tiles of this layout (menu: {menu:?}; contiguous: up to 176)"
+            ));
         }
         if !(1..=MAX_STAGES).contains(&stages) {
             return bad(format!("stages = {stages}: 1 ..= {MAX_STAGES}"));
@@ -711,7 +713,8 @@ mod tests {
             other => panic!("expected a tile error, got {other:?}"),
         };
         assert!(reason(dense.launch_shape(132, 232_448, &force(32, 128, 4), false)).contains("block_m"));
-        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 192, 4), false)).contains("not compiled"));
+        assert!(reason(dense.launch_shape(132, 232_448, &force(128, 208, 4), false)).contains("not compiled"));
+        assert!(dense.launch_shape(132, 232_448, &force(128, 192, 4), false).is_ok());
         assert!(reason(dense.launch_shape(132, 232_448, &force(256, 144, 3), false)).contains("not compiled with 256-row"));
         assert!(dense.launch_shape(132, 232_448, &force(256, 128, 4), false).is_ok());
         assert!(reason(dense.launch_shape(132, 232_448, &force(128, 128, 0), false)).contains("stages"));
@@ -719,6 +722,7 @@ mod tests {
         let contiguous = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS, groups: 2, ..dense };
         assert!(reason(contiguous.launch_shape(132, 232_448, &force(64, 128, 4), false)).contains("block_m"));
         assert!(reason(contiguous.launch_shape(132, 232_448, &force(256, 128, 4), false)).contains("block_m"));
+        assert!(reason(contiguous.launch_shape(132, 232_448, &force(128, 192, 4), false)).contains("not compiled"));
         // The masked layout's hint must not exceed max_m.
         let masked = Problem { layout: ffi::dk_gemm_layout::DK_GEMM_MASKED, m: 512, n: 4096, k: 7168, groups: 4, scale_rows: 128 };
         let hint = GemmOptions { expected_m: Some(129), ..GemmOptions::default() };

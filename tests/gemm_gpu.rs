@@ -25,6 +25,10 @@
 //!   included); contiguous with a pair of one expert (multicast), a pair of two experts (loaded
 //!   apart) and a pair whose second block is padding; and the refusals (masked layout, one SM,
 //!   contiguous tiles wider than 128, the arrival-gated GEMM).
+//! - `straddling_scales_over_long_k`: tiles that straddle B's scale blocks read those scales from
+//!   shared memory, 64 k-blocks at a time in two buffers: k = 130 k-blocks (two full chunks and
+//!   part of a third), several tiles per CTA (so the buffers alternate across tiles), against the
+//!   dequantised reference.
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
 //!   `GemmOptions::tile` with 1, 2 or 4 (256 rows: 3) stages (the stage ring wraps), on a ragged n = 600 where
 //!   the 48-, 80-, 96-, 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
@@ -44,7 +48,7 @@ use deepkern::gemm::{
     gemm_fp8_contiguous_arrived, gemm_fp8_contiguous_with, gemm_fp8_f32, gemm_fp8_masked, gemm_fp8_masked_with, gemm_fp8_with,
 };
 use deepkern::layout::{BlockShape, TokenGroupShape, scales_from_tma_layout, scales_to_tma_layout, tma_aligned_rows};
-use deepkern::plan::gemm::{BLOCK_N_MENU, Multicast, block_n_menu};
+use deepkern::plan::gemm::{BLOCK_N_MENU, GemmLayout, Multicast, block_n_menu, is_compiled};
 use deepkern::reference::gemm::{Fp8Operand, gemm_accumulate, gemm_entries, grouped_contiguous, grouped_masked};
 use deepkern::reference::quant::{QuantizedRows, per_block, per_token_group};
 use deepkern::{Error, F8E4M3, ScaleFormat, bf16, quantize, quantize_per_block, quantize_per_token_group};
@@ -64,6 +68,7 @@ fn main() {
         ("f32_output_and_accumulate", f32_output_and_accumulate),
         ("tiles_of_256_rows", tiles_of_256_rows),
         ("multicast_pairs", multicast_pairs),
+        ("straddling_scales_over_long_k", straddling_scales_over_long_k),
         ("every_compiled_tile", every_compiled_tile),
         ("arrivals_complete_and_checked", arrivals_complete_and_checked),
     ]);
@@ -612,6 +617,30 @@ fn tiles_of_256_rows(gpu: &Gpu) -> TestResult {
     compare_grouped(&stream.clone_dtoh(&d).unwrap(), &want, &format!("masked {options:?}"))
 }
 
+/// B's scales from shared memory over more than one chunk of k-blocks (see the module docs).
+fn straddling_scales_over_long_k(gpu: &Gpu) -> TestResult {
+    let mut rng = gpu.rng("straddling_scales_over_long_k");
+    let stream = gpu.stream();
+    let shape = GemmShape { m: 70, n: 200, k: 130 * 128 };
+    let GemmShape { m, n, k } = shape;
+    let (h, _, _) = random_host(&mut rng, shape);
+    let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
+    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
+    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
+    let d_sb = stream.clone_htod(&h.sb).unwrap();
+    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    for (block_m, block_n, stages, max_sms) in [(64, 48, 3, 1), (128, 112, 2, 2), (64, 192, 2, 1)] {
+        let options = GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), max_sms: Some(max_sms), ..GemmOptions::default() };
+        let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
+        gemm_fp8_with(&stream, &a, &b, &mut d.as_view_mut(), shape, options).map_err(|e| format!("{options:?}: {e}"))?;
+        let got: Vec<f32> = stream.clone_dtoh(&d).unwrap().iter().map(|v| v.to_f32()).collect();
+        ensure(got.iter().all(|v| v.is_finite()), || format!("{options:?}: an entry of D was not written"))?;
+        let diff = calc_diff(&got, &want);
+        ensure(diff < 1e-4, || format!("{options:?}: calc_diff vs the dequantised reference {diff:e}"))?;
+    }
+    Ok(())
+}
+
 /// TMA multicast across clusters of two (see the module docs).
 fn multicast_pairs(gpu: &Gpu) -> TestResult {
     let mut rng = gpu.rng("multicast_pairs");
@@ -784,7 +813,7 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
     let input = Contiguous::new(&stream, &mut rng, &[150, 0, 70], k);
     let (m, a) = (input.m(), input.activations());
     let want = input.reference(&bq, &bsf, groups, k);
-    for block_n in BLOCK_N_MENU {
+    for block_n in BLOCK_N_MENU.into_iter().filter(|&bn| is_compiled(&GemmLayout::GroupedContiguous { groups }, 128, bn)) {
         let options = tile(block_n / 16, 128, block_n);
         let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
         gemm_fp8_contiguous_with(&stream, &a, &b, &input.idx.as_view(), &mut d.as_view_mut(), GemmShape { m, n, k }, groups, options)

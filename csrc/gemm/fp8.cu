@@ -10,10 +10,11 @@ extern "C" int32_t dk_gemm_fp8_config_supported(dk_gemm_layout_t layout, int32_t
 #define DK_CASE(BM, BN) found = found || (block_m == (BM) && block_n == (BN));
     if (layout == DK_GEMM_DENSE || layout == DK_GEMM_MASKED) {
         DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 64)
+        DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 128)
         DK_GEMM_FOR_EACH_BLOCK_N_256(DK_CASE)
     }
-    if (layout == DK_GEMM_DENSE || layout == DK_GEMM_MASKED || layout == DK_GEMM_CONTIGUOUS) {
-        DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 128)
+    if (layout == DK_GEMM_CONTIGUOUS) {
+        DK_GEMM_FOR_EACH_BLOCK_N_CONTIGUOUS(DK_CASE)
     }
 #undef DK_CASE
     return found ? 1 : 0;

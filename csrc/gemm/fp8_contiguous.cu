@@ -9,7 +9,7 @@ namespace dk::gemm {
 
 dk_status_t launch_contiguous(const KernelParams& kp, int block_m, int block_n, dim3 grid, uint32_t cluster, uint32_t smem, cudaStream_t stream) {
 #define DK_CASE(BM, BN) DK_GEMM_LAUNCH_CASE(DK_GEMM_CONTIGUOUS, BM, BN)
-    DK_GEMM_FOR_EACH_BLOCK_N(DK_CASE, 128)
+    DK_GEMM_FOR_EACH_BLOCK_N_CONTIGUOUS(DK_CASE)
 #undef DK_CASE
     return DK_STATUS_INVALID_ARGUMENT;
 }

@@ -6,7 +6,8 @@
 // Persistent CTAs of one producer warpgroup and one (BLOCK_M = 64) or two (128, 256) consumer
 // warpgroups. Warpgroup 0 is the producer: one thread streams the A, B and A-scale tiles of every
 // (tile, k-block) through a ring of `stages` shared-memory stages with TMA, signalling `full`
-// barriers. Each consumer warpgroup owns BLOCK_M / 2 rows of the BLOCK_M x BLOCK_N tile (64 rows
+// barriers; for tiles that straddle B's scale blocks, its warp 1 (the scale loader) copies those
+// scales into shared memory ahead of the consumers. Each consumer warpgroup owns BLOCK_M / 2 rows of the BLOCK_M x BLOCK_N tile (64 rows
 // when BLOCK_M = 64), as one or two 64-row sub-tiles: per k-block it waits on `full` and, per
 // sub-tile, issues four wgmma m64nNk32 (E4M3, f32 accumulate) over the 128 of K, waits for them
 // and promotes: final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's
@@ -77,7 +78,7 @@ __host__ __device__ constexpr int sub_tiles_of() {
 // `cargo xtask sass`; the mirror is deepkern::plan::gemm::block_n_menu).
 template <int kBlockM>
 __host__ __device__ constexpr int max_block_n_of() {
-    return sub_tiles_of<kBlockM>() == 1 ? 176 : 128;
+    return sub_tiles_of<kBlockM>() == 1 ? 192 : 128;
 }
 
 // Whether a (layout, BLOCK_N) kernel runs in clusters of two with multicast: dense, and contiguous
@@ -120,6 +121,14 @@ constexpr uint64_t kArrivalTimeoutNs = 30ull * 1000 * 1000 * 1000;
 // The named barrier through which the consumer that waited for a tile's rows releases the others
 // (barrier 0 is __syncthreads, 1 the epilogue's).
 constexpr uint32_t kArrivalBarrier = 2;
+// Straddling tiles (BLOCK_N not dividing 128) read B's scales from shared memory: three scale
+// rows (the tile's first scale block and the next two, clamped to the expert's last) of kSfbChunk
+// k-blocks, in two buffers, filled by warp kScaleLoaderWarp of the producer warpgroup (the scale
+// loader) ahead of the consumers, through a full (one arrival per lane) and an empty (one per
+// consumer warp) mbarrier per buffer.
+constexpr int kSfbRows = 3;
+constexpr int kSfbChunk = 64;
+constexpr int kScaleLoaderWarp = 1;
 
 // Waits until `counter` reaches kArrivalRows: relaxed polls with a growing sleep, then one acquire;
 // then orders what it observed before this thread's later TMA reads. One thread per role waits
@@ -158,7 +167,7 @@ __device__ __forceinline__ uint32_t swizzle_d(uint32_t offset) {
 // Byte offsets of the dynamic shared memory, from a 1024-aligned base (the mirror is
 // deepkern::plan::gemm::smem_plan; dk_gemm_fp8_smem_bytes exposes `total`).
 struct SmemLayout {
-    uint32_t a, b, sfa, d, full, empty, tile_prefix, rows, total;
+    uint32_t a, b, sfa, d, full, empty, sfb, sfb_bars, tile_prefix, rows, total;
 };
 
 __host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int stages, int masked_groups, bool d_tile) {
@@ -170,7 +179,10 @@ __host__ __device__ inline SmemLayout smem_layout(int block_m, int block_n, int 
     l.sfa = l.b + s * uint32_t(block_n) * kBlockK;            // [stages][block_m] f32
     l.full = l.sfa + s * uint32_t(block_m) * 4;               // [stages] mbarrier
     l.empty = l.full + s * 8;                                 // [stages] mbarrier
-    l.tile_prefix = l.empty + s * 8;                          // masked: [groups + 1] i32
+    const bool straddles = 128 % block_n != 0;
+    l.sfb = l.empty + s * 8;                                  // straddling tiles: [2][3][64] f32
+    l.sfb_bars = l.sfb + (straddles ? 2u * kSfbRows * kSfbChunk * 4 : 0u);  // straddling: full[2], empty[2] mbarrier
+    l.tile_prefix = l.sfb_bars + (straddles ? 4u * 8 : 0u);   // masked: [groups + 1] i32
     l.rows = l.tile_prefix + (masked_groups > 0 ? uint32_t(masked_groups + 1) * 4 : 0);  // masked: [groups] i32
     l.total = l.rows + uint32_t(masked_groups) * 4 + 1024;    // + slack to align the base to 1024
     return l;
@@ -205,7 +217,7 @@ struct Scheduler {
 
     // Clusters of two (dense and contiguous): pairs of tiles, adjacent along M (multicast of B)
     // or along N (multicast of A), walked as the tiles of a grid of pairs.
-    __device__ void pair_grid(int* m_pairs, int* n_pairs) const {
+    __device__ __forceinline__ void pair_grid(int* m_pairs, int* n_pairs) const {
         *m_pairs = ceil_div(p.m, kBlockM);
         *n_pairs = n_tiles;
         if (p.multicast == DK_GEMM_MULTICAST_B) {
@@ -221,7 +233,7 @@ struct Scheduler {
     }
 
     // Tile (mb, nb) of the dense or contiguous layout (no arrival counters).
-    __device__ TileInfo at(int mb, int nb) const {
+    __device__ __forceinline__ TileInfo at(int mb, int nb) const {
         TileInfo t{};
         t.m0 = mb * kBlockM;
         t.n0 = nb * kBlockN;
@@ -238,7 +250,7 @@ struct Scheduler {
     // D; `*shared` (unless null: the consumers do not need it) tells whether both tiles exist,
     // run and use the same expert, so that the shared operand can be multicast. Both CTAs compute
     // the same answer.
-    __device__ TileInfo pair_tile(int pair, uint32_t rank, bool* shared) const {
+    __device__ __forceinline__ TileInfo pair_tile(int pair, uint32_t rank, bool* shared) const {
         int mp, np;
         pair_grid(&mp, &np);
         int a, b;
@@ -264,18 +276,21 @@ struct Scheduler {
     }
 
     // Rasterisation: groups of `swizzle_group` M blocks; within a group, M varies fastest.
-    __device__ void raster(int tile, int m_tiles, int n_tiles_, int* mb, int* nb) const {
-        const int64_t span = int64_t(p.swizzle_group) * n_tiles_;
-        const int first_m = static_cast<int>(tile / span) * p.swizzle_group;
-        const int group_rows = min(p.swizzle_group, m_tiles - first_m);
-        const int in_group = static_cast<int>(tile - (tile / span) * span);
+    __device__ __forceinline__ void raster(int tile, int m_tiles, int n_tiles_, int* mb, int* nb) const {
+        // A group of more M blocks than there are walks the same order as one of all of them, and
+        // keeps the arithmetic in 32 bits (span <= tiles < 2^31).
+        const int group = min(p.swizzle_group, m_tiles);
+        const int span = group * n_tiles_;
+        const int first_m = (tile / span) * group;
+        const int group_rows = min(group, m_tiles - first_m);
+        const int in_group = tile - (tile / span) * span;
         *mb = first_m + in_group % group_rows;
         *nb = in_group / group_rows;
     }
 
     // `wait`: whether to wait for the tile's rows to arrive (contiguous layout with arrival
     // counters); a thread that passes false must be ordered after one that waited.
-    __device__ TileInfo get(int tile, bool wait = true) const {
+    __device__ __forceinline__ TileInfo get(int tile, bool wait = true) const {
         TileInfo t{};
         if constexpr (kLayout == DK_GEMM_MASKED) {
             // The last group whose first tile is at or before `tile` (groups with no tiles share
@@ -382,6 +397,9 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     uint8_t* s_d = base + lay.d;
     uint64_t* s_full = reinterpret_cast<uint64_t*>(base + lay.full);
     uint64_t* s_empty = reinterpret_cast<uint64_t*>(base + lay.empty);
+    float* s_sfb = reinterpret_cast<float*>(base + lay.sfb);
+    uint64_t* s_sfb_full = reinterpret_cast<uint64_t*>(base + lay.sfb_bars);
+    uint64_t* s_sfb_empty = s_sfb_full + 2;
     int* s_tile_prefix = reinterpret_cast<int*>(base + lay.tile_prefix);
     int* s_rows = reinterpret_cast<int*>(base + lay.rows);
 
@@ -419,6 +437,12 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
             // One arrival per consumer warp, of each CTA of the cluster.
             ptx::mbarrier_init(&s_empty[i], kMathWarpgroups * 4 * (clustered ? 2 : 1));
         }
+        if constexpr (!kUniformSfb) {
+            for (int i = 0; i < 2; ++i) {
+                ptx::mbarrier_init(&s_sfb_full[i], 32);  // one arrival per loader lane
+                ptx::mbarrier_init(&s_sfb_empty[i], kMathWarpgroups * 4);  // one arrival per consumer warp
+            }
+        }
         ptx::fence_mbarrier_init();
         ptx::prefetch_tensormap(&p.tma_a);
         ptx::prefetch_tensormap(&p.tma_b);
@@ -446,6 +470,49 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     if (wg == 0) {
         // NOTES: the producer needs few registers; give them to the consumers.
         ptx::setmaxnreg_dec<kProducerRegs>();
+        if constexpr (!kUniformSfb) {
+            if (threadIdx.x / 32 == kScaleLoaderWarp) {
+                // The scale loader: the same tiles as the consumers; for each chunk of k-blocks,
+                // B's three scale rows into the next buffer once the consumers released it, six
+                // loads in flight per lane. Lane 0 walks the schedule (and waits for arrivals).
+                const int lane = threadIdx.x % 32;
+                uint32_t chunks = 0;
+                for (int tile = first_tile; tile < tiles; tile += tile_step) {
+                    int skip = 0, expert = 0, n0 = 0;
+                    if (lane == 0) {
+                        const TileInfo t = clustered ? sched.pair_tile(tile, rank, nullptr) : sched.get(tile);
+                        skip = t.skip ? 1 : 0;
+                        expert = t.expert;
+                        n0 = t.n0;
+                    }
+                    skip = __shfl_sync(0xffffffffu, skip, 0);
+                    expert = __shfl_sync(0xffffffffu, expert, 0);
+                    n0 = __shfl_sync(0xffffffffu, n0, 0);
+                    if (skip != 0) {
+                        continue;
+                    }
+                    const float* sfb = p.sfb + int64_t(expert) * n_blocks * k_blocks;
+                    const int first = n0 / 128, last = (min(n0 + kBlockN, p.n) - 1) / 128;
+                    for (int kb = 0; kb < k_blocks; kb += kSfbChunk, ++chunks) {
+                        const uint32_t buf = chunks & 1;
+                        wait(&s_sfb_empty[buf], ((chunks >> 1) & 1) ^ 1);
+                        float* out = s_sfb + buf * kSfbRows * kSfbChunk;
+                        float v[kSfbRows * kSfbChunk / 32];
+#pragma unroll
+                        for (int x = 0; x < kSfbRows * kSfbChunk / 32; ++x) {
+                            const int e = lane + 32 * x, row = e / kSfbChunk, k = kb + e % kSfbChunk;
+                            v[x] = k < k_blocks ? __ldg(sfb + int64_t(min(first + row, last)) * k_blocks + k) : 0.0f;
+                        }
+#pragma unroll
+                        for (int x = 0; x < kSfbRows * kSfbChunk / 32; ++x) {
+                            out[lane + 32 * x] = v[x];
+                        }
+                        ptx::mbarrier_arrive(&s_sfb_full[buf]);  // releases this lane's stores
+                    }
+                }
+                return;
+            }
+        }
         if (threadIdx.x != 0) {
             return;
         }
@@ -527,6 +594,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         }
     };
     PipelineState ps{p.stages};
+    uint32_t sfb_chunks = 0;  // B-scale chunks consumed (straddling tiles)
     for (int tile = first_tile; tile < tiles; tile += tile_step) {
         bool waited = true;
         if constexpr (kLayout == DK_GEMM_CONTIGUOUS) {
@@ -551,12 +619,9 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         }
         // B's scale rows for this tile: the first, and (straddling tiles) the next two, clamped to
         // the last row that holds a real column so no read leaves this expert's scales.
-        const float* sfb = p.sfb + int64_t(t.expert) * n_blocks * k_blocks;
-        const int sfb_first = t.n0 / 128;
-        const int sfb_last = (min(t.n0 + kBlockN, p.n) - 1) / 128;
-        const float* sfb0 = sfb + int64_t(sfb_first) * k_blocks;
-        const float* sfb1 = sfb + int64_t(min(sfb_first + 1, sfb_last)) * k_blocks;
-        const float* sfb2 = sfb + int64_t(min(sfb_first + 2, sfb_last)) * k_blocks;
+        // B's scale row for this tile (tiles that divide 128 lie in one scale block; straddling
+        // ones read theirs from the scale loader's buffers).
+        const float* sfb0 = p.sfb + (int64_t(t.expert) * n_blocks + t.n0 / 128) * k_blocks;
         // Slices j >= j_next lie in the second scale block, j >= j_next + 16 in the third.
         const int j_next = (128 - t.n0 % 128) / 8;
         float sum[kSubTiles][kAcc];
@@ -569,10 +634,28 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
         }
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int i = ps.index;
+            float sb0, sb1, sb2;
+            if constexpr (kUniformSfb) {
+                sb0 = sb1 = sb2 = __ldg(sfb0 + kb);
+            } else {
+                const int q = kb % kSfbChunk;
+                if (q == 0) {
+                    wait(&s_sfb_full[sfb_chunks & 1], (sfb_chunks >> 1) & 1);
+                }
+                const float* chunk = s_sfb + (sfb_chunks & 1) * kSfbRows * kSfbChunk + q;
+                sb0 = chunk[0];
+                sb1 = chunk[kSfbChunk];
+                sb2 = chunk[2 * kSfbChunk];
+                if (q == kSfbChunk - 1 || kb == k_blocks - 1) {
+                    // This warp has read the chunk: the loader may refill the buffer.
+                    __syncwarp();
+                    if (lane == 0) {
+                        ptx::mbarrier_arrive(&s_sfb_empty[sfb_chunks & 1]);
+                    }
+                    ++sfb_chunks;
+                }
+            }
             wait(&s_full[i], ps.phase);
-            const float sb0 = __ldg(sfb0 + kb);
-            const float sb1 = kUniformSfb ? sb0 : __ldg(sfb1 + kb);
-            const float sb2 = kUniformSfb ? sb0 : __ldg(sfb2 + kb);
 #pragma unroll
             for (int s = 0; s < kSubTiles; ++s) {
                 const float sa0 = s_sfa[i * kBlockM + r + 64 * s];
@@ -719,7 +802,10 @@ dk_status_t launch_shape(const KernelParams& kp, dim3 grid, uint32_t cluster, ui
 // narrower BLOCK_N their two sub-tiles' sums leave room for). Mirrors
 // deepkern::plan::gemm::block_n_menu; dk_gemm_fp8_config_supported answers from it.
 #define DK_GEMM_FOR_EACH_BLOCK_N(X, BM) \
-    X(BM, 16) X(BM, 32) X(BM, 48) X(BM, 64) X(BM, 80) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176)
+    X(BM, 16) X(BM, 32) X(BM, 48) X(BM, 64) X(BM, 80) X(BM, 96) X(BM, 112) X(BM, 128) X(BM, 144) X(BM, 160) X(BM, 176) X(BM, 192)
+// The contiguous layout stops at 176: 192 spills there (the arrival wait beside the tile walk).
+#define DK_GEMM_FOR_EACH_BLOCK_N_CONTIGUOUS(X) \
+    X(128, 16) X(128, 32) X(128, 48) X(128, 64) X(128, 80) X(128, 96) X(128, 112) X(128, 128) X(128, 144) X(128, 160) X(128, 176)
 #define DK_GEMM_FOR_EACH_BLOCK_N_256(X) X(256, 16) X(256, 32) X(256, 48) X(256, 64) X(256, 80) X(256, 96) X(256, 112) X(256, 128)
 
 // Entry points of the per-layout units: launch the (block_m, block_n) instantiation, or return

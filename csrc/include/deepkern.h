@@ -136,8 +136,8 @@ typedef struct dk_tensor_map {
 
 /* K per pipeline stage of the FP8 GEMM (one scale block). Tile shapes (block_m x block_n) come from
  * a compiled menu: block_m 64 or 128 with block_n in {16, 32, 48, 64, 80, 96, 112, 128, 144, 160,
- * 176}, and block_m 256 (dense and masked) with block_n up to 128; the contiguous layout takes block_m 128
- * only. dk_gemm_fp8_config_supported answers for one shape. */
+ * 176, 192}, and block_m 256 (dense and masked) with block_n up to 128; the contiguous layout takes
+ * block_m 128 with block_n up to 176 only. dk_gemm_fp8_config_supported answers for one shape. */
 #define DK_GEMM_BLOCK_K 128
 /* Deepest pipeline a launch may ask for. */
 #define DK_GEMM_MAX_STAGES 16

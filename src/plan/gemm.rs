@@ -30,14 +30,15 @@ pub const SMEM_ALIGN: usize = 1024;
 /// Multiples of 16 (wgmma needs 8; 16 keeps 8-column slices inside one of B's 128-column scale
 /// blocks); the ones that do not divide 128 fill the SMs better on some N (7168 / 112 = 64 tiles;
 /// 48 and 80 straddle at most two of B's scale blocks).
-pub const BLOCK_N_MENU: [usize; 11] = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176];
+pub const BLOCK_N_MENU: [usize; 12] = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192];
 /// The `block_n` compiled with 256-row tiles (`DK_GEMM_FOR_EACH_BLOCK_N_256`): each consumer
 /// thread holds a promoted sum of `block_n / 2` registers for each of its two sub-tiles beside
 /// the shared wgmma scratch, so the menu stops at 128 (144 spills).
 pub const BLOCK_N_MENU_256: [usize; 8] = [16, 32, 48, 64, 80, 96, 112, 128];
 /// Largest `block_n`: two f32 accumulators of `block_n / 2` registers per consumer thread (the
-/// wgmma scratch and the promoted sum) must fit the 232-register budget; 192 spills.
-pub const MAX_BLOCK_N: usize = 176;
+/// wgmma scratch and the promoted sum) must fit the 232-register budget beside the rest; 192 does
+/// with B's scales in shared memory.
+pub const MAX_BLOCK_N: usize = 192;
 /// The TMA-store epilogue's swizzle span for `block_n`-wide tiles, in bytes: the largest of 128, 64
 /// and 32 that divides a row of the bf16 tile (`block_n · 2` bytes). The staging tile is stored in
 /// column chunks of `span / 2`, one TMA store each, through a tensor map with that swizzle (the
@@ -45,6 +46,10 @@ pub const MAX_BLOCK_N: usize = 176;
 pub fn d_swizzle_bytes(block_n: usize) -> usize {
     [128, 64, 32].into_iter().find(|s| (block_n * 2).is_multiple_of(*s)).unwrap_or(32)
 }
+
+/// Shared memory a straddling tile keeps B's scales in: two buffers of three scale rows of 64
+/// k-blocks, f32, and a full and an empty barrier per buffer.
+pub const SFB_SMEM_BYTES: usize = 2 * 3 * 64 * 4 + 4 * 8;
 
 /// Fewest pipeline stages the planner accepts for a tile (one more for tiles smaller than
 /// 128x176, which finish a stage sooner).
@@ -263,11 +268,14 @@ pub struct GemmPlan {
 /// the TMA-store epilogue. The mirror of the kernel's `smem_layout`
 /// (`dk_gemm_fp8_smem_bytes`; a test checks the two agree): per stage the A tile (`block_m`
 /// rows of 128 bytes), the B tile, A's `block_m` f32 scales and two 8-byte barriers; the A and B
-/// tiles are multiples of 1024 bytes for every menu shape, as the 128-byte swizzle needs.
+/// tiles are multiples of 1024 bytes for every menu shape, as the 128-byte swizzle needs. Tiles
+/// whose `block_n` does not divide 128 also keep B's scales in shared memory: two buffers of three
+/// rows of 64 k-blocks and their barriers ([`SFB_SMEM_BYTES`]).
 pub fn smem_plan(block_m: usize, block_n: usize, stages: usize, masked_groups: usize, tma_store: bool) -> SmemPlan {
     let per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + 2 * 8;
     let d_tile = if tma_store { block_m * block_n * 2 } else { 0 };
-    let fixed = if masked_groups > 0 { (2 * masked_groups + 1) * 4 } else { 0 } + d_tile + SMEM_ALIGN;
+    let sfb = if GROUP.is_multiple_of(block_n.max(1)) { 0 } else { SFB_SMEM_BYTES };
+    let fixed = if masked_groups > 0 { (2 * masked_groups + 1) * 4 } else { 0 } + d_tile + sfb + SMEM_ALIGN;
     SmemPlan { per_stage, fixed, total: fixed + stages * per_stage }
 }
 
@@ -319,9 +327,11 @@ pub fn block_n_menu(block_m: usize) -> &'static [usize] {
     }
 }
 
-/// Whether the kernel library is compiled for `block_m x block_n` tiles in `layout`.
+/// Whether the kernel library is compiled for `block_m x block_n` tiles in `layout`: the menus
+/// above, except the contiguous layout's 192, which would spill registers there.
 pub fn is_compiled(layout: &GemmLayout, block_m: usize, block_n: usize) -> bool {
-    compiled_block_m(layout).contains(&block_m) && block_n_menu(block_m).contains(&block_n)
+    let contiguous_192 = matches!(layout, GemmLayout::GroupedContiguous { .. }) && block_n == 192;
+    compiled_block_m(layout).contains(&block_m) && block_n_menu(block_m).contains(&block_n) && !contiguous_192
 }
 
 /// `block_m` candidates for a problem: the compiled ones, only 64 when that already covers the
@@ -445,7 +455,7 @@ pub fn candidates_with(p: &GemmProblem, dev: &DeviceInfo, cost: TileCost, tma_st
     let (rows, groups) = m_work(p);
     let mut out = Vec::new();
     for &block_m in block_m_candidates(p) {
-        for &block_n in block_n_menu(block_m) {
+        for &block_n in block_n_menu(block_m).iter().filter(|&&bn| is_compiled(&p.layout, block_m, bn)) {
             let Some(stages) = max_stages(block_m, block_n, masked_groups(p), tma_store, dev.max_shared_memory_per_block_optin) else {
                 continue;
             };

@@ -84,7 +84,7 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "off-by-one in the persistent tile walk: the last tile is skipped",
         file: GEMM,
-        edits: &[("tile < tiles; tile += tile_step", "tile < tiles - 1; tile += tile_step", 2)],
+        edits: &[("tile < tiles; tile += tile_step", "tile < tiles - 1; tile += tile_step", 3)],
         tests: &[("gemm_gpu", "exact_small_integers")],
         env: &[],
         races: false,
@@ -269,6 +269,18 @@ pub const MUTANTS: &[Mutant] = &[
         file: GEMM,
         edits: &[("return offset ^ (((offset >> 7) & (kSwizzle / 16 - 1)) << 4);", "return offset ^ (((offset >> 7) & 7) << 4);", 1)],
         tests: &[("gemm_gpu", "every_compiled_tile")],
+        env: &[],
+        races: false,
+    },
+    Mutant {
+        name: "a straddling tile reading B's scales from the other shared-memory buffer",
+        file: GEMM,
+        edits: &[(
+            "const float* chunk = s_sfb + (sfb_chunks & 1) * kSfbRows * kSfbChunk + q;",
+            "const float* chunk = s_sfb + ((sfb_chunks + 1) & 1) * kSfbRows * kSfbChunk + q;",
+            1,
+        )],
+        tests: &[("gemm_gpu", "straddling_scales_over_long_k")],
         env: &[],
         races: false,
     },

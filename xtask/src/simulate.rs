@@ -106,6 +106,9 @@ pub const RACE_CASES: &[(&str, &str)] = &[
     ("gemm_gpu", "exact_small_integers"),
     // Every tile shape: stage reuse, both warpgroups, the TMA-store epilogue.
     ("gemm_gpu", "every_compiled_tile"),
+    // The scale loader's shared-memory buffers; clusters (each CTA's own accesses).
+    ("gemm_gpu", "straddling_scales_over_long_k"),
+    ("gemm_gpu", "multicast_pairs"),
     ("moe_gpu", "low_latency_equals_normal"),
     // The overlapped layer: the EP receive's arrival counts read by the GEMM on another stream.
     ("moe_gpu", "two_batch_is_bit_identical"),
