@@ -33,6 +33,14 @@
 //!   128x176 in 6) and 1.11 on 32768x512 (32 waves against 46). The target of 1.15 at m >= 1024
 //!   needs TMA multicast as well: the model says 256-row tiles alone do not reach it.
 //!
+//! - `gemm_fp8_dense_multicast_vs_none` against `deepkern_no_multicast` (only where the planner
+//!   takes multicast): the planned launch against the same tile without it, its output checked
+//!   first. Expected before measuring, recorded as `model_speedup`: small, 1.03 on 32768x512 at
+//!   m = 4096 (256x128 sharing A: the k-block drops from 1073 clocks, L2-bound, to 1040) and
+//!   1.005 on 7168x2048 (128x160 sharing B); the model calls most of these shapes tensor-core
+//!   bound, so a larger measured gain would say that L2's supply is lower than its 8192 B per
+//!   clock.
+//!
 //! - `gemm_fp8_dense_tile_sweep` against `deepkern_planned`: every compiled dense tile on three
 //!   shapes (memory-bound m = 64, mid m = 128, compute-bound m = 4096), each against the
 //!   planner's choice in the same run: how good the planner's ranking is, and the data to fit its

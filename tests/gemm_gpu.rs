@@ -30,9 +30,9 @@
 //!   part of a third), several tiles per CTA (so the buffers alternate across tiles), against the
 //!   dequantised reference.
 //! - `every_compiled_tile`: each compiled (layout, block_m, block_n), forced through
-//!   `GemmOptions::tile` with 1, 2 or 4 (256 rows: 3) stages (the stage ring wraps), on a ragged n = 600 where
-//!   the 48-, 80-, 96-, 112-, 144-, 160- and 176-wide tiles straddle two or three of B's scale blocks: dense
-//!   bit-exact on small integers with both epilogues (registers; TMA store) inside NaN guards, the
+//!   `GemmOptions::tile` with 1, 2 or 4 (256 rows: 3) stages (the stage ring wraps), on a ragged
+//!   n = 600 where the 48-, 80-, 96-, 112-, 144-, 160-, 176- and 192-wide tiles straddle two or
+//!   three of B's scale blocks: dense bit-exact on small integers with both epilogues (registers; TMA store) inside NaN guards, the
 //!   grouped layouts against their references with poison kept.
 
 mod common;

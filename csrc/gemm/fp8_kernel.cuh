@@ -7,8 +7,9 @@
 // warpgroups. Warpgroup 0 is the producer: one thread streams the A, B and A-scale tiles of every
 // (tile, k-block) through a ring of `stages` shared-memory stages with TMA, signalling `full`
 // barriers; for tiles that straddle B's scale blocks, its warp 1 (the scale loader) copies those
-// scales into shared memory ahead of the consumers. Each consumer warpgroup owns BLOCK_M / 2 rows of the BLOCK_M x BLOCK_N tile (64 rows
-// when BLOCK_M = 64), as one or two 64-row sub-tiles: per k-block it waits on `full` and, per
+// scales into shared memory ahead of the consumers. Each consumer warpgroup owns BLOCK_M / 2 rows
+// of the BLOCK_M x BLOCK_N tile (64 rows when BLOCK_M = 64), as one or two 64-row sub-tiles: per
+// k-block it waits on `full` and, per
 // sub-tile, issues four wgmma m64nNk32 (E4M3, f32 accumulate) over the 128 of K, waits for them
 // and promotes: final += acc * sa[row] * sb[col / 128] on CUDA cores, so the tensor core's
 // accumulator never runs across scale blocks. The two sub-tiles of a 256-row tile share one

@@ -151,13 +151,16 @@ void add_kernel_operands() {
     add_operand<E, SM90::GMMA::Major::K, 64, 32>("GEMM A (and B of N = 64)", 0, tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, make_shape(Int<64>{}, Int<128>{})));
     add_gemm_b<16>();
     add_gemm_b<32>();
+    add_gemm_b<48>();
     add_gemm_b<64>();
+    add_gemm_b<80>();
     add_gemm_b<96>();
     add_gemm_b<112>();
     add_gemm_b<128>();
     add_gemm_b<144>();
     add_gemm_b<160>();
     add_gemm_b<176>();
+    add_gemm_b<192>();
     // MLA decode: one 64-column box of Q, of the KV tile and of P, each 64 rows x 128 bytes; a
     // warpgroup's K is 32 of the box's rows (QK), V the MN-major view of four boxes (PV).
     for (int type : {1, 2}) {
@@ -232,7 +235,7 @@ int main(int argc, char** argv) {
     check_swizzle<1>(32);
     check_swizzle<2>(64);
     check_swizzle<3>(128);
-    check_accumulators(std::integer_sequence<int, 8, 16, 32, 64, 96, 112, 128, 144, 160, 176, 192, 256>{});
+    check_accumulators(std::integer_sequence<int, 8, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 256>{});
     add_kernel_operands();
 
     FILE* f = std::fopen(argv[1], "r");
