@@ -305,14 +305,28 @@ fn copy_project(root: &Path, dst: &Path) -> Result<()> {
 }
 
 /// The simulated test executables (target name -> path), building them in `work`.
-fn build(tc: &Toolchain, work: &Path, target_dir: &Path, targets: &[&str], races: bool) -> Result<Vec<(String, PathBuf)>> {
+/// Builds the simulated tests in the scratch copy. `reuse_ptxas`: keep the ptxas reports of an
+/// earlier build (the mutants' builds; a one-line change does not move registers) instead of
+/// recompiling with nvcc: the baseline build must not, or reports of older sources (an earlier
+/// run of the scratch copy) would stand for the current kernels.
+fn build(
+    tc: &Toolchain,
+    work: &Path,
+    target_dir: &Path,
+    targets: &[&str],
+    races: bool,
+    reuse_ptxas: bool,
+) -> Result<Vec<(String, PathBuf)>> {
     let mut c = cargo::cargo(tc);
     c.current_dir(work);
     c.args(["test", "-p", "deepkern", "--no-run", "--profile", simulate::PROFILE, "--target-dir"]).arg(target_dir);
     for t in targets {
         c.args(["--test", t]);
     }
-    c.env("DEEPKERN_SIM", "1").env("DEEPKERN_SIM_REUSE_PTXAS", "1");
+    c.env("DEEPKERN_SIM", "1");
+    if reuse_ptxas {
+        c.env("DEEPKERN_SIM_REUSE_PTXAS", "1");
+    }
     if races {
         c.env("DEEPKERN_SIM_RACES", "1");
     }
@@ -373,7 +387,7 @@ pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
         if chosen.is_empty() {
             continue;
         }
-        let exes = build(tc, &work, dir(races), &targets, races)?;
+        let exes = build(tc, &work, dir(races), &targets, races, false)?;
         for m in chosen {
             for (b, t) in m.tests {
                 if !passes(&exes, b, t, m.env)? {
@@ -389,7 +403,7 @@ pub fn run(tc: &Toolchain, only: Option<&str>) -> Result<()> {
         fs::write(&path, apply(&original, m)?).map_err(|e| e.to_string())?;
         let start = Instant::now();
         eprintln!("== mutant {} of {}: {}", i + 1, mutants.len(), m.name);
-        let verdict = match build(tc, &work, dir(m.races), &targets, m.races) {
+        let verdict = match build(tc, &work, dir(m.races), &targets, m.races, true) {
             Err(e) => format!("killed by the build ({})", e.lines().next().unwrap_or_default()),
             Ok(exes) => {
                 let mut killer = None;
