@@ -149,17 +149,12 @@ impl Problem {
         let mut shape = self.tile_shape(sms, smem_limit, options, tma_store)?;
         if let Some(forced) = options.multicast {
             if forced != Multicast::None {
-                let layout = match self.layout {
-                    ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => GemmLayout::GroupedContiguous { groups: self.groups },
-                    ffi::dk_gemm_layout::DK_GEMM_MASKED => {
-                        GemmLayout::GroupedMasked { groups: self.groups, max_m: self.scale_rows, expected_m: 0 }
-                    }
-                    _ => GemmLayout::Dense,
-                };
-                let why = if self.layout == ffi::dk_gemm_layout::DK_GEMM_MASKED {
-                    Some("the masked layout runs without multicast".to_string())
-                } else if !plan::multicast_compiled(&layout, shape.block_n) {
-                    Some(format!("the contiguous layout runs multicast with block_n <= 128, not {}", shape.block_n))
+                let layout = self.plan_layout(options);
+                let why = if !plan::multicast_compiled(&layout, shape.block_n) {
+                    Some(match layout {
+                        GemmLayout::GroupedMasked { .. } => "the masked layout runs without multicast".to_string(),
+                        _ => format!("the contiguous layout runs multicast with block_n <= 128, not {}", shape.block_n),
+                    })
                 } else if sms < 2 {
                     Some(format!("clusters of two CTAs need at least two SMs; the budget is {sms}"))
                 } else {
@@ -174,15 +169,22 @@ impl Problem {
         Ok(shape)
     }
 
+    /// The planner's view of this problem's layout (the masked one with its `expected_m` hint).
+    fn plan_layout(&self, options: &GemmOptions) -> GemmLayout {
+        match self.layout {
+            ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => GemmLayout::GroupedContiguous { groups: self.groups },
+            ffi::dk_gemm_layout::DK_GEMM_MASKED => GemmLayout::GroupedMasked {
+                groups: self.groups,
+                max_m: self.scale_rows,
+                expected_m: options.expected_m.unwrap_or(self.scale_rows),
+            },
+            _ => GemmLayout::Dense,
+        }
+    }
+
     fn tile_shape(&self, sms: usize, smem_limit: usize, options: &GemmOptions, tma_store: bool) -> Result<LaunchShape> {
-        let (layout, masked_groups) = match self.layout {
-            ffi::dk_gemm_layout::DK_GEMM_CONTIGUOUS => (GemmLayout::GroupedContiguous { groups: self.groups }, 0),
-            ffi::dk_gemm_layout::DK_GEMM_MASKED => {
-                let expected_m = options.expected_m.unwrap_or(self.scale_rows);
-                (GemmLayout::GroupedMasked { groups: self.groups, max_m: self.scale_rows, expected_m }, self.groups)
-            }
-            _ => (GemmLayout::Dense, 0),
-        };
+        let layout = self.plan_layout(options);
+        let masked_groups = if matches!(layout, GemmLayout::GroupedMasked { .. }) { self.groups } else { 0 };
         let Some(TileConfig { block_m, block_n, stages }) = options.tile else {
             // What the planner reads of a device.
             let device = DeviceInfo {

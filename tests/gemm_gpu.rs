@@ -117,6 +117,55 @@ fn run_gemm(stream: &Arc<CudaStream>, h: &Host, guard: usize) -> Result<(Vec<bf1
     Ok((all[guard..guard + m * n].to_vec(), guards_ok))
 }
 
+/// A host problem's operands on the device: E4M3 A and B, A's scales in the TMA layout (NaN in the
+/// padding), B's block scales.
+struct DeviceOperands {
+    a: CudaSlice<F8E4M3>,
+    sa: CudaSlice<f32>,
+    b: CudaSlice<F8E4M3>,
+    sb: CudaSlice<f32>,
+}
+
+impl DeviceOperands {
+    fn new(stream: &Arc<CudaStream>, h: &Host) -> Self {
+        let GemmShape { m, k, .. } = h.shape;
+        Self {
+            a: stream.clone_htod(&f8(&h.a)).unwrap(),
+            sa: stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap(),
+            b: stream.clone_htod(&f8(&h.b)).unwrap(),
+            sb: stream.clone_htod(&h.sb).unwrap(),
+        }
+    }
+
+    fn views(&self) -> (Fp8Activations<'_>, Fp8Weights<'_>) {
+        (Fp8Activations { q: self.a.as_view(), sf: self.sa.as_view() }, Fp8Weights { q: self.b.as_view(), sf: self.sb.as_view() })
+    }
+}
+
+/// Runs the dense GEMM with `options` into a D inside NaN guards and requires every entry to equal
+/// `want` bit for bit and nothing outside D to change (TMA clips at D's edges).
+fn dense_bit_exact(
+    stream: &Arc<CudaStream>,
+    a: &Fp8Activations,
+    b: &Fp8Weights,
+    shape: GemmShape,
+    options: GemmOptions,
+    want: &[bf16],
+) -> TestResult {
+    let GemmShape { m, n, .. } = shape;
+    // A multiple of 8 elements: D stays 16-byte aligned, as the TMA store's tensor map needs.
+    let guard = 304;
+    let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n + 2 * guard]).unwrap();
+    gemm_fp8_with(stream, a, b, &mut all.slice_mut(guard..guard + m * n), shape, options).map_err(|e| format!("{options:?}: {e}"))?;
+    let all = stream.clone_dtoh(&all).unwrap();
+    let got = &all[guard..guard + m * n];
+    if let Some(at) = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits()) {
+        return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / n, at % n, got[at], want[at]).into());
+    }
+    let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.to_bits() == NAN_BF16);
+    ensure(guards_ok, || format!("dense {options:?}: wrote outside D"))
+}
+
 /// Operands of small integers with power-of-two scales, exponents -1..=1: partial sums (128
 /// products <= 16) times scale products <= 4, summed over <= 8 blocks, stay multiples of 2^-2
 /// below 2^16, i.e. exact in f32's 24 bits (and in the tensor core's narrower accumulator, which
@@ -574,10 +623,8 @@ fn tiles_of_256_rows(gpu: &Gpu) -> TestResult {
     let GemmShape { m, n, k } = shape;
     let (h, _, _) = random_host(&mut rng, shape);
     let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
-    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
-    let d_sb = stream.clone_htod(&h.sb).unwrap();
-    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let ops = DeviceOperands::new(&stream, &h);
+    let (a, b) = ops.views();
     let guard = 304;
     for (block_n, stages, tma_store) in [(64, 2, false), (112, 3, true), (128, 4, false), (128, 1, true)] {
         let options = GemmOptions { tile: Some(TileConfig { block_m: 256, block_n, stages }), tma_store, ..GemmOptions::default() };
@@ -625,10 +672,8 @@ fn straddling_scales_over_long_k(gpu: &Gpu) -> TestResult {
     let GemmShape { m, n, k } = shape;
     let (h, _, _) = random_host(&mut rng, shape);
     let want = gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n));
-    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
-    let d_sb = stream.clone_htod(&h.sb).unwrap();
-    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let ops = DeviceOperands::new(&stream, &h);
+    let (a, b) = ops.views();
     for (block_m, block_n, stages, max_sms) in [(64, 48, 3, 1), (128, 112, 2, 2), (64, 192, 2, 1)] {
         let options = GemmOptions { tile: Some(TileConfig { block_m, block_n, stages }), max_sms: Some(max_sms), ..GemmOptions::default() };
         let mut d = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n]).unwrap();
@@ -653,11 +698,8 @@ fn multicast_pairs(gpu: &Gpu) -> TestResult {
     let h = small_integer_host(&mut rng, shape);
     let want: Vec<bf16> =
         gemm_entries(h.a_op(), h.b_op(), k, &deepkern::reference::gemm::all_entries(m, n)).into_iter().map(bf16::from_f64).collect();
-    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, m, k / 128, f32::NAN)).unwrap();
-    let d_sb = stream.clone_htod(&h.sb).unwrap();
-    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
-    let guard = 304;
+    let ops = DeviceOperands::new(&stream, &h);
+    let (a, b) = ops.views();
     let cases = [
         (Multicast::A, 64, 96, 2, None, false),
         (Multicast::B, 64, 96, 3, Some(4), true),
@@ -674,16 +716,7 @@ fn multicast_pairs(gpu: &Gpu) -> TestResult {
             tma_store,
             ..GemmOptions::default()
         };
-        let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); m * n + 2 * guard]).unwrap();
-        gemm_fp8_with(&stream, &a, &b, &mut all.slice_mut(guard..guard + m * n), shape, options)
-            .map_err(|e| format!("{options:?}: {e}"))?;
-        let all = stream.clone_dtoh(&all).unwrap();
-        let got = &all[guard..guard + m * n];
-        if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
-            return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / n, at % n, got[at], want[at]).into());
-        }
-        let guards_ok = all[..guard].iter().chain(&all[guard + m * n..]).all(|v| v.to_bits() == NAN_BF16);
-        ensure(guards_ok, || format!("dense {options:?}: wrote outside D"))?;
+        dense_bit_exact(&stream, &a, &b, shape, options, &want)?;
     }
 
     // Contiguous: experts of 150, 0, 70 and 100 rows: blocks 0 and 1 are expert 0's (a pair
@@ -778,29 +811,15 @@ fn every_compiled_tile(gpu: &Gpu) -> TestResult {
         .into_iter()
         .map(bf16::from_f64)
         .collect();
-    let (d_a, d_b) = (stream.clone_htod(&f8(&h.a)).unwrap(), stream.clone_htod(&f8(&h.b)).unwrap());
-    let d_sa = stream.clone_htod(&scales_to_tma_layout(&h.sa, shape.m, shape.k / 128, f32::NAN)).unwrap();
-    let d_sb = stream.clone_htod(&h.sb).unwrap();
-    let (a, b) = (Fp8Activations { q: d_a.as_view(), sf: d_sa.as_view() }, Fp8Weights { q: d_b.as_view(), sf: d_sb.as_view() });
+    let ops = DeviceOperands::new(&stream, &h);
+    let (a, b) = ops.views();
     let mut i = 0;
-    // A multiple of 8 elements: D stays 16-byte aligned, as the TMA store's tensor map needs.
-    let guard = 304;
     for block_m in [64, 128, 256] {
         for &block_n in block_n_menu(block_m) {
             for tma_store in [false, true] {
                 let options = GemmOptions { tma_store, ..tile(i, block_m, block_n) };
                 i += 1;
-                // D inside NaN guards: every entry written, nothing outside (TMA clips at D's edges).
-                let mut all = stream.clone_htod(&vec![bf16::from_bits(NAN_BF16); shape.m * shape.n + 2 * guard]).unwrap();
-                let mut d = all.slice_mut(guard..guard + shape.m * shape.n);
-                gemm_fp8_with(&stream, &a, &b, &mut d, shape, options).map_err(|e| format!("{options:?}: {e}"))?;
-                let all = stream.clone_dtoh(&all).unwrap();
-                let got = &all[guard..guard + shape.m * shape.n];
-                if let Some(at) = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
-                    return Err(format!("dense {options:?}: D[{}, {}] = {} want {}", at / shape.n, at % shape.n, got[at], want[at]).into());
-                }
-                let guards_ok = all[..guard].iter().chain(&all[guard + shape.m * shape.n..]).all(|v| v.to_bits() == NAN_BF16);
-                ensure(guards_ok, || format!("dense {options:?}: wrote outside D"))?;
+                dense_bit_exact(&stream, &a, &b, shape, options, &want)?;
             }
         }
     }

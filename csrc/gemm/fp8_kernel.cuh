@@ -85,10 +85,6 @@ __host__ __device__ constexpr int max_block_n_of() {
 // Whether a (layout, BLOCK_N) kernel runs in clusters of two with multicast: dense, and contiguous
 // up to BLOCK_N = 128 (wider contiguous tiles spill with the cluster walk beside the arrival wait;
 // checked by `cargo xtask sass`). The mirror is deepkern::plan::gemm::multicast_compiled.
-template <dk_gemm_layout_t kLayout, int kBlockN>
-__host__ __device__ constexpr bool clusterable() {
-    return kLayout == DK_GEMM_DENSE || (kLayout == DK_GEMM_CONTIGUOUS && kBlockN <= 128);
-}
 __host__ __device__ constexpr bool clusterable(dk_gemm_layout_t layout, int block_n) {
     return layout == DK_GEMM_DENSE || (layout == DK_GEMM_CONTIGUOUS && block_n <= 128);
 }
@@ -429,7 +425,7 @@ __global__ void __launch_bounds__(threads_of<kBlockM>(), 1) fp8_gemm_kernel(cons
     // both CTAs' stage with one multicast. The two CTAs' stage rings stay in step (a CTA whose
     // tile of a pair is skipped still passes through the stages), and a stage is refilled only
     // when the consumers of both CTAs have released it.
-    const bool clustered = clusterable<kLayout, kBlockN>() && p.multicast != DK_GEMM_MULTICAST_NONE;
+    const bool clustered = clusterable(kLayout, kBlockN) && p.multicast != DK_GEMM_MULTICAST_NONE;
     const uint32_t rank = clustered ? ptx::cluster_ctarank() : 0;
 
     if (threadIdx.x == 0) {

@@ -675,6 +675,17 @@ void prefetch_tensormap(const void* map) { (void)tensor_map(map, "prefetch.tenso
 
 namespace {
 
+// A TMA load (`what`) by a thread that acquired writes of a kernel still running must follow a
+// fence.proxy.async.global, or the async proxy may not see them.
+void require_global_proxy_fence(const Thread* t, const char* what, void* at) {
+    if (t->global_proxy_fence) {
+        fail(CUDA_ERROR_LAUNCH_FAILED, at,
+             "%s after acquiring writes of a kernel still running, with no fence.proxy.async.global in between: the async proxy may not "
+             "see them",
+             what);
+    }
+}
+
 // A TMA copy of the box at (x, y) of `map` to or from `smem` (128-byte aligned), issued by the
 // calling thread at `at`.
 std::unique_ptr<AsyncCopy> tma_copy(Thread* t, const void* map, const void* smem, int32_t x, int32_t y, bool store, void* at) {
@@ -702,11 +713,7 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t x, int32_t y
     Thread* t = me();
     Cta* c = t->cta;
     auto op = tma_copy(t, map, dst, x, y, false, at);
-    if (t->global_proxy_fence) {
-        fail(CUDA_ERROR_LAUNCH_FAILED, at,
-             "cp.async.bulk.tensor (load) after acquiring writes of a kernel still running, with no fence.proxy.async.global in between: the "
-             "async proxy may not see them");
-    }
+    require_global_proxy_fence(t, "cp.async.bulk.tensor (load)", at);
     MBarrier& b = barrier(c, bar, "cp.async.bulk.tensor (load)", at, &op->bar);
     op->bar_phase = b.phase;
     op->race = race_unit_op(c, true, 0, {t});
@@ -798,11 +805,7 @@ void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar, int32_t x,
     if (mask == 0 || (mask >> size) != 0) {
         fail(CUDA_ERROR_LAUNCH_FAILED, at, "cp.async.bulk.tensor (multicast): CTA mask 0x%x names ranks outside the cluster of %u", mask, size);
     }
-    if (t->global_proxy_fence) {
-        fail(CUDA_ERROR_LAUNCH_FAILED, at,
-             "cp.async.bulk.tensor (multicast) after acquiring writes of a kernel still running, with no fence.proxy.async.global in "
-             "between: the async proxy may not see them");
-    }
+    require_global_proxy_fence(t, "cp.async.bulk.tensor (multicast)", at);
     uint32_t bar_addr = 0;
     (void)barrier(t->cta, bar, "cp.async.bulk.tensor (multicast)", at, &bar_addr);
     for (uint32_t r = 0; r < size; ++r) {

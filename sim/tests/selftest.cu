@@ -694,6 +694,17 @@ int cross_stream_mode(int mode) {
     return report(r);
 }
 
+// Encodes `map` (64-byte aligned, as the driver requires) over a row-major byte matrix of `cols` x
+// `rows`, boxes of 64 x `box_rows`, no swizzle.
+void encode_byte_matrix(CUtensorMap* map, uint8_t* matrix, int cols, int rows, uint32_t box_rows) {
+    const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+    const cuuint64_t strides[1] = {cuuint64_t(cols)};
+    const cuuint32_t box[2] = {64, box_rows};
+    const cuuint32_t estr[2] = {1, 1};
+    CHECK(cuTensorMapEncodeTiled(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, matrix, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+}
+
 int cluster_mode(int mode) {
     const int cols = 64, rows = 8;
     uint8_t* matrix = alloc<uint8_t>(cols * rows);
@@ -705,12 +716,7 @@ int cluster_mode(int mode) {
     }
     CHECK(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(matrix), host.data(), host.size()));
     ClusterParams p{};
-    const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-    const cuuint64_t strides[1] = {cuuint64_t(cols)};
-    const cuuint32_t box[2] = {64, 4};
-    const cuuint32_t estr[2] = {1, 1};
-    CHECK(cuTensorMapEncodeTiled(&p.half, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, matrix, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    encode_byte_matrix(&p.half, matrix, cols, rows, 4);
     const int ctas = 6;
     p.out = alloc<uint32_t>(ctas);
     int32_t* flag = alloc<int32_t>(1);
@@ -751,12 +757,7 @@ int tma_box_mode(int mode) {
     }
     CHECK(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(matrix), host.data(), host.size()));
     TmaParams p{};
-    const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-    const cuuint64_t strides[1] = {cuuint64_t(cols)};
-    const cuuint32_t box[2] = {64, 8};
-    const cuuint32_t estr[2] = {1, 1};
-    CHECK(cuTensorMapEncodeTiled(&p.map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, matrix, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    encode_byte_matrix(&p.map, matrix, cols, rows, 8);
     p.out = alloc<uint32_t>(1);
     p.mode = mode;
     launch<tma_box>(1, 32, p);
